@@ -1,0 +1,36 @@
+# Two commands do all the set-up from a fresh clone:
+#   make demo   - creates .venv if missing, then trains MDAF on the embedded synthetic data
+#   make test   - creates .venv if missing, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench gpu-setup clean
+
+$(STAMP): requirements/cpu.txt requirements/torchrec.txt requirements/dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/cpu.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements/torchrec.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mdaf-rec demo
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -r requirements/bench.txt
+	$(PY) tools/bench_scan.py
+	$(PY) tools/bench_data.py
+
+# CUDA stack (torch + fbgemm-gpu + torchrec + mamba-ssm) for a GPU machine; see README "GPU setup".
+gpu-setup:
+	bash tools/setup_gpu.sh $(VENV)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,400 @@
+"""Typed, validated configuration.
+
+A config is a tree of dataclasses. YAML files and ``key=value`` overrides are merged into it by
+:func:`load_config`; every key is checked against the dataclass fields, so an unknown or mistyped key
+is an error that names its dotted path (``model.mamba.d_stat``), never a silently ignored knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IdSpaceConfig:
+    """One id space: one vocabulary and one embedding table per embedding collection.
+
+    Args:
+        column: canonical-schema column holding the target id (``item_id``), or ``hour`` /
+            ``dayofweek`` for fields derived from ``timestamp``.
+        history_column: list column holding the history of this id space (``item_history``), if any.
+            Target and history share one table.
+        hash_buckets: if set, ids are hashed into this many buckets instead of enumerated.
+    """
+
+    column: str
+    history_column: Optional[str] = None
+    hash_buckets: Optional[int] = None
+
+
+def _default_id_spaces() -> Dict[str, IdSpaceConfig]:
+    return {
+        "user": IdSpaceConfig(column="user_id"),
+        "item": IdSpaceConfig(column="item_id", history_column="item_history"),
+        "category": IdSpaceConfig(column="category_id", history_column="category_history"),
+        "hour": IdSpaceConfig(column="hour"),
+        "dayofweek": IdSpaceConfig(column="dayofweek"),
+    }
+
+
+@dataclass
+class FeaturesConfig:
+    """Feature and table specification (see :mod:`mdaf_rec.features`).
+
+    Args:
+        id_spaces: id space name -> :class:`IdSpaceConfig`. Every id space is a static (pooled) field
+            of the DCNv3 branch; those with a ``history_column`` also get a sequence table.
+        extra_sparse: extra int64 columns, each its own id space and static field.
+        dense: float columns fed to the static branch as dense fields.
+        static_dim: dimension of the pooled static field embeddings (DCNv3 field dim).
+        sequence_dim: dimension of the unpooled sequence embeddings (and of the fused embedding).
+        max_history: histories are truncated to their most recent ``max_history`` entries.
+        min_count: ids seen fewer times than this in the training split map to out-of-vocabulary.
+        timezone: IANA time zone for ``hour`` / ``dayofweek``; ``null`` takes the dataset's
+            ``meta.json`` value, else UTC.
+    """
+
+    id_spaces: Dict[str, IdSpaceConfig] = field(default_factory=_default_id_spaces)
+    extra_sparse: List[str] = field(default_factory=list)
+    dense: List[str] = field(default_factory=list)
+    static_dim: int = 16
+    sequence_dim: int = 128
+    max_history: int = 50
+    min_count: int = 1
+    timezone: Optional[str] = None
+
+
+@dataclass
+class DCNv3Config:
+    num_heads: int = 1
+    num_lcn_layers: int = 3
+    num_ecn_layers: int = 3
+    lcn_dropout: float = 0.3
+    ecn_dropout: float = 0.1
+    layer_norm: bool = True
+    tri_bce: bool = True
+
+
+@dataclass
+class MambaConfig:
+    num_layers: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dropout: float = 0.2
+
+
+@dataclass
+class BSTConfig:
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """Model architecture.
+
+    Args:
+        name: one of ``mdaf_mamba``, ``mdaf_bst``, ``dcnv3``, ``mamba4rec``, ``bst``.
+        gate: ``scalar`` (one gate per sample) or ``vector`` (one per embedding dimension).
+        head_hidden: hidden sizes of the prediction head MLP.
+        head_dropout: dropout of the prediction head.
+    """
+
+    name: str = "mdaf_mamba"
+    dcnv3: DCNv3Config = field(default_factory=DCNv3Config)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    bst: BSTConfig = field(default_factory=BSTConfig)
+    gate: str = "scalar"
+    head_hidden: List[int] = field(default_factory=lambda: [128, 64])
+    head_dropout: float = 0.2
+
+
+SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+DENSE_OPTIMIZERS: Tuple[str, ...] = ("adam", "adamw")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizers: a fused one applied in backward to the embedding tables, and a dense one.
+
+    Args:
+        dense: ``adam`` or ``adamw`` for every non-table parameter.
+        lr: dense learning rate.
+        weight_decay: dense weight decay (L2 for ``adam``, decoupled for ``adamw``).
+        sparse: fused table optimizer: ``sgd``, ``adagrad``, ``rowwise_adagrad`` (FBGEMM on CPU supports
+            only these three) or ``adam`` (GPU only).
+        sparse_lr: table learning rate.
+        sparse_eps: epsilon of the Adagrad / Adam table optimizers.
+        sparse_weight_decay: table weight decay.
+    """
+
+    dense: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    sparse: str = "rowwise_adagrad"
+    sparse_lr: float = 0.02
+    sparse_eps: float = 1e-8
+    sparse_weight_decay: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is read.
+
+    Args:
+        path: canonical dataset folder (``train``, ``val``, ``test`` splits).
+        num_workers: DataLoader worker processes per rank (0 = read in the training process).
+        vocab_dir: where vocabularies are built when the dataset folder is read-only (default: the
+            dataset's own ``vocab/`` folder).
+    """
+
+    path: str = "data/synth"
+    num_workers: int = 0
+    vocab_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        epochs: maximum number of epochs.
+        batch_size: GLOBAL batch size; each of the W ranks gets ``batch_size / W`` rows of every batch.
+        eval_batch_size: global batch size of evaluation.
+        patience: early stopping: epochs without a better validation AUC before stopping.
+        seed: seeds the model initialisation and the data order.
+        log_every: steps between progress log lines.
+        threads: torch intra-op threads per process (``null``: torch's default).
+        pipeline: overlap input distribution with compute (``TrainPipelineSparseDist``).
+        max_steps_per_epoch: cap on steps per epoch (``null``: the whole split).
+    """
+
+    epochs: int = 15
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+    patience: int = 5
+    seed: int = 42
+    log_every: int = 50
+    threads: Optional[int] = None
+    pipeline: bool = True
+    max_steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class Config:
+    """Root of a run's configuration."""
+
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> Config:
+    """Checks cross-field constraints; raises :class:`ConfigError` naming the key."""
+    f = cfg.features
+    _require(f.static_dim > 0, "features.static_dim", "must be > 0")
+    _require(f.sequence_dim > 0, "features.sequence_dim", "must be > 0")
+    _require(f.max_history >= 1, "features.max_history", "must be >= 1")
+    _require(f.min_count >= 1, "features.min_count", "must be >= 1")
+    for name, space in f.id_spaces.items():
+        if space.hash_buckets is not None:
+            _require(space.hash_buckets >= 1, f"features.id_spaces.{name}.hash_buckets", "must be >= 1")
+    for name in f.extra_sparse:
+        _require(name not in f.id_spaces, "features.extra_sparse", f"{name!r} is already an id space")
+    for key in ("item", "category"):
+        _require(key in f.id_spaces, "features.id_spaces", f"the {key!r} id space is required")
+    m = cfg.model
+    _require(m.name in MODEL_NAMES, "model.name", f"{m.name!r} is not one of {list(MODEL_NAMES)}")
+    _require(m.gate in ("scalar", "vector"), "model.gate", f"{m.gate!r} is not 'scalar' or 'vector'")
+    _require(len(m.head_hidden) >= 1 and all(h > 0 for h in m.head_hidden), "model.head_hidden",
+             "must be a non-empty list of positive sizes")
+    _require(0.0 <= m.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")
+    _require(f.sequence_dim % m.bst.num_heads == 0, "model.bst.num_heads",
+             f"must divide features.sequence_dim={f.sequence_dim}")
+    o = cfg.optimizer
+    _require(o.sparse in SPARSE_OPTIMIZERS, "optimizer.sparse", f"{o.sparse!r} is not one of {list(SPARSE_OPTIMIZERS)}")
+    _require(o.dense in DENSE_OPTIMIZERS, "optimizer.dense", f"{o.dense!r} is not one of {list(DENSE_OPTIMIZERS)}")
+    _require(o.lr > 0, "optimizer.lr", "must be > 0")
+    _require(o.sparse_lr > 0, "optimizer.sparse_lr", "must be > 0")
+    t = cfg.train
+    _require(t.epochs >= 1, "train.epochs", "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _require(t.patience >= 1, "train.patience", "must be >= 1")
+    _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", "must be >= 1")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Builds dataclass ``cls`` from ``data``; unknown keys and wrong types name their dotted key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{path or '<root>'}': expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{_join(path, key)}' (known: {sorted(names)})")
+    kwargs = {key: _convert(hints[key], value, _join(path, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"config key '{path or '<root>'}': {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """The plain-data (YAML-serialisable) form of a config tree."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def apply_override(data: Dict[str, Any], override: str) -> None:
+    """Applies one ``a.b.c=value`` override (value parsed as YAML) to a plain-data config tree."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override {override!r}")
+        node = child
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key '{key.strip()}' in override {override!r}")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), cls: Type[T] = Config) -> T:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated.
+
+    Args:
+        path: YAML file (optional). Its keys are validated against the schema.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML.
+    Returns:
+        The validated config.
+    """
+    data: Dict[str, Any] = {}
+    if path is not None:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded
+    merged = _deep_merge(to_dict(cls()), data, "")
+    for override in overrides:
+        apply_override(merged, override)
+    cfg = from_dict(cls, merged)
+    return validate(cfg) if isinstance(cfg, Config) else cfg
+
+
+def dump_config(cfg: Any, path: Path) -> None:
+    """Writes the resolved config as YAML (loadable by :func:`load_config`)."""
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def _deep_merge(base: Dict[str, Any], update: Mapping[str, Any], path: str) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if key not in base and base:
+            # Dicts with free keys (id_spaces) accept new entries; dataclass nodes reject them in
+            # from_dict, which knows the schema and names the key.
+            out[key] = value
+        elif isinstance(base.get(key), dict) and isinstance(value, Mapping) and not _is_free_mapping(path, key):
+            out[key] = _deep_merge(base[key], value, _join(path, key))
+        else:
+            out[key] = value
+    return out
+
+
+def _is_free_mapping(path: str, key: str) -> bool:
+    # A YAML ``id_spaces`` block replaces the default set rather than merging into it, so a user
+    # can drop an id space (e.g. datasets without users).
+    return _join(path, key) == "features.id_spaces"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, path)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}': expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{path}': expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}': expected a string, got {value!r}")
+        return value
+    return value

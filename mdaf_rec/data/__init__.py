@@ -1,0 +1,1 @@
+"""Data: the canonical Parquet schema, converters, vocabularies and the batch loader."""

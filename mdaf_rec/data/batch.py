@@ -1,0 +1,83 @@
+"""The model input: one mini-batch of impressions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """A mini-batch as the loader produces it and every model consumes it.
+
+    Ids are vocabulary indices (0 = padding, 1 = out-of-vocabulary), never raw ids.
+
+    Attributes:
+        static_features: pooled (one id per sample) lookups for the static branch, one key per
+            static field (``user``, ``item``, ``category``, ``hour``, ``dayofweek``, extras). Batch B.
+        sequence_features: unpooled lookups for the sequential branch: for each id space with a
+            history, its target (key ``item``, length 1) and its history (key ``item_history``,
+            length 0..max_history, most recent last). Target and history share one table.
+        dense_features: ``[B, num_dense]`` float32 (``num_dense`` may be 0).
+        labels: ``[B]`` float32 in {0, 1}.
+        user_index: ``[B]`` int64 user index, the group of per-user metrics (GAUC).
+        row_index: ``[B]`` int64 row number within the split, to join predictions back.
+    """
+
+    static_features: KeyedJaggedTensor
+    sequence_features: KeyedJaggedTensor
+    dense_features: torch.Tensor
+    labels: torch.Tensor
+    user_index: torch.Tensor
+    row_index: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            static_features=self.static_features.to(device=device, non_blocking=non_blocking),
+            sequence_features=self.sequence_features.to(device=device, non_blocking=non_blocking),
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            user_index=self.user_index.to(device=device, non_blocking=non_blocking),
+            row_index=self.row_index.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.static_features.record_stream(stream)
+        self.sequence_features.record_stream(stream)
+        self.dense_features.record_stream(stream)
+        self.labels.record_stream(stream)
+        self.user_index.record_stream(stream)
+        self.row_index.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            static_features=self.static_features.pin_memory(),
+            sequence_features=self.sequence_features.pin_memory(),
+            dense_features=self.dense_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            user_index=self.user_index.pin_memory(),
+            row_index=self.row_index.pin_memory(),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def build_kjt(keys: List[str], values: List[torch.Tensor], lengths: List[torch.Tensor]) -> KeyedJaggedTensor:
+    """A KJT from per-key ids and per-key lengths.
+
+    Args:
+        keys: feature keys, in order.
+        values: per key, the ids of all samples concatenated (int64).
+        lengths: per key, ``[B]`` number of ids of each sample.
+    Returns:
+        The ``KeyedJaggedTensor`` (values key-major, then sample-major, as TorchRec expects).
+    """
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values).long(), lengths=torch.cat(lengths).int()
+    )

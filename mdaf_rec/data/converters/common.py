@@ -1,0 +1,687 @@
+"""Pieces shared by the raw-data converters: CSV reading with a bad-row policy, history building,
+time splits and writing a dataset folder.
+
+Every converter reads its raw files block-wise into numpy columns (:func:`read_csv` and
+:class:`Block`), builds leakage-free histories (:func:`build_histories`), assigns splits
+(:func:`split_by_local_date` or :func:`split_by_time_quantiles`) and writes the canonical Parquet
+splits plus ``meta.json`` (:func:`write_dataset`). The layout is documented in ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from mdaf_rec.data.schema import (
+    CATEGORY_HISTORY,
+    ITEM_HISTORY,
+    LABEL,
+    META_FILE,
+    REQUIRED_COLUMNS,
+    SPLITS,
+    TIMESTAMP,
+    USER_ID,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_HISTORY = 50
+# Reserved id written where a raw id is missing (blank, ``NULL``, an ad without features...).
+MISSING_ID = 0
+ROWS_PER_GROUP = 1 << 18
+CSV_BLOCK_BYTES = 64 << 20
+_SECONDS_PER_DAY = 86_400
+# Ids are at most 18 digits so that every accepted value fits int64.
+ID_PATTERN = r"^[0-9]{1,18}$"
+_NEGATIVE_PATTERN = r"^-[0-9]+$"
+_FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+_NULL_STRINGS = ("", "NULL", "null", "NaN", "nan")
+
+
+class ConversionError(ValueError):
+    """Raw input is malformed; the message names the file, the line and the column."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, raw_help: str, timezone: str) -> None:
+    """Adds ``--raw``, ``--out``, ``--max-history``, ``--on-bad-row`` and ``--tz``."""
+    parser.add_argument("--raw", type=Path, required=True, help=raw_help)
+    parser.add_argument("--out", type=Path, required=True, help="output dataset folder (created)")
+    parser.add_argument(
+        "--max-history", type=non_negative_int, default=DEFAULT_MAX_HISTORY,
+        help="keep the most recent N history entries (default %(default)s)",
+    )
+    parser.add_argument(
+        "--on-bad-row", choices=("error", "drop"), default="error",
+        help="malformed rows: stop with an error naming file, line and column (default), or drop "
+        "them, counted per reason in meta.json",
+    )
+    parser.add_argument(
+        "--tz", type=timezone_name, default=timezone, help="IANA time zone of the data (default %(default)s)"
+    )
+
+
+def add_local_date_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--val-days``, ``--test-days`` and ``--date-range`` (see :func:`split_by_local_date`)."""
+    parser.add_argument(
+        "--val-days", type=non_negative_int, default=1, help="local days before the test days (default 1)"
+    )
+    parser.add_argument("--test-days", type=positive_int, default=1, help="last local days of the data (default 1)")
+    parser.add_argument(
+        "--date-range", type=parse_date_range, default=None, metavar="FIRST:LAST",
+        help="keep only rows whose local date is in [FIRST, LAST] (YYYY-MM-DD); others are bad rows "
+        "(reason 'date out of range'), so they need --on-bad-row drop",
+    )
+
+
+def non_negative_int(text: str) -> int:
+    """An ``int`` >= 0 (argparse type)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An ``int`` >= 1 (argparse type)."""
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def timezone_name(text: str) -> str:
+    """An IANA time zone name known to :mod:`zoneinfo` (argparse type)."""
+    try:
+        ZoneInfo(text)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise argparse.ArgumentTypeError(f"unknown time zone {text!r}") from None
+    return text
+
+
+def parse_date_range(text: str) -> Tuple[dt.date, dt.date]:
+    """Parses ``FIRST:LAST`` (ISO dates, inclusive)."""
+    try:
+        first, last = (dt.date.fromisoformat(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST:LAST as YYYY-MM-DD:YYYY-MM-DD, got {text!r}") from None
+    if first > last:
+        raise argparse.ArgumentTypeError(f"date range {text!r} is empty")
+    return first, last
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad rows
+# --------------------------------------------------------------------------------------------------
+
+
+class BadRows:
+    """The ``--on-bad-row`` policy: raise on the first bad row, or drop and count per reason.
+
+    Args:
+        policy: ``error`` or ``drop``.
+    """
+
+    def __init__(self, policy: str) -> None:
+        if policy not in ("error", "drop"):
+            raise ValueError(f"unknown bad-row policy {policy!r}")
+        self.policy = policy
+        self.counts: Counter = Counter()
+
+    def reject(self, path: Path, column: str, reason: str, lines: np.ndarray, example: str = "") -> None:
+        """Handles bad rows at 1-based ``lines`` of ``path``: raises, or counts them as dropped."""
+        if len(lines) == 0:
+            return
+        shown = f" (value {example!r})" if example else ""
+        if self.policy == "error":
+            more = f"; {len(lines) - 1} more such rows" if len(lines) > 1 else ""
+            raise ConversionError(
+                f"{path}: line {int(lines[0])}: column {column!r}: {reason}{shown}{more} "
+                "(use --on-bad-row drop to drop such rows)"
+            )
+        self.counts[f"{path.name}: {column}: {reason}"] += len(lines)
+        logger.warning(
+            "%s: dropped %d rows, column %r: %s, first at line %d%s", path, len(lines), column, reason,
+            int(lines[0]), shown,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV reading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """One block of CSV rows, all columns as trimmed strings, parsed column by column.
+
+    Parsing a column checks every row; a bad row is rejected through :class:`BadRows` (raise, or
+    mark it dropped in ``keep``). Call :meth:`rows` last to get the kept rows of the parsed columns.
+
+    Attributes:
+        path: the file.
+        lines: ``[n]`` 1-based line number of each row.
+        columns: column name -> string array.
+        bad: the bad-row policy.
+        keep: ``[n]`` rows not rejected so far.
+    """
+
+    path: Path
+    lines: np.ndarray
+    columns: Dict[str, pa.Array]
+    bad: BadRows
+    keep: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keep = np.ones(len(self.lines), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def strings(self, name: str) -> pa.Array:
+        """The raw (trimmed) strings of ``name``."""
+        return self.columns[name]
+
+    def reject(self, name: str, mask: np.ndarray, reason: str) -> None:
+        """Rejects the still-kept rows in ``mask`` (each dropped row is counted once)."""
+        rows = np.flatnonzero(mask & self.keep)
+        if len(rows):
+            example = self.columns[name][int(rows[0])].as_py() if name in self.columns else ""
+            self.bad.reject(self.path, name, reason, self.lines[rows], example)
+            self.keep[rows] = False
+
+    def missing(self, name: str) -> np.ndarray:
+        """Rows whose value is blank or a null marker (``NULL``, ``NaN``)."""
+        return _mask(pc.is_in(self.columns[name], pa.array(_NULL_STRINGS)))
+
+    def ids(self, name: str, missing: Optional[int] = None) -> np.ndarray:
+        """A non-negative integer id column as int64.
+
+        Args:
+            missing: value for blank / ``NULL`` cells; ``None`` makes them bad rows.
+        """
+        self.reject(name, _mask(pc.match_substring_regex(self.columns[name], _NEGATIVE_PATTERN)), "negative id")
+        return self._numbers(name, ID_PATTERN, pa.int64(), missing, "not a non-negative integer")
+
+    def binary(self, name: str) -> np.ndarray:
+        """A 0/1 column (label, flag) as int8."""
+        s = self.columns[name]
+        ok = _mask(pc.is_in(s, pa.array(["0", "1"])))
+        self.reject(name, ~ok, "value not in {0, 1}")
+        return _mask(pc.equal(s, "1")).astype(np.int8)
+
+    def floats(self, name: str, missing: Optional[float] = None) -> np.ndarray:
+        """A float column as float64; ``missing`` fills blank cells (``None``: they are bad rows)."""
+        return self._numbers(name, _FLOAT_PATTERN, pa.float64(), missing, "not a number")
+
+    def _numbers(self, name: str, pattern: str, type_: pa.DataType, missing: Any, reason: str) -> np.ndarray:
+        """Parses ``name``: blank cells get ``missing`` (``None``: bad rows), cells not matching
+        ``pattern`` are bad rows (``reason``)."""
+        s = self.columns[name]
+        empty = self.missing(name)
+        if missing is None:
+            self.reject(name, empty, "missing value")
+        ok = _mask(pc.match_substring_regex(s, pattern))
+        self.reject(name, ~ok & ~empty, reason)
+        values = pc.cast(pc.if_else(pa.array(ok), s, "0"), type_).to_numpy(zero_copy_only=False, writable=True)
+        if missing is not None:
+            values[empty] = missing
+        return values
+
+    def datetimes(self, name: str, timezone: str, fmt: str = "%Y-%m-%d %H:%M:%S") -> np.ndarray:
+        """Local date-time strings (``fmt``, in ``timezone``) as unix seconds (int64)."""
+        s = self.columns[name]
+        parsed = pc.strptime(s, format=fmt, unit="s", error_is_null=True)
+        self.reject(name, _mask(pc.is_null(parsed)), f"not a date-time {fmt!r}")
+        parsed = pc.fill_null(parsed, pa.scalar(0, pa.timestamp("s")))
+        return pc.assume_timezone(parsed, timezone=timezone, ambiguous="earliest", nonexistent="earliest") \
+            .cast(pa.int64()).to_numpy()
+
+    def in_date_range(self, name: str, seconds: np.ndarray, timezone: str,
+                      date_range: Optional[Tuple[dt.date, dt.date]]) -> None:
+        """Rejects rows whose local date (of ``seconds``) is outside ``date_range`` (if given)."""
+        if date_range is None:
+            return
+        days = local_days(seconds, timezone)
+        first, last = (d.toordinal() - _EPOCH_ORDINAL for d in date_range)
+        self.reject(name, (days < first) | (days > last), "date out of range")
+
+    def rows(self, *arrays: np.ndarray) -> List[np.ndarray]:
+        """The kept rows of each array."""
+        if self.keep.all():
+            return list(arrays)
+        return [a[self.keep] for a in arrays]
+
+    def kept(self, columns: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The kept rows of each named column."""
+        return dict(zip(columns, self.rows(*columns.values())))
+
+
+def _mask(arr: pa.Array) -> np.ndarray:
+    return arr.fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def require_file(path: Path) -> Path:
+    """``path`` if it is a file, else a :class:`ConversionError`."""
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    return path
+
+
+def read_header(path: Path, delimiter: str = ",", encoding: str = "utf8") -> List[str]:
+    """The column names of ``path``'s first line, stripped of surrounding spaces (and a BOM)."""
+    with open(require_file(path), encoding=encoding, newline="") as f:
+        first = f.readline().rstrip("\r\n").lstrip("\ufeff")
+    return [name.strip().strip('"').strip() for name in first.split(delimiter)]
+
+
+def read_csv(
+    path: Path,
+    columns: Sequence[str],
+    bad: BadRows,
+    *,
+    names: Optional[Sequence[str]] = None,
+    delimiter: str = ",",
+    encoding: str = "utf8",
+    quoting: bool = True,
+    block_size: int = CSV_BLOCK_BYTES,
+) -> Iterator[Block]:
+    """Streams ``path`` in blocks of about ``block_size`` bytes, as string columns.
+
+    Args:
+        columns: the columns to read; a column missing from the header is an error naming the file.
+        bad: the bad-row policy; a row with a wrong number of fields is a bad row (column ``*``).
+        names: column names of a file without header; ``None`` reads them from the first line
+            (names are stripped, so ``"level "`` matches ``level``).
+        quoting: whether ``"`` quotes fields.
+
+    Yields:
+        :class:`Block` objects whose ``lines`` are the rows' physical line numbers (blank lines are
+        bad rows, so numbering stays exact).
+    """
+    require_file(path)
+    header = names is None
+    all_names = read_header(path, delimiter, encoding) if header else list(names)
+    for name in columns:
+        if name not in all_names:
+            raise ConversionError(f"{path}: line 1: missing column {name!r} (columns: {all_names})")
+    skipped: List[int] = []
+    skipped_reasons: Dict[str, List[Tuple[int, str]]] = {}
+    first_error: List[Any] = []
+
+    def on_invalid(row: Any) -> str:
+        reason = f"expected {row.expected_columns} fields, got {row.actual_columns}"
+        if bad.policy == "error":
+            first_error.append((row.number, reason, row.text))
+            return "error"
+        skipped.append(row.number)
+        skipped_reasons.setdefault(reason, []).append((row.number, row.text[:80]))
+        return "skip"
+
+    first_line = 1 + int(header)
+    done = 0
+    try:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(
+                column_names=all_names, skip_rows=int(header), use_threads=False, block_size=block_size,
+                encoding=encoding,
+            ),
+            parse_options=pcsv.ParseOptions(
+                delimiter=delimiter, quote_char='"' if quoting else False, ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=list(columns), column_types={c: pa.string() for c in columns},
+                strings_can_be_null=False, quoted_strings_can_be_null=False,
+            ),
+        )
+        for batch in reader:
+            n = batch.num_rows
+            lines = _physical_lines(np.arange(done, done + n), first_line, skipped)
+            cols = {c: pc.utf8_trim_whitespace(batch.column(c)) for c in columns}
+            done += n
+            yield Block(path=path, lines=lines, columns=cols, bad=bad)
+        for reason, rows in skipped_reasons.items():
+            bad.reject(path, "*", reason, np.array([line for line, _ in rows]), rows[0][1])
+    except pa.ArrowInvalid as e:
+        if first_error:
+            number, reason, text = first_error[0]
+            raise ConversionError(
+                f"{path}: line {number}: column '*': {reason} (text {text[:80]!r}) "
+                "(use --on-bad-row drop to drop such rows)"
+            ) from None
+        raise ConversionError(f"{path}: unreadable CSV after line {first_line + done - 1}: {e}") from None
+
+
+def _physical_lines(kept_index: np.ndarray, first_line: int, skipped: Sequence[int]) -> np.ndarray:
+    """Line numbers of the ``kept_index``-th kept rows, given the (sorted) skipped line numbers."""
+    if not skipped:
+        return kept_index + first_line
+    s = np.asarray(skipped, dtype=np.int64)
+    kept_before_skip = s - first_line - np.arange(len(s))
+    return kept_index + first_line + np.searchsorted(kept_before_skip, kept_index, side="right")
+
+
+def concat(parts: Sequence[Sequence[np.ndarray]]) -> List[np.ndarray]:
+    """Concatenates per-block column lists (``parts[block][column]``) into whole columns."""
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def concat_columns(parts: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Concatenates per-block named columns (``parts[block][name]``) into whole columns."""
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ids and joins
+# --------------------------------------------------------------------------------------------------
+
+
+def stable_hash64(strings: pa.Array) -> np.ndarray:
+    """A stable non-negative int64 per string: the first 8 bytes of BLAKE2b of its UTF-8, >> 1.
+
+    Hashes each distinct value once, so it is cheap for low-cardinality columns such as ``pid``.
+    """
+    encoded = pc.dictionary_encode(strings)
+    uniques = encoded.dictionary.to_pylist()
+    hashes = np.array(
+        [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") >> 1 for u in uniques],
+        dtype=np.int64,
+    )
+    return hashes[encoded.indices.to_numpy()] if len(uniques) else np.zeros(len(strings), np.int64)
+
+
+def lookup(
+    keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: Any
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Joins ``query`` against sorted distinct ``keys``.
+
+    Returns:
+        ``(values for query, found mask)``; not-found entries get ``default``.
+    """
+    pos = np.searchsorted(keys, query)
+    pos_clipped = np.minimum(pos, max(len(keys) - 1, 0))
+    found = (pos < len(keys)) & (keys[pos_clipped] == query) if len(keys) else np.zeros(len(query), bool)
+    out = np.full(len(query), default, dtype=values.dtype)
+    out[found] = values[pos_clipped[found]]
+    return out, found
+
+
+def sort_by_user_time(columns: Dict[str, np.ndarray]) -> None:
+    """Sorts all ``columns`` in place by (``user_id``, ``timestamp``), stably."""
+    order = np.lexsort((columns[TIMESTAMP], columns[USER_ID]))
+    for name in columns:
+        columns[name] = columns[name][order]
+
+
+# --------------------------------------------------------------------------------------------------
+# Histories
+# --------------------------------------------------------------------------------------------------
+
+
+def take_ranges(starts: np.ndarray, ends: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Concatenated ranges ``[starts[i], ends[i])``.
+
+    Returns:
+        ``(offsets [n + 1], index)``: range ``i`` is ``index[offsets[i]:offsets[i + 1]]``.
+    """
+    lengths = (ends - starts).astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    index = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1] - starts, lengths)
+    return offsets, index
+
+
+def build_histories(
+    event_user: np.ndarray,
+    event_time: np.ndarray,
+    event_values: Sequence[np.ndarray],
+    query_user: np.ndarray,
+    query_time: np.ndarray,
+    max_len: int,
+) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """For each query (user, time): the user's last ``max_len`` events STRICTLY before ``time``.
+
+    Vectorised: events and queries are sorted together by (user, time, query-before-event), so a
+    cumulative event counter at a query's position is the number of events (of all users) before
+    it; the user's first event comes from a searchsorted. Events at the same second as the query
+    are excluded; events at the same second as each other keep their input order.
+
+    Args:
+        event_user, event_time: ``[m]`` the events (e.g. clicks), in any order.
+        event_values: ``[m]`` arrays gathered into the histories (e.g. item and category ids).
+        query_user, query_time: ``[n]`` the impressions, in any order.
+        max_len: keep the most recent ``max_len`` events.
+
+    Returns:
+        ``(offsets [n + 1], values)``: the history of query ``i`` is
+        ``values[k][offsets[i]:offsets[i + 1]]``, oldest first, most recent last.
+    """
+    n_events = len(event_user)
+    event_order = np.lexsort((event_time, event_user))
+    sorted_user = event_user[event_order]
+    users = np.concatenate([sorted_user, query_user])
+    times = np.concatenate([event_time[event_order], query_time])
+    is_event = np.concatenate([np.ones(n_events, np.int8), np.zeros(len(query_user), np.int8)])
+    order = np.lexsort((is_event, times, users))
+    del users, times
+    is_event = is_event[order]
+    events_before = np.cumsum(is_event, dtype=np.int64) - is_event
+    query_pos = order >= n_events
+    ends = np.empty(len(query_user), dtype=np.int64)
+    ends[order[query_pos] - n_events] = events_before[query_pos]
+    del order, events_before, query_pos
+    starts = np.maximum(np.searchsorted(sorted_user, query_user, side="left"), ends - max_len)
+    offsets, index = take_ranges(starts, ends)
+    source = event_order[index]
+    return offsets, [v[source] for v in event_values]
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+def local_days(seconds: np.ndarray, timezone: str) -> np.ndarray:
+    """Local calendar day (days since 1970-01-01) of unix ``seconds`` in ``timezone``.
+
+    The UTC offset is looked up with :mod:`zoneinfo` once per distinct minute (offsets change on
+    minute boundaries), so it is exact across daylight-saving changes.
+    """
+    zone = ZoneInfo(timezone)
+    minutes, inverse = np.unique(seconds // 60, return_inverse=True)
+    offsets = np.array(
+        [dt.datetime.fromtimestamp(int(m) * 60, zone).utcoffset().total_seconds() for m in minutes],
+        dtype=np.int64,
+    )
+    return (seconds + offsets[inverse.reshape(-1)]) // _SECONDS_PER_DAY
+
+
+def _iso(day: int) -> str:
+    return dt.date.fromordinal(int(day) + _EPOCH_ORDINAL).isoformat()
+
+
+def split_by_local_date(
+    seconds: np.ndarray, timezone: str, val_days: int, test_days: int
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Test = the last ``test_days`` local calendar days of the data, val = the ``val_days``
+    before them, train = everything earlier.
+
+    Returns:
+        ``(split code per row (0 train, 1 val, 2 test), description for meta.json)``.
+    """
+    days = local_days(seconds, timezone)
+    last = int(days.max())
+    test_first = last - test_days + 1
+    val_first = test_first - val_days
+    codes = np.where(days >= test_first, 2, np.where(days >= val_first, 1, 0)).astype(np.int8)
+    if not (codes == 0).any():
+        raise ConversionError(
+            f"no training rows: the data spans local dates {_iso(days.min())}..{_iso(last)}, "
+            f"fewer than --val-days {val_days} + --test-days {test_days} + 1 days"
+        )
+    rule = {
+        "rule": "local calendar date",
+        "train": f"..{_iso(val_first - 1)}",
+        "val": f"{_iso(val_first)}..{_iso(test_first - 1)}" if val_days else "empty",
+        "test": f"{_iso(test_first)}..{_iso(last)}",
+    }
+    return codes, rule
+
+
+def parse_fractions(text: str) -> Tuple[float, float, float]:
+    """Parses ``train,val,test`` fractions summing to 1."""
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
+        raise argparse.ArgumentTypeError(f"expected train,val,test fractions summing to 1, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def split_by_time_quantiles(
+    seconds: np.ndarray, fractions: Sequence[float]
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Global time split: the cut times are the ``fractions`` quantiles of all timestamps.
+
+    Rows at a cut time go to the later split, so one second never spans two splits.
+    """
+    ordered = np.sort(seconds)
+    n = len(ordered)
+    cuts = [int(ordered[min(int(round(n * q)), n - 1)]) for q in np.cumsum(fractions)[:2]]
+    codes = np.searchsorted(np.array(cuts), seconds, side="right").astype(np.int8)
+    rule = {"rule": "global time quantiles", "fractions": list(fractions), "val_from": cuts[0], "test_from": cuts[1]}
+    return codes, rule
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Impressions:
+    """Converted rows in memory.
+
+    Attributes:
+        columns: canonical scalar columns (``user_id``, ``item_id``, ``category_id``, ``timestamp``,
+            ``label``) and extra columns, each ``[n]``; extra sparse ids int64, dense float.
+        history_offsets: ``[n + 1]`` offsets into the history values.
+        item_history, category_history: the history values (equal lengths per row).
+        split: ``[n]`` split code (index into :data:`SPLITS`).
+    """
+
+    columns: Dict[str, np.ndarray]
+    history_offsets: np.ndarray
+    item_history: np.ndarray
+    category_history: np.ndarray
+    split: np.ndarray
+
+
+def arrow_schema(extra_sparse: Sequence[str], dense: Sequence[str]) -> pa.Schema:
+    """The canonical schema followed by the extra int64 and float32 columns."""
+    fields = [pa.field(name, type_) for name, type_ in REQUIRED_COLUMNS.items()]
+    fields += [pa.field(name, pa.int64()) for name in extra_sparse]
+    fields += [pa.field(name, pa.float32()) for name in dense]
+    return pa.schema(fields)
+
+
+def _table(data: Impressions, rows: np.ndarray, schema: pa.Schema) -> pa.Table:
+    offsets, index = take_ranges(data.history_offsets[rows], data.history_offsets[rows + 1])
+    offsets32 = pa.array(offsets.astype(np.int32))
+    arrays = []
+    for f in schema:
+        if f.name == ITEM_HISTORY:
+            arrays.append(pa.ListArray.from_arrays(offsets32, pa.array(data.item_history[index], pa.int64())))
+        elif f.name == CATEGORY_HISTORY:
+            arrays.append(pa.ListArray.from_arrays(offsets32, pa.array(data.category_history[index], pa.int64())))
+        else:
+            arrays.append(pa.array(data.columns[f.name][rows]).cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_dataset(
+    out: Path,
+    data: Impressions,
+    *,
+    extra_sparse: Sequence[str],
+    dense: Sequence[str],
+    meta: Mapping[str, Any],
+    bad: BadRows,
+) -> Dict[str, Any]:
+    """Writes ``train/val/test.parquet`` and ``meta.json`` into ``out`` (created; files replaced).
+
+    Args:
+        meta: converter-specific fields (``format``, ``protocol``, ``timezone``, ``source``,
+            ``split``, ...); row counts, CTRs, column lists and dropped-row counts are added here.
+
+    Returns:
+        The meta written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    schema = arrow_schema(extra_sparse, dense)
+    labels = data.columns[LABEL]
+    splits: Dict[str, Any] = {}
+    for code, split in enumerate(SPLITS):
+        rows = np.flatnonzero(data.split == code)
+        with pq.ParquetWriter(out / f"{split}.parquet", schema, compression="zstd") as writer:
+            for start in range(0, len(rows), ROWS_PER_GROUP):
+                writer.write_table(_table(data, rows[start:start + ROWS_PER_GROUP], schema))
+            if not len(rows):
+                writer.write_table(schema.empty_table())
+        times = data.columns[TIMESTAMP][rows]
+        splits[split] = {
+            "rows": int(len(rows)),
+            "ctr": float(labels[rows].mean()) if len(rows) else None,
+            "first_timestamp": int(times.min()) if len(rows) else None,
+            "last_timestamp": int(times.max()) if len(rows) else None,
+        }
+        logger.info("wrote %s: %d rows, CTR %s", out / f"{split}.parquet", len(rows), splits[split]["ctr"])
+    full = dict(meta)
+    full.update(
+        rows=int(len(labels)),
+        splits=splits,
+        extra_sparse=list(extra_sparse),
+        dense=list(dense),
+        dropped=dict(sorted(bad.counts.items())),
+        dropped_total=int(sum(bad.counts.values())),
+    )
+    (out / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
+    return full
+
+
+def cli_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The converter's command-line options, JSON-ready, for ``meta.json``."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, (Path, dt.date)) else value
+
+    return {k: plain(v) for k, v in vars(args).items() if not callable(v)}
+
+
+def source_files(paths: Sequence[Path]) -> List[Dict[str, Any]]:
+    """``meta.json`` ``source`` entries: absolute path and size of each raw file."""
+    return [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths]

@@ -1,0 +1,204 @@
+"""Validation of Arrow data against the canonical schema (see :mod:`mdaf_rec.data.schema`).
+
+:func:`validate` checks one table or record batch, casts integer columns of other widths to the
+canonical types (losslessly; an overflowing value is an error) and raises :class:`DataError` naming
+the file, the column and the row (row number within the file) of the first problem. All checks are
+vectorised ``pyarrow.compute`` kernels, cheap enough to run on every batch the loader reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mdaf_rec.data.schema import CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
+from mdaf_rec.features import TIME_FIELDS, FeatureSpec
+
+ArrowData = Union[pa.Table, pa.RecordBatch]
+Column = Union[pa.Array, pa.ChunkedArray]
+# Only uint64 values can overflow int64; compare them as uint64.
+_INT64_MAX = pa.scalar(np.iinfo(np.int64).max, pa.uint64())
+
+
+class DataError(ValueError):
+    """Input data violates the schema; the message names the file, column and row."""
+
+
+@dataclass(frozen=True)
+class ColumnRules:
+    """Which columns to check, and how.
+
+    Attributes:
+        id_columns: scalar integer id columns: non-null, >= 0, cast to int64.
+        history_columns: ``list<integer>`` columns: non-null lists of non-null ids >= 0, cast to
+            ``list<int64>``, all of equal length within a row.
+        dense_columns: numeric columns: non-null, finite, cast to float32.
+    """
+
+    id_columns: Tuple[str, ...]
+    history_columns: Tuple[str, ...]
+    dense_columns: Tuple[str, ...] = ()
+
+    @staticmethod
+    def build(
+        extra_ids: Sequence[str] = (), extra_histories: Sequence[str] = (), dense: Sequence[str] = ()
+    ) -> "ColumnRules":
+        """The canonical columns plus configured extra id / history / dense columns."""
+        ids = tuple(dict.fromkeys((USER_ID, ITEM_ID, CATEGORY_ID, *extra_ids)))
+        histories = tuple(dict.fromkeys((ITEM_HISTORY, CATEGORY_HISTORY, *extra_histories)))
+        return ColumnRules(id_columns=ids, history_columns=histories, dense_columns=tuple(dense))
+
+    @staticmethod
+    def from_spec(spec: FeatureSpec) -> "ColumnRules":
+        """The canonical columns plus every column the feature spec reads."""
+        return ColumnRules.build(
+            extra_ids=[f.column for f in spec.static_fields if f.column not in TIME_FIELDS],
+            extra_histories=[s.history_key for s in spec.sequence_spaces],
+            dense=spec.dense_features,
+        )
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        """Every column these rules check (and the loader reads)."""
+        return (*self.id_columns, TIMESTAMP, LABEL, *self.history_columns, *self.dense_columns)
+
+
+def validate(
+    data: ArrowData, rules: ColumnRules, source: str, row_offset: int = 0, columns: Optional[Sequence[str]] = None
+) -> pa.Table:
+    """Checks and casts ``data``.
+
+    Args:
+        data: a table or record batch (extra columns pass through untouched).
+        rules: what to check.
+        source: file name for messages.
+        row_offset: row number of ``data``'s first row within ``source``.
+        columns: check only these columns of ``rules`` (default: all of them).
+    Returns:
+        A table with the checked columns cast to canonical types (int64 ids and timestamp, int8
+        label, ``list<int64>`` histories, float32 dense). Raises :class:`DataError` otherwise.
+    """
+    wanted = tuple(columns) if columns is not None else rules.columns
+    missing = [c for c in wanted if c not in data.schema.names]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing} (has {data.schema.names})")
+    where = _Where(source, row_offset)
+    out: Dict[str, Column] = {}
+    for name in wanted:
+        column = data.column(name)
+        if name in rules.history_columns:
+            out[name] = _check_history(column, name, where)
+        elif name in rules.dense_columns:
+            out[name] = _check_dense(column, name, where)
+        elif name == LABEL:
+            out[name] = _check_label(column, where)
+        else:
+            out[name] = _check_integer(column, name, where, non_negative=name in rules.id_columns)
+    histories = [out[c] for c in wanted if c in rules.history_columns]
+    _check_equal_lengths(histories, [c for c in wanted if c in rules.history_columns], where)
+    names = data.schema.names
+    return pa.table({n: out.get(n, data.column(n)) for n in names})
+
+
+@dataclass(frozen=True)
+class _Where:
+    source: str
+    row_offset: int
+
+    def error(self, column: str, mask: Column, problem: str) -> DataError:
+        row = int(np.flatnonzero(_bools(mask))[0]) + self.row_offset
+        return DataError(f"{self.source}: column {column!r}, row {row}: {problem}")
+
+    def type_error(self, column: str, arr: Column, expected: str) -> DataError:
+        return DataError(f"{self.source}: column {column!r} has type {arr.type}, expected {expected}")
+
+
+def _bools(mask: Column) -> np.ndarray:
+    return mask.fill_null(True).to_numpy(zero_copy_only=False)
+
+
+def _cast(arr: Column, target: pa.DataType, column: str, where: _Where) -> Column:
+    """Lossless cast of an integer (or list of integer) array; an overflowing value is an error."""
+    if arr.type == target:
+        return arr
+    try:
+        return arr.cast(target, safe=True)
+    except pa.ArrowInvalid:
+        if pa.types.is_integer(target):
+            raise where.error(column, pc.greater(arr, _INT64_MAX), "value does not fit int64") from None
+        too_big = pc.greater(pc.list_flatten(arr), _INT64_MAX)
+        raise where.error(column, _rows_of(arr, too_big), "value does not fit int64") from None
+
+
+def _rows_of(arr: Column, value_mask: Column) -> pa.Array:
+    """Row mask of a list column from a mask over its flattened values (error path only)."""
+    if isinstance(arr, pa.ChunkedArray):  # parent indices restart in every chunk
+        arr = arr.combine_chunks()
+    rows = pc.list_parent_indices(arr).to_numpy()
+    mask = np.zeros(len(arr), dtype=bool)
+    mask[rows[_bools(value_mask)]] = True
+    return pa.array(mask)
+
+
+def _check_integer(arr: Column, column: str, where: _Where, non_negative: bool) -> Column:
+    if not pa.types.is_integer(arr.type):
+        raise where.type_error(column, arr, "an integer type")
+    arr = _cast(arr, pa.int64(), column, where)
+    if arr.null_count:
+        raise where.error(column, pc.is_null(arr), "null value")
+    if non_negative and len(arr) and pc.min(arr).as_py() < 0:
+        raise where.error(column, pc.less(arr, 0), "negative id")
+    return arr
+
+
+def _check_label(arr: Column, where: _Where) -> Column:
+    if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
+        raise where.type_error(LABEL, arr, "an integer type holding 0/1")
+    if pa.types.is_integer(arr.type):
+        arr = _check_integer(arr, LABEL, where, non_negative=False)
+        if len(arr) and (pc.min(arr).as_py() < 0 or pc.max(arr).as_py() > 1):
+            raise where.error(LABEL, pc.invert(pc.is_in(arr, pa.array([0, 1]))), "label is not 0 or 1")
+    elif arr.null_count:
+        raise where.error(LABEL, pc.is_null(arr), "null value")
+    return arr.cast(pa.int8())
+
+
+def _check_history(arr: Column, column: str, where: _Where) -> Column:
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not pa.types.is_integer(
+        arr.type.value_type
+    ):
+        raise where.type_error(column, arr, "list<int64>")
+    if arr.null_count:
+        raise where.error(column, pc.is_null(arr), "null history (use an empty list)")
+    arr = _cast(arr, pa.list_(pa.int64()), column, where)
+    values = pc.list_flatten(arr)
+    if values.null_count or (len(values) and pc.min(values).as_py() < 0):
+        bad = pc.or_kleene(pc.is_null(values), pc.less(values, 0))
+        raise where.error(column, _rows_of(arr, bad), "null or negative id in history")
+    return arr
+
+
+def _check_dense(arr: Column, column: str, where: _Where) -> Column:
+    if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        raise where.type_error(column, arr, "a numeric type")
+    if arr.null_count:
+        raise where.error(column, pc.is_null(arr), "null value")
+    arr = arr.cast(pa.float32())
+    finite = pc.is_finite(arr)
+    if not pc.all(finite).as_py():
+        raise where.error(column, pc.invert(finite), "non-finite value")
+    return arr
+
+
+def _check_equal_lengths(histories: Sequence[Column], names: Sequence[str], where: _Where) -> None:
+    if len(histories) < 2:
+        return
+    first = pc.list_value_length(histories[0])
+    for arr, name in zip(histories[1:], names[1:]):
+        differs = pc.not_equal(pc.list_value_length(arr), first)
+        if pc.any(differs).as_py():
+            raise where.error(name, differs, f"history length differs from {names[0]!r}")

@@ -1,0 +1,384 @@
+"""Vocabularies: raw ids -> embedding-table indices, one vocabulary per id space.
+
+Built from the TRAINING split only. An id space with a history counts its target column and its
+history column together (one vocabulary, one table); every extra sparse field is its own space.
+Time fields (``hour``, ``dayofweek``) need none. Index 0 is padding, 1 is out-of-vocabulary (OOV);
+known ids (seen at least ``min_count`` times) get ``2, 3, ...`` in ascending raw-id order. A space
+with ``hash_buckets = K`` has no vocabulary: ``index = 2 + splitmix64(id) % K`` (stable across
+processes and runs), table size ``K + 2``.
+
+On disk (``DATASET/vocab/`` by default, see :meth:`Vocabularies.load_or_build`): one
+``<space>.npy`` per enumerated space (sorted int64 raw ids) and ``vocab.json`` with the settings
+(min_count, columns, hashing), the table sizes, the training files they were built from, and a
+``fingerprint`` of settings and contents that checkpoints record to detect a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mdaf_rec.config import FeaturesConfig
+from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.schema import SPLITS
+from mdaf_rec.data.validate import ColumnRules, validate
+from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, TIME_FIELDS
+
+logger = logging.getLogger(__name__)
+
+VOCAB_DIR = "vocab"
+VOCAB_FILE = "vocab.json"
+FORMAT_VERSION = 1
+# Spaces whose largest raw id is below this use a direct-index table (int32, at most 64 MiB)
+# instead of a binary search: ~10x faster lookups (see docs/benchmarks.md).
+DIRECT_LOOKUP_MAX_ID = 1 << 24
+READ_BATCH_ROWS = 65536
+
+
+class VocabMismatchError(ValueError):
+    """Vocabularies differ from the ones a model or run expects (fingerprint mismatch)."""
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    """What defines one id space's vocabulary.
+
+    Attributes:
+        name: id space (``item``) or extra sparse field name.
+        column: target column (``item_id``).
+        history_column: history column (``item_history``) counted into the same vocabulary, if any.
+        hash_buckets: hash into this many buckets instead of enumerating ids.
+    """
+
+    name: str
+    column: str
+    history_column: Optional[str]
+    hash_buckets: Optional[int]
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        return (self.column,) if self.history_column is None else (self.column, self.history_column)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"column": self.column, "history_column": self.history_column, "hash_buckets": self.hash_buckets}
+
+
+def space_settings(cfg: FeaturesConfig) -> Tuple[SpaceSettings, ...]:
+    """Every id space of ``cfg`` that needs a vocabulary (all but the time fields), config order."""
+    spaces = [
+        SpaceSettings(name, s.column, s.history_column, s.hash_buckets)
+        for name, s in cfg.id_spaces.items()
+        if s.column not in TIME_FIELDS
+    ]
+    return tuple(spaces + [SpaceSettings(name, name, None, None) for name in cfg.extra_sparse])
+
+
+def stable_hash(ids: np.ndarray) -> np.ndarray:
+    """splitmix64 of int64 ids: ``[N] -> [N]`` uint64, identical in every process and run."""
+    x = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class Vocabulary:
+    """One id space: ``lookup`` maps raw ids to table indices.
+
+    Args:
+        settings: the space.
+        ids: sorted unique known raw ids (int64), or None for a hashed space.
+        direct_max_id: use a direct-index table if the largest id is below this, else binary search.
+    """
+
+    def __init__(
+        self, settings: SpaceSettings, ids: Optional[np.ndarray], direct_max_id: int = DIRECT_LOOKUP_MAX_ID
+    ) -> None:
+        if (ids is None) != (settings.hash_buckets is not None):
+            raise ValueError(f"vocabulary {settings.name!r}: ids must be given iff the space is not hashed")
+        self.settings = settings
+        self.ids = ids
+        self._direct: Optional[np.ndarray] = None
+        if ids is not None and len(ids) and ids[-1] < direct_max_id:
+            # direct[raw] = index; the extra last entry catches every raw id above the largest known.
+            self._direct = np.full(int(ids[-1]) + 2, OOV_INDEX, dtype=np.int32)
+            self._direct[ids] = np.arange(NUM_RESERVED_INDICES, NUM_RESERVED_INDICES + len(ids), dtype=np.int32)
+
+    @property
+    def size(self) -> int:
+        """Table rows, padding and OOV included."""
+        known = self.settings.hash_buckets if self.ids is None else len(self.ids)
+        return int(known) + NUM_RESERVED_INDICES
+
+    def lookup(self, raw: np.ndarray) -> np.ndarray:
+        """Raw ids ``[N]`` (non-negative int64) -> table indices ``[N]`` int64 (OOV = 1)."""
+        raw = np.asarray(raw, dtype=np.int64)
+        if self.ids is None:
+            buckets = np.uint64(self.settings.hash_buckets)
+            return (stable_hash(raw) % buckets).astype(np.int64) + NUM_RESERVED_INDICES
+        if self._direct is not None:
+            return self._direct[np.minimum(raw, len(self._direct) - 1)].astype(np.int64)
+        if not len(self.ids):
+            return np.full(len(raw), OOV_INDEX, dtype=np.int64)
+        pos = np.searchsorted(self.ids, raw)
+        hit = self.ids[np.minimum(pos, len(self.ids) - 1)] == raw
+        return np.where(hit, pos + NUM_RESERVED_INDICES, OOV_INDEX)
+
+
+class Vocabularies:
+    """The vocabularies of a dataset for one features config.
+
+    Args:
+        spaces: space name -> vocabulary, config order.
+        min_count: the minimum training count of a known id.
+        train_files: ``[file name, bytes]`` of the training files they were built from.
+    """
+
+    def __init__(self, spaces: Dict[str, Vocabulary], min_count: int, train_files: List[List[Any]]) -> None:
+        self.spaces = spaces
+        self.min_count = min_count
+        self.train_files = train_files
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    @property
+    def sizes(self) -> Dict[str, int]:
+        """Space -> table rows (the 2 reserved indices included), for :meth:`FeatureSpec.build`."""
+        return {name: v.size for name, v in self.spaces.items()}
+
+    def lookup(self, space: str, raw: np.ndarray) -> np.ndarray:
+        """Raw ids ``[N]`` of ``space`` -> table indices ``[N]`` int64."""
+        if space not in self.spaces:
+            raise KeyError(f"no vocabulary for id space {space!r} (known: {list(self.spaces)})")
+        return self.spaces[space].lookup(raw)
+
+    def settings_json(self) -> Dict[str, Any]:
+        """Everything that determines the contents, compared to decide reuse vs rebuild."""
+        return {
+            "version": FORMAT_VERSION,
+            "min_count": self.min_count,
+            "spaces": {name: v.settings.to_json() for name, v in self.spaces.items()},
+            "train_files": self.train_files,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over settings (min_count, columns, hashing) and every known id, hex."""
+        h = hashlib.sha256()
+        settings = {k: v for k, v in self.settings_json().items() if k != "train_files"}
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        for name, v in self.spaces.items():
+            h.update(name.encode())
+            if v.ids is not None:
+                h.update(np.ascontiguousarray(v.ids, dtype="<i8").tobytes())
+        return h.hexdigest()
+
+    def check_fingerprint(self, expected: str, what: str = "the checkpoint") -> None:
+        """Raises :class:`VocabMismatchError` unless these vocabularies are the ones ``expected``."""
+        if expected != self.fingerprint:
+            raise VocabMismatchError(
+                f"vocabulary fingerprint {self.fingerprint[:12]} differs from {expected[:12]} recorded by {what}: "
+                "the vocabularies (data, min_count or hashing) changed since; ids would map to other rows"
+            )
+
+    # -- building ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def build(dataset: Dataset, cfg: FeaturesConfig) -> "Vocabularies":
+        """Counts the training split's ids (target and history columns of each space together)."""
+        settings = space_settings(cfg)
+        counted = [s for s in settings if s.hash_buckets is None]
+        counters = {s.name: _Counter() for s in counted}
+        for table in _read(dataset, "train", counted):
+            for s in counted:
+                for column in s.columns:
+                    counters[s.name].add(_flat_values(table.column(column)))
+        spaces = {
+            s.name: Vocabulary(s, counters[s.name].ids_at_least(cfg.min_count) if s.name in counters else None)
+            for s in settings
+        }
+        vocabs = Vocabularies(spaces, cfg.min_count, _file_list(dataset))
+        logger.info("built vocabularies from %s train: sizes %s", dataset.root, vocabs.sizes)
+        return vocabs
+
+    @staticmethod
+    def load_or_build(
+        dataset: Dataset, cfg: FeaturesConfig, cache_dir: Optional[Union[str, Path]] = None
+    ) -> "Vocabularies":
+        """Reuses saved vocabularies with the same settings, else builds and saves them.
+
+        Looks in ``DATASET/vocab/``, then in ``cache_dir/<dataset key>/`` (``cache_dir`` given by the
+        caller for read-only dataset folders; the key hashes the dataset's absolute path). Saved
+        vocabularies whose settings (min_count, columns, hashing, training files) differ are rebuilt
+        and overwritten. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
+        folder; with neither, it is kept in memory only (a warning says so).
+        """
+        wanted = Vocabularies._wanted_settings(dataset, cfg)
+        folders = [dataset.root / VOCAB_DIR]
+        if cache_dir is not None:
+            key = hashlib.sha1(str(dataset.root.resolve()).encode()).hexdigest()[:16]
+            folders.append(Path(cache_dir) / f"{dataset.root.name}-{key}")
+        for folder in folders:
+            stored = _read_json(folder / VOCAB_FILE)
+            if stored is not None and stored.get("settings") == wanted:
+                logger.info("reusing vocabularies in %s", folder)
+                return Vocabularies.load(folder)
+            if stored is not None:
+                logger.info("vocabularies in %s were built with other settings: rebuilding", folder)
+        vocabs = Vocabularies.build(dataset, cfg)
+        for folder in folders:
+            try:
+                vocabs.save(folder)
+                return vocabs
+            except OSError as e:
+                logger.info("cannot save vocabularies to %s (%s)", folder, e)
+        logger.warning(
+            "vocabularies of %s kept in memory only: the dataset folder is read-only and no writable cache_dir "
+            "was given, so every run rebuilds them", dataset.root
+        )
+        return vocabs
+
+    @staticmethod
+    def _wanted_settings(dataset: Dataset, cfg: FeaturesConfig) -> Dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "min_count": cfg.min_count,
+            "spaces": {s.name: s.to_json() for s in space_settings(cfg)},
+            "train_files": _file_list(dataset),
+        }
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def save(self, folder: Union[str, Path]) -> None:
+        """Writes ``<space>.npy`` per enumerated space and ``vocab.json`` (last) into ``folder``.
+
+        Each file is written to a temporary name and renamed, so concurrent savers of identical
+        vocabularies (one per rank) never leave a torn file.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, v in self.spaces.items():
+            if v.ids is not None:
+                _atomic_write(folder / f"{name}.npy", lambda fh, ids=v.ids: np.save(fh, ids))
+        doc = {
+            "settings": self.settings_json(),
+            "sizes": self.sizes,
+            "fingerprint": self.fingerprint,
+            "files": {name: f"{name}.npy" for name, v in self.spaces.items() if v.ids is not None},
+        }
+        _atomic_write(folder / VOCAB_FILE, lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
+        logger.info("saved vocabularies to %s (fingerprint %s)", folder, doc["fingerprint"][:12])
+
+    @staticmethod
+    def load(folder: Union[str, Path]) -> "Vocabularies":
+        """Reads vocabularies saved by :meth:`save`; verifies their fingerprint."""
+        folder = Path(folder)
+        doc = _read_json(folder / VOCAB_FILE)
+        if doc is None:
+            raise FileNotFoundError(f"no vocabularies in {folder} ({VOCAB_FILE} is missing)")
+        settings = doc["settings"]
+        spaces: Dict[str, Vocabulary] = {}
+        for name, s in settings["spaces"].items():
+            space = SpaceSettings(name, s["column"], s["history_column"], s["hash_buckets"])
+            ids = np.load(folder / doc["files"][name]) if name in doc["files"] else None
+            spaces[name] = Vocabulary(space, ids)
+        vocabs = Vocabularies(spaces, settings["min_count"], settings["train_files"])
+        vocabs.check_fingerprint(doc["fingerprint"], what=str(folder / VOCAB_FILE))
+        return vocabs
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def oov_rates(self, dataset: Dataset, splits: Sequence[str] = SPLITS) -> Dict[str, Dict[str, float]]:
+        """Share of ids mapped to OOV, ``{split: {feature: rate}}``; logged.
+
+        Features are the space names (target column) and history columns (all history entries).
+        Hashed spaces have no OOV (rate 0).
+        """
+        spaces = [v.settings for v in self.spaces.values()]
+        features = [(s.name, s.column) for s in spaces] + [(s.history_column,) * 2 for s in spaces if s.history_column]
+        space_of = {c: s.name for s in spaces for c in s.columns}
+        rates: Dict[str, Dict[str, float]] = {}
+        for split in splits:
+            oov = {f: 0 for f, _ in features}
+            total = {f: 0 for f, _ in features}
+            for table in _read(dataset, split, spaces):
+                for feature, column in features:
+                    ids = self.lookup(space_of[column], _flat_values(table.column(column)))
+                    oov[feature] += int(np.count_nonzero(ids == OOV_INDEX))
+                    total[feature] += len(ids)
+            rates[split] = {f: oov[f] / total[f] if total[f] else 0.0 for f, _ in features}
+            logger.info("OOV rates %s: %s", split, {f: round(r, 4) for f, r in rates[split].items()})
+        return rates
+
+
+class _Counter:
+    """Occurrence counts of non-negative int64 ids, streamed batch by batch."""
+
+    def __init__(self) -> None:
+        self._dense = np.zeros(0, dtype=np.int64)  # counts of ids < DIRECT_LOOKUP_MAX_ID
+        self._sparse: List[Tuple[np.ndarray, np.ndarray]] = []  # (unique ids, counts) of larger ids
+
+    def add(self, values: np.ndarray) -> None:
+        small = values[values < DIRECT_LOOKUP_MAX_ID]
+        if len(small):
+            counts = np.bincount(small, minlength=len(self._dense))
+            counts[: len(self._dense)] += self._dense
+            self._dense = counts
+        if len(small) < len(values):
+            self._sparse.append(np.unique(values[values >= DIRECT_LOOKUP_MAX_ID], return_counts=True))
+
+    def ids_at_least(self, min_count: int) -> np.ndarray:
+        """Sorted ids counted at least ``min_count`` times."""
+        small = np.flatnonzero(self._dense >= min_count).astype(np.int64)
+        if not self._sparse:
+            return small
+        ids, inverse = np.unique(np.concatenate([u for u, _ in self._sparse]), return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([c for _, c in self._sparse]))
+        return np.concatenate([small, ids[counts >= min_count]])
+
+
+def _flat_values(column: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
+    """Ids of a scalar or list column as one int64 array (list entries flattened)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_list(arr.type):
+        arr = arr.flatten()
+    return arr.to_numpy()
+
+
+def _read(dataset: Dataset, split: str, spaces: Sequence[SpaceSettings]) -> Iterator[pa.Table]:
+    """Validated tables of the columns of ``spaces`` in ``split``, streamed in batches."""
+    rules = ColumnRules.build(
+        extra_ids=[s.column for s in spaces], extra_histories=[s.history_column for s in spaces if s.history_column]
+    )
+    columns = list(dict.fromkeys(c for s in spaces for c in s.columns))
+    for path in dataset.split_files(split):
+        offset = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            yield validate(batch, rules, str(path), offset, columns)
+            offset += batch.num_rows
+
+
+def _file_list(dataset: Dataset) -> List[List[Any]]:
+    return [[str(p.relative_to(dataset.root)), p.stat().st_size] for p in dataset.split_files("train")]
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)

@@ -1,0 +1,185 @@
+"""Feature and table specification: id spaces -> TorchRec tables, declared once.
+
+The config (:class:`~mdaf_rec.config.FeaturesConfig`) names the id spaces; the training split's
+vocabularies give their sizes. From both, :class:`FeatureSpec` derives
+
+* the static (pooled) fields, one ``EmbeddingBagConfig`` table each (``static_dim``), read by the
+  DCNv3 branch through an ``EmbeddingBagCollection``;
+* the sequence tables, one ``EmbeddingConfig`` per id space that has a history (``sequence_dim``),
+  shared by the target (key ``item``) and its history (key ``item_history``), read through an
+  ``EmbeddingCollection``.
+
+Loader, models, planner and exporter all read this one object; nothing else hard-codes a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+
+from mdaf_rec.config import ConfigError, FeaturesConfig
+
+# Fields derived from ``timestamp`` and their fixed table sizes.
+TIME_FIELDS: Dict[str, int] = {"hour": 24, "dayofweek": 7}
+
+PADDING_INDEX = 0
+OOV_INDEX = 1
+NUM_RESERVED_INDICES = 2
+
+
+@dataclass(frozen=True)
+class StaticField:
+    """A pooled field of the static branch.
+
+    Attributes:
+        name: KJT key and table suffix (``item``).
+        column: canonical-schema column (``item_id``) or a time field (``hour``).
+        num_embeddings: table rows.
+    """
+
+    name: str
+    column: str
+    num_embeddings: int
+
+    @property
+    def table_name(self) -> str:
+        return f"static_{self.name}"
+
+
+@dataclass(frozen=True)
+class SequenceSpace:
+    """An id space with a history: one sequence table shared by target and history.
+
+    Attributes:
+        name: id space and KJT key of the target (``item``).
+        history_key: KJT key and column of the history (``item_history``).
+        num_embeddings: table rows.
+    """
+
+    name: str
+    history_key: str
+    num_embeddings: int
+
+    @property
+    def table_name(self) -> str:
+        return f"sequence_{self.name}"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything derived from the features config plus vocabulary sizes.
+
+    Attributes:
+        static_fields: pooled fields in DCNv3 field order.
+        sequence_spaces: id spaces with a history (at least ``item`` and ``category``).
+        dense_features: dense float columns, in order.
+        static_dim: pooled embedding dim.
+        sequence_dim: sequence embedding dim.
+        max_history: maximum history length.
+    """
+
+    static_fields: Tuple[StaticField, ...]
+    sequence_spaces: Tuple[SequenceSpace, ...]
+    dense_features: Tuple[str, ...]
+    static_dim: int
+    sequence_dim: int
+    max_history: int
+
+    @staticmethod
+    def build(cfg: FeaturesConfig, vocab_sizes: Mapping[str, int]) -> "FeatureSpec":
+        """Combines the config with table sizes.
+
+        Args:
+            cfg: the features config.
+            vocab_sizes: id space name -> number of table rows (padding and OOV included) for every
+                id space and extra sparse field that is not a time field.
+        Returns:
+            The spec. Raises :class:`ConfigError` naming the id space whose size is missing.
+        """
+        static: List[StaticField] = []
+        sequence: List[SequenceSpace] = []
+        for name, space in list(cfg.id_spaces.items()) + [(n, None) for n in cfg.extra_sparse]:
+            column = space.column if space is not None else name
+            size = _table_size(name, column, vocab_sizes)
+            static.append(StaticField(name=name, column=column, num_embeddings=size))
+            if space is not None and space.history_column is not None:
+                sequence.append(SequenceSpace(name=name, history_key=space.history_column, num_embeddings=size))
+        return FeatureSpec(
+            static_fields=tuple(static),
+            sequence_spaces=tuple(sequence),
+            dense_features=tuple(cfg.dense),
+            static_dim=cfg.static_dim,
+            sequence_dim=cfg.sequence_dim,
+            max_history=cfg.max_history,
+        )
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    @property
+    def static_keys(self) -> List[str]:
+        """Keys of ``Batch.static_features``, in order."""
+        return [f.name for f in self.static_fields]
+
+    @property
+    def sequence_keys(self) -> List[str]:
+        """Keys of ``Batch.sequence_features``, in order: target then history per id space."""
+        keys: List[str] = []
+        for s in self.sequence_spaces:
+            keys += [s.name, s.history_key]
+        return keys
+
+    @property
+    def num_static_fields(self) -> int:
+        """Fields seen by DCNv3: pooled sparse fields plus dense fields."""
+        return len(self.static_fields) + len(self.dense_features)
+
+    def table_sizes(self) -> Dict[str, int]:
+        """KJT key -> table rows, for every key of both KJTs (for id range checks)."""
+        sizes = {f"static:{f.name}": f.num_embeddings for f in self.static_fields}
+        for s in self.sequence_spaces:
+            sizes[f"sequence:{s.name}"] = s.num_embeddings
+            sizes[f"sequence:{s.history_key}"] = s.num_embeddings
+        return sizes
+
+    # -- TorchRec tables -------------------------------------------------------------------------
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """One pooled (sum over a single id) table per static field."""
+        return [
+            EmbeddingBagConfig(
+                name=f.table_name,
+                embedding_dim=self.static_dim,
+                num_embeddings=f.num_embeddings,
+                feature_names=[f.name],
+                pooling=PoolingType.SUM,
+            )
+            for f in self.static_fields
+        ]
+
+    def embedding_configs(self) -> List[EmbeddingConfig]:
+        """One unpooled table per id space with a history, shared by target and history."""
+        return [
+            EmbeddingConfig(
+                name=s.table_name,
+                embedding_dim=self.sequence_dim,
+                num_embeddings=s.num_embeddings,
+                feature_names=[s.name, s.history_key],
+            )
+            for s in self.sequence_spaces
+        ]
+
+
+def _table_size(name: str, column: str, vocab_sizes: Mapping[str, int]) -> int:
+    if column in TIME_FIELDS:
+        return TIME_FIELDS[column]
+    size: Optional[int] = vocab_sizes.get(name)
+    if size is None:
+        raise ConfigError(
+            f"config key 'features.id_spaces.{name}': no vocabulary/table size for id space {name!r} "
+            f"(known: {sorted(vocab_sizes)})"
+        )
+    if size < NUM_RESERVED_INDICES + 1:
+        raise ConfigError(f"config key 'features.id_spaces.{name}': table size {size} is too small")
+    return int(size)

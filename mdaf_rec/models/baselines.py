@@ -1,0 +1,52 @@
+"""Single-branch baselines on the same inputs and tables as MDAF."""
+
+from __future__ import annotations
+
+import torch
+
+from mdaf_rec.config import ModelConfig
+from mdaf_rec.data.batch import Batch
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.ctr import CTRModel, CTROutput
+from mdaf_rec.models.head import PredictionHead
+from mdaf_rec.models.sequence_branch import SequenceBranch
+from mdaf_rec.models.static_branch import StaticBranch
+
+
+class DCNv3CTR(CTRModel):
+    """Standalone DCNv3 over the static fields: its averaged LCN/ECN logit is the prediction.
+
+    Args:
+        spec: feature spec.
+        cfg: model config (``cfg.dcnv3``).
+        table_device: device of the embedding tables.
+    """
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, table_device: torch.device | None = None) -> None:
+        super().__init__()
+        self.static_branch = StaticBranch(spec, cfg.dcnv3, output_dim=None, table_device=table_device)
+
+    def score(self, batch: Batch) -> CTROutput:
+        out = self.static_branch(batch)
+        return CTROutput(logit=out.logit, lcn_logit=out.lcn_logit, ecn_logit=out.ecn_logit)
+
+
+class SequenceCTR(CTRModel):
+    """Standalone sequential model (Mamba4Rec or BST) over ``history ⊕ target`` with MDAF's head.
+
+    Args:
+        spec: feature spec.
+        cfg: model config (encoder hyper-parameters, head).
+        encoder: ``mamba`` or ``bst``.
+        table_device: device of the embedding tables.
+    """
+
+    def __init__(
+        self, spec: FeatureSpec, cfg: ModelConfig, encoder: str, table_device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        self.sequence_branch = SequenceBranch(spec, encoder, cfg.mamba, cfg.bst, table_device=table_device)
+        self.head = PredictionHead(spec.sequence_dim, cfg.head_hidden, cfg.head_dropout)
+
+    def score(self, batch: Batch) -> CTROutput:
+        return CTROutput(logit=self.head(self.sequence_branch(batch)))

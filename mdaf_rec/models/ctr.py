@@ -1,0 +1,105 @@
+"""What every CTR model returns, the shared ``forward`` contract, and the training wrapper."""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdaf_rec.data.batch import Batch
+from mdaf_rec.models.dcnv3 import tri_bce_loss
+from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch
+
+
+class CTROutput(NamedTuple):
+    """Scores of one batch.
+
+    Attributes:
+        logit: ``[B]`` click logit.
+        gate: ``[B, 1]`` or ``[B, D]`` fusion gate (MDAF only; 1 = static, 0 = sequential).
+        lcn_logit: ``[B]`` DCNv3 Linear Cross Network logit (models with a static branch).
+        ecn_logit: ``[B]`` DCNv3 Exponential Cross Network logit (models with a static branch).
+    """
+
+    logit: torch.Tensor
+    gate: Optional[torch.Tensor] = None
+    lcn_logit: Optional[torch.Tensor] = None
+    ecn_logit: Optional[torch.Tensor] = None
+
+
+class CTRModel(nn.Module):
+    """Base of every model: ``score(batch)`` computes a :class:`CTROutput`; ``forward`` turns it
+    into click probabilities (and, for MDAF, the gate per sample)."""
+
+    def score(self, batch: Batch) -> CTROutput:
+        raise NotImplementedError
+
+    def set_table_grad_scales(self, scales: Mapping[str, float]) -> None:
+        """Scales the gradient reaching each named table (see ``embeddings.scale_grad``)."""
+        for module in self.modules():
+            if isinstance(module, (StaticEmbeddingArch, SequenceEmbeddingArch)):
+                module.set_table_grad_scales(scales)
+
+    def forward(
+        self, batch: Batch, return_gate: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            batch: the input batch.
+            return_gate: also return the gate (MDAF models only).
+        Returns:
+            ``[B]`` click probabilities, or ``(probabilities, gate)`` with gate ``[B, 1 | D]``.
+        """
+        out = self.score(batch)
+        probs = torch.sigmoid(out.logit)
+        if not return_gate:
+            return probs
+        if out.gate is None:
+            raise ValueError(f"{type(self).__name__} has no fusion gate (return_gate=True is for MDAF models)")
+        return probs, out.gate
+
+
+class CTRTrainOutput(NamedTuple):
+    """Detached values a training step reports (``TrainPipelineSparseDist`` passes them through)."""
+
+    loss: torch.Tensor
+    logit: torch.Tensor
+    labels: torch.Tensor
+    gate: Optional[torch.Tensor]
+
+
+class CTRTrain(nn.Module):
+    """Wraps a :class:`CTRModel` with its loss, the shape TorchRec's train pipelines expect.
+
+    The loss is binary cross-entropy on the model's logit. With ``tri_bce`` and a model that exposes
+    DCNv3's LCN/ECN logits, DCNv3's Tri-BCE auxiliary terms are added:
+    ``w_lcn · BCE(lcn) + w_ecn · BCE(ecn)`` with ``w = max(0, BCE_side − BCE_main)`` (not detached, as in
+    the official DCNv3 code), ``BCE_main`` being the model's own (for MDAF: the fused) logit.
+
+    Args:
+        model: the CTR model.
+        tri_bce: add the Tri-BCE auxiliary terms when the model has them.
+    """
+
+    def __init__(self, model: CTRModel, tri_bce: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.tri_bce = tri_bce
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, CTRTrainOutput]:
+        """
+        Args:
+            batch: the input batch.
+        Returns:
+            ``(loss, CTRTrainOutput)``: the scalar loss to back-propagate and detached outputs.
+        """
+        out = self.model.score(batch)
+        labels = batch.labels.float()
+        if self.tri_bce and out.lcn_logit is not None and out.ecn_logit is not None:
+            loss = tri_bce_loss(out.logit, out.lcn_logit, out.ecn_logit, labels)
+        else:
+            loss = F.binary_cross_entropy_with_logits(out.logit, labels)
+        gate = out.gate.detach() if out.gate is not None else None
+        return loss, CTRTrainOutput(loss.detach(), out.logit.detach(), labels.detach(), gate)

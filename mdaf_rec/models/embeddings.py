@@ -1,0 +1,219 @@
+"""Sparse archs: TorchRec embedding lookups that turn a :class:`~mdaf_rec.data.batch.Batch` into tensors.
+
+* :class:`StaticEmbeddingArch` — pooled lookups through an ``EmbeddingBagCollection`` (one table per
+  static field) plus dense fields, returned as DCNv3 field embeddings ``[B, F, static_dim]``.
+* :class:`SequenceEmbeddingArch` — unpooled lookups through an ``EmbeddingCollection`` (one table per
+  id space, shared by target and history) returned as right-padded token sequences
+  ``[B, max_history + 1, sequence_dim]`` whose last valid token is the target.
+
+Tables are built on ``device`` (``meta`` for DMP, which materialises and shards them); the small
+dense parts on the default device (set with ``with torch.device(...)``). Outputs are read by key, never by position: a sharding plan reorders
+the keys of a pooled ``KeyedTensor``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mdaf_rec.features import FeatureSpec
+
+
+class InputIdError(ValueError):
+    """An id is outside its table's range (the message names the feature)."""
+
+
+def is_tracing() -> bool:
+    """True under torch.export / dynamo / fx / TorchScript, where data-dependent checks are skipped."""
+    if torch.jit.is_scripting():
+        return True
+    compiler = torch.compiler
+    if compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting()):
+        return True
+    return torch.fx._symbolic_trace.is_fx_tracing()
+
+
+def check_id_ranges(features: KeyedJaggedTensor, sizes: List[int], kind: str) -> None:
+    """Raises :class:`InputIdError` naming the feature if any id is outside ``[0, size)``.
+
+    Args:
+        features: a KJT whose keys map, in order, to tables of ``sizes`` rows.
+        sizes: table rows per key.
+        kind: ``static`` or ``sequence``, for the message.
+    """
+    values = features.values()
+    if values.numel() == 0:
+        return
+    per_key = torch.split(values, features.length_per_key())
+    for key, ids, size in zip(features.keys(), per_key, sizes):
+        if ids.numel() == 0:
+            continue
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= size:
+            bad = lo if lo < 0 else hi
+            raise InputIdError(
+                f"{kind} feature {key!r}: id {bad} is outside its table's range [0, {size}) "
+                "(ids must be vocabulary indices; unknown raw ids map to the OOV index 1)"
+            )
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass (bit-exact); multiplies the gradient by ``scale`` in backward.
+
+    Used on the outputs of sharded tables: with W ranks each rank's loss is a mean over its own rows,
+    and a sharded table's backward sums the gradients of all ranks, so its rows would see W times the
+    single-process gradient of the same global batch. ``scale = 1/W`` restores it. Written without a
+    custom autograd function so that TorchRec's pipeline tracer (torch.fx) can trace it.
+    """
+    if scale == 1.0:
+        return x
+    frozen = x.detach()
+    return frozen + (x - frozen) * scale
+
+
+class DenseFieldEmbedding(nn.Module):
+    """Turns each dense (float) feature into a field embedding: ``e_f = x_f * w_f + b_f``.
+
+    Args:
+        num_features: number of dense features ``N``.
+        dim: field embedding dim ``d``.
+    """
+
+    def __init__(self, num_features: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_features, dim))
+        self.bias = nn.Parameter(torch.empty(num_features, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.1)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            dense: ``[B, N]`` float.
+        Returns:
+            ``[B, N, d]``.
+        """
+        return dense.unsqueeze(-1) * self.weight + self.bias  # [B, N, d]
+
+
+class StaticEmbeddingArch(nn.Module):
+    """Pooled static-field embeddings for the DCNv3 branch.
+
+    Args:
+        spec: the feature spec (its ``static_fields`` give the tables and the field order).
+        device: device of the tables (``meta`` to let DMP materialise them). Dense-field parameters
+            go to the current default device.
+    """
+
+    def __init__(self, spec: FeatureSpec, device: torch.device | None = None) -> None:
+        super().__init__()
+        self._keys: List[str] = spec.static_keys
+        self._sizes: List[int] = [f.num_embeddings for f in spec.static_fields]
+        self._tables: Dict[str, str] = {f.name: f.table_name for f in spec.static_fields}
+        self.grad_scales: Dict[str, float] = {key: 1.0 for key in self._keys}
+        self.embedding_bag_collection = EmbeddingBagCollection(tables=spec.embedding_bag_configs(), device=device)
+        self.dense_fields = (
+            DenseFieldEmbedding(len(spec.dense_features), spec.static_dim)
+            if spec.dense_features
+            else None
+        )
+
+    def set_table_grad_scales(self, scales: Mapping[str, float]) -> None:
+        """Gradient scale per table name (see :func:`scale_grad`); tables not named keep theirs."""
+        for key, table in self._tables.items():
+            self.grad_scales[key] = float(scales.get(table, self.grad_scales[key]))
+
+    def forward(self, static_features: KeyedJaggedTensor, dense_features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            static_features: one id per sample for each static key.
+            dense_features: ``[B, N_dense]`` float (ignored when no dense features are configured).
+        Returns:
+            ``[B, F, static_dim]`` field embeddings, static keys in spec order, then dense fields.
+        """
+        if not is_tracing():
+            check_id_ranges(static_features, self._sizes, "static")
+        pooled = self.embedding_bag_collection(static_features).to_dict()  # key -> [B, d]
+        fields = torch.stack([scale_grad(pooled[k], self.grad_scales[k]) for k in self._keys], dim=1)  # [B, F, d]
+        if self.dense_fields is not None:
+            fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # [B, F, d]
+        return fields
+
+
+class SequenceEmbeddingArch(nn.Module):
+    """Token sequences ``history ⊕ target`` for the sequential branch.
+
+    A token is the sum of its id spaces' embeddings (item + category). Histories are right-padded to
+    ``max_history`` and the target is written right after the last history entry, so the sequence of a
+    sample with ``n`` history entries has ``n + 1`` valid tokens, the last one the target.
+
+    Args:
+        spec: the feature spec (its ``sequence_spaces`` give the tables).
+        device: device of the tables.
+    """
+
+    def __init__(self, spec: FeatureSpec, device: torch.device | None = None) -> None:
+        super().__init__()
+        self._spaces: List[Tuple[str, str]] = [(s.name, s.history_key) for s in spec.sequence_spaces]
+        self._tables: Dict[str, str] = {s.name: s.table_name for s in spec.sequence_spaces}
+        self.grad_scales: Dict[str, float] = {s.name: 1.0 for s in spec.sequence_spaces}
+        self._sizes: List[int] = [s.num_embeddings for s in spec.sequence_spaces for _ in (0, 1)]
+        self.max_history = spec.max_history
+        self.dim = spec.sequence_dim
+        self.embedding_collection = EmbeddingCollection(tables=spec.embedding_configs(), device=device)
+
+    def set_table_grad_scales(self, scales: Mapping[str, float]) -> None:
+        """Gradient scale per table name (see :func:`scale_grad`); tables not named keep theirs."""
+        for key, table in self._tables.items():
+            self.grad_scales[key] = float(scales.get(table, self.grad_scales[key]))
+
+    def forward(self, sequence_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            sequence_features: per id space, the target (length 1) and the history (length
+                0..max_history, most recent last).
+        Returns:
+            tokens: ``[B, max_history + 1, sequence_dim]``, right-padded with zeros.
+            lengths: ``[B]`` int64 number of valid tokens (history length + 1).
+        """
+        if not is_tracing():
+            check_id_ranges(sequence_features, self._sizes, "sequence")
+            self._check_history_lengths(sequence_features)
+        jagged = self.embedding_collection(sequence_features)  # key -> JaggedTensor [sum(len), D]
+        histories = [
+            scale_grad(jagged[h].to_padded_dense(desired_length=self.max_history), self.grad_scales[t])
+            for t, h in self._spaces
+        ]
+        targets = [scale_grad(jagged[t].values(), self.grad_scales[t]) for t, _ in self._spaces]  # [B, D] each
+        history = sum(histories[1:], histories[0])  # [B, L, D]
+        target = sum(targets[1:], targets[0])  # [B, D]
+        lengths = jagged[self._spaces[0][1]].lengths().long()  # [B]
+        batch_size = target.shape[0]
+        tokens = torch.cat([history, history.new_zeros(batch_size, 1, self.dim)], dim=1)  # [B, L+1, D]
+        index = lengths.view(batch_size, 1, 1).expand(batch_size, 1, self.dim)  # [B, 1, D]
+        tokens = tokens.scatter(1, index, target.unsqueeze(1))  # target right after the history
+        return tokens, lengths + 1
+
+    def _check_history_lengths(self, features: KeyedJaggedTensor) -> None:
+        lengths = features.to_dict()
+        for target_key, history_key in self._spaces:
+            hist_len = lengths[history_key].lengths()
+            tgt_len = lengths[target_key].lengths()
+            if hist_len.numel() and int(hist_len.max()) > self.max_history:
+                raise InputIdError(
+                    f"sequence feature {history_key!r}: a history has {int(hist_len.max())} entries, more than "
+                    f"max_history={self.max_history} (the loader keeps the most recent {self.max_history})"
+                )
+            if tgt_len.numel() and not bool((tgt_len == 1).all()):
+                raise InputIdError(f"sequence feature {target_key!r}: every sample needs exactly one target id")
+        first = self._spaces[0][1]
+        for _, history_key in self._spaces[1:]:
+            if not torch.equal(lengths[first].lengths(), lengths[history_key].lengths()):
+                raise InputIdError(f"sequence features {first!r} and {history_key!r} have unequal history lengths")

@@ -1,0 +1,59 @@
+"""MDAF: Multi-branch Dual Attention Fusion.
+
+A DCNv3 static branch and a sequential branch (Mamba4Rec → MDAF-Mamba, BST → MDAF-BST) each produce
+a ``D``-dim embedding; a learned gate mixes them and an MLP head gives the click logit::
+
+    static fields ──EBC──▶ DCNv3 ──▶ s [B, D] ─┐
+                                               ├─ GatedFusion ─▶ [B, D] ─ PredictionHead ─▶ logit [B]
+    history ⊕ target ─EC─▶ encoder ─▶ q [B, D] ─┘
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdaf_rec.config import ModelConfig
+from mdaf_rec.data.batch import Batch
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.ctr import CTRModel, CTROutput
+from mdaf_rec.models.fusion import GatedFusion
+from mdaf_rec.models.head import PredictionHead
+from mdaf_rec.models.sequence_branch import SequenceBranch
+from mdaf_rec.models.static_branch import StaticBranch
+
+
+class MDAF(CTRModel):
+    """The MDAF model.
+
+    Args:
+        spec: feature spec (tables, dims).
+        cfg: model config (branch hyper-parameters, gate mode, head).
+        branch: sequential branch, ``mamba`` or ``bst``.
+        table_device: device of the embedding tables (``meta`` under DMP); dense parameters go to the
+            current default device.
+    """
+
+    def __init__(
+        self, spec: FeatureSpec, cfg: ModelConfig, branch: str, table_device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        dim = spec.sequence_dim
+        self.static_branch = StaticBranch(spec, cfg.dcnv3, output_dim=dim, table_device=table_device)
+        self.sequence_branch = SequenceBranch(spec, branch, cfg.mamba, cfg.bst, table_device=table_device)
+        self.fusion = GatedFusion(dim, mode=cfg.gate)
+        self.head = PredictionHead(dim, cfg.head_hidden, cfg.head_dropout)
+
+    def score(self, batch: Batch) -> CTROutput:
+        """
+        Args:
+            batch: the input batch.
+        Returns:
+            fused logit ``[B]``, gate ``[B, 1 | D]`` and the DCNv3 branch's LCN/ECN logits ``[B]``.
+        """
+        static = self.static_branch(batch, return_embedding=True)
+        assert static.embedding is not None
+        sequential = self.sequence_branch(batch)  # [B, D]
+        fused, gate = self.fusion(static.embedding, sequential)  # [B, D], [B, 1 | D]
+        return CTROutput(
+            logit=self.head(fused), gate=gate, lcn_logit=static.lcn_logit, ecn_logit=static.ecn_logit
+        )

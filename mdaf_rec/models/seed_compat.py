@@ -1,0 +1,176 @@
+"""Drop-in classes for users of the MDAF research code (``MDAF_Mamba`` / ``MDAF_BST``).
+
+They take the research code's constructor arguments and forward keywords (dense ``[B, L]`` histories
+with 0 as padding, ``other_features`` dict) and run the TorchRec-based :class:`~mdaf_rec.models.mdaf.MDAF`
+underneath, so existing scripts switch by changing one import. Ids are used as table indices directly,
+as in the research code (tables have ``*_vocab_size`` rows; 0 is padding).
+
+Research-code arguments that have no meaning here are refused with a ``TypeError`` that says why,
+rather than silently ignored: ``item_embed_dim`` / ``category_embed_dim`` (sequence tokens are the sum
+of ``embedding_dim``-wide item and category embeddings) and ``static_embed_dim`` (the static fields
+live in the DCNv3 branch, ``dcnv3_embed_dim``) are accepted only at values that agree with that.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from mdaf_rec.config import BSTConfig, DCNv3Config, FeaturesConfig, MambaConfig, ModelConfig
+from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.mdaf import MDAF
+
+
+class _SeedMDAF(MDAF):
+    _model_name = ""
+
+    def __init__(
+        self,
+        item_vocab_size: int,
+        category_vocab_size: int,
+        user_vocab_size: int,
+        hour_vocab_size: int = 24,
+        dayofweek_vocab_size: int = 7,
+        dcnv3_embed_dim: int = 16,
+        dcnv3_lcn_layers: int = 3,
+        dcnv3_ecn_layers: int = 3,
+        embedding_dim: int = 128,
+        prediction_hidden_dims: Sequence[int] = (128, 64),
+        dropout: float = 0.2,
+        max_history: int = 50,
+        item_embed_dim: Optional[int] = None,
+        category_embed_dim: Optional[int] = None,
+        static_embed_dim: Optional[int] = None,
+        **branch_kwargs: int,
+    ) -> None:
+        if (hour_vocab_size, dayofweek_vocab_size) != (24, 7):
+            raise TypeError("hour_vocab_size / dayofweek_vocab_size must be 24 / 7 (hour and day of week)")
+        for name, value in (("item_embed_dim", item_embed_dim), ("category_embed_dim", category_embed_dim)):
+            if value not in (None, embedding_dim):
+                raise TypeError(
+                    f"{name}={value}: mdaf_rec embeds sequence tokens at embedding_dim={embedding_dim} "
+                    "(item + category embeddings summed, one table per id space shared with the target)"
+                )
+        if static_embed_dim not in (None, dcnv3_embed_dim):
+            raise TypeError(f"static_embed_dim={static_embed_dim}: static fields use dcnv3_embed_dim={dcnv3_embed_dim}")
+        features = FeaturesConfig(static_dim=dcnv3_embed_dim, sequence_dim=embedding_dim, max_history=max_history)
+        cfg = ModelConfig(
+            name=self._model_name,
+            dcnv3=DCNv3Config(num_lcn_layers=dcnv3_lcn_layers, num_ecn_layers=dcnv3_ecn_layers),
+            mamba=MambaConfig(),
+            bst=BSTConfig(),
+            head_hidden=list(prediction_hidden_dims),
+            head_dropout=dropout,
+        )
+        self._configure_branch(cfg, embedding_dim, dropout, branch_kwargs)
+        spec = FeatureSpec.build(
+            features, {"user": user_vocab_size, "item": item_vocab_size, "category": category_vocab_size}
+        )
+        super().__init__(spec, cfg, branch="mamba" if self._model_name == "mdaf_mamba" else "bst")
+        self.spec = spec
+
+    def _configure_branch(self, cfg: ModelConfig, embedding_dim: int, dropout: float, kwargs: Dict[str, int]) -> None:
+        raise NotImplementedError
+
+    def forward(  # type: ignore[override]
+        self,
+        target_item: torch.Tensor,
+        target_category: torch.Tensor,
+        item_history: torch.Tensor,
+        category_history: torch.Tensor,
+        other_features: Dict[str, torch.Tensor],
+        return_gate: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Research-code forward.
+
+        Args:
+            target_item: ``[B]`` item index.
+            target_category: ``[B]`` category index.
+            item_history: ``[B, L]`` item indices, 0 = padding (non-zero entries keep their order, the
+                last one being the most recent; only the most recent ``max_history`` are used).
+            category_history: ``[B, L]`` category indices aligned with ``item_history``.
+            other_features: ``user_id``, ``hour``, ``dayofweek``, each ``[B]``.
+            return_gate: also return the gate ``[B, 1]``.
+        Returns:
+            ``[B]`` click probabilities (and the gate).
+        """
+        batch = self.seed_batch(target_item, target_category, item_history, category_history, other_features)
+        return super().forward(batch, return_gate=return_gate)
+
+    def seed_batch(
+        self,
+        target_item: torch.Tensor,
+        target_category: torch.Tensor,
+        item_history: torch.Tensor,
+        category_history: torch.Tensor,
+        other_features: Dict[str, torch.Tensor],
+    ) -> Batch:
+        """Converts research-code inputs to a :class:`Batch`."""
+        valid = item_history != 0  # [B, L]
+        # Keep only the most recent max_history valid entries: rank valid entries from the end.
+        from_end = valid.flip(1).long().cumsum(1).flip(1)  # [B, L]: valid entries at or after this one
+        keep = valid & (from_end <= self.spec.max_history)
+        lengths = keep.sum(1)  # [B]
+        static = {
+            "user": other_features["user_id"],
+            "item": target_item,
+            "category": target_category,
+            "hour": other_features["hour"],
+            "dayofweek": other_features["dayofweek"],
+        }
+        ones = torch.ones_like(target_item)
+        static_kjt = build_kjt(
+            self.spec.static_keys, [static[k].long() for k in self.spec.static_keys], [ones] * len(static)
+        )
+        sequence_kjt = build_kjt(
+            self.spec.sequence_keys,
+            [target_item.long(), item_history[keep].long(), target_category.long(), category_history[keep].long()],
+            [ones, lengths, ones, lengths],
+        )
+        batch_size = target_item.shape[0]
+        return Batch(
+            static_features=static_kjt,
+            sequence_features=sequence_kjt,
+            dense_features=torch.zeros(batch_size, 0),
+            labels=torch.zeros(batch_size),
+            user_index=other_features["user_id"].long(),
+            row_index=torch.arange(batch_size),
+        )
+
+
+class MDAF_Mamba(_SeedMDAF):  # noqa: N801 - the research code's name
+    """MDAF with a Mamba4Rec branch, research-code interface. Extra keywords: ``mamba_hidden_dim``
+    (must equal ``embedding_dim``), ``mamba_num_layers``, ``mamba_d_state``, ``mamba_d_conv``,
+    ``mamba_expand``."""
+
+    _model_name = "mdaf_mamba"
+
+    def _configure_branch(self, cfg: ModelConfig, embedding_dim: int, dropout: float, kwargs: Dict[str, int]) -> None:
+        hidden = kwargs.pop("mamba_hidden_dim", embedding_dim)
+        if hidden != embedding_dim:
+            raise TypeError(f"mamba_hidden_dim ({hidden}) must equal embedding_dim ({embedding_dim})")
+        cfg.mamba = MambaConfig(
+            num_layers=kwargs.pop("mamba_num_layers", 2),
+            d_state=kwargs.pop("mamba_d_state", 16),
+            d_conv=kwargs.pop("mamba_d_conv", 4),
+            expand=kwargs.pop("mamba_expand", 2),
+            dropout=dropout,
+        )
+        if kwargs:
+            raise TypeError(f"MDAF_Mamba got unexpected keyword arguments {sorted(kwargs)}")
+
+
+class MDAF_BST(_SeedMDAF):  # noqa: N801 - the research code's name
+    """MDAF with a BST branch, research-code interface. Extra keywords: ``bst_num_layers``,
+    ``bst_num_heads``."""
+
+    _model_name = "mdaf_bst"
+
+    def _configure_branch(self, cfg: ModelConfig, embedding_dim: int, dropout: float, kwargs: Dict[str, int]) -> None:
+        cfg.bst = BSTConfig(
+            num_layers=kwargs.pop("bst_num_layers", 2), num_heads=kwargs.pop("bst_num_heads", 4), dropout=0.1
+        )
+        if kwargs:
+            raise TypeError(f"MDAF_BST got unexpected keyword arguments {sorted(kwargs)}")

@@ -1,0 +1,88 @@
+"""Sharding plans as JSON: written by ``mdaf-rec plan --json``, read by ``mdaf-rec train --plan``.
+
+The JSON keeps, per module path and table: sharding type, compute kernel, ranks and the shards
+(offsets, sizes, placement). Other ``ParameterSharding`` options (cache, bounds check, ...) are the
+planner's defaults and are not stored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
+
+FORMAT = "mdaf_rec.sharding_plan/1"
+
+
+class PlanFileError(ValueError):
+    """A plan file is unreadable or malformed (the message names the file and entry)."""
+
+
+def plan_to_dict(plan: ShardingPlan) -> Dict[str, Any]:
+    """Plain-data form of a plan."""
+    modules: Dict[str, Any] = {}
+    for module_path, module_plan in plan.plan.items():
+        tables: Dict[str, Any] = {}
+        for table, sharding in module_plan.items():  # type: ignore[union-attr]
+            shards: List[Dict[str, Any]] = []
+            if isinstance(sharding.sharding_spec, EnumerableShardingSpec):
+                shards = [
+                    {"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes), "placement": str(s.placement)}
+                    for s in sharding.sharding_spec.shards
+                ]
+            tables[table] = {
+                "sharding_type": sharding.sharding_type,
+                "compute_kernel": sharding.compute_kernel,
+                "ranks": sharding.ranks,
+                "shards": shards,
+            }
+        modules[module_path] = tables
+    return {"format": FORMAT, "modules": modules}
+
+
+def plan_from_dict(data: Dict[str, Any], source: str = "<plan>") -> ShardingPlan:
+    """Inverse of :func:`plan_to_dict`."""
+    if data.get("format") != FORMAT:
+        raise PlanFileError(f"{source}: not a sharding plan written by mdaf-rec (format {data.get('format')!r})")
+    plan: Dict[str, EmbeddingModuleShardingPlan] = {}
+    for module_path, tables in data["modules"].items():
+        module_plan = EmbeddingModuleShardingPlan()
+        for table, entry in tables.items():
+            try:
+                spec = (
+                    EnumerableShardingSpec(
+                        [
+                            ShardMetadata(shard_offsets=s["offsets"], shard_sizes=s["sizes"], placement=s["placement"])
+                            for s in entry["shards"]
+                        ]
+                    )
+                    if entry["shards"]
+                    else None
+                )
+                module_plan[table] = ParameterSharding(
+                    sharding_type=entry["sharding_type"],
+                    compute_kernel=entry["compute_kernel"],
+                    ranks=entry["ranks"],
+                    sharding_spec=spec,
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise PlanFileError(f"{source}: table {table!r} of {module_path!r} is malformed: {e}") from None
+        plan[module_path] = module_plan
+    return ShardingPlan(plan=plan)  # type: ignore[arg-type]
+
+
+def save_plan(plan: ShardingPlan, path: Path) -> None:
+    """Writes ``plan`` as JSON."""
+    path.write_text(json.dumps(plan_to_dict(plan), indent=2))
+
+
+def load_plan(path: Path) -> ShardingPlan:
+    """Reads a plan written by :func:`save_plan`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanFileError(f"{path}: cannot read sharding plan: {e}") from None
+    return plan_from_dict(data, str(path))

@@ -1,0 +1,147 @@
+"""Sharding a model with TorchRec: fused table optimizers, the planner, DMP, the combined optimizer.
+
+The recipe (as in TorchRec's DLRM example):
+
+1. build the model with its tables on the ``meta`` device (:func:`mdaf_rec.models.factory.build_model`);
+2. :func:`apply_sparse_optimizer` marks every table parameter with a fused optimizer applied in backward
+   (FBGEMM updates the rows it touched during the backward pass; no dense gradient is materialised);
+3. :func:`plan_sharding` runs the TorchRec planner for the topology (or takes a given plan);
+4. ``DistributedModelParallel`` materialises and shards the tables and wraps the dense part in DDP;
+5. :func:`build_optimizer` combines DMP's fused optimizer with a dense Adam/AdamW.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from mdaf_rec.config import OptimizerConfig
+
+logger = logging.getLogger(__name__)
+
+_SPARSE_OPTIMIZER_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": torch.optim.Adam,
+}
+_CPU_SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+def table_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Parameters of every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in ``model``."""
+    params: List[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            params += list(module.parameters())
+    return params
+
+
+def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> None:
+    """Attaches the configured fused optimizer to every table parameter (applied in backward).
+
+    Args:
+        model: the unsharded model (tables may be on ``meta``).
+        cfg: optimizer config (``sparse``, ``sparse_lr``, ``sparse_eps``, ``sparse_weight_decay``).
+        device: the training device; ``adam`` is refused on CPU, where FBGEMM cannot run it.
+    """
+    if device.type == "cpu" and cfg.sparse not in _CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"config key 'optimizer.sparse': {cfg.sparse!r} is not supported by FBGEMM on CPU "
+            f"(use one of {list(_CPU_SPARSE_OPTIMIZERS)}; 'adam' needs a GPU)"
+        )
+    kwargs: Dict[str, Any] = {"lr": cfg.sparse_lr}
+    if cfg.sparse != "sgd":
+        kwargs["eps"] = cfg.sparse_eps
+    if cfg.sparse_weight_decay:
+        kwargs["weight_decay"] = cfg.sparse_weight_decay
+    _apply_optimizer_in_backward(
+        optimizer_class=_SPARSE_OPTIMIZER_CLASSES[cfg.sparse], params=table_parameters(model), optimizer_kwargs=kwargs
+    )
+
+
+def sharders() -> List[ModuleSharder[nn.Module]]:
+    """The sharders DMP and the planner use (TorchRec's defaults: EBC, EC and friends)."""
+    return get_default_sharders()
+
+
+def plan_sharding(
+    model: nn.Module,
+    *,
+    world_size: int,
+    local_world_size: int,
+    compute_device: str,
+    batch_size: int,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    hbm_cap: Optional[int] = None,
+    ddr_cap: Optional[int] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> ShardingPlan:
+    """Runs the TorchRec planner.
+
+    Args:
+        model: the unsharded model (tables on ``meta``).
+        world_size: number of ranks.
+        local_world_size: ranks per node.
+        compute_device: ``cpu`` or ``cuda``.
+        batch_size: per-rank batch size (the planner's cost model uses it).
+        constraints: table name -> allowed sharding types / kernels.
+        hbm_cap / ddr_cap: per-rank device / host memory in bytes (planner defaults if ``None``).
+        process_group: plan collectively (rank 0 plans, everyone gets the same plan) when given.
+    Returns:
+        The sharding plan.
+    """
+    topology = Topology(
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device=compute_device,
+        hbm_cap=hbm_cap,
+        ddr_cap=ddr_cap,
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    if process_group is not None:
+        return planner.collective_plan(model, sharders(), process_group)
+    return planner.plan(model, sharders())
+
+
+def table_grad_scales(plan: ShardingPlan, world_size: int) -> Dict[str, float]:
+    """Per table: ``1/W`` for sharded tables, whose backward sums all ranks' gradients, and 1 for
+    ``data_parallel`` ones, whose gradients DDP averages. With these scales a W-rank step equals the
+    1-rank step on the same global batch (see ``embeddings.scale_grad``)."""
+    scales: Dict[str, float] = {}
+    for module_plan in plan.plan.values():
+        for table, sharding in module_plan.items():  # type: ignore[union-attr]
+            scales[table] = 1.0 if sharding.sharding_type == ShardingType.DATA_PARALLEL.value else 1.0 / world_size
+    return scales
+
+
+def shard_model(model: nn.Module, device: torch.device, plan: ShardingPlan) -> DistributedModelParallel:
+    """Wraps ``model`` (tables on ``meta``, fused optimizers attached) in DMP with ``plan``."""
+    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
+
+
+def build_optimizer(model: DistributedModelParallel, cfg: OptimizerConfig) -> CombinedOptimizer:
+    """DMP's fused table optimizer combined with the dense optimizer over every other parameter."""
+    dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
+
+    def dense(params: Any) -> torch.optim.Optimizer:
+        if cfg.dense == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    dense_optimizer: KeyedOptimizer = KeyedOptimizerWrapper(dense_params, dense)
+    return CombinedOptimizer([model.fused_optimizer, dense_optimizer])

@@ -1,0 +1,65 @@
+"""Shared test helpers: small feature specs and random batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from mdaf_rec.config import FeaturesConfig
+from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.features import FeatureSpec
+
+SHARED_DATA = Path(os.environ.get("MDAF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ``../shared/data``; skips the test cleanly when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+def small_spec(
+    max_history: int = 8, sequence_dim: int = 32, static_dim: int = 8, extra_sparse=(), dense=()
+) -> FeatureSpec:
+    cfg = FeaturesConfig(
+        static_dim=static_dim,
+        sequence_dim=sequence_dim,
+        max_history=max_history,
+        extra_sparse=list(extra_sparse),
+        dense=list(dense),
+    )
+    sizes = {"user": 50, "item": 200, "category": 20}
+    sizes.update({name: 30 for name in extra_sparse})
+    return FeatureSpec.build(cfg, sizes)
+
+
+def random_batch(
+    spec: FeatureSpec, batch_size: int = 16, seed: int = 0, lengths: Optional[torch.Tensor] = None
+) -> Batch:
+    """A batch of random in-range ids; history lengths uniform in [0, max_history] unless given."""
+    g = torch.Generator().manual_seed(seed)
+    ones = torch.ones(batch_size, dtype=torch.long)
+    static_values = [torch.randint(0, f.num_embeddings, (batch_size,), generator=g) for f in spec.static_fields]
+    if lengths is None:
+        lengths = torch.randint(0, spec.max_history + 1, (batch_size,), generator=g)
+    seq_values, seq_lengths = [], []
+    for space in spec.sequence_spaces:
+        seq_values += [
+            torch.randint(2, space.num_embeddings, (batch_size,), generator=g),
+            torch.randint(2, space.num_embeddings, (int(lengths.sum()),), generator=g),
+        ]
+        seq_lengths += [ones, lengths]
+    return Batch(
+        static_features=build_kjt(spec.static_keys, static_values, [ones] * len(static_values)),
+        sequence_features=build_kjt(spec.sequence_keys, seq_values, seq_lengths),
+        dense_features=torch.randn(batch_size, len(spec.dense_features), generator=g),
+        labels=torch.randint(0, 2, (batch_size,), generator=g).float(),
+        user_index=static_values[0],
+        row_index=torch.arange(batch_size),
+    )

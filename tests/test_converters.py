@@ -1,0 +1,456 @@
+"""Raw-data converters: exact histories on hand-written files, invariants on the shared samples,
+and the bad-row policy."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mdaf_rec.data.converters import CONVERTERS, build_parser, main
+from mdaf_rec.data.converters.common import ConversionError, build_histories, stable_hash64
+from mdaf_rec.data.converters.movielens import GENRE_IDS
+from mdaf_rec.data.schema import (
+    CATEGORY_HISTORY,
+    CATEGORY_ID,
+    ITEM_HISTORY,
+    ITEM_ID,
+    LABEL,
+    REQUIRED_COLUMNS,
+    SPLITS,
+    TIMESTAMP,
+    USER_ID,
+)
+
+SHANGHAI_DAY0 = 1511539200  # 2017-11-25 00:00 Asia/Shanghai
+DAY = 86_400
+
+
+def shared_data() -> Path:
+    env = os.environ.get("MDAF_SHARED_DATA")
+    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    return root
+
+
+def convert(fmt: str, raw: Path, out: Path, *extra: str) -> Dict:
+    args = build_parser().parse_args([fmt, "--raw", str(raw), "--out", str(out), *extra])
+    return CONVERTERS[fmt].run(args)
+
+
+def load(out: Path) -> pa.Table:
+    """All splits, in split order, with a ``split`` column."""
+    tables = []
+    for code, split in enumerate(SPLITS):
+        t = pq.read_table(out / f"{split}.parquet")
+        tables.append(t.append_column("split", pa.array(np.full(t.num_rows, code, np.int8))))
+    return pa.concat_tables(tables)
+
+
+def write(path: Path, lines: Sequence[str], encoding: str = "utf8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding=encoding)
+    return path
+
+
+def rows_of(table: pa.Table) -> List[Dict]:
+    return table.to_pylist()
+
+
+def assert_canonical(out: Path) -> Dict:
+    """Schema starts with the canonical columns, histories have equal lengths, meta is consistent."""
+    meta = json.loads((out / "meta.json").read_text())
+    total = 0
+    for split in SPLITS:
+        schema = pq.read_schema(out / f"{split}.parquet")
+        names = list(REQUIRED_COLUMNS)
+        assert schema.names[: len(names)] == names
+        for name, type_ in REQUIRED_COLUMNS.items():
+            assert schema.field(name).type == type_, name
+        assert schema.names[len(names):] == meta["extra_sparse"] + meta["dense"]
+        t = pq.read_table(out / f"{split}.parquet")
+        assert t.num_rows == meta["splits"][split]["rows"]
+        total += t.num_rows
+        lengths = t[ITEM_HISTORY].combine_chunks().value_lengths().to_numpy()
+        assert np.array_equal(lengths, t[CATEGORY_HISTORY].combine_chunks().value_lengths().to_numpy())
+        for name in (USER_ID, ITEM_ID, CATEGORY_ID, *meta["extra_sparse"]):
+            assert t[name].null_count == 0 and (t[name].to_numpy() >= 0).all(), name
+    assert total == meta["rows"]
+    return meta
+
+
+def assert_leak_free(table: pa.Table, ev_user, ev_item, ev_time, max_len: int = 50) -> None:
+    """Vectorised: every history entry is an event of the row's user strictly before the row's
+    timestamp, and each history holds exactly min(max_len, #such events) entries."""
+    user = table[USER_ID].to_numpy()
+    ts = table[TIMESTAMP].to_numpy()
+    hist = table[ITEM_HISTORY].combine_chunks()
+    lengths = hist.value_lengths().to_numpy()
+    entries = hist.flatten().to_numpy()
+    row = np.repeat(np.arange(len(user)), lengths)
+    # earliest event time per (user, item)
+    key = ev_user.astype(np.int64) * (1 << 32) + ev_item
+    order = np.lexsort((ev_time, key))
+    keys, first = np.unique(key[order], return_index=True)
+    earliest = ev_time[order][first]
+    query = user[row] * (1 << 32) + entries
+    pos = np.searchsorted(keys, query)
+    assert (keys[np.minimum(pos, len(keys) - 1)] == query).all(), "history entry is not an event of the user"
+    assert (earliest[pos] < ts[row]).all(), "history entry at or after the impression time"
+    # count of the user's events strictly before ts
+    ev_order = np.lexsort((ev_time, ev_user))
+    u_sorted, t_sorted = ev_user[ev_order], ev_time[ev_order]
+    composite = u_sorted * (1 << 33) + t_sorted
+    before = np.searchsorted(composite, user * (1 << 33) + ts, side="left") - np.searchsorted(u_sorted, user)
+    assert np.array_equal(lengths, np.minimum(before, max_len))
+
+
+# --------------------------------------------------------------------------------------------------
+# History building
+# --------------------------------------------------------------------------------------------------
+
+
+def test_build_histories_ties_order_and_cap():
+    ev_user = np.array([7, 7, 7, 7, 8, 7])
+    ev_time = np.array([30, 10, 20, 20, 5, 40])
+    ev_item = np.array([3, 1, 2, 22, 99, 4])
+    q_user = np.array([7, 7, 8, 9, 7])
+    q_time = np.array([20, 41, 5, 100, 10])
+    offsets, (items,) = build_histories(ev_user, ev_time, [ev_item], q_user, q_time, max_len=3)
+    got = [items[offsets[i]:offsets[i + 1]].tolist() for i in range(len(q_user))]
+    assert got == [[1], [22, 3, 4], [], [], []]
+
+
+# --------------------------------------------------------------------------------------------------
+# MovieLens
+# --------------------------------------------------------------------------------------------------
+
+
+def movielens_latest(root: Path) -> Path:
+    write(root / "ratings.csv", [
+        "userId,movieId,rating,timestamp",
+        "1,10,4.0,100", "1,20,3.5,200", "1,30,5.0,200", "1,40,1.0,300",
+        "2,20,4.5,150", "2,50,2.0,150", "2,10,4.0,400",
+    ])
+    write(root / "movies.csv", [
+        "movieId,title,genres",
+        '10,"Movie, The (1999)",Comedy|Drama', "20,B (2000),Sci-Fi", "30,C,(no genres listed)",
+        "40,D,IMAX|Action", "50,E,Film-Noir",
+    ])
+    return root
+
+
+def test_movielens_latest_exact(tmp_path):
+    meta = convert("movielens", movielens_latest(tmp_path / "raw"), tmp_path / "out")
+    assert_canonical(tmp_path / "out")
+    assert meta["rows"] == 7 and meta["timezone"] == "UTC"
+    rows = {(r[USER_ID], r[ITEM_ID]): r for r in rows_of(load(tmp_path / "out"))}
+    assert rows[(1, 40)][ITEM_HISTORY] == [10, 20, 30]
+    expected = [GENRE_IDS["Comedy"], GENRE_IDS["Sci-Fi"], GENRE_IDS["(no genres listed)"]]
+    assert rows[(1, 40)][CATEGORY_HISTORY] == expected
+    assert rows[(1, 20)][ITEM_HISTORY] == [10] and rows[(1, 30)][ITEM_HISTORY] == [10]  # same second excluded
+    assert rows[(1, 10)][ITEM_HISTORY] == []
+    assert rows[(2, 50)][ITEM_HISTORY] == [] and rows[(2, 10)][ITEM_HISTORY] == [20, 50]
+    assert rows[(1, 40)][CATEGORY_ID] == GENRE_IDS["IMAX"]
+    assert [rows[k][LABEL] for k in [(1, 10), (1, 20), (1, 30), (1, 40)]] == [1, 0, 1, 0]
+
+
+def test_movielens_100k_exact(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "u.data", ["1\t5\t4\t881250949", "1\t6\t3\t881250950", "2\t5\t5\t881250949"])
+    flags_action = "|".join(["0", "1"] + ["0"] * 17)
+    flags_none = "|".join(["0"] * 19)
+    write(raw / "u.item", [
+        f"5|Café (1995)|01-Jan-1995||http://x|{flags_action}",
+        f"6|Other (1996)|01-Jan-1996||http://y|{flags_none}",
+    ], encoding="latin-1")
+    meta = convert("movielens", raw, tmp_path / "out", "--split", "0.34,0.33,0.33")
+    assert meta["rows"] == 3
+    rows = {(r[USER_ID], r[ITEM_ID]): r for r in rows_of(load(tmp_path / "out"))}
+    assert rows[(1, 5)][CATEGORY_ID] == GENRE_IDS["Action"]
+    assert rows[(1, 6)][CATEGORY_ID] == GENRE_IDS["(no genres listed)"]
+    assert rows[(1, 6)][ITEM_HISTORY] == [5] and rows[(2, 5)][ITEM_HISTORY] == []
+
+
+def test_history_cap_keeps_most_recent(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "ratings.csv", ["userId,movieId,rating,timestamp"] + [f"1,{m},4.0,{1000 + m}" for m in range(60)])
+    write(raw / "movies.csv", ["movieId,title,genres"] + [f"{m},T,Drama" for m in range(60)])
+    convert("movielens", raw, tmp_path / "out")
+    rows = {r[ITEM_ID]: r for r in rows_of(load(tmp_path / "out"))}
+    assert rows[59][ITEM_HISTORY] == list(range(9, 59))
+    assert rows[50][ITEM_HISTORY] == list(range(0, 50))
+    assert rows[51][ITEM_HISTORY] == list(range(1, 51))
+
+
+# --------------------------------------------------------------------------------------------------
+# Taobao UserBehavior
+# --------------------------------------------------------------------------------------------------
+
+
+def behavior_file(path: Path) -> Path:
+    """4 users over 4 local days; user 1 has a same-second tie and a cart event."""
+    lines = [
+        f"1,100,10,pv,{SHANGHAI_DAY0 + 10}", f"1,101,10,pv,{SHANGHAI_DAY0 + 20}",
+        f"1,102,11,pv,{SHANGHAI_DAY0 + 20}", f"1,103,11,cart,{SHANGHAI_DAY0 + 25}",
+        f"1,104,12,pv,{SHANGHAI_DAY0 + DAY * 3 + 5}",
+    ]
+    rng = np.random.default_rng(0)
+    for user in (2, 3, 4):
+        for k in range(30):
+            item = int(rng.integers(200, 260))
+            lines.append(f"{user},{item},{item // 10},pv,{SHANGHAI_DAY0 + int(rng.integers(0, 4 * DAY))}")
+    return write(path, lines)
+
+
+def behavior_events(path: Path):
+    data = np.genfromtxt(path, delimiter=",", dtype=None, encoding="utf8")
+    user = np.array([r[0] for r in data], np.int64)
+    item = np.array([r[1] for r in data], np.int64)
+    ts = np.array([r[4] for r in data], np.int64)
+    pv = np.array([r[3] == "pv" for r in data])
+    return user, item, ts, pv
+
+
+@pytest.mark.parametrize("negatives", [0, 1, 2])
+def test_behavior_protocol(tmp_path, negatives):
+    raw = behavior_file(tmp_path / "UserBehavior.csv")
+    meta = convert("taobao-behavior", raw, tmp_path / "out", "--negatives", str(negatives))
+    assert_canonical(tmp_path / "out")
+    user, item, ts, pv = behavior_events(raw)
+    assert meta["rows"] == pv.sum() * (1 + negatives)
+    t = load(tmp_path / "out")
+    rows = rows_of(t)
+    label = t[LABEL].to_numpy()
+    assert label.sum() == pv.sum()
+    # negatives never touched by their user (any behavior)
+    touched = set(zip(user.tolist(), item.tolist()))
+    negs = [(r[USER_ID], r[ITEM_ID]) for r in rows if r[LABEL] == 0]
+    assert len(negs) == pv.sum() * negatives and not touched.intersection(negs)
+    # negatives share the timestamp and history of their positive
+    pos = {(r[USER_ID], r[ITEM_ID], r[TIMESTAMP]): r for r in rows if r[LABEL] == 1}
+    r101 = pos[(1, 101, SHANGHAI_DAY0 + 20)]
+    assert r101[ITEM_HISTORY] == [100] and r101[CATEGORY_HISTORY] == [10]
+    assert pos[(1, 102, SHANGHAI_DAY0 + 20)][ITEM_HISTORY] == [100]
+    assert pos[(1, 104, SHANGHAI_DAY0 + 3 * DAY + 5)][ITEM_HISTORY] == [100, 101, 102]  # cart is not a click
+    for r in rows:
+        if r[LABEL] == 0:
+            same = [p[ITEM_HISTORY] for k, p in pos.items() if k[0] == r[USER_ID] and k[2] == r[TIMESTAMP]]
+            assert r[ITEM_HISTORY] in same
+    assert_leak_free(t, user[pv], item[pv], ts[pv])
+    assert meta["split"]["test"] == "2017-11-28..2017-11-28" and meta["splits"]["val"]["rows"] > 0
+
+
+def test_behavior_seed(tmp_path):
+    raw = behavior_file(tmp_path / "UserBehavior.csv")
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        convert("taobao-behavior", raw, tmp_path / name, "--seed", seed)
+    for split in SPLITS:
+        assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
+    a, c = load(tmp_path / "a"), load(tmp_path / "c")
+    assert not np.array_equal(a[ITEM_ID].to_numpy(), c[ITEM_ID].to_numpy())
+    assert np.array_equal(a[LABEL].to_numpy(), c[LABEL].to_numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# Taobao ad (raw Alimama files)
+# --------------------------------------------------------------------------------------------------
+
+T0 = 1494000000  # 2017-05-06 00:00 Asia/Shanghai
+
+
+def taobao_ad_raw(root: Path, impressions: Sequence[str] = ()) -> Path:
+    write(root / "raw_sample.csv", ["user,time_stamp,adgroup_id,pid,nonclk,clk", *(impressions or [
+        f"1,{T0 + 10},500,430548_1007,0,1", f"1,{T0 + 20},501,430539_1007,0,1",
+        f"1,{T0 + 20},502,430548_1007,1,0", f"1,{T0 + DAY},503,430548_1007,1,0",
+        f"1,{T0 + 2 * DAY},504,430548_1007,0,1", f"2,{T0 + 2 * DAY},500,430548_1007,1,0",
+        f"3,{T0 + 5},509,430548_1007,1,0",
+    ])])
+    write(root / "ad_feature.csv", [
+        "adgroup_id,cate_id,campaign_id,customer,brand,price",
+        "500,7,70,700,NULL,9.5", "501,8,80,800,8000,1.0", "502,7,70,700,7000,2.0",
+        "503,9,90,900,9000,3.0", "504,9,90,900,,4.0",
+    ])
+    write(root / "user_profile.csv", [
+        "userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,"
+        "new_user_class_level ",
+        "1,0,5,2,3,,3,0,", "2,12,3,1,2,1,2,1,4",
+    ])
+    return root
+
+
+def test_taobao_ad_raw_exact(tmp_path):
+    meta = convert("taobao-ad", taobao_ad_raw(tmp_path / "raw"), tmp_path / "out")
+    assert_canonical(tmp_path / "out")
+    assert meta["rows"] == 7 and meta["dense"] == ["price"] and "pid" in meta["extra_sparse"]
+    assert meta["split"]["test"] == "2017-05-08..2017-05-08"
+    assert [meta["splits"][s]["rows"] for s in SPLITS] == [4, 1, 2]
+    assert meta["filled"]["impressions whose ad is missing from ad_feature.csv (ad columns 0)"] == 1
+    rows = {(r[USER_ID], r[ITEM_ID]): r for r in rows_of(load(tmp_path / "out"))}
+    assert rows[(1, 501)][ITEM_HISTORY] == [500] and rows[(1, 502)][ITEM_HISTORY] == [500]  # tie excluded
+    assert rows[(1, 503)][ITEM_HISTORY] == [500, 501]  # 502 was not clicked
+    assert rows[(1, 504)][ITEM_HISTORY] == [500, 501] and rows[(1, 504)][CATEGORY_HISTORY] == [7, 8]
+    assert rows[(2, 500)][ITEM_HISTORY] == []
+    r = rows[(1, 500)]
+    assert (r["brand"], r["campaign_id"], r["customer"], r[CATEGORY_ID], r["price"]) == (0, 70, 700, 7, 9.5)
+    assert (r["cms_segid"], r["cms_group_id"], r["pvalue_level"], r["new_user_class_level"]) == (1, 6, 0, 0)
+    assert r["pid"] == int(stable_hash64(pa.array(["430548_1007"]))[0])
+    assert rows[(1, 504)]["brand"] == 0 and rows[(2, 500)]["new_user_class_level"] == 5
+    missing = rows[(3, 509)]
+    assert (missing[CATEGORY_ID], missing["price"], missing["cms_segid"]) == (0, 0.0, 0)
+
+
+def test_taobao_ad_cap_and_invariant(tmp_path):
+    impressions = [f"1,{T0 + i},{600 + i},430548_1007,0,1" for i in range(60)]
+    impressions += [f"1,{T0 + 59},{700},430548_1007,1,0", f"1,{T0 + 3 * DAY},{701},430548_1007,1,0"]
+    convert("taobao-ad", taobao_ad_raw(tmp_path / "raw", impressions), tmp_path / "out")
+    t = load(tmp_path / "out")
+    rows = {r[ITEM_ID]: r for r in rows_of(t)}
+    assert rows[700][ITEM_HISTORY] == list(range(609, 659))
+    assert rows[701][ITEM_HISTORY] == list(range(610, 660))
+    clicks = np.arange(60)
+    assert_leak_free(t, np.ones(60, np.int64), 600 + clicks, T0 + clicks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real samples
+# --------------------------------------------------------------------------------------------------
+
+
+def test_movielens_small_sample(tmp_path):
+    raw = shared_data() / "ml-latest-small"
+    meta = convert("movielens", raw, tmp_path / "out")
+    assert meta["rows"] == 100_836
+    assert_canonical(tmp_path / "out")
+    t = load(tmp_path / "out")
+    assert_leak_free(t, t[USER_ID].to_numpy(), t[ITEM_ID].to_numpy(), t[TIMESTAMP].to_numpy())
+    split, ts = t["split"].to_numpy(), t[TIMESTAMP].to_numpy()
+    assert ts[split == 0].max() < ts[split == 1].min() and ts[split == 1].max() < ts[split == 2].min()
+
+
+def test_behavior_sample(tmp_path):
+    raw = shared_data() / "taobao_userbehavior_sample" / "UserBehavior_sample.csv"
+    meta = convert("taobao-behavior", raw, tmp_path / "out")
+    user, item, ts, pv = behavior_events(raw)
+    assert len(user) == 84_474 and meta["rows"] == 2 * pv.sum()
+    assert all(meta["splits"][s]["rows"] > 0 for s in SPLITS)
+    assert_canonical(tmp_path / "out")
+    assert_leak_free(load(tmp_path / "out"), user[pv], item[pv], ts[pv])
+
+
+def test_taobaoad_fuxictr_sample(tmp_path):
+    raw = shared_data() / "taobaoad_tiny"
+    meta = convert("taobao-ad", raw, tmp_path / "out")
+    assert [meta["splits"][s]["rows"] for s in SPLITS] == [100, 100, 100]
+    assert_canonical(tmp_path / "out")
+    first = rows_of(load(tmp_path / "out"))[0]
+    assert first[TIMESTAMP] == T0 and first[ITEM_HISTORY] == [170301, 573514]
+
+
+def test_taobaoad_fuxictr_truncates(tmp_path):
+    header = ("clk,time_stamp,userid,adgroup_id,pid,cate_id,campaign_id,customer,brand,price,cms_segid,"
+              "cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,"
+              "new_user_class_level,click_sequence")
+    seq = "^".join(str(i) for i in range(1, 61))
+    for name in ("train", "valid", "test"):
+        write(tmp_path / "raw" / f"{name}.csv", [
+            header, f"1,2017-05-06 00:00:00,5,9,430548_1007,3,1,1,,1.5,0,1,1,1,,1,0,,{seq}",
+            "0,2017-05-06 00:00:01,5,2,430548_1007,4,1,1,,1.5,0,1,1,1,,1,0,,",
+        ])
+    meta = convert("taobao-ad", tmp_path / "raw", tmp_path / "out")
+    rows = rows_of(pq.read_table(tmp_path / "out" / "train.parquet"))
+    assert rows[0][ITEM_HISTORY] == list(range(11, 61)) and rows[1][ITEM_HISTORY] == []
+    assert rows[0][CATEGORY_HISTORY] == [0] * 50  # unknown ads -> 0
+    assert meta["filled"]["history items with no known category (category 0)"] == 150
+    bad_sequence = "1,2017-05-06 00:00:00,5,9,430548_1007,3,1,1,,1.5,0,1,1,1,,1,0,,1^x^3"
+    write(tmp_path / "raw" / "valid.csv", [header, bad_sequence])
+    with pytest.raises(ConversionError, match=r"valid.csv: line 2: column 'click_sequence'"):
+        convert("taobao-ad", tmp_path / "raw", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad rows
+# --------------------------------------------------------------------------------------------------
+
+RATINGS_HEADER = "userId,movieId,rating,timestamp"
+GOOD_RATINGS = ["1,10,4.0,100", "1,20,3.5,200"]
+
+
+@pytest.mark.parametrize(
+    "bad_line, column, reason",
+    [
+        ("1,30,4.0", "*", "expected 4 fields, got 3"),
+        ("1,abc,4.0,300", "movieId", "not a non-negative integer"),
+        ("-3,30,4.0,300", "userId", "negative id"),
+        (",30,4.0,300", "userId", "missing value"),
+        ("1,30,x,300", "rating", "not a number"),
+    ],
+)
+def test_bad_rating_rows(tmp_path, bad_line, column, reason):
+    raw = movielens_latest(tmp_path / "raw")
+    write(raw / "ratings.csv", [RATINGS_HEADER, GOOD_RATINGS[0], bad_line, GOOD_RATINGS[1]])
+    with pytest.raises(ConversionError) as e:
+        convert("movielens", raw, tmp_path / "out")
+    message = str(e.value)
+    assert "ratings.csv" in message and "line 3" in message and repr(column) in message and reason in message
+    meta = convert("movielens", raw, tmp_path / "out", "--on-bad-row", "drop")
+    assert meta["rows"] == 2 and meta["dropped"] == {f"ratings.csv: {column}: {reason}": 1}
+    assert meta["dropped_total"] == 1
+
+
+def test_missing_column(tmp_path):
+    raw = movielens_latest(tmp_path / "raw")
+    write(raw / "ratings.csv", ["userId,movieId,timestamp", "1,10,100"])
+    for policy in ("error", "drop"):
+        with pytest.raises(ConversionError, match=r"ratings.csv: line 1: missing column 'rating'"):
+            convert("movielens", raw, tmp_path / "out", "--on-bad-row", policy)
+
+
+def test_bad_label_and_lines_after_dropped_rows(tmp_path, caplog):
+    raw = taobao_ad_raw(tmp_path / "raw", [
+        f"1,{T0},500,430548_1007,0,1", "1,2", f"1,{T0 + DAY},501,430548_1007,0,2",
+        f"1,{T0 + 2 * DAY},502,430548_1007,1,0", f"1,{T0 + 3 * DAY},503,430548_1007,1,1",
+    ])
+    with pytest.raises(ConversionError, match=r"raw_sample.csv: line 3: column '\*'"):
+        convert("taobao-ad", raw, tmp_path / "out")
+    meta = convert("taobao-ad", raw, tmp_path / "out", "--on-bad-row", "drop")
+    assert meta["rows"] == 2
+    assert "column 'clk': value not in {0, 1}, first at line 4" in caplog.text  # after the skipped line 3
+    assert meta["dropped"] == {
+        "raw_sample.csv: *: expected 6 fields, got 2": 1,
+        "raw_sample.csv: clk: value not in {0, 1}": 1,
+        "raw_sample.csv: nonclk: nonclk + clk != 1": 1,
+    }
+    write(raw / "raw_sample.csv", ["user,time_stamp,adgroup_id,pid,nonclk,clk", "1,2", f"1,{T0},500,x,0,2"])
+    with pytest.raises(ConversionError, match=r"raw_sample.csv: line 2: column '\*'"):
+        convert("taobao-ad", raw, tmp_path / "out")
+
+
+def test_behavior_bad_rows_and_date_range(tmp_path):
+    raw = behavior_file(tmp_path / "UserBehavior.csv")
+    lines = raw.read_text().splitlines()
+    lines[3] = lines[3].replace("cart", "click")
+    lines.append("5,300,30,pv,1000")
+    write(raw, lines)
+    with pytest.raises(ConversionError, match=r"UserBehavior.csv: line 4: column 'behavior'"):
+        convert("taobao-behavior", raw, tmp_path / "out")
+    meta = convert("taobao-behavior", raw, tmp_path / "out", "--on-bad-row", "drop",
+                   "--date-range", "2017-11-25:2017-12-03")
+    assert meta["dropped"] == {
+        "UserBehavior.csv: behavior: not one of ('pv', 'cart', 'fav', 'buy')": 1,
+        "UserBehavior.csv: timestamp: date out of range": 1,
+    }
+
+
+def test_main_exit_codes(tmp_path):
+    raw = movielens_latest(tmp_path / "raw")
+    assert main(["movielens", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 0
+    write(raw / "ratings.csv", [RATINGS_HEADER, "1,10,4.0,-5"])
+    assert main(["movielens", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 2

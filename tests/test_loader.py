@@ -1,0 +1,311 @@
+"""The batch loader against a slow per-row reference; sharding, shuffling, resume, workers, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mdaf_rec.config import FeaturesConfig
+from mdaf_rec.data import schema, synth
+from mdaf_rec.data.batch import Batch
+from mdaf_rec.data.dataset import Dataset, DatasetError
+from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.data.validate import ColumnRules, DataError, validate
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.features import FeatureSpec
+
+MAX_HISTORY = 8  # synth histories go up to 50: exercises truncation
+Decoded = Dict[str, List[List[int]]]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Dataset, FeatureSpec, Vocabularies]:
+    root = tmp_path_factory.mktemp("loader")
+    synth.generate(root, rows=5_000, users=300, items=2_000, categories=40, row_group_size=600, seed=1)
+    dataset = Dataset.open(root)
+    cfg = FeaturesConfig(max_history=MAX_HISTORY)
+    vocabs = Vocabularies.load_or_build(dataset, cfg)
+    return dataset, FeatureSpec.build(cfg, vocabs.sizes), vocabs
+
+
+def _loader(world, split: str = "train", batch_size: int = 256, **kwargs) -> BatchLoader:
+    dataset, spec, vocabs = world
+    return BatchLoader(dataset, split, spec, vocabs, batch_size, **kwargs)
+
+
+def _decode(kjt) -> Decoded:
+    """KJT -> key -> per-row id lists (slow and obviously right)."""
+    out: Decoded = {}
+    lengths = kjt.lengths().numpy().reshape(len(kjt.keys()), -1)
+    values = np.split(kjt.values().numpy(), np.cumsum(lengths.sum(axis=1))[:-1])
+    for key, key_lengths, key_values in zip(kjt.keys(), lengths, values):
+        out[key] = [v.tolist() for v in np.split(key_values, np.cumsum(key_lengths)[:-1])]
+    return out
+
+
+def _reference(dataset: Dataset, split: str, spec: FeatureSpec, vocabs: Vocabularies, tz: str) -> List[Decoded]:
+    """Row by row with Python dicts and datetime: per row, key -> ids of both KJTs."""
+    table = pa.concat_tables([pq.read_table(f) for f in dataset.split_files(split)])
+    index = {name: {int(raw): i + 2 for i, raw in enumerate(v.ids)} for name, v in vocabs.spaces.items()}
+    rows = []
+    for row in table.to_pylist():
+        local = datetime.fromtimestamp(row[schema.TIMESTAMP], ZoneInfo(tz))
+        ids = {"hour": [local.hour], "dayofweek": [local.weekday()]}
+        for field in spec.static_fields:
+            if field.name not in ids:
+                ids[field.name] = [index[field.name].get(row[field.column], 1)]
+        for space in spec.sequence_spaces:
+            history = row[space.history_key][-MAX_HISTORY:]
+            ids[space.history_key] = [index[space.name].get(r, 1) for r in history]
+        rows.append(ids)
+    return rows
+
+
+def _rows_of(batches: List[Batch]) -> List[int]:
+    return [r for b in batches for r in b.row_index.tolist()]
+
+
+def test_batches_match_per_row_reference(world) -> None:
+    dataset, spec, vocabs = world
+    reference = _reference(dataset, "train", spec, vocabs, "Asia/Shanghai")
+    batches = list(_loader(world, shuffle=True, seed=5))
+    assert sorted(_rows_of(batches)) == list(range(len(reference)))
+    for batch in batches:
+        static, sequence = _decode(batch.static_features), _decode(batch.sequence_features)
+        assert list(static) == spec.static_keys and list(sequence) == spec.sequence_keys
+        labels = pq.read_table(dataset.split_files("train")[0], columns=[schema.LABEL]).column(0).to_numpy()
+        assert batch.labels.dtype == torch.float32
+        assert batch.labels.tolist() == labels[batch.row_index.numpy()].tolist()
+        assert batch.user_index.tolist() == [ids[0] for ids in static["user"]]
+        assert batch.dense_features.shape == (batch.batch_size, 0)
+        for i, row in enumerate(batch.row_index.tolist()):
+            expected = reference[row]
+            for key in spec.static_keys:
+                assert static[key][i] == expected[key], (row, key)
+            for space in spec.sequence_spaces:
+                assert sequence[space.name][i] == expected[space.name]
+                assert sequence[space.history_key][i] == expected[space.history_key], (row, space.history_key)
+    assert max(len(h) for b in batches for h in _decode(b.sequence_features)["item_history"]) == MAX_HISTORY
+
+
+def test_unshuffled_order_is_split_order(world) -> None:
+    loader = _loader(world, "val", batch_size=100)
+    assert _rows_of(list(loader)) == list(range(world[0].num_rows("val")))
+    assert len(loader) == -(-world[0].num_rows("val") // 100)
+
+
+def _write(root: Path, tables: Dict[str, pa.Table], row_group_size: int = 1000) -> Dataset:
+    root.mkdir(parents=True, exist_ok=True)
+    for split, table in tables.items():
+        pq.write_table(table, root / f"{split}.parquet", row_group_size=row_group_size)
+    return Dataset.open(root)
+
+
+def _tiny(timestamps: List[int]) -> pa.Table:
+    n = len(timestamps)
+    return pa.table(
+        {
+            schema.USER_ID: pa.array(range(n), pa.int64()),
+            schema.ITEM_ID: pa.array(range(10, 10 + n), pa.int64()),
+            schema.CATEGORY_ID: pa.array([1] * n, pa.int64()),
+            schema.TIMESTAMP: pa.array(timestamps, pa.int64()),
+            schema.LABEL: pa.array([i % 2 for i in range(n)], pa.int8()),
+            schema.ITEM_HISTORY: pa.array([[10 + j for j in range(i)] for i in range(n)], pa.list_(pa.int64())),
+            schema.CATEGORY_HISTORY: pa.array([[1] * i for i in range(n)], pa.list_(pa.int64())),
+        }
+    )
+
+
+def test_hour_and_day_of_week_in_time_zone(tmp_path: Path) -> None:
+    # 2017-11-25T17:30:00Z is Saturday 17h UTC but Sunday 01h in Asia/Shanghai
+    table = _tiny([1511631000, 1511622000])
+    dataset = _write(tmp_path, {s: table for s in schema.SPLITS})
+    cfg = FeaturesConfig()
+    vocabs = Vocabularies.build(dataset, cfg)
+    spec = FeatureSpec.build(cfg, vocabs.sizes)
+    for tz, hours, days in [(None, [17, 15], [5, 5]), ("Asia/Shanghai", [1, 23], [6, 5])]:
+        (batch,) = list(BatchLoader(dataset, "train", spec, vocabs, 4, timezone=tz))
+        static = _decode(batch.static_features)
+        assert [h for (h,) in static["hour"]] == hours and [d for (d,) in static["dayofweek"]] == days
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_slices_concatenate_to_global_batches(world, world_size: int) -> None:
+    kwargs = dict(split="val", batch_size=48, shuffle=True, seed=2, epoch=1)
+    single = [b.row_index.tolist() for b in _loader(world, **kwargs)]
+    ranks = [[b.row_index.tolist() for b in _loader(world, rank=r, world_size=world_size, **kwargs)]
+             for r in range(world_size)]
+    assert all(len(r) == len(single) for r in ranks)
+    for step, rows in enumerate(single):
+        slices = [ranks[r][step] for r in range(world_size)]
+        assert sum(slices, []) == rows
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1  # even split, also of the last batch
+    all_rows = sum((sum(r, []) for r in ranks), [])
+    assert sorted(all_rows) == list(range(world[0].num_rows("val")))
+    assert len(single[-1]) < 48  # the split has a partial last batch
+
+
+def test_batch_size_must_divide_by_world_size(world) -> None:
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        _loader(world, batch_size=10, world_size=3)
+
+
+def test_seeded_permutation_per_epoch(world) -> None:
+    def order(**kwargs) -> List[int]:
+        return _rows_of(list(_loader(world, shuffle=True, **kwargs)))
+
+    base = order(seed=0, epoch=0)
+    assert base == order(seed=0, epoch=0)
+    assert base != order(seed=0, epoch=1) and base != order(seed=1, epoch=0)
+    assert sorted(base) == sorted(order(seed=0, epoch=1))
+    loader = _loader(world, shuffle=True, seed=0)
+    loader.set_epoch(1)
+    assert _rows_of(list(loader)) == order(seed=0, epoch=1)
+
+
+def test_drop_last(world) -> None:
+    n = world[0].num_rows("val")
+    dropped = _loader(world, "val", batch_size=64, drop_last=True)
+    kept = _loader(world, "val", batch_size=64)
+    assert n % 64 and len(dropped) == n // 64 and len(kept) == n // 64 + 1
+    assert all(b.batch_size == 64 for b in dropped)
+    assert len(_rows_of(list(dropped))) == n // 64 * 64 and len(_rows_of(list(kept))) == n
+
+
+def test_start_batch_resumes_exactly(world) -> None:
+    kwargs = dict(batch_size=200, shuffle=True, seed=3, world_size=2, rank=1)
+    full = [b.row_index.tolist() for b in _loader(world, **kwargs)]
+    resumed = [b.row_index.tolist() for b in _loader(world, start_batch=7, **kwargs)]
+    assert resumed == full[7:]
+
+
+def test_workers_give_the_same_batches(world) -> None:
+    kwargs = dict(batch_size=300, shuffle=True, seed=4, start_batch=1)
+    serial = list(_loader(world, **kwargs))
+    parallel = list(_loader(world, num_workers=2, **kwargs))
+    assert len(parallel) == len(serial) == len(_loader(world, **kwargs)) - 1
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a.row_index, b.row_index)
+        assert torch.equal(a.sequence_features.values(), b.sequence_features.values())
+        assert torch.equal(a.static_features.values(), b.static_features.values())
+
+
+def test_folder_split_without_meta(world, tmp_path: Path) -> None:
+    dataset, spec, vocabs = world
+    train = pq.read_table(dataset.split_files("train")[0])
+    (tmp_path / "train").mkdir()
+    pq.write_table(train.slice(0, 1234), tmp_path / "train" / "part-0.parquet", row_group_size=500)
+    pq.write_table(train.slice(1234), tmp_path / "train" / "part-1.parquet", row_group_size=500)
+    for split in ("val", "test"):
+        shutil.copy(dataset.split_files(split)[0], tmp_path / f"{split}.parquet")
+    folder = Dataset.open(tmp_path)
+    assert folder.meta == {} and folder.timezone() == "UTC" and folder.num_rows("train") == train.num_rows
+    reference = _reference(folder, "train", spec, vocabs, "UTC")
+    batches = list(BatchLoader(folder, "train", spec, vocabs, 500, shuffle=True, shuffle_rows=1000))
+    assert sorted(_rows_of(batches)) == list(range(train.num_rows))
+    for batch in batches:
+        static = _decode(batch.static_features)
+        history = _decode(batch.sequence_features)["item_history"]
+        for i, row in enumerate(batch.row_index.tolist()):
+            assert static["hour"][i] == reference[row]["hour"] and history[i] == reference[row]["item_history"]
+
+
+def test_dataset_errors_name_folder_and_split(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        Dataset.open(tmp_path / "nope")
+    pq.write_table(_tiny([1]), tmp_path / "train.parquet")
+    with pytest.raises(DatasetError, match=r"split 'val' is missing"):
+        Dataset.open(tmp_path)
+
+
+def _set(column: str, value: pa.Array) -> Callable[[pa.Table], pa.Table]:
+    return lambda t: t.set_column(t.schema.get_field_index(column), column, value)
+
+
+N_BAD = 12
+BAD_ROW = 7  # in the second row group (row groups of 5): the message counts rows within the file
+IDS = list(range(N_BAD))
+
+
+@pytest.mark.parametrize(
+    "corrupt,column,message",
+    [
+        (lambda t: t.drop_columns([schema.ITEM_HISTORY]), schema.ITEM_HISTORY, "missing column"),
+        (_set(schema.ITEM_ID, pa.array([float(i) for i in IDS])), schema.ITEM_ID, "expected an integer"),
+        (_set(schema.USER_ID, pa.array([-1 if i == BAD_ROW else i for i in IDS], pa.int64())), schema.USER_ID,
+         "row 7: negative"),
+        (_set(schema.USER_ID, pa.array([None if i == BAD_ROW else i for i in IDS], pa.int64())), schema.USER_ID,
+         "row 7: null"),
+        (_set(schema.LABEL, pa.array([2 if i == BAD_ROW else 0 for i in IDS], pa.int8())), schema.LABEL,
+         "row 7: label"),
+        (_set(schema.ITEM_HISTORY, pa.array([None if i == BAD_ROW else [1] * i for i in IDS], pa.list_(pa.int64()))),
+         schema.ITEM_HISTORY, "row 7: null history"),
+        (_set(schema.ITEM_HISTORY, pa.array([[1, -3] if i == BAD_ROW else [1] * i for i in IDS],
+                                            pa.list_(pa.int64()))), schema.ITEM_HISTORY, "row 7: null or negative"),
+        (_set(schema.CATEGORY_HISTORY, pa.array([[1] * (i + (i == BAD_ROW)) for i in IDS], pa.list_(pa.int64()))),
+         schema.CATEGORY_HISTORY, "row 7: history length differs"),
+        (_set(schema.ITEM_ID, pa.array([2**63 if i == BAD_ROW else i for i in IDS], pa.uint64())), schema.ITEM_ID,
+         "row 7: value does not fit"),
+    ],
+)
+def test_bad_input_names_file_column_and_row(tmp_path: Path, corrupt, column: str, message: str) -> None:
+    good = _tiny(list(range(1000, 1000 + N_BAD)))
+    dataset = _write(tmp_path, {s: good for s in schema.SPLITS}, row_group_size=5)
+    cfg = FeaturesConfig()
+    vocabs = Vocabularies.build(dataset, cfg)
+    spec = FeatureSpec.build(cfg, vocabs.sizes)
+    pq.write_table(corrupt(good), tmp_path / "val.parquet", row_group_size=5)
+    with pytest.raises(DataError) as err:
+        list(BatchLoader(dataset, "val", spec, vocabs, 4))
+    text = str(err.value)
+    assert "val.parquet" in text and repr(column) in text and message in text, text
+
+
+def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
+    good = _tiny(list(range(1000, 1006)))
+    narrow = good.cast(pa.schema([
+        pa.field(f.name, pa.int32() if f.type == pa.int64() else pa.list_(pa.int16()) if pa.types.is_list(f.type)
+                 else pa.uint8()) for f in good.schema
+    ]))
+    dataset = _write(tmp_path, {"train": good, "val": narrow, "test": good})
+    cfg = FeaturesConfig()
+    vocabs = Vocabularies.build(dataset, cfg)
+    spec = FeatureSpec.build(cfg, vocabs.sizes)
+    (a,) = list(BatchLoader(dataset, "train", spec, vocabs, 8))
+    (b,) = list(BatchLoader(dataset, "val", spec, vocabs, 8))
+    assert torch.equal(a.sequence_features.values(), b.sequence_features.values())
+    assert torch.equal(a.static_features.values(), b.static_features.values()) and torch.equal(a.labels, b.labels)
+
+
+def test_tiny_last_batch_gives_empty_slices(tmp_path: Path) -> None:
+    dataset = _write(tmp_path, {s: _tiny(list(range(1000, 1013))) for s in schema.SPLITS})
+    cfg = FeaturesConfig()
+    vocabs = Vocabularies.build(dataset, cfg)
+    spec = FeatureSpec.build(cfg, vocabs.sizes)
+    ranks = [list(BatchLoader(dataset, "train", spec, vocabs, 12, rank=r, world_size=3)) for r in range(3)]
+    assert [[b.batch_size for b in batches] for batches in ranks] == [[4, 1], [4, 0], [4, 0]]
+    empty = ranks[2][1]
+    assert empty.static_features.values().numel() == 0 and empty.sequence_features.lengths().numel() == 0
+    assert empty.dense_features.shape == (0, 0) and empty.labels.shape == (0,)
+
+
+def test_validate_counts_rows_across_chunks() -> None:
+    first, second = _tiny(list(range(5))), _tiny(list(range(4)))
+    bad_history = pa.array([[1], [2, -1], [], [3, 4, 5]], pa.list_(pa.int64()))
+    second = _set(schema.ITEM_HISTORY, bad_history)(second)
+    second = _set(schema.CATEGORY_HISTORY, bad_history)(second)
+    table = pa.concat_tables([first, second])
+    assert table.column(schema.ITEM_HISTORY).num_chunks == 2
+    with pytest.raises(DataError, match=r"x.parquet: column 'item_history', row 106: null or negative"):
+        validate(table, ColumnRules.build(), "x.parquet", row_offset=100)
+    checked = validate(first, ColumnRules.build(), "x.parquet")
+    assert checked.schema.field(schema.LABEL).type == pa.int8()

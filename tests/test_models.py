@@ -1,0 +1,222 @@
+"""MDAF and the baselines on TorchRec tables: shapes, gradients, gate, padding, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_batch, small_spec
+from mdaf_rec.config import ConfigError, FeaturesConfig, ModelConfig, load_config
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.ctr import CTRTrain
+from mdaf_rec.models.embeddings import InputIdError
+from mdaf_rec.models.factory import build_model
+from mdaf_rec.models.fusion import GatedFusion
+from mdaf_rec.models.seed_compat import MDAF_BST, MDAF_Mamba
+
+MODELS = ["mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst"]
+
+
+def _model(name: str, spec=None, **cfg_kwargs):
+    torch.manual_seed(0)
+    spec = spec or small_spec()
+    cfg = ModelConfig(name=name, **cfg_kwargs)
+    cfg.bst.num_heads = 4
+    return build_model(spec, cfg), spec
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_shapes(name: str) -> None:
+    model, spec = _model(name, small_spec(extra_sparse=["brand"], dense=["price"]))
+    model.eval()
+    batch = random_batch(spec, batch_size=12)
+    out = model.score(batch)
+    assert out.logit.shape == (12,)
+    probs = model(batch)
+    assert probs.shape == (12,) and bool(((probs > 0) & (probs < 1)).all())
+    if name.startswith("mdaf"):
+        probs2, gate = model(batch, return_gate=True)
+        assert gate.shape == (12, 1)
+        torch.testing.assert_close(probs, probs2)
+        assert out.lcn_logit.shape == (12,) and out.ecn_logit.shape == (12,)
+    else:
+        with pytest.raises(ValueError, match="no fusion gate"):
+            model(batch, return_gate=True)
+
+
+def test_vector_gate_shape() -> None:
+    model, spec = _model("mdaf_bst", gate="vector")
+    _, gate = model(random_batch(spec, batch_size=5), return_gate=True)
+    assert gate.shape == (5, spec.sequence_dim)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_parameter_gets_a_gradient(name: str) -> None:
+    model, spec = _model(name, small_spec(dense=["price"]) if name in ("mdaf_mamba", "dcnv3") else None)
+    train = CTRTrain(model)
+    loss, out = train(random_batch(spec, batch_size=64, seed=1))
+    loss.backward()
+    missing = [n for n, p in train.named_parameters() if p.grad is None or float(p.grad.abs().sum()) == 0.0]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert out.logit.shape == (64,) and torch.isfinite(out.loss)
+
+
+def test_tri_bce_adds_dcnv3_side_losses_to_mdaf() -> None:
+    model, spec = _model("mdaf_mamba")
+    model.eval()
+    batch = random_batch(spec, batch_size=64, seed=2)
+    with_side, _ = CTRTrain(model, tri_bce=True)(batch)
+    plain, _ = CTRTrain(model, tri_bce=False)(batch)
+    out = model.score(batch)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    main = bce(out.logit, batch.labels)
+    expected = main + sum(
+        torch.clamp(bce(side, batch.labels) - main, min=0) * bce(side, batch.labels)
+        for side in (out.lcn_logit, out.ecn_logit)
+    )
+    torch.testing.assert_close(plain, main)
+    torch.testing.assert_close(with_side, expected)
+
+
+@pytest.mark.parametrize("name", ["mdaf_mamba", "mdaf_bst", "mamba4rec", "bst"])
+def test_score_of_a_sample_does_not_depend_on_its_batch(name: str) -> None:
+    """Histories of other samples (and so the amount of padding around this one) never matter."""
+    model, spec = _model(name)
+    model.eval()
+    lengths = torch.tensor([0, 8, 3, 1, 5])
+    batch = random_batch(spec, batch_size=5, seed=3, lengths=lengths)
+    together = model.score(batch).logit
+    for i in range(5):
+        alone = model.score(_take(batch, i)).logit
+        torch.testing.assert_close(alone, together[i : i + 1], atol=1e-6, rtol=0)
+
+
+def _take(batch, i: int):
+    from mdaf_rec.data.batch import Batch, build_kjt
+
+    def one(kjt):
+        d = kjt.to_dict()
+        keys = list(d)
+        return build_kjt(keys, [d[k][i] for k in keys], [d[k].lengths()[i : i + 1].long() for k in keys])
+
+    return Batch(
+        static_features=one(batch.static_features),
+        sequence_features=one(batch.sequence_features),
+        dense_features=batch.dense_features[i : i + 1],
+        labels=batch.labels[i : i + 1],
+        user_index=batch.user_index[i : i + 1],
+        row_index=batch.row_index[i : i + 1],
+    )
+
+
+def test_gated_fusion_formula_and_range() -> None:
+    fusion = GatedFusion(4)
+    with torch.no_grad():
+        fusion.gate.weight.copy_(torch.tensor([[100.0, 0, 0, 0, -100.0, 0, 0, 0]]))
+        fusion.gate.bias.zero_()
+    s = torch.tensor([[1.0, 2, 3, 4], [0.01, 0, 0, 0], [0.0, 0, 0, 0]])
+    q = torch.tensor([[0.0, 0, 0, 0], [0.0, 0, 0, 0], [1.0, 1, 1, 1]])
+    fused, gate = fusion(s, q)
+    assert bool(((gate >= 0) & (gate <= 1)).all())
+    assert gate[0].item() == pytest.approx(1.0) and gate[1].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    assert gate[2].item() == pytest.approx(0.0, abs=1e-30)
+    torch.testing.assert_close(fused, gate * s + (1 - gate) * q)
+    torch.testing.assert_close(fused[0], s[0])
+    torch.testing.assert_close(fused[2], q[2])
+
+
+def test_out_of_range_and_negative_ids_name_the_feature() -> None:
+    model, spec = _model("mdaf_bst")
+    batch = random_batch(spec, batch_size=4)
+    values = batch.static_features.values().clone()
+    values[4] = 50  # first id of the second key ("item"), table has 200 rows: fine
+    values[0] = 50  # "user" table has 50 rows: out of range
+    batch.static_features = type(batch.static_features)(
+        keys=batch.static_features.keys(), values=values, lengths=batch.static_features.lengths()
+    )
+    with pytest.raises(InputIdError, match="'user'.*id 50.*\\[0, 50\\)"):
+        model.score(batch)
+    batch = random_batch(spec, batch_size=4, lengths=torch.tensor([1, 1, 1, 1]))
+    values = batch.sequence_features.values().clone()
+    values[5] = -3  # second sample of "item_history"
+    batch.sequence_features = type(batch.sequence_features)(
+        keys=batch.sequence_features.keys(), values=values, lengths=batch.sequence_features.lengths()
+    )
+    with pytest.raises(InputIdError, match="'item_history'.*id -3"):
+        model.score(batch)
+
+
+def test_config_errors_name_the_key(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  mamba:\n    d_stat: 8\n")
+    with pytest.raises(ConfigError, match="model.mamba.d_stat"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="features.static_dim"):
+        load_config(overrides=["features.static_dim=0"])
+    with pytest.raises(ConfigError, match="model.bst.num_heads"):
+        load_config(overrides=["model.bst.num_heads=3"])
+    with pytest.raises(ConfigError, match="model.head_dropout.*number"):
+        load_config(overrides=["model.head_dropout=high"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.nam'"):
+        load_config(overrides=["model.nam=bst"])
+    with pytest.raises(ConfigError, match="features.id_spaces.user.*no vocabulary"):
+        FeatureSpec.build(FeaturesConfig(), {"item": 10, "category": 10})
+    cfg = load_config(overrides=["model.mamba.d_state=8", "features.extra_sparse=[brand]"])
+    assert cfg.model.mamba.d_state == 8 and cfg.features.extra_sparse == ["brand"]
+
+
+def test_tables_follow_the_spec() -> None:
+    spec = small_spec(extra_sparse=["brand"])
+    bags = {c.name: (c.feature_names, c.embedding_dim, c.num_embeddings) for c in spec.embedding_bag_configs()}
+    assert bags == {
+        "static_user": (["user"], 8, 50),
+        "static_item": (["item"], 8, 200),
+        "static_category": (["category"], 8, 20),
+        "static_hour": (["hour"], 8, 24),
+        "static_dayofweek": (["dayofweek"], 8, 7),
+        "static_brand": (["brand"], 8, 30),
+    }
+    seqs = {c.name: (c.feature_names, c.embedding_dim, c.num_embeddings) for c in spec.embedding_configs()}
+    # Target and history of an id space share one table.
+    assert seqs == {
+        "sequence_item": (["item", "item_history"], 32, 200),
+        "sequence_category": (["category", "category_history"], 32, 20),
+    }
+    model, _ = _model("mdaf_mamba", spec)
+    meta = build_model(spec, ModelConfig(name="mdaf_mamba"), table_device="meta")
+    tables = [n for n, p in meta.named_parameters() if p.is_meta]
+    assert len(tables) == 8 and all("embedding" in n for n in tables)
+    assert not [n for n, p in meta.named_parameters() if not p.is_meta and "embedding_bag" in n]
+
+
+@pytest.mark.parametrize("cls", [MDAF_Mamba, MDAF_BST])
+def test_research_code_interface(cls) -> None:
+    torch.manual_seed(0)
+    model = cls(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, embedding_dim=32, max_history=6)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    hist = torch.randint(1, 300, (3, 4), generator=g)
+    cats = torch.randint(1, 30, (3, 4), generator=g)
+    hist[2, :2] = 0  # sample 2 has 2 history entries
+    cats[2, :2] = 0
+    other = {"user_id": torch.tensor([1, 2, 3]), "hour": torch.tensor([0, 5, 23]), "dayofweek": torch.tensor([0, 3, 6])}
+    args = (torch.tensor([5, 6, 7]), torch.tensor([1, 2, 3]))
+    probs, gate = model(*args, hist, cats, other, return_gate=True)
+    assert probs.shape == (3,) and gate.shape == (3, 1)
+    # Padding never changes a result: right-padding and extra padding columns give the same scores.
+    right = torch.zeros(3, 9, dtype=torch.long)
+    right_c = torch.zeros(3, 9, dtype=torch.long)
+    for i in range(3):
+        valid = hist[i][hist[i] != 0]
+        right[i, : len(valid)] = valid
+        right_c[i, : len(valid)] = cats[i][hist[i] != 0]
+    torch.testing.assert_close(model(*args, right, right_c, other), probs, atol=1e-6, rtol=0)
+    # Only the most recent max_history entries are used.
+    recent, recent_c = torch.randint(1, 300, (3, 6), generator=g), torch.randint(1, 30, (3, 6), generator=g)
+    older, older_c = torch.randint(1, 300, (3, 5), generator=g), torch.randint(1, 30, (3, 5), generator=g)
+    torch.testing.assert_close(
+        model(*args, torch.cat([older, recent], 1), torch.cat([older_c, recent_c], 1), other),
+        model(*args, recent, recent_c, other),
+    )
+    with pytest.raises(TypeError, match="item_embed_dim=64"):
+        cls(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, item_embed_dim=64)

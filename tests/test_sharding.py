@@ -1,0 +1,64 @@
+"""Models wrapped by DistributedModelParallel (world size 1, CPU, gloo) train with fused tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import random_batch, small_spec
+from mdaf_rec.config import ModelConfig, OptimizerConfig
+from mdaf_rec.models.ctr import CTRTrain
+from mdaf_rec.models.factory import build_model
+from mdaf_rec.sharding import apply_sparse_optimizer, build_optimizer, plan_sharding, shard_model
+
+
+@pytest.fixture()
+def process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["mdaf_mamba", "mdaf_bst"])
+def test_dmp_model_trains_a_step(name: str, process_group) -> None:
+    torch.manual_seed(0)
+    spec = small_spec()
+    device = torch.device("cpu")
+    train = CTRTrain(build_model(spec, ModelConfig(name=name), table_device="meta"))
+    optim_cfg = OptimizerConfig(sparse="rowwise_adagrad", sparse_lr=0.1, lr=1e-2)
+    apply_sparse_optimizer(train, optim_cfg, device)
+    plan = plan_sharding(
+        train, world_size=1, local_world_size=1, compute_device="cpu", batch_size=32, process_group=process_group
+    )
+    model = shard_model(train, device, plan)
+    optimizer = build_optimizer(model, optim_cfg)
+    batch = random_batch(spec, batch_size=32, seed=5)
+
+    tables = {k: v.clone() for k, v in model.state_dict().items() if "embedding" in k and "weight" in k}
+    assert {k.rsplit(".", 2)[-2] for k in tables} >= {"static_item", "sequence_item", "sequence_category"}
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss, out = model(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    after = model.state_dict()
+    # The fused optimizer updated exactly the table rows the batch touched.
+    item_ids = batch.static_features["item"].values().unique()
+    key = next(k for k in tables if k.endswith("static_item.weight"))
+    changed = (after[key] != tables[key]).any(dim=1).nonzero().flatten()
+    assert torch.equal(changed, item_ids.sort().values)
+    hist = batch.sequence_features.to_dict()
+    seq_ids = torch.cat([hist["item"].values(), hist["item_history"].values()]).unique()
+    key = next(k for k in tables if k.endswith("sequence_item.weight"))
+    changed = (after[key] != tables[key]).any(dim=1).nonzero().flatten()
+    assert torch.equal(changed, seq_ids.sort().values)
+
+
+def test_fused_adam_is_refused_on_cpu() -> None:
+    train = CTRTrain(build_model(small_spec(), ModelConfig(name="dcnv3"), table_device="meta"))
+    with pytest.raises(ValueError, match="optimizer.sparse.*'adam'.*GPU"):
+        apply_sparse_optimizer(train, OptimizerConfig(sparse="adam"), torch.device("cpu"))

@@ -1,0 +1,140 @@
+"""Vocabularies: known ids, min_count, OOV, shared target/history space, hashing, reuse and fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mdaf_rec.config import FeaturesConfig, IdSpaceConfig
+from mdaf_rec.data import schema
+from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.vocab import (
+    VOCAB_DIR,
+    VOCAB_FILE,
+    Vocabularies,
+    VocabMismatchError,
+    stable_hash,
+)
+
+MASK = (1 << 64) - 1
+
+
+def _rows(users: List[int], items: List[int], item_histories: List[List[int]]) -> pa.Table:
+    n = len(users)
+    return pa.table(
+        {
+            schema.USER_ID: pa.array(users, pa.int64()),
+            schema.ITEM_ID: pa.array(items, pa.int64()),
+            schema.CATEGORY_ID: pa.array([i % 3 for i in items], pa.int64()),
+            schema.TIMESTAMP: pa.array(range(n), pa.int64()),
+            schema.LABEL: pa.array([i % 2 for i in range(n)], pa.int8()),
+            schema.ITEM_HISTORY: pa.array(item_histories, pa.list_(pa.int64())),
+            schema.CATEGORY_HISTORY: pa.array([[i % 3 for i in h] for h in item_histories], pa.list_(pa.int64())),
+            "shop": pa.array([7] * n, pa.int32()),
+        }
+    )
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Dataset:
+    # item counts in train (targets and histories together): 10 x3, 11 x2, 12 x1, 500 x1
+    splits: Dict[str, pa.Table] = {
+        "train": _rows([5, 5, 9], [10, 11, 10], [[11, 12], [10], [500]]),
+        "val": _rows([5, 8], [10, 99], [[12, 98], [11, 10]]),
+        "test": _rows([1], [11], [[]]),
+    }
+    for split, table in splits.items():
+        pq.write_table(table, tmp_path / f"{split}.parquet")
+    return Dataset.open(tmp_path)
+
+
+def test_known_ids_min_count_and_oov(dataset: Dataset) -> None:
+    vocabs = Vocabularies.build(dataset, FeaturesConfig(min_count=1, extra_sparse=["shop"]))
+    assert vocabs.sizes == {"user": 4, "item": 6, "category": 5, "shop": 3}
+    # known ids in ascending order from 2; unknown -> 1; target and history share one vocabulary
+    assert vocabs.lookup("item", np.array([10, 11, 12, 500, 99, 0])).tolist() == [2, 3, 4, 5, 1, 1]
+    assert vocabs.lookup("user", np.array([5, 9, 8])).tolist() == [2, 3, 1]
+    frequent = Vocabularies.build(dataset, FeaturesConfig(min_count=2))
+    assert frequent.sizes["item"] == 4  # 10 and 11 only
+    assert frequent.lookup("item", np.array([10, 11, 12, 500])).tolist() == [2, 3, 1, 1]
+
+
+def test_oov_rates(dataset: Dataset) -> None:
+    rates = Vocabularies.build(dataset, FeaturesConfig()).oov_rates(dataset)
+    assert rates["train"]["item"] == 0.0 and rates["train"]["item_history"] == 0.0
+    assert rates["val"]["item"] == pytest.approx(1 / 2)  # 99 unknown
+    assert rates["val"]["item_history"] == pytest.approx(1 / 4)  # 98 unknown
+    assert rates["val"]["user"] == pytest.approx(1 / 2)
+    assert rates["test"]["item_history"] == 0.0  # no history entries at all
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def test_hashing_is_stable_and_in_range(dataset: Dataset) -> None:
+    ids = np.array([0, 1, 10, 12345678901, (1 << 62) + 7], dtype=np.int64)
+    assert stable_hash(ids).tolist() == [_splitmix64(int(i)) for i in ids]
+    cfg = FeaturesConfig()
+    cfg.id_spaces["item"] = IdSpaceConfig(column="item_id", history_column="item_history", hash_buckets=7)
+    vocabs = Vocabularies.build(dataset, cfg)
+    assert vocabs.sizes["item"] == 9
+    raw = np.arange(0, 10_000, 3, dtype=np.int64)
+    index = vocabs.lookup("item", raw)
+    assert index.min() >= 2 and index.max() <= 8 and len(np.unique(index)) == 7
+    assert index.tolist() == [2 + _splitmix64(int(i)) % 7 for i in raw]
+
+
+def test_reuse_and_rebuild_on_setting_change(dataset: Dataset, caplog: pytest.LogCaptureFixture) -> None:
+    first = Vocabularies.load_or_build(dataset, FeaturesConfig())
+    saved = dataset.root / VOCAB_DIR / VOCAB_FILE
+    assert saved.exists() and (dataset.root / VOCAB_DIR / "item.npy").exists()
+    with caplog.at_level("INFO"):
+        again = Vocabularies.load_or_build(dataset, FeaturesConfig())
+    assert "reusing" in caplog.text
+    assert again.fingerprint == first.fingerprint
+    changed = Vocabularies.load_or_build(dataset, FeaturesConfig(min_count=2))
+    assert changed.sizes["item"] == 4 and changed.fingerprint != first.fingerprint
+    assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == changed.fingerprint
+
+
+def test_fingerprint_detects_mismatch(dataset: Dataset, tmp_path: Path) -> None:
+    vocabs = Vocabularies.build(dataset, FeaturesConfig())
+    other = Vocabularies.build(dataset, FeaturesConfig(min_count=2))
+    vocabs.check_fingerprint(vocabs.fingerprint)
+    with pytest.raises(VocabMismatchError, match="fingerprint"):
+        other.check_fingerprint(vocabs.fingerprint)
+    export = tmp_path / "export"
+    vocabs.save(export)
+    loaded = Vocabularies.load(export)
+    assert loaded.fingerprint == vocabs.fingerprint and loaded.sizes == vocabs.sizes
+    np.save(export / "item.npy", np.array([10, 11, 13], dtype=np.int64))  # tampered contents
+    with pytest.raises(VocabMismatchError):
+        Vocabularies.load(export)
+
+
+def test_unwritable_dataset_falls_back_to_cache_dir(dataset: Dataset, tmp_path: Path) -> None:
+    (dataset.root / VOCAB_DIR).write_text("not a folder")  # DATASET/vocab/ cannot be created
+    cache = tmp_path / "cache"
+    built = Vocabularies.load_or_build(dataset, FeaturesConfig(), cache_dir=cache)
+    (folder,) = list(cache.iterdir())
+    assert (folder / VOCAB_FILE).exists()
+    assert Vocabularies.load_or_build(dataset, FeaturesConfig(), cache_dir=cache).fingerprint == built.fingerprint
+    in_memory = Vocabularies.load_or_build(dataset, FeaturesConfig())  # no cache: kept in memory
+    assert in_memory.fingerprint == built.fingerprint
+
+
+def test_large_ids_use_binary_search(tmp_path: Path) -> None:
+    big = 1 << 40
+    for split in schema.SPLITS:
+        pq.write_table(_rows([big, 3], [big + 5, 4], [[big + 5], [big]]), tmp_path / f"{split}.parquet")
+    vocabs = Vocabularies.build(Dataset.open(tmp_path), FeaturesConfig())
+    assert vocabs.lookup("item", np.array([4, big, big + 5, big + 6])).tolist() == [2, 3, 4, 1]
