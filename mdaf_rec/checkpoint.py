@@ -25,7 +25,7 @@ import logging
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -171,14 +171,21 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, app_state: Dict[str, Any]) -> Dict[str, Any]:
+def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str] = ()) -> Dict[str, Any]:
     """Loads a checkpoint in place into ``app_state`` (same structure as saved) and returns its state.
 
+    Args:
+        path: checkpoint folder.
+        app_state: ``{"model": ..., "optim": ...}`` (any subset of the saved entries).
+        partial: entries allowed to be partly missing from the checkpoint (their missing tensors keep
+            their current values) — the optimizer state when resuming under another sharding plan.
     Every rank restores its own RNG state if the checkpoint has one for that rank.
     """
-    target = tensor_state(app_state)
-    dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
-    _copy_back(app_state, target)
+    for name, value in app_state.items():
+        target = tensor_state({name: value})
+        planner = SafeLoadPlanner(allow_partial_load=name in partial)
+        dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=planner)
+        _copy_back(app_state, target)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
@@ -206,7 +213,3 @@ def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
 
-
-def best_or_last(run_dir: Path, which: Optional[str]) -> Path:
-    """``checkpoint_path`` with ``which`` defaulting to ``best``."""
-    return checkpoint_path(run_dir, which or "best")

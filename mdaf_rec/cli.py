@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from mdaf_rec.config import MODEL_NAMES, ConfigError, load_config
+from mdaf_rec.distributed import is_main_process
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -35,7 +36,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="re-score a saved run", description="Re-score a split with a saved checkpoint.")
-    p.add_argument("--run", type=Path, required=True, help="run directory written by `mdaf-rec train`")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                   help="run directory written by `mdaf-rec train` (under torchrun, spell it --run-dir: torchrun's own "
+                   "parser would take --run for its --run-path)")
     p.add_argument("--data", help="dataset folder (default: the run's); ids go through the run's vocabularies")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
@@ -87,20 +90,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             from mdaf_rec.train import eval_run
 
             result = eval_run(args.run, args.data, args.split, args.checkpoint)
-            print(json.dumps({k: v for k, v in result.items() if k != "gate"}, indent=2))
+            if is_main_process():
+                print(json.dumps(result, indent=2))
         elif args.command == "demo":
             from mdaf_rec.demo import run_demo
 
             run_demo(args.config, args.out, args.overrides)
-    except ConfigError as e:
-        print(f"mdaf-rec: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        print(f"mdaf-rec: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def _print_summary(final: dict) -> None:
-    from mdaf_rec.distributed import is_main_process
+def _user_errors() -> tuple:
+    """Errors caused by the user's input (config, data, checkpoints, plans): one line, no traceback."""
+    from mdaf_rec.checkpoint import CheckpointError
+    from mdaf_rec.data.dataset import DatasetError
+    from mdaf_rec.data.validate import DataError
+    from mdaf_rec.data.vocab import VocabMismatchError
+    from mdaf_rec.models.embeddings import InputIdError
+    from mdaf_rec.plan_io import PlanFileError
+    from mdaf_rec.train import TrainingError
 
+    return (ConfigError, CheckpointError, DatasetError, DataError, VocabMismatchError, InputIdError, PlanFileError,
+            TrainingError)
+
+
+def _print_summary(final: dict) -> None:
     if not is_main_process():
         return
     for split in ("val", "test"):

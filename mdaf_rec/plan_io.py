@@ -21,8 +21,8 @@ class PlanFileError(ValueError):
     """A plan file is unreadable or malformed (the message names the file and entry)."""
 
 
-def plan_to_dict(plan: ShardingPlan) -> Dict[str, Any]:
-    """Plain-data form of a plan."""
+def plan_to_dict(plan: ShardingPlan, world_size: int) -> Dict[str, Any]:
+    """Plain-data form of a plan for ``world_size`` ranks."""
     modules: Dict[str, Any] = {}
     for module_path, module_plan in plan.plan.items():
         tables: Dict[str, Any] = {}
@@ -40,7 +40,7 @@ def plan_to_dict(plan: ShardingPlan) -> Dict[str, Any]:
                 "shards": shards,
             }
         modules[module_path] = tables
-    return {"format": FORMAT, "modules": modules}
+    return {"format": FORMAT, "world_size": world_size, "modules": modules}
 
 
 def plan_from_dict(data: Dict[str, Any], source: str = "<plan>") -> ShardingPlan:
@@ -74,15 +74,27 @@ def plan_from_dict(data: Dict[str, Any], source: str = "<plan>") -> ShardingPlan
     return ShardingPlan(plan=plan)  # type: ignore[arg-type]
 
 
-def save_plan(plan: ShardingPlan, path: Path) -> None:
-    """Writes ``plan`` as JSON."""
-    path.write_text(json.dumps(plan_to_dict(plan), indent=2))
+def save_plan(plan: ShardingPlan, world_size: int, path: Path) -> None:
+    """Writes ``plan`` (made for ``world_size`` ranks) as JSON."""
+    path.write_text(json.dumps(plan_to_dict(plan, world_size), indent=2))
 
 
-def load_plan(path: Path) -> ShardingPlan:
-    """Reads a plan written by :func:`save_plan`."""
+def load_plan(path: Path, world_size: int) -> ShardingPlan:
+    """Reads a plan written by :func:`save_plan`; it must have been made for ``world_size`` ranks."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PlanFileError(f"{path}: cannot read sharding plan: {e}") from None
+    if data.get("world_size") != world_size:
+        raise PlanFileError(
+            f"{path}: the plan is for world size {data.get('world_size')}, this job has {world_size} processes"
+        )
     return plan_from_dict(data, str(path))
+
+
+def plan_world_size(path: Path) -> int:
+    """The world size a plan file was made for."""
+    try:
+        return int(json.loads(Path(path).read_text()).get("world_size", -1))
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise PlanFileError(f"{path}: cannot read sharding plan: {e}") from None

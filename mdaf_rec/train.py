@@ -36,7 +36,7 @@ from mdaf_rec.features import FeatureSpec
 from mdaf_rec.metrics import MetricAccumulator
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
-from mdaf_rec.plan_io import load_plan
+from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
 from mdaf_rec.sharding import (
     apply_sparse_optimizer,
     build_optimizer,
@@ -49,6 +49,7 @@ from mdaf_rec.sharding import (
 logger = logging.getLogger(__name__)
 
 VOCAB_DIR = "vocab"
+PLAN_FILE = "plan.json"
 
 
 class TrainingError(RuntimeError):
@@ -68,6 +69,7 @@ class Session:
     model: DistributedModelParallel
     optimizer: Any
     params: Dict[str, int]
+    plan: ShardingPlan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ def open_session(
     # Dropout masks differ per rank but are reproducible for a given (seed, rank).
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)
     optimizer = build_optimizer(dmp, cfg.optimizer)
-    return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params)
+    logger.info("sharding plan:\n%s", plan)
+    return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params, plan)
 
 
 def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabularies:
@@ -227,14 +230,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, plan_file: Optional[
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    plan = load_plan(plan_file) if plan_file is not None else None
-    session = open_session(cfg, run_dir, env, plan=plan)
+    vocabs = _shared_vocabularies(Dataset.open(cfg.data.path), cfg, env)
+    if resume:  # refuse another dataset's vocabularies before anything is built on them
+        last = ckpt.checkpoint_path(run_dir, "last")
+        _check_vocab(cfg, vocabs, ckpt.read_state(last), last)
+    session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run_dir, env, plan_file, resume))
     logger.info(
         "model %s: %s parameters (%s in tables), world size %d (%s), data %s",
         cfg.model.name, f"{session.params['total']:,}", f"{session.params['tables']:,}", env.world_size,
         env.backend, cfg.data.path,
     )
     if env.is_main:
+        save_plan(session.plan, env.world_size, run_dir / PLAN_FILE)
         session.vocabs.save(run_dir / VOCAB_DIR)
         oov = session.vocabs.oov_rates(session.dataset)
         logger.info("out-of-vocabulary rates per split and feature: %s", json.dumps(oov))
@@ -283,6 +290,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, plan_file: Optional[
         (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
         _plots(run_dir, final)
     return final
+
+
+def _run_plan(run_dir: Path, env: DistEnv, plan_file: Optional[Path], resume: bool) -> Optional[ShardingPlan]:
+    """The plan to shard with: the given file, else (when resuming with the same world size) the run's
+    own ``plan.json``, else ``None`` (the planner decides). A resumed run keeps its sharding so that
+    its optimizer state (fused for sharded tables, dense for data-parallel ones) loads as saved."""
+    if plan_file is not None:
+        return load_plan(plan_file, env.world_size)
+    own = run_dir / PLAN_FILE
+    if resume and own.exists() and plan_world_size(own) == env.world_size:
+        return load_plan(own, env.world_size)
+    return None
 
 
 def _train_epoch(
@@ -344,22 +363,35 @@ def _app_state(session: Session) -> Dict[str, Any]:
 def _resume(session: Session) -> Dict[str, Any]:
     path = ckpt.checkpoint_path(session.run_dir, "last")
     saved = ckpt.read_state(path)
-    _check_vocab(session, saved, path)
     _init_optimizer_state(session)
     app_state = _app_state(session)
-    state = ckpt.load_checkpoint(path, app_state)
+    resharded = saved.get("world_size") != session.env.world_size
+    if resharded:
+        logger.warning(
+            "resuming a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
+            "tables whose sharding type changed (fused <-> data_parallel) restarts",
+            saved.get("world_size"), session.env.world_size,
+        )
+    state = ckpt.load_checkpoint(path, app_state, partial=("optim",) if resharded else ())
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     logger.info("resumed from %s (epoch %d, step %d)", path, state["epochs_done"], state["step"])
     return state
 
 
-def _check_vocab(session: Session, saved: Dict[str, Any], path: Path) -> None:
+def _load_weights(session: Session, path: Path) -> None:
+    """Loads the model weights (not the optimizer state) of a checkpoint."""
+    app_state = {"model": session.model.state_dict()}
+    ckpt.load_checkpoint(path, app_state)
+    session.model.load_state_dict(app_state["model"])
+
+
+def _check_vocab(cfg: Config, vocabs: Vocabularies, saved: Dict[str, Any], path: Path) -> None:
     expected = saved.get("vocab_fingerprint")
-    if expected is not None and expected != session.vocabs.fingerprint:
+    if expected is not None and expected != vocabs.fingerprint:
         raise TrainingError(
-            f"the dataset at {session.cfg.data.path} has other vocabularies than checkpoint {path} "
-            f"(fingerprint {session.vocabs.fingerprint[:12]} vs {expected[:12]}): its ids would map to other table rows"
+            f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {path} "
+            f"(fingerprint {vocabs.fingerprint[:12]} vs {expected[:12]}): its ids would map to other table rows"
         )
 
 
@@ -385,9 +417,7 @@ def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
 def _final_metrics(session: Session, state: Dict[str, Any]) -> Dict[str, Any]:
     """Scores validation and test with the best checkpoint."""
     path = ckpt.checkpoint_path(session.run_dir, "best")
-    app_state = _app_state(session)
-    ckpt.load_checkpoint(path, app_state)
-    session.model.load_state_dict(app_state["model"])
+    _load_weights(session, path)
     val = evaluate(session, "val")
     test = evaluate(session, "test")
     final: Dict[str, Any] = {
@@ -445,10 +475,8 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     vocabs = Vocabularies.load(run_dir / VOCAB_DIR)
     session = open_session(cfg, run_dir, env, vocabs=vocabs)
     path = ckpt.checkpoint_path(run_dir, which)
-    _check_vocab(session, ckpt.read_state(path), path)
-    app_state = _app_state(session)
-    ckpt.load_checkpoint(path, app_state)
-    session.model.load_state_dict(app_state["model"])
+    _check_vocab(cfg, vocabs, ckpt.read_state(path), path)
+    _load_weights(session, path)
     result = evaluate(session, split)
     result["checkpoint"] = str(path)
     result["split"] = split

@@ -77,12 +77,12 @@ def _rows_of(batches: List[Batch]) -> List[int]:
 def test_batches_match_per_row_reference(world) -> None:
     dataset, spec, vocabs = world
     reference = _reference(dataset, "train", spec, vocabs, "Asia/Shanghai")
+    labels = pq.read_table(dataset.split_files("train")[0], columns=[schema.LABEL]).column(0).to_numpy()
     batches = list(_loader(world, shuffle=True, seed=5))
     assert sorted(_rows_of(batches)) == list(range(len(reference)))
     for batch in batches:
         static, sequence = _decode(batch.static_features), _decode(batch.sequence_features)
         assert list(static) == spec.static_keys and list(sequence) == spec.sequence_keys
-        labels = pq.read_table(dataset.split_files("train")[0], columns=[schema.LABEL]).column(0).to_numpy()
         assert batch.labels.dtype == torch.float32
         assert batch.labels.tolist() == labels[batch.row_index.numpy()].tolist()
         assert batch.user_index.tolist() == [ids[0] for ids in static["user"]]

@@ -97,7 +97,7 @@ def _take(batch, i: int):
     def one(kjt):
         d = kjt.to_dict()
         keys = list(d)
-        return build_kjt(keys, [d[k][i] for k in keys], [d[k].lengths()[i : i + 1].long() for k in keys])
+        return build_kjt(keys, [d[k].to_dense()[i] for k in keys], [d[k].lengths()[i : i + 1].long() for k in keys])
 
     return Batch(
         static_features=one(batch.static_features),

@@ -35,7 +35,7 @@ def test_dmp_model_trains_a_step(name: str, process_group) -> None:
     optimizer = build_optimizer(model, optim_cfg)
     batch = random_batch(spec, batch_size=32, seed=5)
 
-    tables = {k: v.clone() for k, v in model.state_dict().items() if "embedding" in k and "weight" in k}
+    tables = {k: _local(v).clone() for k, v in model.state_dict().items() if "embedding" in k and "weight" in k}
     assert {k.rsplit(".", 2)[-2] for k in tables} >= {"static_item", "sequence_item", "sequence_category"}
     losses = []
     for _ in range(5):
@@ -43,9 +43,9 @@ def test_dmp_model_trains_a_step(name: str, process_group) -> None:
         loss, out = model(batch)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0], losses
-    after = model.state_dict()
+    after = {k: _local(v) for k, v in model.state_dict().items()}
     # The fused optimizer updated exactly the table rows the batch touched.
     item_ids = batch.static_features["item"].values().unique()
     key = next(k for k in tables if k.endswith("static_item.weight"))
@@ -56,6 +56,11 @@ def test_dmp_model_trains_a_step(name: str, process_group) -> None:
     key = next(k for k in tables if k.endswith("sequence_item.weight"))
     changed = (after[key] != tables[key]).any(dim=1).nonzero().flatten()
     assert torch.equal(changed, seq_ids.sort().values)
+
+
+def _local(t):
+    """The local tensor of a (world-size-1) ShardedTensor, or the tensor itself."""
+    return t.local_shards()[0].tensor if hasattr(t, "local_shards") else t
 
 
 def test_fused_adam_is_refused_on_cpu() -> None:
