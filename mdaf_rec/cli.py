@@ -4,11 +4,15 @@
 ``mdaf-rec train ...``          train a model (1 process, ``torchrun --nproc_per_node N``, or N nodes)
 ``mdaf-rec eval ...``           re-score a saved run
 ``mdaf-rec demo``               synthetic data + MDAF-Mamba training on CPU, with the Bayes ceiling
+``mdaf-rec plan ...``           TorchRec planner for a GPU/CPU topology (and sweeps)
+``mdaf-rec export ...``         a trained run → self-contained serving artifact
+``mdaf-rec predict ...``        batch scoring with an exported artifact
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +22,14 @@ from mdaf_rec.config import MODEL_NAMES, ConfigError, load_config
 from mdaf_rec.distributed import is_main_process
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+# Sub-commands with their own argument parsers: name -> (module with ``main(argv) -> int``, help).
+DELEGATED = {
+    "data": ("mdaf_rec.data.converters", "convert raw data / generate synthetic data"),
+    "plan": ("mdaf_rec.planning", "plan embedding sharding for a topology"),
+    "export": ("mdaf_rec.export", "export a trained run as a serving artifact"),
+    "predict": ("mdaf_rec.predict", "score canonical-schema rows with an exported model"),
+}
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,13 +80,13 @@ def train_config(args: argparse.Namespace):
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``mdaf-rec``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "data":
-        from mdaf_rec.data.converters import main as data_main
-
-        return data_main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return module.main(argv[1:])
     parser = argparse.ArgumentParser(prog="mdaf-rec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("data", help="convert raw data / generate synthetic data (mdaf-rec data --help)")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help_text} (mdaf-rec {name} --help)")
     _train_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)

@@ -201,6 +201,22 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None
 
 
+def _taobao_vocab_sizes() -> Dict[str, int]:
+    return {"user": 577_482, "item": 335_164, "category": 5_480}
+
+
+@dataclass
+class PlanningConfig:
+    """Table sizes for planning without data (``mdaf-rec plan``, ``tools/bench_train.py``).
+
+    Args:
+        vocab_sizes: id space -> table rows (default: the Taobao set-up of the research code). Time
+            fields have fixed sizes; every other id space and extra sparse field needs an entry.
+    """
+
+    vocab_sizes: Dict[str, int] = field(default_factory=_taobao_vocab_sizes)
+
+
 @dataclass
 class Config:
     """Root of a run's configuration."""
@@ -210,6 +226,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    planning: PlanningConfig = field(default_factory=PlanningConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,9 +369,9 @@ def _deep_merge(base: Dict[str, Any], update: Mapping[str, Any], path: str) -> D
 
 
 def _is_free_mapping(path: str, key: str) -> bool:
-    # A YAML ``id_spaces`` block replaces the default set rather than merging into it, so a user
-    # can drop an id space (e.g. datasets without users).
-    return _join(path, key) == "features.id_spaces"
+    # A YAML ``id_spaces`` / ``vocab_sizes`` block replaces the default set rather than merging into
+    # it, so a user can drop an entry (e.g. datasets without users).
+    return _join(path, key) in ("features.id_spaces", "planning.vocab_sizes")
 
 
 def _join(path: str, key: str) -> str:

@@ -48,19 +48,21 @@ Inputs = Dict[str, torch.Tensor]
 
 NOTES = """\
 Notes. `selective_scan` runs the exact sequential recurrence inside one custom autograd
-Function, in cache-sized blocks (whole sequences x ~4 batch rows), and recomputes each block's
-states in the backward pass instead of storing them; see the `mdaf_rec.models.mamba` module
-docstring for why this beats log-depth and chunked closed-form scans on a CPU core (they need
-more work, and the closed forms `chunk / 2` times more `exp`, which is already the dominant
-cost). Where the time goes in its forward+backward: about a quarter is the two `exp(delta A)`
-passes (forward and recomputation), about 15% the Python overhead of ~14k small ops (measured
-at dim 8), the rest elementwise passes and contractions over the state blocks. The loop is
-faster than its reputation at this shape because each of its 50 steps already works on large
-`(256, 256, 16)` slices; what it pays for is one autograd node per op per step, fresh
-allocations per step (page faults) and the stored per-step states. mambapy's pscan
-materialises several `(batch, length, dim, d_state)` tensors padded to a power-of-two length
-(64) and runs its Blelloch sweeps over them. The machine is shared with other jobs: repeated
-runs vary by about +-15%.
+Function, in cache-sized blocks (whole sequences x ~4 batch rows, ~3 MiB scratch tensors),
+and recomputes each block's states in the backward pass instead of storing them, so it keeps
+only the `(batch, dim, length)` pre-gate output for backward. See the `mdaf_rec.models.mamba`
+module docstring for why this beats log-depth and chunked closed-form scans on a CPU core
+(they do more work; the closed forms need `chunk / 2` times more exponentials). Where its
+forward+backward time goes (profiler): ~20% the ~9.4k per-time-step `addcmul_` of the three
+scans (forward, recomputation, adjoint), ~15% contractions over `d_state`, ~10% the two
+`exp2` passes, ~18% Python overhead of ~14k small ops (measured at dim 8), the rest
+elementwise work on `(batch, dim, length)` blocks and first-touch page faults of the outputs
+and gradients. The loop is faster than its reputation at this shape because each of its 50
+steps already works on large `(256, 256, 16)` slices; it pays one autograd node per op per
+step, fresh allocations per step and the stored per-step tensors. mambapy's pscan materialises
+several `(batch, length, dim, d_state)` tensors padded to a power-of-two length (64) and runs
+its Blelloch sweeps over them. The machine is shared with other jobs: repeated runs vary by
+about +-15%.
 """
 
 
