@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, Stats
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
@@ -90,6 +90,7 @@ def plan_sharding(
     hbm_cap: Optional[int] = None,
     ddr_cap: Optional[int] = None,
     process_group: Optional[dist.ProcessGroup] = None,
+    stats: Optional[List[Stats]] = None,
 ) -> ShardingPlan:
     """Runs the TorchRec planner.
 
@@ -102,6 +103,8 @@ def plan_sharding(
         constraints: table name -> allowed sharding types / kernels.
         hbm_cap / ddr_cap: per-rank device / host memory in bytes (planner defaults if ``None``).
         process_group: plan collectively (rank 0 plans, everyone gets the same plan) when given.
+        stats: receivers of the planner's chosen ``ShardingOption``s with their per-shard storage and
+            perf estimates (``mdaf-rec plan``); TorchRec's ``EmbeddingStats`` log table when ``None``.
     Returns:
         The sharding plan.
     """
@@ -112,7 +115,7 @@ def plan_sharding(
         hbm_cap=hbm_cap,
         ddr_cap=ddr_cap,
     )
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints, stats=stats)
     if process_group is not None:
         return planner.collective_plan(model, sharders(), process_group)
     return planner.plan(model, sharders())

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mdaf_rec.data import schema
+from mdaf_rec.metrics import auc_score, logloss_score
 
 logger = logging.getLogger(__name__)
 
@@ -392,26 +393,6 @@ def _split_by_time(table: pa.Table, p: SynthParams) -> Dict[str, pa.Array]:
 # --------------------------------------------------------------------------------------------------
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC (ties count half) of ``scores [N]`` against 0/1 ``labels [N]``; nan if one class."""
-    labels = np.asarray(labels).astype(bool)
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    mid_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct score
-    rank_sum = mid_rank[inverse][labels].sum()
-    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def logloss(prob: np.ndarray, labels: np.ndarray) -> float:
-    """Mean binary cross-entropy of probabilities ``[N]`` against 0/1 ``labels [N]``."""
-    prob = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
-    labels = np.asarray(labels).astype(np.float64)
-    return float(-(labels * np.log(prob) + (1 - labels) * np.log(1 - prob)).mean())
-
-
 def _split_stats(table: pa.Table, parts: Dict[str, np.ndarray], mask: np.ndarray) -> Dict[str, Any]:
     labels = table.column(schema.LABEL).to_numpy()[mask]
     times = table.column(schema.TIMESTAMP).to_numpy()[mask]
@@ -420,8 +401,8 @@ def _split_stats(table: pa.Table, parts: Dict[str, np.ndarray], mask: np.ndarray
         "ctr": float(labels.mean()),
         "first_timestamp": int(times.min()),
         "last_timestamp": int(times.max()),
-        "bayes_auc": auc(parts["prob"][mask], labels),
-        "bayes_logloss": logloss(table.column(schema.CLICK_PROB).to_numpy()[mask], labels),
-        "static_only_auc": auc(parts["static"][mask], labels),
-        "sequence_only_auc": auc(parts["sequence"][mask], labels),
+        "bayes_auc": auc_score(parts["prob"][mask], labels),
+        "bayes_logloss": logloss_score(table.column(schema.CLICK_PROB).to_numpy()[mask], labels),
+        "static_only_auc": auc_score(parts["static"][mask], labels),
+        "sequence_only_auc": auc_score(parts["sequence"][mask], labels),
     }

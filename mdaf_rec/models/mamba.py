@@ -544,6 +544,10 @@ def selective_scan(
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(ct)
 
+    # like selective_scan_fn: time must be the unit-stride dim (the blocks slice along it)
+    u, delta = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, delta))
+    if z is not None and z.stride(-1) != 1:
+        z = z.contiguous()
     B_c = B.to(ct).unsqueeze(1) if B.dim() == 3 else B.to(ct)  # (batch, 1, N, L) or as is
     C_c = C.to(ct).unsqueeze(1) if C.dim() == 3 else C.to(ct)
     block_l = min(length, block_l or max(1, _BLOCK_ELEMS // (dim * d_state)))
@@ -699,7 +703,7 @@ class MambaBlock(nn.Module):
         x_in = F.silu(self.conv1d(x_in)[..., :seqlen])  # causal depthwise conv, [B, d_inner, L]
         x_dbl = self.x_proj(x_in.transpose(1, 2))  # [B, L, dt_rank + 2 * d_state]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [B, d_inner, L], bias below
+        dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # [B, d_inner, L], no bias
         y = selective_scan(
             x_in,
             dt,
