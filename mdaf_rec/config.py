@@ -105,9 +105,12 @@ class MambaConfig:
 
 @dataclass
 class BSTConfig:
+    """BST hyper-parameters; ``ffn_dim`` ``null`` means ``sequence_dim`` (FuxiCTR's default)."""
+
     num_layers: int = 2
     num_heads: int = 4
     dropout: float = 0.1
+    ffn_dim: Optional[int] = None
 
 
 @dataclass

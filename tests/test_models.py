@@ -220,3 +220,22 @@ def test_research_code_interface(cls) -> None:
     )
     with pytest.raises(TypeError, match="item_embed_dim=64"):
         cls(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, item_embed_dim=64)
+
+
+def test_research_code_keywords_map_onto_the_config() -> None:
+    bst = MDAF_BST(
+        item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, embedding_dim=32, bst_embed_dim=32,
+        bst_max_seq_len=12, bst_num_transformer_layers=1, bst_num_heads=2, bst_d_ff=48, bst_dropout=0.0,
+        dcnv3_dropout=0.0,
+    )
+    assert bst.spec.max_history == 12 and len(bst.sequence_branch.encoder.layers) == 1
+    assert bst.static_branch.dcnv3.lcn.layers[0].dropout.p == 0.0
+    mamba = MDAF_Mamba(
+        item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, embedding_dim=32, mamba_hidden_dim=32,
+        mamba_num_layers=1, mamba_d_state=8, item_embed_dim=32, category_embed_dim=32, static_embed_dim=16,
+    )
+    assert mamba.sequence_branch.encoder.mamba_layers[0].mamba.A_log.shape == (64, 8)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['mamba_layers'\\]"):
+        MDAF_Mamba(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, mamba_layers=2)
+    with pytest.raises(TypeError, match="bst_embed_dim \\(64\\) must equal embedding_dim \\(128\\)"):
+        MDAF_BST(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, bst_embed_dim=64)

@@ -13,7 +13,7 @@ live in the DCNv3 branch, ``dcnv3_embed_dim``) are accepted only at values that 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -36,6 +36,7 @@ class _SeedMDAF(MDAF):
         dcnv3_embed_dim: int = 16,
         dcnv3_lcn_layers: int = 3,
         dcnv3_ecn_layers: int = 3,
+        dcnv3_dropout: Optional[float] = None,
         embedding_dim: int = 128,
         prediction_hidden_dims: Sequence[int] = (128, 64),
         dropout: float = 0.2,
@@ -43,7 +44,7 @@ class _SeedMDAF(MDAF):
         item_embed_dim: Optional[int] = None,
         category_embed_dim: Optional[int] = None,
         static_embed_dim: Optional[int] = None,
-        **branch_kwargs: int,
+        **branch_kwargs: Any,
     ) -> None:
         if (hour_vocab_size, dayofweek_vocab_size) != (24, 7):
             raise TypeError("hour_vocab_size / dayofweek_vocab_size must be 24 / 7 (hour and day of week)")
@@ -58,20 +59,24 @@ class _SeedMDAF(MDAF):
         features = FeaturesConfig(static_dim=dcnv3_embed_dim, sequence_dim=embedding_dim, max_history=max_history)
         cfg = ModelConfig(
             name=self._model_name,
-            dcnv3=DCNv3Config(num_lcn_layers=dcnv3_lcn_layers, num_ecn_layers=dcnv3_ecn_layers),
+            dcnv3=_dcnv3_config(dcnv3_lcn_layers, dcnv3_ecn_layers, dcnv3_dropout),
             mamba=MambaConfig(),
             bst=BSTConfig(),
             head_hidden=list(prediction_hidden_dims),
             head_dropout=dropout,
         )
-        self._configure_branch(cfg, embedding_dim, dropout, branch_kwargs)
+        max_history = self._configure_branch(cfg, embedding_dim, dropout, max_history, branch_kwargs)
+        features.max_history = max_history
         spec = FeatureSpec.build(
             features, {"user": user_vocab_size, "item": item_vocab_size, "category": category_vocab_size}
         )
         super().__init__(spec, cfg, branch="mamba" if self._model_name == "mdaf_mamba" else "bst")
         self.spec = spec
 
-    def _configure_branch(self, cfg: ModelConfig, embedding_dim: int, dropout: float, kwargs: Dict[str, int]) -> None:
+    def _configure_branch(
+        self, cfg: ModelConfig, embedding_dim: int, dropout: float, max_history: int, kwargs: Dict[str, Any]
+    ) -> int:
+        """Sets the branch config from the research-code keywords; returns the history length."""
         raise NotImplementedError
 
     def forward(  # type: ignore[override]
@@ -141,13 +146,15 @@ class _SeedMDAF(MDAF):
 
 
 class MDAF_Mamba(_SeedMDAF):  # noqa: N801 - the research code's name
-    """MDAF with a Mamba4Rec branch, research-code interface. Extra keywords: ``mamba_hidden_dim``
+    """MDAF with a Mamba4Rec branch, research-code interface. Branch keywords: ``mamba_hidden_dim``
     (must equal ``embedding_dim``), ``mamba_num_layers``, ``mamba_d_state``, ``mamba_d_conv``,
     ``mamba_expand``."""
 
     _model_name = "mdaf_mamba"
 
-    def _configure_branch(self, cfg: ModelConfig, embedding_dim: int, dropout: float, kwargs: Dict[str, int]) -> None:
+    def _configure_branch(
+        self, cfg: ModelConfig, embedding_dim: int, dropout: float, max_history: int, kwargs: Dict[str, Any]
+    ) -> int:
         hidden = kwargs.pop("mamba_hidden_dim", embedding_dim)
         if hidden != embedding_dim:
             raise TypeError(f"mamba_hidden_dim ({hidden}) must equal embedding_dim ({embedding_dim})")
@@ -158,19 +165,41 @@ class MDAF_Mamba(_SeedMDAF):  # noqa: N801 - the research code's name
             expand=kwargs.pop("mamba_expand", 2),
             dropout=dropout,
         )
-        if kwargs:
-            raise TypeError(f"MDAF_Mamba got unexpected keyword arguments {sorted(kwargs)}")
+        _refuse_unknown("MDAF_Mamba", kwargs)
+        return max_history
 
 
 class MDAF_BST(_SeedMDAF):  # noqa: N801 - the research code's name
-    """MDAF with a BST branch, research-code interface. Extra keywords: ``bst_num_layers``,
-    ``bst_num_heads``."""
+    """MDAF with a BST branch, research-code interface. Branch keywords: ``bst_embed_dim`` (must equal
+    ``embedding_dim``), ``bst_max_seq_len``, ``bst_num_transformer_layers``, ``bst_num_heads``,
+    ``bst_d_ff``, ``bst_dropout``."""
 
     _model_name = "mdaf_bst"
 
-    def _configure_branch(self, cfg: ModelConfig, embedding_dim: int, dropout: float, kwargs: Dict[str, int]) -> None:
+    def _configure_branch(
+        self, cfg: ModelConfig, embedding_dim: int, dropout: float, max_history: int, kwargs: Dict[str, Any]
+    ) -> int:
+        width = kwargs.pop("bst_embed_dim", embedding_dim)
+        if width != embedding_dim:
+            raise TypeError(f"bst_embed_dim ({width}) must equal embedding_dim ({embedding_dim})")
         cfg.bst = BSTConfig(
-            num_layers=kwargs.pop("bst_num_layers", 2), num_heads=kwargs.pop("bst_num_heads", 4), dropout=0.1
+            num_layers=kwargs.pop("bst_num_transformer_layers", 2),
+            num_heads=kwargs.pop("bst_num_heads", 4),
+            ffn_dim=kwargs.pop("bst_d_ff", None),
+            dropout=kwargs.pop("bst_dropout", 0.1),
         )
-        if kwargs:
-            raise TypeError(f"MDAF_BST got unexpected keyword arguments {sorted(kwargs)}")
+        max_history = kwargs.pop("bst_max_seq_len", max_history)
+        _refuse_unknown("MDAF_BST", kwargs)
+        return max_history
+
+
+def _dcnv3_config(lcn_layers: int, ecn_layers: int, dropout: Optional[float]) -> DCNv3Config:
+    cfg = DCNv3Config(num_lcn_layers=lcn_layers, num_ecn_layers=ecn_layers)
+    if dropout is not None:  # the research code has one DCNv3 dropout for both networks
+        cfg.lcn_dropout = cfg.ecn_dropout = dropout
+    return cfg
+
+
+def _refuse_unknown(name: str, kwargs: Dict[str, Any]) -> None:
+    if kwargs:
+        raise TypeError(f"{name} got unexpected keyword arguments {sorted(kwargs)}")

@@ -56,6 +56,7 @@ class SequenceBranch(nn.Module):
                 d_model=spec.sequence_dim,
                 num_layers=bst.num_layers,
                 num_heads=bst.num_heads,
+                ffn_dim=bst.ffn_dim,
                 dropout=bst.dropout,
                 max_len=spec.max_history + 1,
             )

@@ -1,0 +1,1 @@
+"""TorchX components for launching ``mdaf-rec`` jobs (see ``docs/launch.md``)."""

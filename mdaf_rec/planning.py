@@ -1,0 +1,481 @@
+"""``mdaf-rec plan``: the TorchRec planner for a topology, without data, GPUs or a process group.
+
+The model's tables are built on ``meta`` at ``cfg.planning.vocab_sizes`` (the Taobao set-up by default),
+the configured fused table optimizer is attached (its state counts towards memory), and
+:func:`mdaf_rec.sharding.plan_sharding` runs the planner for ``world_size`` ranks on ``nodes`` hosts. The
+planner only *estimates* (storage from table shapes, perf from its cost model), so GPU topologies are
+planned on a CPU machine. Printed: per table the sharding type, compute kernel and ranks; per rank the
+HBM/DDR use and the estimated compute/communication time, computed as TorchRec's ``EmbeddingStats`` does
+(shard storage and perf summed per rank, plus the planner's dense and input reservations).
+
+``--json OUT`` writes the plan with :func:`mdaf_rec.plan_io.save_plan` (``mdaf-rec train --plan OUT``
+reads it) with the per-rank summary under the extra key ``planner_summary``. ``--sweep --out DIR`` runs
+the planner over world sizes x sharding choices and writes ``sweep.csv`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import yaml
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.stats import _compute_mem_usage_and_perf, _compute_storage
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    PlannerError,
+    ShardingOption,
+    Stats,
+    StorageReservation,
+)
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from mdaf_rec.config import Config, ConfigError, load_config
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.ctr import CTRTrain
+from mdaf_rec.models.factory import build_model
+from mdaf_rec.plan_io import save_plan
+from mdaf_rec.sharding import apply_sparse_optimizer, plan_sharding, sharders
+
+logger = logging.getLogger(__name__)
+
+GB = 1024**3
+SHARDING_TYPES = tuple(t.value for t in ShardingType)
+COMPUTE_KERNELS = tuple(k.value for k in EmbeddingComputeKernel)
+SWEEP_WORLD_SIZES = (1, 2, 4, 8, 16, 64)
+SWEEP_CHOICES = ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+
+
+class PlanningError(ValueError):
+    """The tables cannot be planned for the topology (the message names tables and memory)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Topology and model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """The cluster to plan for.
+
+    Attributes:
+        world_size: ranks in all.
+        nodes: hosts; ``world_size / nodes`` ranks per host.
+        device: ``cuda`` or ``cpu``.
+        hbm_gb / ddr_gb: per-rank device / host memory in GiB (planner defaults when ``None``).
+        batch_size: GLOBAL batch size (as ``train.batch_size``); each rank plans with its share.
+    """
+
+    world_size: int
+    nodes: int
+    device: str
+    hbm_gb: Optional[float]
+    ddr_gb: Optional[float]
+    batch_size: int
+
+    @property
+    def local_world_size(self) -> int:
+        return self.world_size // self.nodes
+
+    @property
+    def per_rank_batch(self) -> int:
+        return max(1, self.batch_size // self.world_size)
+
+    def caps(self) -> Dict[str, Optional[int]]:
+        """``hbm_cap`` / ``ddr_cap`` in bytes for :class:`Topology`."""
+        to_bytes = lambda gb: None if gb is None else int(gb * GB)  # noqa: E731
+        return {"hbm_cap": to_bytes(self.hbm_gb), "ddr_cap": to_bytes(self.ddr_gb)}
+
+    def validate(self) -> None:
+        if self.world_size < 1 or self.nodes < 1 or self.world_size % self.nodes:
+            raise ConfigError(f"--world-size {self.world_size} must be a positive multiple of --nodes {self.nodes}")
+
+
+def planning_model(cfg: Config, device: str) -> nn.Module:
+    """The training module (``CTRTrain``, as ``mdaf-rec train`` shards it) with tables on ``meta`` at
+    ``cfg.planning.vocab_sizes`` and the fused table optimizer attached."""
+    spec = FeatureSpec.build(cfg.features, cfg.planning.vocab_sizes)
+    model = build_model(spec, cfg.model, table_device="meta", dense_device="meta")
+    train_module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce)
+    apply_sparse_optimizer(train_module, cfg.optimizer, torch.device(device))
+    return train_module
+
+
+def table_sharding_types(model: nn.Module, device: str) -> Dict[str, List[str]]:
+    """Table name -> sharding types its module's sharder supports on ``device``."""
+    by_type = {s.module_type: s for s in sharders()}
+    tables: Dict[str, List[str]] = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            configs: Sequence[Any] = module.embedding_bag_configs()
+        elif isinstance(module, EmbeddingCollection):
+            configs = module.embedding_configs()
+        else:
+            continue
+        allowed = by_type[type(module)].sharding_types(device)
+        tables.update({c.name: list(allowed) for c in configs})
+    return tables
+
+
+# --------------------------------------------------------------------------------------------------
+# Constraints
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_constraints(data: Any, tables: Mapping[str, Sequence[str]], source: str) -> Dict[str, ParameterConstraints]:
+    """``{table: {sharding_types: [...], compute_kernels: [...]}}`` -> ``ParameterConstraints``.
+
+    Raises :class:`ConfigError` naming an unknown table, key, sharding type or compute kernel.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of table name -> constraints")
+    constraints: Dict[str, ParameterConstraints] = {}
+    for table, entry in data.items():
+        if table not in tables:
+            raise ConfigError(f"{source}: unknown table {table!r} (tables: {sorted(tables)})")
+        if not isinstance(entry, Mapping) or set(entry) - {"sharding_types", "compute_kernels"}:
+            raise ConfigError(f"{source}: table {table!r}: expected keys 'sharding_types' and/or 'compute_kernels'")
+        types = list(entry.get("sharding_types") or [])
+        kernels = list(entry.get("compute_kernels") or [])
+        for t in types:
+            if t not in SHARDING_TYPES:
+                raise ConfigError(f"{source}: table {table!r}: unknown sharding type {t!r} (known: {list(SHARDING_TYPES)})")
+            if t not in tables[table]:
+                raise ConfigError(f"{source}: table {table!r}: sharding type {t!r} is not supported for it "
+                                  f"(supported: {list(tables[table])})")
+        for k in kernels:
+            if k not in COMPUTE_KERNELS:
+                raise ConfigError(f"{source}: table {table!r}: unknown compute kernel {k!r} (known: {list(COMPUTE_KERNELS)})")
+        constraints[table] = ParameterConstraints(sharding_types=types or None, compute_kernels=kernels or None)
+    return constraints
+
+
+def load_constraints(path: Path, tables: Mapping[str, Sequence[str]]) -> Dict[str, ParameterConstraints]:
+    """Reads a YAML or JSON constraints file (see :func:`parse_constraints`)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read constraints: {e}") from None
+    return parse_constraints(data, tables, str(path))
+
+
+def uniform_constraints(choice: str, tables: Mapping[str, Sequence[str]]) -> Dict[str, ParameterConstraints]:
+    """Sweep choice -> constraints forcing ``choice`` on every table that supports it (none for ``auto``)."""
+    if choice == "auto":
+        return {}
+    return {t: ParameterConstraints(sharding_types=[choice]) for t, allowed in tables.items() if choice in allowed}
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the planner
+# --------------------------------------------------------------------------------------------------
+
+
+class _PlanRecorder(Stats):
+    """Keeps what the planner hands its stats: the chosen (or last failed) ``ShardingOption``s."""
+
+    def __init__(self) -> None:
+        self.options: List[ShardingOption] = []
+        self.reservation: Optional[StorageReservation] = None
+
+    def log(self, sharding_plan: ShardingPlan, topology: Topology, batch_size: int,  # type: ignore[override]
+            storage_reservation: StorageReservation, num_proposals: int, num_plans: int, run_time: float,
+            best_plan: List[ShardingOption], **kwargs: Any) -> None:
+        self.options = list(best_plan)
+        self.reservation = storage_reservation
+
+
+@dataclass
+class TableRow:
+    """One table's placement."""
+
+    table: str
+    module: str
+    sharding_type: str
+    compute_kernel: str
+    ranks: List[int]
+    hbm_bytes: int
+    ddr_bytes: int
+
+
+@dataclass
+class RankRow:
+    """One rank's estimated memory (bytes) and time (ms) for one step."""
+
+    rank: int
+    hbm_bytes: int
+    ddr_bytes: int
+    fwd_compute_ms: float
+    fwd_comms_ms: float
+    bwd_compute_ms: float
+    bwd_comms_ms: float
+    total_ms: float
+
+
+@dataclass
+class PlanReport:
+    """A plan with the planner's per-table and per-rank estimates."""
+
+    topology: TopologySpec
+    plan: ShardingPlan
+    tables: List[TableRow] = field(default_factory=list)
+    ranks: List[RankRow] = field(default_factory=list)
+
+    @property
+    def max_rank_memory_gb(self) -> float:
+        """Largest per-rank HBM + DDR use in GiB."""
+        return max(r.hbm_bytes + r.ddr_bytes for r in self.ranks) / GB
+
+    @property
+    def step_ms(self) -> float:
+        """Estimated embedding step time: the slowest rank's total (ranks wait for each other)."""
+        return max(r.total_ms for r in self.ranks)
+
+    def summary(self) -> Dict[str, Any]:
+        return {"topology": asdict(self.topology), "tables": [asdict(t) for t in self.tables],
+                "ranks": [asdict(r) for r in self.ranks], "max_rank_memory_gb": self.max_rank_memory_gb,
+                "step_ms": self.step_ms}
+
+
+def run_planner(model: nn.Module, topo: TopologySpec,
+                constraints: Optional[Dict[str, ParameterConstraints]] = None) -> PlanReport:
+    """Plans ``model`` for ``topo``; raises :class:`PlanningError` naming tables and memory when nothing fits."""
+    recorder = _PlanRecorder()
+    try:
+        plan = plan_sharding(
+            model, world_size=topo.world_size, local_world_size=topo.local_world_size, compute_device=topo.device,
+            batch_size=topo.per_rank_batch, constraints=constraints, stats=[recorder], **topo.caps(),
+        )
+    except PlannerError as e:
+        raise PlanningError(_no_fit_message(model, topo, constraints, recorder.reservation)) from e
+    return _report(topo, plan, recorder)
+
+
+def _report(topo: TopologySpec, plan: ShardingPlan, recorder: _PlanRecorder) -> PlanReport:
+    """Per-table and per-rank numbers from the chosen options, as ``EmbeddingStats`` computes them."""
+    topology = Topology(world_size=topo.world_size, local_world_size=topo.local_world_size,
+                        compute_device=topo.device, **topo.caps())
+    assert recorder.reservation is not None
+    _, dense, kjt = _compute_storage(recorder.reservation, topology)
+    _, used_hbm, used_ddr, perf = _compute_mem_usage_and_perf(topology, recorder.options, dense, kjt)
+    tables = [
+        TableRow(table=o.name, module=o.path, sharding_type=o.sharding_type, compute_kernel=o.compute_kernel,
+                 ranks=sorted({int(s.rank) for s in o.shards if s.rank is not None}),
+                 hbm_bytes=o.total_storage.hbm, ddr_bytes=o.total_storage.ddr)
+        for o in recorder.options
+    ]
+    ranks = [
+        RankRow(rank=r, hbm_bytes=used_hbm[r], ddr_bytes=used_ddr[r], fwd_compute_ms=p.fwd_compute,
+                fwd_comms_ms=p.fwd_comms, bwd_compute_ms=p.bwd_compute, bwd_comms_ms=p.bwd_comms, total_ms=p.total)
+        for r, p in enumerate(perf)
+    ]
+    return PlanReport(topo, plan, tables, ranks)
+
+
+def _no_fit_message(model: nn.Module, topo: TopologySpec, constraints: Optional[Dict[str, ParameterConstraints]],
+                    reservation: Optional[StorageReservation]) -> str:
+    """Which tables need how much memory versus what the topology offers."""
+    topology = Topology(world_size=topo.world_size, local_world_size=topo.local_world_size,
+                        compute_device=topo.device, **topo.caps())
+    options = EmbeddingEnumerator(topology=topology, batch_size=topo.per_rank_batch,
+                                  constraints=constraints).enumerate(model, sharders())
+    need: Dict[str, int] = {}
+    for o in options:  # the least memory any allowed option of the table takes
+        size = o.total_storage.hbm + o.total_storage.ddr
+        need[o.name] = min(need.get(o.name, size), size)
+    reserved = reservation.last_reserved_topology if reservation is not None else None
+    devices = (reserved or topology).devices
+    available = sum(d.storage.hbm + d.storage.ddr for d in devices)
+    device = topology.devices[0].storage
+    worst = sorted(need.items(), key=lambda kv: -kv[1])
+    too_big = [(t, n) for t, n in worst if n > available] or worst[:2]
+    named = ", ".join(f"table {t!r} needs {n / GB:.2f} GB" for t, n in too_big)
+    return (
+        f"no sharding plan fits {topo.world_size} {topo.device} rank(s) with {device.hbm / GB:.2f} GB HBM + "
+        f"{device.ddr / GB:.2f} GB DDR each ({available / GB:.2f} GB available in all after the planner's "
+        f"reservations): {named} (weights + optimizer state, its smallest allowed option); all tables together "
+        f"need {sum(need.values()) / GB:.2f} GB. Add ranks or memory (--world-size, --hbm-gb, --ddr-gb) or "
+        f"allow UVM/DDR kernels"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def format_report(report: PlanReport) -> str:
+    """Human-readable tables: per table, then per rank."""
+    t = report.topology
+    lines = [f"plan for {t.world_size} {t.device} rank(s) on {t.nodes} node(s), global batch {t.batch_size} "
+             f"({t.per_rank_batch} per rank)", "",
+             f"{'table':<22} {'sharding type':<15} {'compute kernel':<18} {'GB':>8}  ranks"]
+    for row in report.tables:
+        lines.append(f"{row.table:<22} {row.sharding_type:<15} {row.compute_kernel:<18} "
+                     f"{(row.hbm_bytes + row.ddr_bytes) / GB:>8.3f}  {_ranks(row.ranks)}")
+    lines += ["", f"{'rank':>5} {'HBM GB':>9} {'DDR GB':>9} {'fwd comp':>9} {'fwd comm':>9} {'bwd comp':>9} "
+              f"{'bwd comm':>9} {'total ms':>9}"]
+    for r in report.ranks:
+        lines.append(f"{r.rank:>5} {r.hbm_bytes / GB:>9.3f} {r.ddr_bytes / GB:>9.3f} {r.fwd_compute_ms:>9.3f} "
+                     f"{r.fwd_comms_ms:>9.3f} {r.bwd_compute_ms:>9.3f} {r.bwd_comms_ms:>9.3f} {r.total_ms:>9.3f}")
+    lines += ["", f"largest per-rank memory {report.max_rank_memory_gb:.3f} GB; estimated embedding step "
+              f"{report.step_ms:.3f} ms (slowest rank; dense compute not included)"]
+    return "\n".join(lines)
+
+
+def _ranks(ranks: List[int]) -> str:
+    if len(ranks) > 8 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]} ({len(ranks)})"
+    return ",".join(map(str, ranks))
+
+
+def write_json(report: PlanReport, path: Path) -> None:
+    """The plan (``plan_io`` format, loadable by ``mdaf-rec train --plan``) plus ``planner_summary``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_plan(report.plan, report.topology.world_size, path)
+    data = json.loads(path.read_text())
+    data["planner_summary"] = report.summary()
+    path.write_text(json.dumps(data, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep
+# --------------------------------------------------------------------------------------------------
+
+SWEEP_FIELDS = ("world_size", "choice", "feasible", "max_rank_memory_gb", "step_ms", "sharding_types", "error")
+
+
+def sweep(cfg: Config, base: TopologySpec, out_dir: Path, world_sizes: Sequence[int] = SWEEP_WORLD_SIZES,
+          choices: Sequence[str] = SWEEP_CHOICES) -> List[Dict[str, Any]]:
+    """Plans every (world size, choice) and writes ``sweep.csv`` and ``sweep.png`` into ``out_dir``.
+
+    ``base`` gives device, memory, global batch and ranks per node (``world_size / nodes``, capped at the
+    swept world size).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = planning_model(cfg, base.device)
+    tables = table_sharding_types(model, base.device)
+    per_node = base.local_world_size
+    rows: List[Dict[str, Any]] = []
+    for world in world_sizes:
+        local = min(per_node, world)
+        topo = TopologySpec(world, world // local, base.device, base.hbm_gb, base.ddr_gb, base.batch_size)
+        for choice in choices:
+            row: Dict[str, Any] = {"world_size": world, "choice": choice}
+            try:
+                report = run_planner(model, topo, uniform_constraints(choice, tables))
+                types = sorted({t.sharding_type for t in report.tables})
+                row.update(feasible=True, max_rank_memory_gb=round(report.max_rank_memory_gb, 4),
+                           step_ms=round(report.step_ms, 4), sharding_types="+".join(types), error="")
+            except PlanningError as e:
+                row.update(feasible=False, max_rank_memory_gb="", step_ms="", sharding_types="", error=str(e))
+            logger.info("world %d %-14s %s", world, choice, row.get("step_ms") or "infeasible")
+            rows.append(row)
+    with open(out_dir / "sweep.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=SWEEP_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_sweep(rows, out_dir / "sweep.png", title=f"{cfg.model.name}, {base.device}, "
+               f"{base.hbm_gb or 'default'} GB HBM/rank, global batch {base.batch_size}")
+    return rows
+
+
+def plot_sweep(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> None:
+    """Two panels (max per-rank memory, estimated step time) vs world size; one line per choice,
+    infeasible points as red crosses on the axis floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "max_rank_memory_gb", "largest per-rank memory (GB)"),
+                           (axes[1], "step_ms", "estimated embedding step (ms)")):
+        feasible_values = [float(r[key]) for r in rows if r["feasible"]]
+        floor = min(feasible_values) / 2 if feasible_values else 1.0
+        for choice in dict.fromkeys(r["choice"] for r in rows):
+            mine = [r for r in rows if r["choice"] == choice]
+            ok = [r for r in mine if r["feasible"]]
+            line, = ax.plot([r["world_size"] for r in ok], [float(r[key]) for r in ok], marker="o", label=choice)
+            bad = [r["world_size"] for r in mine if not r["feasible"]]
+            if bad:
+                ax.scatter(bad, [floor] * len(bad), marker="x", color=line.get_color(), s=60)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("world size (ranks)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(title="sharding (x = infeasible)", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdaf-rec plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="YAML config; tables sized by planning.vocab_sizes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable)")
+    p.add_argument("--world-size", type=int, default=8, help="ranks in all (default 8)")
+    p.add_argument("--nodes", type=int, default=1, help="hosts; world-size/nodes ranks per host (default 1)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="compute device (default cuda)")
+    p.add_argument("--hbm-gb", type=float, help="device memory per rank in GiB (planner default: 32)")
+    p.add_argument("--ddr-gb", type=float, help="host memory per rank in GiB (planner default: 128)")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size (default train.batch_size)")
+    p.add_argument("--constraints", type=Path, help="YAML/JSON: table -> {sharding_types: [...], compute_kernels: [...]}")
+    p.add_argument("--json", type=Path, help="write the plan here (for `mdaf-rec train --plan`)")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"plan world sizes {list(SWEEP_WORLD_SIZES)} x choices {list(SWEEP_CHOICES)} (needs --out)")
+    p.add_argument("--out", type=Path, help="sweep output folder (sweep.csv, sweep.png)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``mdaf-rec plan``; 0 on success, 2 on bad input or a plan that cannot fit."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        topo = TopologySpec(args.world_size, args.nodes, args.device, args.hbm_gb, args.ddr_gb,
+                            args.batch_size or cfg.train.batch_size)
+        topo.validate()
+        if args.sweep:
+            if args.out is None:
+                raise ConfigError("--sweep needs --out DIR")
+            sweep(cfg, topo, args.out)
+            print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.png'}")
+            return 0
+        model = planning_model(cfg, args.device)
+        constraints = load_constraints(args.constraints, table_sharding_types(model, args.device)) \
+            if args.constraints else None
+        report = run_planner(model, topo, constraints)
+        print(format_report(report))
+        if args.json:
+            write_json(report, args.json)
+            print(f"wrote {args.json}")
+    except (ConfigError, PlanningError) as e:
+        print(f"mdaf-rec plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,310 @@
+"""The serving module: a trained CTR model behind a forward that takes plain tensors.
+
+:class:`ServingModule` is what ``mdaf-rec export`` hands to ``torch.export``. Its inputs are dense,
+fixed-rank tensors of vocabulary indices (0 = padding, 1 = out-of-vocabulary), so a server needs
+no TorchRec types::
+
+    static_ids   [B, F]     int64   one index per static field, in feature_spec.json's order
+    dense        [B, N]     float32 dense features (N may be 0)
+    target_ids   [B, S]     int64   target index per sequence id space (item, category, ...)
+    history_ids  [B, S, L]  int64   history per id space, most recent last, right-padded with 0
+    → probability [B] float32, gate [B, G] float32
+
+``L`` is the model's ``max_history``; a history's length is its number of non-zero entries (indices
+of real ids are never 0). Inside, the module builds the same ``KeyedJaggedTensor`` s the training
+loader builds and runs the model's own ``score``: the static KJT has one id per sample and key; the
+sequence KJT carries the padded histories (``L`` ids per sample), and :class:`PaddedSequenceEmbedding`
+replaces the model's :class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`, masking the
+padding instead of dropping it, so every shape is static but the batch size. ``G`` is 1 or ``D``
+(``model.gate``) for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
+
+``--quantize int8`` swaps every table for a row-wise 8-bit copy (:func:`quantize_tables`): per row,
+``w ≈ q · scale + bias`` with ``q`` uint8 (FBGEMM's 8-bit row-wise layout), dequantized on lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from mdaf_rec.data.batch import Batch
+from mdaf_rec.features import PADDING_INDEX, FeatureSpec
+from mdaf_rec.models.ctr import CTRModel
+from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch
+from mdaf_rec.models.sequence_branch import SequenceBranch
+
+INPUT_NAMES: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
+OUTPUT_NAMES: Tuple[str, ...] = ("probability", "gate")
+
+
+def _shared_embedding(weight: nn.Parameter) -> nn.Embedding:
+    """An ``nn.Embedding`` over ``weight`` (the parameter is shared, not copied)."""
+    return nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight)
+
+
+class StaticLookup(nn.Module):
+    """Drop-in for the static ``EmbeddingBagCollection`` when every sample has exactly one id per key.
+
+    A sum-pooled bag of one id is that id's row, so each key is a plain row lookup on the values of
+    the KJT (key-major, ``B`` per key): no ``to_dict`` split, only static shapes.
+
+    Args:
+        ebc: the trained collection (its tables are shared, not copied).
+        spec: the feature spec (key order and key -> table).
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, spec: FeatureSpec) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict({name: _shared_embedding(bag.weight) for name, bag in ebc.embedding_bags.items()})
+        self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
+        self.dim = spec.static_dim
+
+    def forward(self, static_features: KeyedJaggedTensor) -> KeyedTensor:
+        """
+        Args:
+            static_features: one id per sample and key, ``stride()`` = ``B``.
+        Returns:
+            ``KeyedTensor`` of ``[B, static_dim]`` per key (values ``[B, F * static_dim]``).
+        """
+        ids = static_features.values().view(len(self._keys), static_features.stride())  # [F, B]
+        pooled = [self.tables[table](ids[k]) for k, (_, table) in enumerate(self._keys)]  # [B, d] each
+        return KeyedTensor(
+            keys=[key for key, _ in self._keys], length_per_key=[self.dim] * len(self._keys), values=torch.cat(pooled, 1)
+        )
+
+
+class PaddedSequenceEmbedding(nn.Module):
+    """``history ⊕ target`` tokens from right-padded histories (drop-in for ``SequenceEmbeddingArch``).
+
+    Reads a sequence KJT whose keys are, per id space, the target (1 id per sample) then the history
+    (exactly ``max_history`` ids per sample, padding 0 included), key-major. Looks up the same tables,
+    zeroes the padded positions and writes the target right after the last history entry, giving the
+    tokens and lengths ``SequenceEmbeddingArch`` gives for the unpadded histories.
+
+    Args:
+        arch: the trained sequence arch (its tables are shared, not copied).
+        spec: the feature spec (id spaces and their tables).
+    """
+
+    def __init__(self, arch: SequenceEmbeddingArch, spec: FeatureSpec) -> None:
+        super().__init__()
+        ec: EmbeddingCollection = arch.embedding_collection
+        self.tables = nn.ModuleDict({name: _shared_embedding(emb.weight) for name, emb in ec.embeddings.items()})
+        self._tables: List[str] = [s.table_name for s in spec.sequence_spaces]
+        self.max_history = arch.max_history
+        self.dim = arch.dim
+
+    def forward(self, sequence_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            sequence_features: per id space, the target (1 id) and the padded history (``L`` ids).
+        Returns:
+            tokens: ``[B, L + 1, sequence_dim]``, right-padded with zeros.
+            lengths: ``[B]`` int64 number of valid tokens (history length + 1).
+        """
+        batch_size, max_len = sequence_features.stride(), self.max_history
+        per_space = sequence_features.values().view(len(self._tables), batch_size * (1 + max_len))
+        targets = per_space[:, :batch_size]  # [S, B]
+        histories = per_space[:, batch_size:].reshape(len(self._tables), batch_size, max_len)  # [S, B, L]
+        valid = histories[0] != PADDING_INDEX  # [B, L]
+        mask = valid.unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+        history = sum(self.tables[t](histories[s]) * mask for s, t in enumerate(self._tables))  # [B, L, D]
+        target = sum(self.tables[t](targets[s]) for s, t in enumerate(self._tables))  # [B, D]
+        lengths = valid.sum(dim=1)  # [B]
+        tokens = torch.cat([history, history.new_zeros(batch_size, 1, self.dim)], dim=1)  # [B, L+1, D]
+        index = lengths.view(batch_size, 1, 1).expand(batch_size, 1, self.dim)  # [B, 1, D]
+        tokens = tokens.scatter(1, index, target.unsqueeze(1))  # target right after the history
+        return tokens, lengths + 1
+
+
+class ServingModule(nn.Module):
+    """A :class:`CTRModel` behind plain-tensor inputs (see the module docstring).
+
+    Args:
+        model: the trained, unsharded model; its sequence archs are replaced by
+            :class:`PaddedSequenceEmbedding` (same tables).
+        spec: the feature spec the model was built with.
+    """
+
+    def __init__(self, model: CTRModel, spec: FeatureSpec) -> None:
+        super().__init__()
+        for module in model.modules():
+            if isinstance(module, StaticEmbeddingArch):
+                module.embedding_bag_collection = StaticLookup(module.embedding_bag_collection, spec)
+            if isinstance(module, SequenceBranch):
+                module.embeddings = PaddedSequenceEmbedding(module.embeddings, spec)
+        self.model = model.eval()
+        self.static_keys: List[str] = spec.static_keys
+        self.sequence_keys: List[str] = spec.sequence_keys
+        self.max_history = spec.max_history
+
+    def forward(
+        self, static_ids: torch.Tensor, dense: torch.Tensor, target_ids: torch.Tensor, history_ids: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            static_ids: ``[B, F]`` int64 static-field indices.
+            dense: ``[B, N]`` float32 dense features.
+            target_ids: ``[B, S]`` int64 target index per sequence id space.
+            history_ids: ``[B, S, L]`` int64 histories, most recent last, right-padded with 0.
+        Returns:
+            probability ``[B]`` float32 and gate ``[B, G]`` (zeros ``[B, 1]`` without a fusion gate).
+        """
+        batch_size = static_ids.shape[0]
+        batch = Batch(
+            static_features=self._static_kjt(static_ids),
+            sequence_features=self._sequence_kjt(target_ids, history_ids),
+            dense_features=dense,
+            labels=dense.new_zeros(batch_size),
+            user_index=static_ids[:, 0],
+            row_index=static_ids[:, 0],
+        )
+        out = self.model.score(batch)
+        gate = out.gate if out.gate is not None else out.logit.new_zeros(batch_size, 1)
+        return torch.sigmoid(out.logit), gate
+
+    def _static_kjt(self, static_ids: torch.Tensor) -> KeyedJaggedTensor:
+        """``[B, F]`` -> KJT with one id per sample and key (key-major values)."""
+        batch_size, num_keys = static_ids.shape
+        return KeyedJaggedTensor(
+            keys=self.static_keys,
+            values=static_ids.t().reshape(-1),
+            lengths=torch.ones(num_keys * batch_size, dtype=torch.int32),
+            stride=batch_size,
+            length_per_key=[batch_size] * num_keys,
+            offset_per_key=[batch_size * k for k in range(num_keys + 1)],
+        )
+
+    def _sequence_kjt(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> KeyedJaggedTensor:
+        """Targets ``[B, S]`` and padded histories ``[B, S, L]`` -> KJT (target, history) per id space."""
+        batch_size = target_ids.shape[0]
+        values: List[torch.Tensor] = []
+        lengths: List[torch.Tensor] = []
+        per_key: List[int] = []
+        for s in range(len(self.sequence_keys) // 2):
+            values += [target_ids[:, s], history_ids[:, s, :].reshape(-1)]
+            lengths += [
+                torch.ones(batch_size, dtype=torch.int32),
+                torch.full((batch_size,), self.max_history, dtype=torch.int32),
+            ]
+            per_key += [batch_size, batch_size * self.max_history]
+        offsets = [0]
+        for n in per_key:
+            offsets.append(offsets[-1] + n)
+        return KeyedJaggedTensor(
+            keys=self.sequence_keys,
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
+            stride=batch_size,
+            length_per_key=per_key,
+            offset_per_key=offsets,
+        )
+
+
+def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
+    """A loader :class:`Batch` as :class:`ServingModule` inputs.
+
+    Args:
+        batch: a batch from :class:`~mdaf_rec.data.loader.BatchConverter` (histories already truncated
+            to ``max_history``).
+        spec: its feature spec.
+    Returns:
+        ``static_ids [B, F]``, ``dense [B, N]``, ``target_ids [B, S]``, ``history_ids [B, S, L]``.
+    """
+    static = batch.static_features.to_dict()
+    sequence = batch.sequence_features.to_dict()
+    spaces = spec.sequence_spaces
+    return {
+        "static_ids": torch.stack([static[k].values() for k in spec.static_keys], dim=1).long(),
+        "dense": batch.dense_features.float(),
+        "target_ids": torch.stack([sequence[s.name].values() for s in spaces], dim=1).long(),
+        "history_ids": torch.stack(
+            [sequence[s.history_key].to_padded_dense(desired_length=spec.max_history, padding_value=PADDING_INDEX)
+             for s in spaces],
+            dim=1,
+        ).long(),
+    }
+
+
+def example_inputs(spec: FeatureSpec, batch_size: int) -> Tuple[torch.Tensor, ...]:
+    """Inputs of ``batch_size`` rows (every id the OOV index 1, histories half full), in forward order."""
+    num_spaces = len(spec.sequence_spaces)
+    history = torch.zeros(batch_size, num_spaces, spec.max_history, dtype=torch.int64)
+    history[:, :, : max(1, spec.max_history // 2)] = 1
+    return (
+        torch.ones(batch_size, len(spec.static_fields), dtype=torch.int64),
+        torch.zeros(batch_size, len(spec.dense_features)),
+        torch.ones(batch_size, num_spaces, dtype=torch.int64),
+        history,
+    )
+
+
+def export_program(module: ServingModule, spec: FeatureSpec) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``module`` with a dynamic batch dimension on every input."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dynamic = {name: {0: batch} for name in INPUT_NAMES}
+    with torch.no_grad():
+        return torch.export.export(module, example_inputs(spec, 4), dynamic_shapes=dynamic, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row-wise int8 tables
+# --------------------------------------------------------------------------------------------------
+
+
+def quantize_rowwise(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit row-wise quantization: ``weight ≈ q * scale + bias``.
+
+    Args:
+        weight: ``[N, D]`` float table.
+    Returns:
+        ``q [N, D]`` uint8, ``scale [N, 1]`` and ``bias [N, 1]`` float32 (bias = row minimum,
+        scale = row range / 255; the rounding error is at most ``scale / 2`` per entry).
+    """
+    w = weight.detach().float()
+    lo = w.min(dim=1, keepdim=True).values
+    scale = (w.max(dim=1, keepdim=True).values - lo) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((w - lo) / scale).clamp_(0, 255).to(torch.uint8)
+    return q, scale, lo
+
+
+class Int8Embedding(nn.Module):
+    """Row-wise 8-bit replacement of ``nn.Embedding`` (the call TorchRec's ``EmbeddingCollection`` makes).
+
+    Args:
+        weight: ``[N, D]`` float table to quantize.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        q, scale, bias = quantize_rowwise(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: ``[n]`` int64 row indices.
+        Returns:
+            ``[n, D]`` float32 dequantized rows.
+        """
+        return self.qweight[input].to(torch.float32) * self.scale[input] + self.bias[input]
+
+
+def quantize_tables(module: nn.Module) -> int:
+    """Swaps every ``nn.Embedding`` in ``module`` (the tables of :class:`StaticLookup` and
+    :class:`PaddedSequenceEmbedding`) for an :class:`Int8Embedding`; returns the bytes saved."""
+    saved = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Embedding):
+                weight = child.weight
+                setattr(parent, name, Int8Embedding(weight))
+                saved += weight.numel() * (weight.element_size() - 1) - 8 * weight.shape[0]
+    return saved

@@ -1,0 +1,89 @@
+"""One training step under DMP, for ``tests/test_equivalence.py`` (run as 1 process or under torchrun).
+
+``python tests/dist_step.py --config C --data D --out DIR [--init CKPT] [--constraints JSON] [--set k=v ...]``
+
+Opens a session with the package's own functions (:func:`mdaf_rec.train.open_session`), loads the initial
+weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/init``), runs ONE step on the
+first global training batch (each rank gets its part, as in training), then writes the weights to
+``DIR/checkpoints/after`` and the dense gradients (DDP-averaged, identical on every rank) to
+``DIR/dense_grads.pt``. ``--constraints`` (JSON: table -> sharding type) forces the sharding plan, so
+one run covers several sharding types at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import Config, load_config
+from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.distributed import DistEnv, init_distributed, shutdown_distributed
+from mdaf_rec.planning import planning_model
+from mdaf_rec.sharding import plan_sharding
+from mdaf_rec.train import _loader, open_session
+
+
+def forced_plan(cfg: Config, env: DistEnv, vocabs: Vocabularies, types: Dict[str, str]) -> ShardingPlan:
+    """The planner's plan for the data's table sizes with one forced sharding type per named table."""
+    cfg.planning.vocab_sizes = vocabs.sizes
+    model = planning_model(cfg, env.device.type)
+    constraints = {t: ParameterConstraints(sharding_types=[s]) for t, s in types.items()}
+    return plan_sharding(
+        model, world_size=env.world_size, local_world_size=env.local_world_size, compute_device=env.device.type,
+        batch_size=max(1, cfg.train.batch_size // env.world_size), constraints=constraints,
+        process_group=dist.group.WORLD,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--init", type=Path, help="checkpoint with the initial weights (written here when absent)")
+    p.add_argument("--constraints", help="JSON: table -> forced sharding type")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+
+    env = init_distributed()
+    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
+    vocabs = Vocabularies.load_or_build(Dataset.open(cfg.data.path), cfg.features)
+    plan = forced_plan(cfg, env, vocabs, json.loads(args.constraints)) if args.constraints else None
+    session = open_session(cfg, args.out, env, vocabs=vocabs, plan=plan)
+    model = session.model
+    if args.init is not None:
+        state = {"model": model.state_dict()}
+        ckpt.load_checkpoint(args.init, state)
+        model.load_state_dict(state["model"])
+    else:
+        ckpt.save_checkpoint(args.out, "init", {"model": model.state_dict()}, {}, is_best=False)
+
+    model.train()
+    batch = next(iter(_loader(session, "train", epoch=0, train=True))).to(env.device)
+    session.optimizer.zero_grad()
+    loss, _ = model(batch)
+    loss.backward()
+    session.optimizer.step()
+
+    ckpt.save_checkpoint(args.out, "after", {"model": model.state_dict()}, {}, is_best=False)
+    if env.is_main:
+        grads = {name: p.grad.detach().clone() for name, p in in_backward_optimizer_filter(model.named_parameters())
+                 if p.grad is not None}
+        torch.save(grads, args.out / "dense_grads.pt")
+        (args.out / "plan.json").write_text(json.dumps(
+            {table: s.sharding_type for m in session.plan.plan.values() for table, s in m.items()}))  # type: ignore[union-attr]
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
