@@ -25,7 +25,7 @@ import logging
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.distributed as dist

@@ -66,11 +66,11 @@ class StaticLookup(nn.Module):
     def forward(self, static_features: KeyedJaggedTensor) -> KeyedTensor:
         """
         Args:
-            static_features: one id per sample and key, ``stride()`` = ``B``.
+            static_features: one id per sample and key.
         Returns:
             ``KeyedTensor`` of ``[B, static_dim]`` per key (values ``[B, F * static_dim]``).
         """
-        ids = static_features.values().view(len(self._keys), static_features.stride())  # [F, B]
+        ids = static_features.values().view(len(self._keys), -1)  # [F, B]
         pooled = [self.tables[table](ids[k]) for k, (_, table) in enumerate(self._keys)]  # [B, d] each
         return KeyedTensor(
             keys=[key for key, _ in self._keys], length_per_key=[self.dim] * len(self._keys), values=torch.cat(pooled, 1)
@@ -106,8 +106,9 @@ class PaddedSequenceEmbedding(nn.Module):
             tokens: ``[B, L + 1, sequence_dim]``, right-padded with zeros.
             lengths: ``[B]`` int64 number of valid tokens (history length + 1).
         """
-        batch_size, max_len = sequence_features.stride(), self.max_history
-        per_space = sequence_features.values().view(len(self._tables), batch_size * (1 + max_len))
+        max_len = self.max_history
+        per_space = sequence_features.values().view(len(self._tables), -1)  # [S, B * (1 + L)]
+        batch_size = per_space.shape[1] // (1 + max_len)
         targets = per_space[:, :batch_size]  # [S, B]
         histories = per_space[:, batch_size:].reshape(len(self._tables), batch_size, max_len)  # [S, B, L]
         valid = histories[0] != PADDING_INDEX  # [B, L]
@@ -248,7 +249,7 @@ def export_program(module: ServingModule, spec: FeatureSpec) -> torch.export.Exp
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = {name: {0: batch} for name in INPUT_NAMES}
     with torch.no_grad():
-        return torch.export.export(module, example_inputs(spec, 4), dynamic_shapes=dynamic, strict=False)
+        return torch.export.draft_export(module, example_inputs(spec, 4), dynamic_shapes=dynamic, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------

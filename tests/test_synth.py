@@ -7,7 +7,6 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Dict
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-import torch
 
 from mdaf_rec.data.synth import generate
 

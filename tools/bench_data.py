@@ -14,25 +14,22 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import platform
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import torchrec
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchdoc import machine, write_section  # noqa: E402
 from mdaf_rec.config import FeaturesConfig  # noqa: E402
 from mdaf_rec.data import synth  # noqa: E402
 from mdaf_rec.data.dataset import Dataset  # noqa: E402
@@ -81,32 +78,6 @@ def lookup_rates(vocab: Vocabulary, repeats: int, n: int = 5_000_000) -> Dict[st
         "direct": n / best_seconds(lambda: vocab.lookup(raw), repeats),
         "searchsorted": n / best_seconds(lambda: search.lookup(raw), repeats),
     }
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
-    return (
-        f"{model}; Python {platform.python_version()}, torch {torch.__version__}, torchrec {torchrec.__version__}, "
-        f"pyarrow {pa.__version__}, numpy {np.__version__}"
-    )
-
-
-def write_section(lines: List[str]) -> None:
-    """Replaces (or appends) the loader section of docs/benchmarks.md."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    body = SECTION + "\n\n" + "\n".join(lines).rstrip() + "\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        tail = rest[rest.index("\n## ") + 1 :] if "\n## " in rest else ""
-        text = head + body + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip() + "\n\n" + body
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
 
 
 def main() -> None:
@@ -175,7 +146,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_section(lines)
+        write_section(DOC, SECTION, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,7 @@ Usage::
 
 import argparse
 import math
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchdoc import cpu_model, write_section  # noqa: E402
 from mdaf_rec.models.mamba import selective_scan, selective_scan_reference  # noqa: E402
 
 SECTION = "## Selective scan (mdaf_rec.models.mamba.selective_scan)"
@@ -151,28 +149,6 @@ def median_time(thunk: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
@@ -254,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(body)
     if not args.no_write:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
-        write_section(args.docs, body)
+        write_section(args.docs, SECTION, body)
         print(f"wrote section to {args.docs}")
 
 
