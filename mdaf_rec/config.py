@@ -65,6 +65,8 @@ class FeaturesConfig:
             of the DCNv3 branch; those with a ``history_column`` also get a sequence table.
         extra_sparse: extra int64 columns, each its own id space and static field.
         dense: float columns fed to the static branch as dense fields.
+        dense_log1p: compress dense values with ``sign(x)·log(1 + |x|)`` before embedding them (prices and
+            counts are heavy-tailed); turn off for features already normalised.
         static_dim: dimension of the pooled static field embeddings (DCNv3 field dim).
         sequence_dim: dimension of the unpooled sequence embeddings (and of the fused embedding).
         max_history: histories are truncated to their most recent ``max_history`` entries.
@@ -76,6 +78,7 @@ class FeaturesConfig:
     id_spaces: Dict[str, IdSpaceConfig] = field(default_factory=_default_id_spaces)
     extra_sparse: List[str] = field(default_factory=list)
     dense: List[str] = field(default_factory=list)
+    dense_log1p: bool = True
     static_dim: int = 16
     sequence_dim: int = 128
     max_history: int = 50

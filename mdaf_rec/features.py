@@ -75,6 +75,7 @@ class FeatureSpec:
         static_fields: pooled fields in DCNv3 field order.
         sequence_spaces: id spaces with a history (at least ``item`` and ``category``).
         dense_features: dense float columns, in order.
+        dense_log1p: compress dense values with a signed log1p before embedding.
         static_dim: pooled embedding dim.
         sequence_dim: sequence embedding dim.
         max_history: maximum history length.
@@ -83,6 +84,7 @@ class FeatureSpec:
     static_fields: Tuple[StaticField, ...]
     sequence_spaces: Tuple[SequenceSpace, ...]
     dense_features: Tuple[str, ...]
+    dense_log1p: bool
     static_dim: int
     sequence_dim: int
     max_history: int
@@ -110,6 +112,7 @@ class FeatureSpec:
             static_fields=tuple(static),
             sequence_spaces=tuple(sequence),
             dense_features=tuple(cfg.dense),
+            dense_log1p=cfg.dense_log1p,
             static_dim=cfg.static_dim,
             sequence_dim=cfg.sequence_dim,
             max_history=cfg.max_history,

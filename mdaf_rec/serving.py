@@ -249,7 +249,7 @@ def export_program(module: ServingModule, spec: FeatureSpec) -> torch.export.Exp
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = {name: {0: batch} for name in INPUT_NAMES}
     with torch.no_grad():
-        return torch.export.draft_export(module, example_inputs(spec, 4), dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(module, example_inputs(spec, 4), dynamic_shapes=dynamic, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
-"""One training step under DMP, for ``tests/test_equivalence.py`` (run as 1 process or under torchrun).
+"""Training steps under DMP, for ``tests/test_equivalence.py`` (run as 1 process or under torchrun).
 
-``python tests/dist_step.py --config C --data D --out DIR [--init CKPT] [--constraints JSON] [--set k=v ...]``
+``python tests/dist_step.py --config C --data D --out DIR [--init CKPT] [--constraints JSON] [--steps N]
+[--eval] [--set k=v ...]``
 
 Opens a session with the package's own functions (:func:`mdaf_rec.train.open_session`), loads the initial
-weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/init``), runs ONE step on the
-first global training batch (each rank gets its part, as in training), then writes the weights to
-``DIR/checkpoints/after`` and the dense gradients (DDP-averaged, identical on every rank) to
-``DIR/dense_grads.pt``. ``--constraints`` (JSON: table -> sharding type) forces the sharding plan, so
+weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/init``), runs ``--steps`` steps
+on the first global training batches of epoch 0 (each rank gets its part, as in training), then writes the
+weights to ``DIR/checkpoints/after``, the last step's dense gradients (DDP-averaged, identical on every
+rank) to ``DIR/dense_grads.pt`` and the plan, rank 0's losses and (``--eval``) validation metrics to
+``DIR/result.json``. ``--constraints`` (JSON: table -> sharding type) forces the sharding plan, so
 one run covers several sharding types at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -30,7 +33,7 @@ from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed, shutdown_distributed
 from mdaf_rec.planning import planning_model
 from mdaf_rec.sharding import plan_sharding
-from mdaf_rec.train import _loader, open_session
+from mdaf_rec.train import _loader, evaluate, open_session
 
 
 def forced_plan(cfg: Config, env: DistEnv, vocabs: Vocabularies, types: Dict[str, str]) -> ShardingPlan:
@@ -52,6 +55,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--init", type=Path, help="checkpoint with the initial weights (written here when absent)")
     p.add_argument("--constraints", help="JSON: table -> forced sharding type")
+    p.add_argument("--steps", type=int, default=1, help="training steps (default 1)")
+    p.add_argument("--eval", action="store_true", help="score the validation split after the steps")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
 
@@ -69,19 +74,24 @@ def main(argv: Optional[List[str]] = None) -> None:
         ckpt.save_checkpoint(args.out, "init", {"model": model.state_dict()}, {}, is_best=False)
 
     model.train()
-    batch = next(iter(_loader(session, "train", epoch=0, train=True))).to(env.device)
-    session.optimizer.zero_grad()
-    loss, _ = model(batch)
-    loss.backward()
-    session.optimizer.step()
+    losses: List[float] = []
+    for batch in itertools.islice(_loader(session, "train", epoch=0, train=True), args.steps):
+        batch = batch.to(env.device)
+        session.optimizer.zero_grad()
+        loss, _ = model(batch)
+        loss.backward()
+        session.optimizer.step()
+        losses.append(float(loss))
+    val = evaluate(session, "val") if args.eval else {}
 
     ckpt.save_checkpoint(args.out, "after", {"model": model.state_dict()}, {}, is_best=False)
     if env.is_main:
         grads = {name: p.grad.detach().clone() for name, p in in_backward_optimizer_filter(model.named_parameters())
                  if p.grad is not None}
         torch.save(grads, args.out / "dense_grads.pt")
-        (args.out / "plan.json").write_text(json.dumps(
-            {table: s.sharding_type for m in session.plan.plan.values() for table, s in m.items()}))  # type: ignore[union-attr]
+        plan = {table: s.sharding_type for m in session.plan.plan.values() for table, s in m.items()}  # type: ignore[union-attr]
+        result = {"plan": plan, "rank0_losses": losses, "val": {k: val[k] for k in ("auc", "logloss", "count") if k in val}}
+        (args.out / "result.json").write_text(json.dumps(result, indent=2))
     shutdown_distributed()
 
 

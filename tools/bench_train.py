@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from benchdoc import machine, write_section
 from mdaf_rec.config import ModelConfig, OptimizerConfig, load_config
@@ -103,9 +104,11 @@ def dense_adam(spec: FeatureSpec, cfg: ModelConfig, batch_size: int) -> Step:
 def sparse_adam(spec: FeatureSpec, cfg: ModelConfig, batch_size: int) -> Step:
     train = CTRTrain(build_model(spec, cfg))
     tables = table_parameters(train)
-    for module in train.modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            module.sparse = True
+    for collection in train.modules():
+        if isinstance(collection, (EmbeddingBagCollection, EmbeddingCollection)):
+            for module in collection.modules():
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                    module.sparse = True
     table_ids = {id(p) for p in tables}
     dense = [p for p in train.parameters() if id(p) not in table_ids]
     return timed_step(train, [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(dense, lr=1e-3)])

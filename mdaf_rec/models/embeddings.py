@@ -76,15 +76,17 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class DenseFieldEmbedding(nn.Module):
-    """Turns each dense (float) feature into a field embedding: ``e_f = x_f * w_f + b_f``.
+    """Turns each dense (float) feature into a field embedding: ``e_f = t(x_f) * w_f + b_f``.
 
     Args:
         num_features: number of dense features ``N``.
         dim: field embedding dim ``d``.
+        log1p: ``t(x) = sign(x)·log(1 + |x|)`` (for heavy-tailed values); identity otherwise.
     """
 
-    def __init__(self, num_features: int, dim: int) -> None:
+    def __init__(self, num_features: int, dim: int, log1p: bool = True) -> None:
         super().__init__()
+        self.log1p = log1p
         self.weight = nn.Parameter(torch.empty(num_features, dim))
         self.bias = nn.Parameter(torch.empty(num_features, dim))
         self.reset_parameters()
@@ -100,6 +102,8 @@ class DenseFieldEmbedding(nn.Module):
         Returns:
             ``[B, N, d]``.
         """
+        if self.log1p:
+            dense = torch.sign(dense) * torch.log1p(dense.abs())
         return dense.unsqueeze(-1) * self.weight + self.bias  # [B, N, d]
 
 
@@ -120,7 +124,7 @@ class StaticEmbeddingArch(nn.Module):
         self.grad_scales: Dict[str, float] = {key: 1.0 for key in self._keys}
         self.embedding_bag_collection = EmbeddingBagCollection(tables=spec.embedding_bag_configs(), device=device)
         self.dense_fields = (
-            DenseFieldEmbedding(len(spec.dense_features), spec.static_dim)
+            DenseFieldEmbedding(len(spec.dense_features), spec.static_dim, spec.dense_log1p)
             if spec.dense_features
             else None
         )
