@@ -303,7 +303,9 @@ def test_encoder_output_is_last_valid_position():
     for layer in enc.mamba_layers:
         hidden = layer(hidden)
     expected = hidden[torch.arange(3), lengths - 1]
-    torch.testing.assert_close(enc(tokens, lengths), expected, rtol=0, atol=0)
+    # The encoder runs the last layer's feed-forward on the gathered rows only: same maths, other
+    # matmul shapes, so equal to float32 rounding.
+    torch.testing.assert_close(enc(tokens, lengths), expected, rtol=0, atol=1e-6)
 
 
 def test_encoder_padding_invariance():

@@ -783,17 +783,22 @@ class Mamba4RecLayer(nn.Module):
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Args:
             x (torch.Tensor): ``[B, L, d_model]``.
+            positions (Optional[torch.Tensor]): ``[B, P, d_model]`` int64 gather index; when given,
+                the position-wise part (LayerNorm, feed-forward) runs on those positions only.
 
         Returns:
-            torch.Tensor: ``[B, L, d_model]``, causal in ``L``.
+            torch.Tensor: ``[B, L, d_model]`` (``[B, P, d_model]`` with ``positions``), causal in ``L``.
         """
         hidden = self.dropout(self.mamba(x))  # [B, L, d_model]
-        hidden = self.LayerNorm(hidden + x if self.residual else hidden)
-        return self.ffn(hidden)
+        if self.residual:
+            hidden = hidden + x
+        if positions is not None:
+            hidden = hidden.gather(1, positions)  # [B, P, d_model]
+        return self.ffn(self.LayerNorm(hidden))
 
 
 class Mamba4RecEncoder(nn.Module):
@@ -864,7 +869,9 @@ class Mamba4RecEncoder(nn.Module):
                 f"got min {int(lengths.min())}, max {int(lengths.max())}"
             )
         hidden = self.LayerNorm(self.dropout(tokens))  # [B, L, d_model]
-        for layer in self.mamba_layers:
-            hidden = layer(hidden)  # [B, L, d_model]
         last = (lengths.to(device=tokens.device, dtype=torch.long) - 1).view(batch, 1, 1)
-        return hidden.gather(1, last.expand(batch, 1, self.d_model)).squeeze(1)  # [B, d_model]
+        last = last.expand(batch, 1, self.d_model)
+        for layer in self.mamba_layers[:-1]:
+            hidden = layer(hidden)  # [B, L, d_model]
+        # The last layer's position-wise part only runs where the output is read.
+        return self.mamba_layers[-1](hidden, positions=last).squeeze(1)  # [B, d_model]
