@@ -21,7 +21,7 @@ def train(
     plan: Optional[str] = None,
     nnodes: int = 1,
     nproc_per_node: int = 1,
-    image: str = "ghcr.io/example/mdaf-rec:latest",
+    image: str = "mdaf-rec:latest",
     name: str = "/mdaf-rec-train",
     h: Optional[str] = None,
     cpu: int = 2,

@@ -23,7 +23,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -95,13 +95,16 @@ class TopologySpec:
         return max(1, self.batch_size // self.world_size)
 
     def caps(self) -> Dict[str, Optional[int]]:
-        """``hbm_cap`` / ``ddr_cap`` in bytes for :class:`Topology`."""
-        to_bytes = lambda gb: None if gb is None else int(gb * GB)  # noqa: E731
-        return {"hbm_cap": to_bytes(self.hbm_gb), "ddr_cap": to_bytes(self.ddr_gb)}
+        """``hbm_cap`` / ``ddr_cap`` in bytes for :class:`Topology` (``None``: the planner's default)."""
+        return {"hbm_cap": _bytes(self.hbm_gb), "ddr_cap": _bytes(self.ddr_gb)}
 
     def validate(self) -> None:
         if self.world_size < 1 or self.nodes < 1 or self.world_size % self.nodes:
             raise ConfigError(f"--world-size {self.world_size} must be a positive multiple of --nodes {self.nodes}")
+
+
+def _bytes(gb: Optional[float]) -> Optional[int]:
+    return None if gb is None else int(gb * GB)
 
 
 def planning_model(cfg: Config, device: str) -> nn.Module:
@@ -189,12 +192,14 @@ class _PlanRecorder(Stats):
 
     def __init__(self) -> None:
         self.options: List[ShardingOption] = []
+        self.topology: Optional[Topology] = None
         self.reservation: Optional[StorageReservation] = None
 
     def log(self, sharding_plan: ShardingPlan, topology: Topology, batch_size: int,  # type: ignore[override]
             storage_reservation: StorageReservation, num_proposals: int, num_plans: int, run_time: float,
             best_plan: List[ShardingOption], **kwargs: Any) -> None:
         self.options = list(best_plan)
+        self.topology = topology
         self.reservation = storage_reservation
 
 
@@ -266,11 +271,9 @@ def run_planner(model: nn.Module, topo: TopologySpec,
 
 def _report(topo: TopologySpec, plan: ShardingPlan, recorder: _PlanRecorder) -> PlanReport:
     """Per-table and per-rank numbers from the chosen options, as ``EmbeddingStats`` computes them."""
-    topology = Topology(world_size=topo.world_size, local_world_size=topo.local_world_size,
-                        compute_device=topo.device, **topo.caps())
-    assert recorder.reservation is not None
-    _, dense, kjt = _compute_storage(recorder.reservation, topology)
-    _, used_hbm, used_ddr, perf = _compute_mem_usage_and_perf(topology, recorder.options, dense, kjt)
+    assert recorder.topology is not None and recorder.reservation is not None
+    _, dense, kjt = _compute_storage(recorder.reservation, recorder.topology)
+    _, used_hbm, used_ddr, perf = _compute_mem_usage_and_perf(recorder.topology, recorder.options, dense, kjt)
     tables = [
         TableRow(table=o.name, module=o.path, sharding_type=o.sharding_type, compute_kernel=o.compute_kernel,
                  ranks=sorted({int(s.rank) for s in o.shards if s.rank is not None}),
@@ -287,29 +290,37 @@ def _report(topo: TopologySpec, plan: ShardingPlan, recorder: _PlanRecorder) -> 
 
 def _no_fit_message(model: nn.Module, topo: TopologySpec, constraints: Optional[Dict[str, ParameterConstraints]],
                     reservation: Optional[StorageReservation]) -> str:
-    """Which tables need how much memory versus what the topology offers."""
+    """Which tables need how much memory versus what the topology offers.
+
+    A table none of whose allowed options has every shard fit on one rank is named with its smallest
+    shard's HBM/DDR need versus a rank's; when each table fits alone, the total need versus the total.
+    """
     topology = Topology(world_size=topo.world_size, local_world_size=topo.local_world_size,
                         compute_device=topo.device, **topo.caps())
     options = EmbeddingEnumerator(topology=topology, batch_size=topo.per_rank_batch,
                                   constraints=constraints).enumerate(model, sharders())
-    need: Dict[str, int] = {}
-    for o in options:  # the least memory any allowed option of the table takes
-        size = o.total_storage.hbm + o.total_storage.ddr
-        need[o.name] = min(need.get(o.name, size), size)
-    reserved = reservation.last_reserved_topology if reservation is not None else None
-    devices = (reserved or topology).devices
-    available = sum(d.storage.hbm + d.storage.ddr for d in devices)
-    device = topology.devices[0].storage
-    worst = sorted(need.items(), key=lambda kv: -kv[1])
-    too_big = [(t, n) for t, n in worst if n > available] or worst[:2]
-    named = ", ".join(f"table {t!r} needs {n / GB:.2f} GB" for t, n in too_big)
-    return (
-        f"no sharding plan fits {topo.world_size} {topo.device} rank(s) with {device.hbm / GB:.2f} GB HBM + "
-        f"{device.ddr / GB:.2f} GB DDR each ({available / GB:.2f} GB available in all after the planner's "
-        f"reservations): {named} (weights + optimizer state, its smallest allowed option); all tables together "
-        f"need {sum(need.values()) / GB:.2f} GB. Add ranks or memory (--world-size, --hbm-gb, --ddr-gb) or "
-        f"allow UVM/DDR kernels"
-    )
+    devices = ((reservation.last_reserved_topology if reservation is not None else None) or topology).devices
+    hbm, ddr = min(d.storage.hbm for d in devices), min(d.storage.ddr for d in devices)
+    total: Dict[str, int] = {}
+    shard: Dict[str, Tuple[int, int]] = {}  # table -> (HBM, DDR) of the largest shard of its best option
+    for o in options:
+        total[o.name] = min(total.get(o.name, o.total_storage.hbm + o.total_storage.ddr),
+                            o.total_storage.hbm + o.total_storage.ddr)
+        largest = (max(s.storage.hbm for s in o.shards), max(s.storage.ddr for s in o.shards))  # type: ignore[union-attr]
+        if o.name not in shard or sum(largest) < sum(shard[o.name]):
+            shard[o.name] = largest
+    per_rank = f"{topo.world_size} {topo.device} rank(s) with {hbm / GB:.2f} GB HBM + {ddr / GB:.2f} GB DDR each " \
+               f"(after the planner's reservations; --hbm-gb {topo.hbm_gb}, --ddr-gb {topo.ddr_gb})"
+    unplaceable = [t for t, (h, d) in shard.items() if h > hbm or d > ddr]
+    if unplaceable:
+        named = "; ".join(f"table {t!r} ({total[t] / GB:.2f} GB in all) needs at least {shard[t][0] / GB:.2f} GB "
+                          f"HBM + {shard[t][1] / GB:.2f} GB DDR on one rank" for t in unplaceable)
+        return f"no sharding plan fits {per_rank}: {named}. Add ranks or memory, or allow other sharding types / " \
+               f"UVM kernels"
+    largest_tables = sorted(total.items(), key=lambda kv: -kv[1])[:3]
+    return (f"no sharding plan fits {per_rank}: the tables need {sum(total.values()) / GB:.2f} GB in all "
+            f"(largest: {', '.join(f'{t!r} {n / GB:.2f} GB' for t, n in largest_tables)}), the ranks have "
+            f"{len(devices) * (hbm + ddr) / GB:.2f} GB. Add ranks or memory")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,8 +464,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``mdaf-rec plan``; 0 on success, 2 on bad input or a plan that cannot fit."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our progress at INFO; TorchRec's planner chatter (its root-logger warning about data-parallel tables
+    # having no sharding spec, by design) only when it is an error.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger("mdaf_rec").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -11,12 +11,14 @@ no TorchRec types::
     → probability [B] float32, gate [B, G] float32
 
 ``L`` is the model's ``max_history``; a history's length is its number of non-zero entries (indices
-of real ids are never 0). Inside, the module builds the same ``KeyedJaggedTensor`` s the training
-loader builds and runs the model's own ``score``: the static KJT has one id per sample and key; the
-sequence KJT carries the padded histories (``L`` ids per sample), and :class:`PaddedSequenceEmbedding`
-replaces the model's :class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`, masking the
-padding instead of dropping it, so every shape is static but the batch size. ``G`` is 1 or ``D``
-(``model.gate``) for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
+of real ids are never 0). Inside, the module builds the ``KeyedJaggedTensor`` s of a loader
+:class:`~mdaf_rec.data.batch.Batch` and runs the model's own ``score``: the static KJT has one id
+per sample and key, the sequence KJT the padded histories (``L`` ids per sample). Two drop-in
+lookups on the trained tables keep every shape static but the batch size: :class:`StaticLookup`
+(a sum-pooled bag of one id is that id's row) for the ``EmbeddingBagCollection`` and
+:class:`PaddedSequenceEmbedding` (padding masked instead of dropped) for the
+:class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`. ``G`` is 1 or ``D`` (``model.gate``)
+for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
 
 ``--quantize int8`` swaps every table for a row-wise 8-bit copy (:func:`quantize_tables`): per row,
 ``w ≈ q · scale + bias`` with ``q`` uint8 (FBGEMM's 8-bit row-wise layout), dequantized on lookup.
@@ -24,7 +26,10 @@ padding instead of dropping it, so every shape is static but the batch size. ``G
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -32,13 +37,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.features import PADDING_INDEX, FeatureSpec
+from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch
 from mdaf_rec.models.sequence_branch import SequenceBranch
 
 INPUT_NAMES: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
-OUTPUT_NAMES: Tuple[str, ...] = ("probability", "gate")
 
 
 def _shared_embedding(weight: nn.Parameter) -> nn.Embedding:
@@ -126,8 +130,8 @@ class ServingModule(nn.Module):
     """A :class:`CTRModel` behind plain-tensor inputs (see the module docstring).
 
     Args:
-        model: the trained, unsharded model; its sequence archs are replaced by
-            :class:`PaddedSequenceEmbedding` (same tables).
+        model: the trained, unsharded model (modified in place: its table lookups become
+            :class:`StaticLookup` / :class:`PaddedSequenceEmbedding` over the same tables).
         spec: the feature spec the model was built with.
     """
 
@@ -156,11 +160,13 @@ class ServingModule(nn.Module):
             probability ``[B]`` float32 and gate ``[B, G]`` (zeros ``[B, 1]`` without a fusion gate).
         """
         batch_size = static_ids.shape[0]
+        for name, x in (("dense", dense), ("target_ids", target_ids), ("history_ids", history_ids)):
+            torch._check(x.shape[0] == batch_size, lambda: f"{name} has another batch size than static_ids")
         batch = Batch(
             static_features=self._static_kjt(static_ids),
             sequence_features=self._sequence_kjt(target_ids, history_ids),
             dense_features=dense,
-            labels=dense.new_zeros(batch_size),
+            labels=dense.new_zeros(batch_size),  # labels, user_index, row_index: not read by score()
             user_index=static_ids[:, 0],
             row_index=static_ids[:, 0],
         )
@@ -309,3 +315,70 @@ def quantize_tables(module: nn.Module) -> int:
                 setattr(parent, name, Int8Embedding(weight))
                 saved += weight.numel() * (weight.element_size() - 1) - 8 * weight.shape[0]
     return saved
+
+
+# --------------------------------------------------------------------------------------------------
+# The artifact folder (MODEL_DIR)
+# --------------------------------------------------------------------------------------------------
+
+SPEC_FILE = "feature_spec.json"
+PROGRAM_FILE = "model.pt2"
+VOCAB_DIR = "vocab"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """A MODEL_DIR is incomplete or was modified (the message names the file)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_files(model_dir: Path) -> Dict[str, str]:
+    """``relative path -> sha256`` of every file in ``model_dir`` but ``feature_spec.json``."""
+    return {
+        p.relative_to(model_dir).as_posix(): sha256_file(p)
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and p.name != SPEC_FILE
+    }
+
+
+def read_feature_spec(model_dir: Path) -> Dict[str, Any]:
+    """``feature_spec.json`` of ``model_dir`` after checking every file it lists against its sha256.
+
+    Raises :class:`ArtifactError` naming the missing or mismatched file.
+    """
+    path = model_dir / SPEC_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (not a model folder written by `mdaf-rec export`?)")
+    doc = json.loads(path.read_text())
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for name, expected in doc["files"].items():
+        file = model_dir / name
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing from the model folder (listed in {SPEC_FILE})")
+        if sha256_file(file) != expected:
+            raise ArtifactError(f"{file}: sha256 differs from {SPEC_FILE} (file modified or corrupted)")
+    return doc
+
+
+def spec_from_json(doc: Dict[str, Any]) -> FeatureSpec:
+    """The :class:`FeatureSpec` recorded in a ``feature_spec.json``."""
+    return FeatureSpec(
+        static_fields=tuple(StaticField(f["key"], f["column"], f["table_rows"]) for f in doc["static_fields"]),
+        sequence_spaces=tuple(
+            SequenceSpace(s["key"], s["history_column"], s["table_rows"]) for s in doc["sequence_spaces"]
+        ),
+        dense_features=tuple(doc["dense_features"]),
+        dense_log1p=doc["dense_log1p"],
+        static_dim=doc["static_dim"],
+        sequence_dim=doc["sequence_dim"],
+        max_history=doc["max_history"],
+    )

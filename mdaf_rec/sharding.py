@@ -23,7 +23,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, Stats
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
@@ -119,17 +119,6 @@ def plan_sharding(
     if process_group is not None:
         return planner.collective_plan(model, sharders(), process_group)
     return planner.plan(model, sharders())
-
-
-def table_grad_scales(plan: ShardingPlan, world_size: int) -> Dict[str, float]:
-    """Per table: ``1/W`` for sharded tables, whose backward sums all ranks' gradients, and 1 for
-    ``data_parallel`` ones, whose gradients DDP averages. With these scales a W-rank step equals the
-    1-rank step on the same global batch (see ``embeddings.scale_grad``)."""
-    scales: Dict[str, float] = {}
-    for module_plan in plan.plan.values():
-        for table, sharding in module_plan.items():  # type: ignore[union-attr]
-            scales[table] = 1.0 if sharding.sharding_type == ShardingType.DATA_PARALLEL.value else 1.0 / world_size
-    return scales
 
 
 def shard_model(model: nn.Module, device: torch.device, plan: ShardingPlan) -> DistributedModelParallel:

@@ -42,7 +42,6 @@ from mdaf_rec.sharding import (
     build_optimizer,
     plan_sharding,
     shard_model,
-    table_grad_scales,
     table_parameters,
 )
 
@@ -122,7 +121,6 @@ def open_session(
             batch_size=per_rank_batch,
             process_group=dist.group.WORLD,
         )
-    model.set_table_grad_scales(table_grad_scales(plan, env.world_size))
     dmp = shard_model(train_module, env.device, plan)
     # Dropout masks differ per rank but are reproducible for a given (seed, rank).
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)

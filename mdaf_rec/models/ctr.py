@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,6 @@ from torch import nn
 
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.models.dcnv3 import tri_bce_loss
-from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch
 
 
 class CTROutput(NamedTuple):
@@ -35,12 +34,6 @@ class CTRModel(nn.Module):
 
     def score(self, batch: Batch) -> CTROutput:
         raise NotImplementedError
-
-    def set_table_grad_scales(self, scales: Mapping[str, float]) -> None:
-        """Scales the gradient reaching each named table (see ``embeddings.scale_grad``)."""
-        for module in self.modules():
-            if isinstance(module, (StaticEmbeddingArch, SequenceEmbeddingArch)):
-                module.set_table_grad_scales(scales)
 
     def forward(
         self, batch: Batch, return_gate: bool = False

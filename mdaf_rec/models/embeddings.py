@@ -13,7 +13,7 @@ the keys of a pooled ``KeyedTensor``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -61,20 +61,6 @@ def check_id_ranges(features: KeyedJaggedTensor, sizes: List[int], kind: str) ->
             )
 
 
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity in the forward pass (bit-exact); multiplies the gradient by ``scale`` in backward.
-
-    Used on the outputs of sharded tables: with W ranks each rank's loss is a mean over its own rows,
-    and a sharded table's backward sums the gradients of all ranks, so its rows would see W times the
-    single-process gradient of the same global batch. ``scale = 1/W`` restores it. Written without a
-    custom autograd function so that TorchRec's pipeline tracer (torch.fx) can trace it.
-    """
-    if scale == 1.0:
-        return x
-    frozen = x.detach()
-    return frozen + (x - frozen) * scale
-
-
 class DenseFieldEmbedding(nn.Module):
     """Turns each dense (float) feature into a field embedding: ``e_f = t(x_f) * w_f + b_f``.
 
@@ -120,19 +106,12 @@ class StaticEmbeddingArch(nn.Module):
         super().__init__()
         self._keys: List[str] = spec.static_keys
         self._sizes: List[int] = [f.num_embeddings for f in spec.static_fields]
-        self._tables: Dict[str, str] = {f.name: f.table_name for f in spec.static_fields}
-        self.grad_scales: Dict[str, float] = {key: 1.0 for key in self._keys}
         self.embedding_bag_collection = EmbeddingBagCollection(tables=spec.embedding_bag_configs(), device=device)
         self.dense_fields = (
             DenseFieldEmbedding(len(spec.dense_features), spec.static_dim, spec.dense_log1p)
             if spec.dense_features
             else None
         )
-
-    def set_table_grad_scales(self, scales: Mapping[str, float]) -> None:
-        """Gradient scale per table name (see :func:`scale_grad`); tables not named keep theirs."""
-        for key, table in self._tables.items():
-            self.grad_scales[key] = float(scales.get(table, self.grad_scales[key]))
 
     def forward(self, static_features: KeyedJaggedTensor, dense_features: torch.Tensor) -> torch.Tensor:
         """
@@ -145,7 +124,7 @@ class StaticEmbeddingArch(nn.Module):
         if not is_tracing():
             check_id_ranges(static_features, self._sizes, "static")
         pooled = self.embedding_bag_collection(static_features).to_dict()  # key -> [B, d]
-        fields = torch.stack([scale_grad(pooled[k], self.grad_scales[k]) for k in self._keys], dim=1)  # [B, F, d]
+        fields = torch.stack([pooled[key] for key in self._keys], dim=1)  # [B, F_sparse, d]
         if self.dense_fields is not None:
             fields = torch.cat([fields, self.dense_fields(dense_features)], dim=1)  # [B, F, d]
         return fields
@@ -166,17 +145,10 @@ class SequenceEmbeddingArch(nn.Module):
     def __init__(self, spec: FeatureSpec, device: torch.device | None = None) -> None:
         super().__init__()
         self._spaces: List[Tuple[str, str]] = [(s.name, s.history_key) for s in spec.sequence_spaces]
-        self._tables: Dict[str, str] = {s.name: s.table_name for s in spec.sequence_spaces}
-        self.grad_scales: Dict[str, float] = {s.name: 1.0 for s in spec.sequence_spaces}
         self._sizes: List[int] = [s.num_embeddings for s in spec.sequence_spaces for _ in (0, 1)]
         self.max_history = spec.max_history
         self.dim = spec.sequence_dim
         self.embedding_collection = EmbeddingCollection(tables=spec.embedding_configs(), device=device)
-
-    def set_table_grad_scales(self, scales: Mapping[str, float]) -> None:
-        """Gradient scale per table name (see :func:`scale_grad`); tables not named keep theirs."""
-        for key, table in self._tables.items():
-            self.grad_scales[key] = float(scales.get(table, self.grad_scales[key]))
 
     def forward(self, sequence_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
@@ -191,11 +163,8 @@ class SequenceEmbeddingArch(nn.Module):
             check_id_ranges(sequence_features, self._sizes, "sequence")
             self._check_history_lengths(sequence_features)
         jagged = self.embedding_collection(sequence_features)  # key -> JaggedTensor [sum(len), D]
-        histories = [
-            scale_grad(jagged[h].to_padded_dense(desired_length=self.max_history), self.grad_scales[t])
-            for t, h in self._spaces
-        ]
-        targets = [scale_grad(jagged[t].values(), self.grad_scales[t]) for t, _ in self._spaces]  # [B, D] each
+        histories = [jagged[h].to_padded_dense(desired_length=self.max_history) for _, h in self._spaces]
+        targets = [jagged[t].values() for t, _ in self._spaces]  # each [B, D]: one id per sample
         history = sum(histories[1:], histories[0])  # [B, L, D]
         target = sum(targets[1:], targets[0])  # [B, D]
         lengths = jagged[self._spaces[0][1]].lengths().long()  # [B]

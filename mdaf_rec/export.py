@@ -1,0 +1,232 @@
+"""``mdaf-rec export``: a trained run → a self-contained serving folder (see ``docs/serving.md``).
+
+One story: read the run's config and vocabularies, build the model UNSHARDED on CPU (no DMP, no
+process group), load the checkpoint into it (DCP reshards whatever layout training saved), wrap it
+in :class:`~mdaf_rec.serving.ServingModule` (plain-tensor inputs), optionally quantize its tables to
+row-wise int8, ``torch.export`` it with a dynamic batch dimension, and write::
+
+    MODEL_DIR/
+      model.pt2           torch.export program (torch.export.load → .module())
+      vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each)
+      config.yaml         the run's resolved config, for reference
+      feature_spec.json   inputs, outputs, id → index mapping, time fields, checksums of the files above
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import Config, load_config
+from mdaf_rec.data.dataset import Dataset, DatasetError
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
+from mdaf_rec.models.ctr import CTRModel, CTRTrain
+from mdaf_rec.models.factory import build_model
+from mdaf_rec.serving import (
+    FORMAT_VERSION,
+    PROGRAM_FILE,
+    SPEC_FILE,
+    VOCAB_DIR,
+    ServingModule,
+    artifact_files,
+    example_inputs,
+    export_program,
+    quantize_tables,
+)
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8")
+
+
+def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Config, FeatureSpec, Vocabularies, Path]:
+    """The run's model, unsharded on CPU, with the weights of checkpoint ``which``.
+
+    Args:
+        run_dir: a run directory written by ``mdaf-rec train``.
+        which: ``best`` or ``last``.
+    Returns:
+        ``(model in eval mode, config, feature spec, vocabularies, checkpoint folder)``.
+    """
+    cfg = load_config(run_dir / "config.yaml")
+    vocabs = Vocabularies.load(run_dir / VOCAB_DIR)
+    path = ckpt.checkpoint_path(run_dir, which)
+    expected = ckpt.read_state(path).get("vocab_fingerprint")
+    if expected is not None:
+        vocabs.check_fingerprint(expected, what=f"checkpoint {path}")
+    spec = FeatureSpec.build(cfg.features, vocabs.sizes)
+    model = build_model(spec, cfg.model, table_device="cpu", dense_device="cpu")
+    wrapper = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce)
+    state = {"model": wrapper.state_dict()}
+    ckpt.load_checkpoint(path, state)
+    wrapper.load_state_dict(state["model"])
+    logger.info("loaded %s (%s) from %s", cfg.model.name, which, path)
+    return model.eval(), cfg, spec, vocabs, path
+
+
+def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none") -> Dict[str, Any]:
+    """Writes the serving folder ``out`` for ``run_dir`` (see the module docstring).
+
+    Args:
+        run_dir: the trained run.
+        out: MODEL_DIR (created; an existing one is replaced).
+        which: checkpoint, ``best`` or ``last``.
+        quantize: ``none`` (fp32 tables) or ``int8`` (row-wise 8-bit tables).
+    Returns:
+        The ``feature_spec.json`` document.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    model, cfg, spec, vocabs, path = load_trained_model(run_dir, which)
+    timezone = _timezone(cfg)
+    module = ServingModule(model, spec)
+    if quantize == "int8":
+        saved = quantize_tables(module)
+        logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
+    gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
+    program = export_program(module, spec)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    torch.export.save(program, str(out / PROGRAM_FILE))
+    vocabs.save(out / VOCAB_DIR)
+    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
+    doc["files"] = artifact_files(out)
+    (out / SPEC_FILE).write_text(json.dumps(doc, indent=2))
+    logger.info("exported %s (%s, %s tables) to %s", cfg.model.name, path.name, quantize, out)
+    return doc
+
+
+def _timezone(cfg: Config) -> str:
+    """The time zone training used: the config's, else the training data's ``meta.json``."""
+    if cfg.features.timezone:
+        return cfg.features.timezone
+    try:
+        return Dataset.open(cfg.data.path).timezone()
+    except DatasetError as e:
+        raise DatasetError(
+            f"{e}; the export needs the training data's time zone: pass it with features.timezone in the run's config"
+        ) from None
+
+
+def feature_spec_doc(
+    cfg: Config, spec: FeatureSpec, vocabs: Vocabularies, timezone: str, gate_dim: int, quantize: str, checkpoint: Path
+) -> Dict[str, Any]:
+    """Everything a server needs to turn a raw row into the program's inputs (``feature_spec.json``)."""
+    batch = "B"
+    num_spaces = len(spec.sequence_spaces)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": cfg.model.name,
+        "quantization": "int8_rowwise" if quantize == "int8" else "none",
+        "program": PROGRAM_FILE,
+        "source": {"checkpoint": str(checkpoint.resolve()), "vocab_fingerprint": vocabs.fingerprint},
+        "inputs": [
+            {"name": "static_ids", "dtype": "int64", "shape": [batch, len(spec.static_fields)],
+             "order": spec.static_keys},
+            {"name": "dense", "dtype": "float32", "shape": [batch, len(spec.dense_features)],
+             "order": list(spec.dense_features), "layout": "raw column values (the model applies dense_log1p itself)"},
+            {"name": "target_ids", "dtype": "int64", "shape": [batch, num_spaces],
+             "order": [s.name for s in spec.sequence_spaces]},
+            {"name": "history_ids", "dtype": "int64", "shape": [batch, num_spaces, spec.max_history],
+             "order": [s.history_key for s in spec.sequence_spaces],
+             "layout": "most recent last, right-padded with padding_index; length = number of non-padding entries"},
+        ],
+        "outputs": [
+            {"name": "probability", "dtype": "float32", "shape": [batch]},
+            {"name": "gate", "dtype": "float32", "shape": [batch, gate_dim],
+             "meaning": "MDAF fusion gate (1 = static branch, 0 = sequential)" if cfg.model.name.startswith("mdaf")
+             else "zeros: this model has no fusion gate"},
+        ],
+        "static_fields": [
+            {"key": f.name, "column": f.column, "table_rows": f.num_embeddings,
+             "index": f"derived from timestamp: {_time_field_rule(f.column)}" if f.column in TIME_FIELDS
+             else f"vocabulary {f.name!r}"}
+            for f in spec.static_fields
+        ],
+        "sequence_spaces": [
+            {"key": s.name, "target_column": _space_column(vocabs, s.name), "history_column": s.history_key,
+             "table_rows": s.num_embeddings, "index": f"vocabulary {s.name!r}"}
+            for s in spec.sequence_spaces
+        ],
+        "dense_features": list(spec.dense_features),
+        "dense_log1p": spec.dense_log1p,
+        "static_dim": spec.static_dim,
+        "sequence_dim": spec.sequence_dim,
+        "max_history": spec.max_history,
+        "history_truncation": f"only the most recent {spec.max_history} entries are kept (as in training)",
+        "timezone": timezone,
+        "time_fields": {c: _time_field_rule(c) for c in TIME_FIELDS},
+        "padding_index": PADDING_INDEX,
+        "oov_index": OOV_INDEX,
+        "vocabularies": {
+            "dir": VOCAB_DIR,
+            "fingerprint": vocabs.fingerprint,
+            "spaces": {name: _mapping(name, v.ids is None, v.settings.hash_buckets) for name, v in vocabs.spaces.items()},
+        },
+    }
+
+
+def _time_field_rule(column: str) -> str:
+    rules = {
+        "hour": "local hour 0..23 of `timestamp` (UTC epoch seconds) in `timezone`",
+        "dayofweek": "local day of week of `timestamp` in `timezone`, Monday = 0 .. Sunday = 6",
+    }
+    return rules[column]
+
+
+def _space_column(vocabs: Vocabularies, name: str) -> str:
+    return vocabs.spaces[name].settings.column
+
+
+def _mapping(name: str, hashed: bool, buckets: Optional[int]) -> Dict[str, Any]:
+    if hashed:
+        return {"hash_buckets": buckets,
+                "rule": f"index = splitmix64(raw) % {buckets} + {NUM_RESERVED_INDICES} (see mdaf_rec.data.vocab.stable_hash)"}
+    return {"file": f"{VOCAB_DIR}/{name}.npy",
+            "rule": f"sorted known raw ids (int64); index = position in the file + {NUM_RESERVED_INDICES}; "
+                    f"unknown raw id -> {OOV_INDEX}"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdaf-rec export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `mdaf-rec train`")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--out", type=Path, required=True, help="MODEL_DIR to write (replaced if it exists)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="int8: row-wise 8-bit tables")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``mdaf-rec export``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        export_run(args.run, args.out, args.checkpoint, args.quantize)
+    except _user_errors() as e:
+        print(f"mdaf-rec export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _user_errors() -> tuple:
+    from mdaf_rec.checkpoint import CheckpointError
+    from mdaf_rec.config import ConfigError
+    from mdaf_rec.data.vocab import VocabMismatchError
+
+    return (CheckpointError, ConfigError, DatasetError, VocabMismatchError, FileNotFoundError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

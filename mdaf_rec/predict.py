@@ -1,0 +1,197 @@
+"""``mdaf-rec predict``: batch scoring of canonical-schema rows with an exported MODEL_DIR.
+
+Rows go through the training data path: :func:`~mdaf_rec.data.validate.validate` (an error names the
+column), :class:`~mdaf_rec.data.loader.WindowColumns` (histories truncated to the most recent
+``max_history`` ids), :class:`~mdaf_rec.data.loader.BatchConverter` (raw ids → indices through
+MODEL_DIR's vocabularies, unknown → OOV 1; hour / day of week in the export's time zone), then
+:func:`~mdaf_rec.serving.serving_inputs` into the exported program (fp32 or int8), never the
+training model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
+input, counting through the files in name order), the ``--key`` columns copied through,
+``probability`` and, with ``--with-gate``, ``gate`` (float, or a list of floats for a vector gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mdaf_rec.data.dataset import DatasetError
+from mdaf_rec.data.loader import BatchConverter, WindowColumns
+from mdaf_rec.data.schema import LABEL
+from mdaf_rec.data.validate import ColumnRules, DataError, validate
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.serving import (
+    INPUT_NAMES,
+    PROGRAM_FILE,
+    VOCAB_DIR,
+    ArtifactError,
+    read_feature_spec,
+    serving_inputs,
+    spec_from_json,
+)
+
+logger = logging.getLogger(__name__)
+
+ROW_INDEX = "row_index"
+
+
+class ExportedModel:
+    """A verified MODEL_DIR: the exported program plus what turns raw rows into its inputs.
+
+    Args:
+        model_dir: folder written by ``mdaf-rec export`` (checksums are verified).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.doc: Dict[str, Any] = read_feature_spec(model_dir)
+        self.spec: FeatureSpec = spec_from_json(self.doc)
+        vocabs = Vocabularies.load(model_dir / VOCAB_DIR)
+        vocabs.check_fingerprint(self.doc["vocabularies"]["fingerprint"], what=str(model_dir / "feature_spec.json"))
+        self.converter = BatchConverter(self.spec, vocabs, self.doc["timezone"])
+        self.rules = ColumnRules.from_spec(self.spec)
+        self.program = torch.export.load(str(model_dir / PROGRAM_FILE)).module()
+
+    def inputs(self, table: pa.Table, source: str, row_offset: int) -> Dict[str, torch.Tensor]:
+        """Raw rows -> program inputs (validated, truncated, mapped through the vocabularies).
+
+        Args:
+            table: canonical-schema rows (``label`` optional; other columns ignored).
+            source: file name for error messages.
+            row_offset: row number of ``table``'s first row within ``source``.
+        Returns:
+            ``static_ids``, ``dense``, ``target_ids``, ``history_ids`` (see :mod:`mdaf_rec.serving`).
+        """
+        columns = [c for c in self.rules.columns if c != LABEL or c in table.column_names]
+        missing = [c for c in columns if c not in table.column_names]
+        checked = validate(table.select([c for c in columns if c not in missing]), self.rules, source, row_offset, columns)
+        n = checked.num_rows
+        rows = WindowColumns(checked, np.arange(n), self.rules.history_columns).select(np.arange(n), self.spec.max_history)
+        rows.columns.setdefault(LABEL, np.zeros(n, dtype=np.int8))
+        return serving_inputs(self.converter(rows), self.spec)
+
+    def score(self, table: pa.Table, source: str, row_offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores raw rows (arguments as for :meth:`inputs`).
+
+        Returns:
+            probability ``[n]`` float32 and gate ``[n, G]`` float32.
+        """
+        inputs = self.inputs(table, source, row_offset)
+        with torch.no_grad():
+            probability, gate = self.program(*(inputs[name] for name in INPUT_NAMES))
+        return probability.numpy(), gate.numpy()
+
+
+def predict(
+    model_dir: Path, data: Path, out: Path, keys: Sequence[str] = (), with_gate: bool = False, batch_size: int = 8192
+) -> int:
+    """Scores every row of ``data`` into the Parquet file ``out`` (see the module docstring).
+
+    Args:
+        model_dir: MODEL_DIR written by ``mdaf-rec export``.
+        data: a Parquet file or a folder of them (canonical schema, raw ids).
+        out: output Parquet file.
+        keys: input columns copied to the output.
+        with_gate: also write the fusion gate.
+        batch_size: rows scored per program call.
+    Returns:
+        The number of rows scored.
+    """
+    model = ExportedModel(model_dir)
+    reserved = [k for k in keys if k in (ROW_INDEX, "probability", "gate")]
+    if reserved:
+        raise DataError(f"--key {reserved[0]!r}: the output already has a column of that name")
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer: Optional[pq.ParquetWriter] = None
+    total = 0
+    for table in _scored_tables(model, input_files(data), keys, with_gate, batch_size):
+        writer = writer or pq.ParquetWriter(out, table.schema)
+        writer.write_table(table)
+        total += table.num_rows
+    if writer is None:
+        raise DataError(f"{data}: no rows to score")
+    writer.close()
+    logger.info("scored %d rows in %.1f s -> %s", total, time.perf_counter() - started, out)
+    return total
+
+
+def _scored_tables(
+    model: ExportedModel, files: Sequence[Path], keys: Sequence[str], with_gate: bool, batch_size: int
+) -> Iterator[pa.Table]:
+    """Output tables, one per input record batch: ``row_index``, key columns, probability, gate."""
+    row_base = 0
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        missing = [k for k in keys if k not in parquet.schema_arrow.names]
+        if missing:
+            raise DataError(f"{path}: key column(s) {missing} not found (has {parquet.schema_arrow.names})")
+        offset = 0
+        for record_batch in parquet.iter_batches(batch_size=batch_size):
+            table = pa.Table.from_batches([record_batch])
+            probability, gate = model.score(table, str(path), offset)
+            columns: Dict[str, Any] = {ROW_INDEX: np.arange(row_base + offset, row_base + offset + table.num_rows)}
+            columns.update({k: table.column(k) for k in keys})
+            columns["probability"] = probability
+            if with_gate:
+                columns["gate"] = (
+                    gate[:, 0] if gate.shape[1] == 1
+                    else pa.FixedSizeListArray.from_arrays(pa.array(gate.reshape(-1)), gate.shape[1])
+                )
+            offset += table.num_rows
+            yield pa.table(columns)
+        row_base += offset
+
+
+def input_files(data: Path) -> List[Path]:
+    """``data`` itself if a file, else its ``*.parquet`` files in name order."""
+    if data.is_file():
+        return [data]
+    files = sorted(data.glob("*.parquet")) if data.is_dir() else []
+    if not files:
+        raise DatasetError(f"{data}: no Parquet file (give a .parquet file or a folder of them)")
+    return files
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdaf-rec predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR written by `mdaf-rec export`")
+    p.add_argument("--data", type=Path, required=True, help="a Parquet file or a folder of Parquet files")
+    p.add_argument("--out", type=Path, required=True, help="output Parquet file")
+    p.add_argument("--key", dest="keys", action="append", default=[], metavar="COLUMN",
+                   help="input column copied to the output to join scores back (repeatable)")
+    p.add_argument("--with-gate", action="store_true", help="also write the MDAF fusion gate")
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per program call (default 8192)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``mdaf-rec predict``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.batch_size < 1:
+        print("mdaf-rec predict: error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        predict(args.model, args.data, args.out, args.keys, args.with_gate, args.batch_size)
+    except (ArtifactError, DataError, DatasetError, FileNotFoundError) as e:
+        print(f"mdaf-rec predict: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
