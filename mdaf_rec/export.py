@@ -25,9 +25,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from mdaf_rec import checkpoint as ckpt
-from mdaf_rec.config import Config, load_config
+from mdaf_rec.checkpoint import CheckpointError
+from mdaf_rec.config import Config, ConfigError, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
-from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.models.ctr import CTRModel, CTRTrain
 from mdaf_rec.models.factory import build_model
@@ -78,7 +79,7 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
 
     Args:
         run_dir: the trained run.
-        out: MODEL_DIR (created; an existing one is replaced).
+        out: MODEL_DIR (created; an earlier export there is replaced, any other non-empty folder refused).
         which: checkpoint, ``best`` or ``last``.
         quantize: ``none`` (fp32 tables) or ``int8`` (row-wise 8-bit tables).
     Returns:
@@ -92,11 +93,14 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
     if quantize == "int8":
         saved = quantize_tables(module)
         logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
-    gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
+    with torch.no_grad():
+        gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
     program = export_program(module, spec)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / SPEC_FILE).is_file():
+            raise FileExistsError(f"{out}: exists and is not a model folder; refusing to replace it")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(out / PROGRAM_FILE))
     vocabs.save(out / VOCAB_DIR)
     shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
@@ -203,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory written by `mdaf-rec train`")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    p.add_argument("--out", type=Path, required=True, help="MODEL_DIR to write (replaced if it exists)")
+    p.add_argument("--out", type=Path, required=True, help="MODEL_DIR to write (an earlier export there is replaced)")
     p.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="int8: row-wise 8-bit tables")
     return p
 
@@ -214,18 +218,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         export_run(args.run, args.out, args.checkpoint, args.quantize)
-    except _user_errors() as e:
+    except (CheckpointError, ConfigError, DatasetError, VocabMismatchError, FileNotFoundError, FileExistsError) as e:
         print(f"mdaf-rec export: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def _user_errors() -> tuple:
-    from mdaf_rec.checkpoint import CheckpointError
-    from mdaf_rec.config import ConfigError
-    from mdaf_rec.data.vocab import VocabMismatchError
-
-    return (CheckpointError, ConfigError, DatasetError, VocabMismatchError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,7 @@ class ExportedModel:
     def __init__(self, model_dir: Path) -> None:
         self.doc: Dict[str, Any] = read_feature_spec(model_dir)
         self.spec: FeatureSpec = spec_from_json(self.doc)
-        vocabs = Vocabularies.load(model_dir / VOCAB_DIR)
-        vocabs.check_fingerprint(self.doc["vocabularies"]["fingerprint"], what=str(model_dir / "feature_spec.json"))
-        self.converter = BatchConverter(self.spec, vocabs, self.doc["timezone"])
+        self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), self.doc["timezone"])
         self.rules = ColumnRules.from_spec(self.spec)
         self.program = torch.export.load(str(model_dir / PROGRAM_FILE)).module()
 
@@ -72,8 +70,7 @@ class ExportedModel:
             ``static_ids``, ``dense``, ``target_ids``, ``history_ids`` (see :mod:`mdaf_rec.serving`).
         """
         columns = [c for c in self.rules.columns if c != LABEL or c in table.column_names]
-        missing = [c for c in columns if c not in table.column_names]
-        checked = validate(table.select([c for c in columns if c not in missing]), self.rules, source, row_offset, columns)
+        checked = validate(table, self.rules, source, row_offset, columns).select(columns)
         n = checked.num_rows
         rows = WindowColumns(checked, np.arange(n), self.rules.history_columns).select(np.arange(n), self.spec.max_history)
         rows.columns.setdefault(LABEL, np.zeros(n, dtype=np.int8))

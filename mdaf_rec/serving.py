@@ -39,7 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
 from mdaf_rec.models.ctr import CTRModel
-from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch
+from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
 from mdaf_rec.models.sequence_branch import SequenceBranch
 
 INPUT_NAMES: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
@@ -100,7 +100,6 @@ class PaddedSequenceEmbedding(nn.Module):
         self.tables = nn.ModuleDict({name: _shared_embedding(emb.weight) for name, emb in ec.embeddings.items()})
         self._tables: List[str] = [s.table_name for s in spec.sequence_spaces]
         self.max_history = arch.max_history
-        self.dim = arch.dim
 
     def forward(self, sequence_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
@@ -119,11 +118,7 @@ class PaddedSequenceEmbedding(nn.Module):
         mask = valid.unsqueeze(-1).to(torch.float32)  # [B, L, 1]
         history = sum(self.tables[t](histories[s]) * mask for s, t in enumerate(self._tables))  # [B, L, D]
         target = sum(self.tables[t](targets[s]) for s, t in enumerate(self._tables))  # [B, D]
-        lengths = valid.sum(dim=1)  # [B]
-        tokens = torch.cat([history, history.new_zeros(batch_size, 1, self.dim)], dim=1)  # [B, L+1, D]
-        index = lengths.view(batch_size, 1, 1).expand(batch_size, 1, self.dim)  # [B, 1, D]
-        tokens = tokens.scatter(1, index, target.unsqueeze(1))  # target right after the history
-        return tokens, lengths + 1
+        return append_target(history, target, valid.sum(dim=1))
 
 
 class ServingModule(nn.Module):

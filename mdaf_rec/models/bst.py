@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdaf_rec.models.tracing import is_tracing
+
 __all__ = ["MultiHeadSelfAttention", "TransformerLayer", "BSTEncoder"]
 
 
@@ -181,7 +183,7 @@ class BSTEncoder(nn.Module):
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape [{batch}], got {list(lengths.shape)}")
         limit = min(length, self.max_len)
-        if bool(((lengths < 1) | (lengths > limit)).any()):
+        if not is_tracing() and bool(((lengths < 1) | (lengths > limit)).any()):
             raise ValueError(
                 f"lengths must be in [1, {limit}] (min(L={length}, max_len={self.max_len})), "
                 f"got min {int(lengths.min())} and max {int(lengths.max())}"

@@ -21,20 +21,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.tracing import is_tracing
 
 
 class InputIdError(ValueError):
     """An id is outside its table's range (the message names the feature)."""
-
-
-def is_tracing() -> bool:
-    """True under torch.export / dynamo / fx / TorchScript, where data-dependent checks are skipped."""
-    if torch.jit.is_scripting():
-        return True
-    compiler = torch.compiler
-    if compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting()):
-        return True
-    return torch.fx._symbolic_trace.is_fx_tracing()
 
 
 def check_id_ranges(features: KeyedJaggedTensor, sizes: List[int], kind: str) -> None:
@@ -59,6 +50,24 @@ def check_id_ranges(features: KeyedJaggedTensor, sizes: List[int], kind: str) ->
                 f"{kind} feature {key!r}: id {bad} is outside its table's range [0, {size}) "
                 "(ids must be vocabulary indices; unknown raw ids map to the OOV index 1)"
             )
+
+
+def append_target(
+    history: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Writes each target right after its history.
+
+    Args:
+        history: ``[B, L, D]`` right-padded (zeros) history embeddings.
+        target: ``[B, D]`` target embeddings.
+        lengths: ``[B]`` int64 history lengths.
+    Returns:
+        tokens ``[B, L + 1, D]`` (right-padded with zeros) and their lengths ``[B]`` (history + 1).
+    """
+    batch_size, _, dim = history.shape
+    tokens = torch.cat([history, history.new_zeros(batch_size, 1, dim)], dim=1)  # [B, L+1, D]
+    index = lengths.view(batch_size, 1, 1).expand(batch_size, 1, dim)  # [B, 1, D]
+    return tokens.scatter(1, index, target.unsqueeze(1)), lengths + 1
 
 
 class DenseFieldEmbedding(nn.Module):
@@ -168,11 +177,7 @@ class SequenceEmbeddingArch(nn.Module):
         history = sum(histories[1:], histories[0])  # [B, L, D]
         target = sum(targets[1:], targets[0])  # [B, D]
         lengths = jagged[self._spaces[0][1]].lengths().long()  # [B]
-        batch_size = target.shape[0]
-        tokens = torch.cat([history, history.new_zeros(batch_size, 1, self.dim)], dim=1)  # [B, L+1, D]
-        index = lengths.view(batch_size, 1, 1).expand(batch_size, 1, self.dim)  # [B, 1, D]
-        tokens = tokens.scatter(1, index, target.unsqueeze(1))  # target right after the history
-        return tokens, lengths + 1
+        return append_target(history, target, lengths)
 
     def _check_history_lengths(self, features: KeyedJaggedTensor) -> None:
         lengths = features.to_dict()

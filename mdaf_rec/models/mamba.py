@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdaf_rec.models.tracing import is_tracing
+
 try:  # CUDA fast path; not installable on CPU-only machines.
     from mamba_ssm.ops.selective_scan_interface import (  # type: ignore[import-not-found]
         mamba_inner_fn as _mamba_inner_fn,
@@ -704,7 +706,10 @@ class MambaBlock(nn.Module):
         x_dbl = self.x_proj(x_in.transpose(1, 2))  # [B, L, dt_rank + 2 * d_state]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # [B, d_inner, L], no bias
-        y = selective_scan(
+        # torch.export: the blocked scan loops over batch blocks (specialising the batch size);
+        # the reference recurrence has the same result (to rounding) for any batch size.
+        scan = selective_scan_reference if is_tracing() else selective_scan
+        y = scan(
             x_in,
             dt,
             A,
@@ -863,7 +868,7 @@ class Mamba4RecEncoder(nn.Module):
             raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.is_complex():
             raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
-        if batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
+        if not is_tracing() and batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
             raise ValueError(
                 f"lengths must be in [1, {max_len}] (each sequence ends with its target item), "
                 f"got min {int(lengths.min())}, max {int(lengths.max())}"
