@@ -24,7 +24,9 @@ MODELS = ["dcnv3", "mamba4rec", "bst", "mdaf_mamba", "mdaf_bst"]
 BASELINES = ["dcnv3", "mamba4rec", "bst"]
 
 
-def run(model: str, data: str, out: Path, epochs: int, overrides: List[str]) -> Dict:
+def run(model: str, data: str, out: Path, epochs: int, overrides: List[str], reuse: bool) -> Dict:
+    if reuse and (out / model / "metrics.json").exists():
+        return json.loads((out / model / "metrics.json").read_text())
     cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", f"configs/{model}.yaml", "--data", data,
            "--out", str(out / model), "--epochs", str(epochs)]
     for o in overrides:
@@ -64,8 +66,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--reuse", action="store_true", help="take a model's existing metrics.json instead of training")
     args = parser.parse_args()
-    results = {m: run(m, args.data, args.out, args.epochs, args.overrides) for m in args.models}
+    results = {m: run(m, args.data, args.out, args.epochs, args.overrides, args.reuse) for m in args.models}
     ceiling = next(iter(results.values())).get("bayes_ceiling")
     text = table(results, ceiling)
     (args.out / "results.md").write_text(text + "\n")
