@@ -363,14 +363,16 @@ def _resume(session: Session) -> Dict[str, Any]:
     saved = ckpt.read_state(path)
     _init_optimizer_state(session)
     app_state = _app_state(session)
-    resharded = saved.get("world_size") != session.env.world_size
-    if resharded:
+    if saved.get("world_size") != session.env.world_size:
         logger.warning(
             "resuming a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
             "tables whose sharding type changed (fused <-> data_parallel) restarts",
             saved.get("world_size"), session.env.world_size,
         )
-    state = ckpt.load_checkpoint(path, app_state, partial=("optim",) if resharded else ())
+    # The optimizer entry loads partially: parameters that never received a gradient (e.g. DCNv3's own
+    # logit layers inside MDAF without Tri-BCE) have no Adam state in the checkpoint, and keep the
+    # placeholder state init_state gave them, which no step ever reads.
+    state = ckpt.load_checkpoint(path, app_state, partial=("optim",))
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     logger.info("resumed from %s (epoch %d, step %d)", path, state["epochs_done"], state["step"])
