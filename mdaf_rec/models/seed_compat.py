@@ -155,9 +155,7 @@ class MDAF_Mamba(_SeedMDAF):  # noqa: N801 - the research code's name
     def _configure_branch(
         self, cfg: ModelConfig, embedding_dim: int, dropout: float, max_history: int, kwargs: Dict[str, Any]
     ) -> int:
-        hidden = kwargs.pop("mamba_hidden_dim", embedding_dim)
-        if hidden != embedding_dim:
-            raise TypeError(f"mamba_hidden_dim ({hidden}) must equal embedding_dim ({embedding_dim})")
+        _pop_width(kwargs, "mamba_hidden_dim", embedding_dim)
         cfg.mamba = MambaConfig(
             num_layers=kwargs.pop("mamba_num_layers", 2),
             d_state=kwargs.pop("mamba_d_state", 16),
@@ -179,9 +177,7 @@ class MDAF_BST(_SeedMDAF):  # noqa: N801 - the research code's name
     def _configure_branch(
         self, cfg: ModelConfig, embedding_dim: int, dropout: float, max_history: int, kwargs: Dict[str, Any]
     ) -> int:
-        width = kwargs.pop("bst_embed_dim", embedding_dim)
-        if width != embedding_dim:
-            raise TypeError(f"bst_embed_dim ({width}) must equal embedding_dim ({embedding_dim})")
+        _pop_width(kwargs, "bst_embed_dim", embedding_dim)
         cfg.bst = BSTConfig(
             num_layers=kwargs.pop("bst_num_transformer_layers", 2),
             num_heads=kwargs.pop("bst_num_heads", 4),
@@ -198,6 +194,12 @@ def _dcnv3_config(lcn_layers: int, ecn_layers: int, dropout: Optional[float]) ->
     if dropout is not None:  # the research code has one DCNv3 dropout for both networks
         cfg.lcn_dropout = cfg.ecn_dropout = dropout
     return cfg
+
+
+def _pop_width(kwargs: Dict[str, Any], key: str, embedding_dim: int) -> None:
+    width = kwargs.pop(key, embedding_dim)
+    if width != embedding_dim:
+        raise TypeError(f"{key} ({width}) must equal embedding_dim ({embedding_dim})")
 
 
 def _refuse_unknown(name: str, kwargs: Dict[str, Any]) -> None:
