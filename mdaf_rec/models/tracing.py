@@ -10,4 +10,5 @@ def is_tracing() -> bool:
     compiler = torch.compiler
     if compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting()):
         return True
-    return torch.fx._symbolic_trace.is_fx_tracing()
+    # is_fx_symbolic_tracing (unlike is_fx_tracing) does not log a warning on every call.
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
