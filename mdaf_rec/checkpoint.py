@@ -25,7 +25,7 @@ import logging
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
+
+if TYPE_CHECKING:
+    from mdaf_rec.data.vocab import Vocabularies
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +199,13 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
 def read_state(path: Path) -> Dict[str, Any]:
     """The ``state.json`` of a checkpoint."""
     return json.loads((path / STATE_FILE).read_text())
+
+
+def check_vocabularies(path: Path, vocabs: "Vocabularies") -> None:
+    """Raises ``VocabMismatchError`` unless ``vocabs`` are the ones checkpoint ``path`` was trained with."""
+    expected = read_state(path).get("vocab_fingerprint")
+    if expected is not None:
+        vocabs.check_fingerprint(expected, what=f"checkpoint {path}")
 
 
 def _copy_back(dst: Dict[str, Any], src: Dict[str, Any]) -> None:

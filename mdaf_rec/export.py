@@ -61,9 +61,7 @@ def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Co
     cfg = load_config(run_dir / "config.yaml")
     vocabs = Vocabularies.load(run_dir / VOCAB_DIR)
     path = ckpt.checkpoint_path(run_dir, which)
-    expected = ckpt.read_state(path).get("vocab_fingerprint")
-    if expected is not None:
-        vocabs.check_fingerprint(expected, what=f"checkpoint {path}")
+    ckpt.check_vocabularies(path, vocabs)
     spec = FeatureSpec.build(cfg.features, vocabs.sizes)
     model = build_model(spec, cfg.model, table_device="cpu", dense_device="cpu")
     wrapper = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce)

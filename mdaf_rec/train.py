@@ -30,7 +30,7 @@ from mdaf_rec.config import Config, dump_config, load_config
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.loader import BatchLoader
-from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.metrics import MetricAccumulator
@@ -231,7 +231,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, plan_file: Optional[
     vocabs = _shared_vocabularies(Dataset.open(cfg.data.path), cfg, env)
     if resume:  # refuse another dataset's vocabularies before anything is built on them
         last = ckpt.checkpoint_path(run_dir, "last")
-        _check_vocab(cfg, vocabs, ckpt.read_state(last), last)
+        try:
+            ckpt.check_vocabularies(last, vocabs)
+        except VocabMismatchError as e:
+            raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
     session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run_dir, env, plan_file, resume))
     logger.info(
         "model %s: %s parameters (%s in tables), world size %d (%s), data %s",
@@ -244,7 +247,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, plan_file: Optional[
         oov = session.vocabs.oov_rates(session.dataset)
         logger.info("out-of-vocabulary rates per split and feature: %s", json.dumps(oov))
 
-    state = {"epochs_done": 0, "step": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "train_seconds": 0.0}
+    state = {"epochs_done": 0, "step": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "train_seconds": 0.0,
+             "train_samples": 0}
     if resume:
         state = _resume(session)
     pipeline = TrainPipelineSparseDist(session.model, session.optimizer, env.device) if cfg.train.pipeline else None
@@ -253,6 +257,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, plan_file: Optional[
         started = time.perf_counter()
         epoch_loss, steps, samples = _train_epoch(session, pipeline, epoch, state)
         state["train_seconds"] += time.perf_counter() - started
+        state["train_samples"] += samples
         if pipeline is not None:
             pipeline.detach()
         val = evaluate(session, "val")
@@ -360,19 +365,19 @@ def _app_state(session: Session) -> Dict[str, Any]:
 
 def _resume(session: Session) -> Dict[str, Any]:
     path = ckpt.checkpoint_path(session.run_dir, "last")
-    saved = ckpt.read_state(path)
     _init_optimizer_state(session)
     app_state = _app_state(session)
-    if saved.get("world_size") != session.env.world_size:
-        logger.warning(
-            "resuming a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
-            "tables whose sharding type changed (fused <-> data_parallel) restarts",
-            saved.get("world_size"), session.env.world_size,
-        )
     # The optimizer entry loads partially: parameters that never received a gradient (e.g. DCNv3's own
     # logit layers inside MDAF without Tri-BCE) have no Adam state in the checkpoint, and keep the
-    # placeholder state init_state gave them, which no step ever reads.
+    # placeholder state init_state gave them, which no step ever reads. Under another world size the
+    # optimizer state of tables whose sharding type changed (fused <-> data_parallel) restarts too.
     state = ckpt.load_checkpoint(path, app_state, partial=("optim",))
+    if state.get("world_size") != session.env.world_size:
+        logger.warning(
+            "resumed a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
+            "tables whose sharding type changed (fused <-> data_parallel) restarts",
+            state.get("world_size"), session.env.world_size,
+        )
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     logger.info("resumed from %s (epoch %d, step %d)", path, state["epochs_done"], state["step"])
@@ -384,15 +389,6 @@ def _load_weights(session: Session, path: Path) -> None:
     app_state = {"model": session.model.state_dict()}
     ckpt.load_checkpoint(path, app_state)
     session.model.load_state_dict(app_state["model"])
-
-
-def _check_vocab(cfg: Config, vocabs: Vocabularies, saved: Dict[str, Any], path: Path) -> None:
-    expected = saved.get("vocab_fingerprint")
-    if expected is not None and expected != vocabs.fingerprint:
-        raise TrainingError(
-            f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {path} "
-            f"(fingerprint {vocabs.fingerprint[:12]} vs {expected[:12]}): its ids would map to other table rows"
-        )
 
 
 def _init_optimizer_state(session: Session) -> None:
@@ -427,7 +423,7 @@ def _final_metrics(session: Session, state: Dict[str, Any]) -> Dict[str, Any]:
         "steps": state["step"],
         "val": _headline(val),
         "test": _headline(test),
-        "samples_per_sec": _train_samples(session, state) / max(state["train_seconds"], 1e-9),
+        "samples_per_sec": state["train_samples"] / max(state["train_seconds"], 1e-9),
         "params": session.params,
         "world_size": session.env.world_size,
     }
@@ -438,14 +434,6 @@ def _final_metrics(session: Session, state: Dict[str, Any]) -> Dict[str, Any]:
     if any(ceiling.values()):
         final["bayes_ceiling"] = ceiling
     return final
-
-
-def _train_samples(session: Session, state: Dict[str, Any]) -> int:
-    cfg = session.cfg
-    per_epoch = session.dataset.num_rows("train")
-    if cfg.train.max_steps_per_epoch is not None:
-        per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch * cfg.train.batch_size)
-    return per_epoch * state["epochs_done"]
 
 
 def _plots(run_dir: Path, final: Dict[str, Any]) -> None:
@@ -475,7 +463,7 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     vocabs = Vocabularies.load(run_dir / VOCAB_DIR)
     session = open_session(cfg, run_dir, env, vocabs=vocabs)
     path = ckpt.checkpoint_path(run_dir, which)
-    _check_vocab(cfg, vocabs, ckpt.read_state(path), path)
+    ckpt.check_vocabularies(path, vocabs)
     _load_weights(session, path)
     result = evaluate(session, split)
     result["checkpoint"] = str(path)
