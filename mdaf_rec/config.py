@@ -18,6 +18,7 @@ import yaml
 T = TypeVar("T")
 
 MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst")
+PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -191,9 +192,17 @@ class TrainConfig:
         patience: early stopping: epochs without a better validation AUC before stopping.
         seed: seeds the model initialisation and the data order.
         log_every: steps between progress log lines.
-        threads: torch intra-op threads per process (``null``: torch's default).
+        threads: torch intra-op threads per process (``null``: the machine's cores divided by the
+            processes on this node, so ``torchrun --nproc_per_node N`` never oversubscribes the cores).
         pipeline: overlap input distribution with compute (``TrainPipelineSparseDist``).
         max_steps_per_epoch: cap on steps per epoch (``null``: the whole split).
+        checkpoint_every_steps: also checkpoint inside an epoch every this many steps (``null``: only at
+            epoch ends); a restarted job continues at the next batch of the same epoch order.
+        checkpoint_every_minutes: also checkpoint inside an epoch when this many minutes have passed since
+            the last checkpoint (``null``: off); combinable with ``checkpoint_every_steps``.
+        keep_step_checkpoints: in-epoch checkpoints kept (the newest K; epoch checkpoints are kept as
+            ``best`` / ``last``).
+        precision: ``fp32``, or ``bf16`` autocast of the dense branches (CUDA; tables stay fp32).
     """
 
     epochs: int = 15
@@ -205,6 +214,10 @@ class TrainConfig:
     threads: Optional[int] = None
     pipeline: bool = True
     max_steps_per_epoch: Optional[int] = None
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = None
+    keep_step_checkpoints: int = 2
+    precision: str = "fp32"
 
 
 def _taobao_vocab_sizes() -> Dict[str, int]:
@@ -273,6 +286,13 @@ def validate(cfg: Config) -> Config:
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _require(t.patience >= 1, "train.patience", "must be >= 1")
     _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", "must be >= 1")
+    _require(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: cores / local processes)")
+    _require(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
+             "must be >= 1 (or null: epoch ends only)")
+    _require(t.checkpoint_every_minutes is None or t.checkpoint_every_minutes > 0, "train.checkpoint_every_minutes",
+             "must be > 0 (or null: off)")
+    _require(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
+    _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {list(PRECISIONS)}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     return cfg
 
