@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from mdaf_rec.errors import UserError
+
 if TYPE_CHECKING:
     from mdaf_rec.data.vocab import Vocabularies
 
@@ -44,7 +46,7 @@ INDEX_FILE = "index.json"
 STATE_FILE = "state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or incompatible (the message names the file)."""
 
 

@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from mdaf_rec.config import MODEL_NAMES, ConfigError, load_config
+from mdaf_rec.config import MODEL_NAMES, load_config
 from mdaf_rec.distributed import is_main_process
+from mdaf_rec.errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -78,8 +79,18 @@ def train_config(args: argparse.Namespace):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mdaf-rec``."""
+    """Entry point of ``mdaf-rec``: every :class:`~mdaf_rec.errors.UserError` of every sub-command ends as one
+    line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except UserError as e:
+        print(f"mdaf-rec: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: List[str]) -> int:
+    """Runs one sub-command; returns its exit status."""
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return module.main(argv[1:])
@@ -91,41 +102,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     _eval_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            from mdaf_rec.train import train
+    if args.command == "train":
+        from mdaf_rec.train import train
 
-            cfg = train_config(args)
-            final = train(cfg, args.out or Path("runs") / cfg.model.name, resume=args.resume, plan_file=args.plan)
-            _print_summary(final)
-        elif args.command == "eval":
-            from mdaf_rec.train import eval_run
+        cfg = train_config(args)
+        final = train(cfg, args.out or Path("runs") / cfg.model.name, resume=args.resume, plan_file=args.plan)
+        _print_summary(final)
+    elif args.command == "eval":
+        from mdaf_rec.train import eval_run
 
-            result = eval_run(args.run, args.data, args.split, args.checkpoint)
-            if is_main_process():
-                print(json.dumps(result, indent=2))
-        elif args.command == "demo":
-            from mdaf_rec.demo import run_demo
+        result = eval_run(args.run, args.data, args.split, args.checkpoint)
+        if is_main_process():
+            print(json.dumps(result, indent=2))
+    elif args.command == "demo":
+        from mdaf_rec.demo import run_demo
 
-            run_demo(args.config, args.out, args.overrides)
-    except _user_errors() as e:
-        print(f"mdaf-rec: error: {e}", file=sys.stderr)
-        return 2
+        run_demo(args.config, args.out, args.overrides)
     return 0
-
-
-def _user_errors() -> tuple:
-    """Errors caused by the user's input (config, data, checkpoints, plans): one line, no traceback."""
-    from mdaf_rec.checkpoint import CheckpointError
-    from mdaf_rec.data.dataset import DatasetError
-    from mdaf_rec.data.validate import DataError
-    from mdaf_rec.data.vocab import VocabMismatchError
-    from mdaf_rec.models.embeddings import InputIdError
-    from mdaf_rec.plan_io import PlanFileError
-    from mdaf_rec.train import TrainingError
-
-    return (ConfigError, CheckpointError, DatasetError, DataError, VocabMismatchError, InputIdError, PlanFileError,
-            TrainingError)
 
 
 def _print_summary(final: dict) -> None:

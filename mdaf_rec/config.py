@@ -15,13 +15,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Ty
 
 import yaml
 
+from mdaf_rec.errors import UserError
+
 T = TypeVar("T")
 
 MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst")
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the dotted key."""
 
 

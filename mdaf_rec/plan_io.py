@@ -14,10 +14,12 @@ from typing import Any, Dict, List
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
+from mdaf_rec.errors import UserError
+
 FORMAT = "mdaf_rec.sharding_plan/1"
 
 
-class PlanFileError(ValueError):
+class PlanFileError(UserError, ValueError):
     """A plan file is unreadable or malformed (the message names the file and entry)."""
 
 

@@ -43,6 +43,7 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from mdaf_rec.config import Config, ConfigError, load_config
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
@@ -58,7 +59,7 @@ SWEEP_WORLD_SIZES = (1, 2, 4, 8, 16, 64)
 SWEEP_CHOICES = ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 
 
-class PlanningError(ValueError):
+class PlanningError(UserError, ValueError):
     """The tables cannot be planned for the topology (the message names tables and memory)."""
 
 

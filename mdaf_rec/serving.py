@@ -37,6 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
@@ -322,7 +323,7 @@ VOCAB_DIR = "vocab"
 FORMAT_VERSION = 1
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A MODEL_DIR is incomplete or was modified (the message names the file)."""
 
 

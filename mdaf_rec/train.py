@@ -32,6 +32,7 @@ from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.metrics import MetricAccumulator
 from mdaf_rec.models.ctr import CTRTrain
@@ -51,7 +52,7 @@ VOCAB_DIR = "vocab"
 PLAN_FILE = "plan.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (non-finite loss, incompatible checkpoint, ...)."""
 
 

@@ -15,13 +15,14 @@ from typing import Any, Dict, Optional, Tuple, Union
 import pyarrow.parquet as pq
 
 from mdaf_rec.data.schema import META_FILE, SPLITS
+from mdaf_rec.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEZONE = "UTC"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder is missing, incomplete or malformed; the message names the folder."""
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mdaf_rec.data.schema import CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import TIME_FIELDS, FeatureSpec
 
 ArrowData = Union[pa.Table, pa.RecordBatch]
@@ -24,7 +25,7 @@ Column = Union[pa.Array, pa.ChunkedArray]
 _INT64_MAX = pa.scalar(np.iinfo(np.int64).max, pa.uint64())
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data violates the schema; the message names the file, column and row."""
 
 

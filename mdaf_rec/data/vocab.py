@@ -31,6 +31,7 @@ from mdaf_rec.config import FeaturesConfig
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.schema import SPLITS
 from mdaf_rec.data.validate import ColumnRules, validate
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, TIME_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ DIRECT_LOOKUP_MAX_ID = 1 << 24
 READ_BATCH_ROWS = 65536
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(UserError, ValueError):
     """Vocabularies differ from the ones a model or run expects (fingerprint mismatch)."""
 
 

@@ -20,11 +20,12 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.tracing import is_tracing
 
 
-class InputIdError(ValueError):
+class InputIdError(UserError, ValueError):
     """An id is outside its table's range (the message names the feature)."""
 
 

@@ -36,6 +36,7 @@ from mdaf_rec.data.schema import (
     TIMESTAMP,
     USER_ID,
 )
+from mdaf_rec.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _NULL_STRINGS = ("", "NULL", "null", "NaN", "nan")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Raw input is malformed; the message names the file, the line and the column."""
 
 

@@ -1,0 +1,12 @@
+"""The base class of errors caused by the user's input."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by the user's input (a config, a data file, a checkpoint, a plan, a command-line value).
+
+    Its message names the file, key or row at fault. The ``mdaf-rec`` command line prints it as one line
+    (``mdaf-rec: error: <message>``, no traceback) and exits with status 2; anything else is a bug and keeps
+    its traceback.
+    """
