@@ -2,8 +2,12 @@
 
 Under ``torchrun`` / TorchX ``dist.ddp`` the launcher exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; a plain ``mdaf-rec train`` has none of them
-and runs as a world of one (a process group is still created, because DMP needs one). The backend is
-``nccl`` when CUDA is available, ``gloo`` otherwise.
+and runs as a world of one (a process group is still created, because DMP needs one).
+
+The backend is ``cpu:gloo,cuda:nccl`` when CUDA is available (NCCL for CUDA tensors, Gloo for CPU
+tensors, so CPU-side collectives -- metric gathering, ``broadcast_object_list``, ``barrier`` -- stay
+legal; a CPU tensor handed to an NCCL-only group raises), ``gloo`` otherwise.
+:func:`collective_device` says on which device a collective's tensors must live.
 """
 
 from __future__ import annotations
@@ -12,9 +16,15 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+
+CPU_BACKEND = "gloo"
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+_BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
-    backend: str
+    backend: str  # the default group's: "gloo" on CPU machines, "cpu:gloo,cuda:nccl" on CUDA machines
 
     @property
     def is_main(self) -> bool:
@@ -37,17 +47,19 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
     """Initialises the default process group from the launcher's environment (or as a world of one).
 
     Returns:
-        The process's :class:`DistEnv`; its ``device`` is ``cuda:LOCAL_RANK`` on GPU machines.
+        The process's :class:`DistEnv`; its ``device`` is ``cuda:LOCAL_RANK`` on GPU machines, its
+        ``backend`` the default group's (an existing group is kept as it is).
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    backend = default_backend()
     if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device = torch.device("cpu")
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain single process
             os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -55,7 +67,44 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
-    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, str(dist.get_backend()))
+
+
+def default_backend() -> str:
+    """``cpu:gloo,cuda:nccl`` on a CUDA machine (CPU tensors go through Gloo), ``gloo`` otherwise."""
+    return GPU_BACKEND if torch.cuda.is_available() else CPU_BACKEND
+
+
+def collective_device(
+    group: Optional[dist.ProcessGroup] = None, preferred: Optional[torch.device] = None
+) -> torch.device:
+    """The device for the tensors of a collective on ``group``.
+
+    Args:
+        group: the process group (default: the world).
+        preferred: where the data already is; kept when the group's backend takes tensors of its type.
+
+    Returns:
+        ``preferred`` if the backend handles its device type; otherwise the CPU when the backend has a
+        CPU part (``gloo``, ``cpu:gloo,cuda:nccl``), else the current CUDA device (``nccl`` alone).
+    """
+    types = backend_device_types(str(dist.get_backend(group)))
+    if preferred is not None and preferred.type in types:
+        return preferred
+    if "cpu" in types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def backend_device_types(backend: str) -> Tuple[str, ...]:
+    """Device types a backend string routes: ``gloo`` -> ``("cpu",)``, ``nccl`` -> ``("cuda",)``,
+    ``cpu:gloo,cuda:nccl`` -> ``("cpu", "cuda")``. (Gloo can also move CUDA tensors, slowly through
+    the host; the CPU is the device it is used for here.)"""
+    if ":" in backend:
+        return tuple(pair.split(":", 1)[0] for pair in backend.split(","))
+    if backend not in _BACKEND_DEVICE:
+        raise ValueError(f"unsupported torch.distributed backend {backend!r} (expected gloo, nccl or device:backend pairs)")
+    return (_BACKEND_DEVICE[backend],)
 
 
 def shutdown_distributed() -> None:

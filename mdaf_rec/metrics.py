@@ -1,15 +1,18 @@
 """Exact CTR evaluation metrics, aggregated across ``torch.distributed`` ranks.
 
-:class:`MetricAccumulator` stores every prediction of an evaluation pass on the CPU (``float64``
-probabilities, labels and per-sample gate means, ``int64`` user indices: 32 bytes a row, about 100 MB
-for three million rows) and computes the metrics exactly on the full set. Evaluation sets here are at
+:class:`MetricAccumulator` stores every prediction of an evaluation pass on the device it was scored
+on (``float64`` probabilities, labels and per-sample gate means, ``int64`` user indices: 32 bytes a row,
+about 100 MB for three million rows; ``update`` never waits for the device) and computes the metrics
+exactly on the full set. Evaluation sets here are at
 most a few million rows, so keeping the predictions is cheaper and simpler than binned approximations
 and it makes AUC and GAUC exact. At ``compute`` time every rank briefly holds all ranks' rows.
 
 Aggregation over ranks (:meth:`MetricAccumulator.compute`): every rank all-gathers the row counts, then
-all-gathers its rows padded to the largest count (``dist.all_gather`` of tensors, so it works with
-gloo on CPU tensors and with NCCL on CUDA tensors, for unequal row counts, including empty ranks), and
-computes the metrics from the concatenation. Every metric is independent of the row order, so all
+all-gathers its rows padded to the largest count (``dist.all_gather`` of tensors, for unequal row
+counts, including empty ranks), and computes the metrics from the concatenation. The gathered tensors
+live where the group's backend takes them (:func:`mdaf_rec.distributed.collective_device`): the rows'
+own device when the backend handles it (CUDA rows through NCCL, CPU rows through Gloo), else the
+backend's device. Every metric is independent of the row order, so all
 ranks return the same numbers, equal to those of one process holding all the data, whatever the rank
 order:
 
@@ -44,6 +47,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mdaf_rec.distributed import collective_device
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -208,11 +213,14 @@ def compute_metrics(
 
 
 class MetricAccumulator:
-    """Collects an evaluation pass's predictions on the CPU and computes exact metrics over all ranks.
+    """Collects an evaluation pass's predictions and computes exact metrics over all ranks.
 
-    Memory: 32 bytes per row (``float64`` prob, label and gate mean, ``int64`` user index); a few million
-    rows is a few hundred MB at most. Call :meth:`compute` on every rank of the group (it is collective),
-    then :meth:`reset` before the next pass.
+    Rows stay on the device they are given on (hand it the model's outputs as they are: on a GPU,
+    :meth:`update` queues device work only, with no device-to-host copy or sync); :meth:`compute`
+    checks the labels and moves everything to the host once. Memory: 32 bytes per row (``float64``
+    prob, label and gate mean, ``int64`` user index); a few million rows is a few hundred MB at most.
+    Call :meth:`compute` on every rank of the group (it is collective), then :meth:`reset` before the
+    next pass.
     """
 
     def __init__(self) -> None:
@@ -233,10 +241,10 @@ class MetricAccumulator:
         groups: torch.Tensor,
         gate: Optional[torch.Tensor] = None,
     ) -> None:
-        """Stores one batch.
+        """Stores one batch (on the batch's device; all four tensors must share it).
 
         Args:
-            probs: ``[B]`` click probabilities (any float dtype/device).
+            probs: ``[B]`` click probabilities (any float dtype).
             labels: ``[B]`` 0/1 labels.
             groups: ``[B]`` int64 user indices (for GAUC).
             gate: ``[B, 1]`` or ``[B, D]`` fusion gate, or ``None``; a vector gate is stored as its
@@ -250,22 +258,25 @@ class MetricAccumulator:
             )
         if self._probs and (gate is None) != (not self._gates):
             raise ValueError("either every update() passes a gate or none does")
-        labels64 = labels.detach().to("cpu", torch.float64)
-        if not ((labels64 == 0) | (labels64 == 1)).all():
-            raise ValueError("labels must be 0 or 1")
-        self._probs.append(probs.detach().to("cpu", torch.float64))
-        self._labels.append(labels64)
-        self._groups.append(groups.detach().to("cpu", torch.int64))
+        if gate is not None and (gate.dim() != 2 or gate.shape[0] != b):
+            raise ValueError(f"expected gate of shape [B, 1] or [B, D]; got {tuple(gate.shape)}")
+        device = probs.device
+        if any(t.device != device for t in (labels, groups, gate) if t is not None):
+            raise ValueError("probs, labels, groups and gate must be on one device")
+        self._probs.append(probs.detach().to(torch.float64))
+        self._labels.append(labels.detach().to(torch.float64))
+        self._groups.append(groups.detach().to(torch.int64))
         if gate is not None:
-            if gate.dim() != 2 or gate.shape[0] != b:
-                raise ValueError(f"expected gate of shape [B, 1] or [B, D]; got {tuple(gate.shape)}")
-            self._gates.append(gate.detach().to("cpu", torch.float64).mean(dim=1))
+            self._gates.append(gate.detach().to(torch.float64).mean(dim=1))
 
     def _local_rows(self) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-        """``([n, 3]`` float64 (prob, label, gate mean or 0), ``[n]`` int64 groups, has gate)."""
+        """``([n, 3]`` float64 (prob, label, gate mean or 0), ``[n]`` int64 groups, has gate), on the
+        device the rows were stored on (the CPU when there are none); raises unless labels are 0/1."""
         if not self._probs:
             return torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.int64), False
         probs, labels = torch.cat(self._probs), torch.cat(self._labels)
+        if not bool(((labels == 0) | (labels == 1)).all()):  # one host sync per evaluation pass
+            raise ValueError("labels must be 0 or 1")
         gates = torch.cat(self._gates) if self._gates else torch.zeros_like(probs)
         return torch.stack([probs, labels, gates], dim=1), torch.cat(self._groups), bool(self._gates)
 
@@ -296,9 +307,7 @@ def _all_gather_rows(
     Returns:
         ``([sum n_r, 3]`` rows, ``[sum n_r]`` groups, has gate) on the CPU, ranks in rank order.
     """
-    device = torch.device("cpu")
-    if dist.get_backend(process_group) == dist.Backend.NCCL:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = collective_device(process_group, preferred=rows.device)
     world = dist.get_world_size(process_group)
     meta = torch.tensor([rows.shape[0], int(has_gate)], dtype=torch.int64, device=device)
     metas = [torch.empty_like(meta) for _ in range(world)]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import random_batch, small_spec
+from device_guards import HostSyncError, no_host_sync
 from mdaf_rec.config import ConfigError, FeaturesConfig, ModelConfig, load_config
+from mdaf_rec.data.batch import build_kjt
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.ctr import CTRTrain
-from mdaf_rec.models.embeddings import InputIdError
+from mdaf_rec.models.embeddings import InputIdError, check_sequence_features, check_static_features
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.models.fusion import GatedFusion
 from mdaf_rec.models.seed_compat import MDAF_BST, MDAF_Mamba
@@ -125,25 +131,53 @@ def test_gated_fusion_formula_and_range() -> None:
     torch.testing.assert_close(fused[2], q[2])
 
 
+def _with_values(kjt, values, lengths=None):
+    return type(kjt)(keys=kjt.keys(), values=values, lengths=kjt.lengths() if lengths is None else lengths)
+
+
 def test_out_of_range_and_negative_ids_name_the_feature() -> None:
-    model, spec = _model("mdaf_bst")
+    spec = small_spec()
     batch = random_batch(spec, batch_size=4)
+    check_static_features(batch.static_features, spec)
+    check_sequence_features(batch.sequence_features, spec)
     values = batch.static_features.values().clone()
     values[4] = 50  # first id of the second key ("item"), table has 200 rows: fine
+    check_static_features(_with_values(batch.static_features, values), spec)
     values[0] = 50  # "user" table has 50 rows: out of range
-    batch.static_features = type(batch.static_features)(
-        keys=batch.static_features.keys(), values=values, lengths=batch.static_features.lengths()
-    )
     with pytest.raises(InputIdError, match="'user'.*id 50.*\\[0, 50\\)"):
-        model.score(batch)
+        check_static_features(_with_values(batch.static_features, values), spec)
     batch = random_batch(spec, batch_size=4, lengths=torch.tensor([1, 1, 1, 1]))
     values = batch.sequence_features.values().clone()
     values[5] = -3  # second sample of "item_history"
-    batch.sequence_features = type(batch.sequence_features)(
-        keys=batch.sequence_features.keys(), values=values, lengths=batch.sequence_features.lengths()
-    )
     with pytest.raises(InputIdError, match="'item_history'.*id -3"):
-        model.score(batch)
+        check_sequence_features(_with_values(batch.sequence_features, values), spec)
+
+
+def test_sequence_lengths_are_checked_where_data_enters() -> None:
+    spec = small_spec(max_history=3)
+    ones, three = torch.ones(2, dtype=torch.long), torch.tensor([3, 1])
+    good = build_kjt(spec.sequence_keys, [torch.tensor([5, 6]), torch.arange(2, 6), torch.tensor([2, 3]),
+                                          torch.arange(2, 6)], [ones, three, ones, three])
+    check_sequence_features(good, spec)
+    four = torch.tensor([4, 0])  # 4 > max_history
+    with pytest.raises(InputIdError, match="'item_history': a history has 4 entries.*max_history=3"):
+        check_sequence_features(build_kjt(spec.sequence_keys, [torch.tensor([5, 6]), torch.arange(2, 6),
+                                                               torch.tensor([2, 3]), torch.arange(2, 6)],
+                                          [ones, four, ones, four]), spec)
+    other = torch.tensor([2, 2])  # category history lengths differ from the item history's
+    with pytest.raises(InputIdError, match="'item_history' and 'category_history' have unequal history lengths"):
+        check_sequence_features(build_kjt(spec.sequence_keys, [torch.tensor([5, 6]), torch.arange(2, 6),
+                                                               torch.tensor([2, 3]), torch.arange(2, 6)],
+                                          [ones, three, ones, other]), spec)
+    with pytest.raises(InputIdError, match="'item': every sample needs exactly one target id"):
+        check_sequence_features(build_kjt(spec.sequence_keys, [torch.tensor([5, 6]), torch.arange(2, 6),
+                                                               torch.tensor([2, 3]), torch.arange(2, 6)],
+                                          [torch.tensor([2, 0]), three, ones, three]), spec)
+    reordered = build_kjt(list(reversed(spec.sequence_keys)), [torch.arange(2, 6), torch.tensor([2, 3]),
+                                                                torch.arange(2, 6), torch.tensor([5, 6])],
+                          [three, ones, three, ones])
+    with pytest.raises(InputIdError, match="sequence features: keys .* expected \\['item', 'item_history'"):
+        check_sequence_features(reordered, spec)
 
 
 def test_config_errors_name_the_key(tmp_path) -> None:
@@ -239,3 +273,95 @@ def test_research_code_keywords_map_onto_the_config() -> None:
         MDAF_Mamba(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, mamba_layers=2)
     with pytest.raises(TypeError, match="bst_embed_dim \\(64\\) must equal embedding_dim \\(128\\)"):
         MDAF_BST(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, bst_embed_dim=64)
+
+
+def _seed_inputs():
+    g = torch.Generator().manual_seed(0)
+    other = {"user_id": torch.tensor([1, 2, 3]), "hour": torch.tensor([0, 5, 23]), "dayofweek": torch.tensor([0, 3, 6])}
+    return (torch.tensor([5, 6, 7]), torch.tensor([1, 2, 3]), torch.randint(1, 300, (3, 4), generator=g),
+            torch.randint(1, 30, (3, 4), generator=g), other)
+
+
+def test_research_code_wrapper_validates_ids_and_builds_on_the_input_device() -> None:
+    model = MDAF_BST(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, embedding_dim=32, max_history=6)
+    target, target_cat, hist, cats, other = _seed_inputs()
+    # Tensors the wrapper creates follow the inputs, not the default device (here: meta).
+    with torch.device("meta"):
+        batch = model.seed_batch(target, target_cat, hist, cats, other)
+    kjts = (batch.static_features, batch.sequence_features)
+    tensors = [batch.dense_features, batch.labels, batch.user_index, batch.row_index]
+    tensors += [t for kjt in kjts for t in (kjt.values(), kjt.lengths(), kjt.offsets())]
+    assert {t.device for t in tensors} == {torch.device("cpu")}
+    bad = hist.clone()
+    bad[1, 2] = 300  # the item table has 300 rows
+    with pytest.raises(InputIdError, match="'item_history'.*id 300.*\\[0, 300\\)"):
+        model(target, target_cat, bad, cats, other)
+    with pytest.raises(InputIdError, match="'hour'.*id 24"):
+        model(target, target_cat, hist, cats, {**other, "hour": torch.tensor([0, 24, 1])})
+
+
+# Until Mamba4RecEncoder.forward drops its int(lengths.min()/max()) check (mamba.py, owned elsewhere).
+_MAMBA_LENGTH_CHECK = pytest.mark.xfail(strict=True, raises=HostSyncError, reason="mamba.py reads lengths on the host")
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=_MAMBA_LENGTH_CHECK) if "mamba" in n else n for n in MODELS]
+)
+def test_forward_and_backward_make_no_host_sync(name: str) -> None:
+    """What a GPU step would wait for: no ``.item()``/``int(t)``/``bool(t)``/``torch.equal``/mask indexing
+    in the model code (TorchRec's own embedding modules are allowed their input bookkeeping)."""
+    model, spec = _model(name, small_spec(dense=["price"]))
+    train = CTRTrain(model)
+    batch = random_batch(spec, batch_size=32, seed=4)
+    with no_host_sync():
+        loss, out = train(batch)
+        loss.backward()
+    assert out.logit.shape == (32,)
+    with pytest.raises(HostSyncError, match="_local_scalar_dense.*test_models.py"):
+        with no_host_sync():
+            float(loss.detach())  # the guard itself catches what it should
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_autocast_numerics(name: str) -> None:
+    """Under ``torch.autocast(bfloat16)`` (CPU here; the CUDA path is the same code) logits and gates
+    stay float32 and within 0.01 of the float32 model (bf16 keeps 8 significant bits)."""
+    model, spec = _model(name, small_spec(max_history=20, sequence_dim=64, static_dim=16, dense=["price"]))
+    model.eval()
+    batch = random_batch(spec, batch_size=256, seed=5)
+    with torch.no_grad():
+        ref = model.score(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.score(batch)
+    assert out.logit.dtype == torch.float32
+    torch.testing.assert_close(out.logit, ref.logit, atol=1e-2, rtol=0)
+    if ref.gate is not None:
+        assert out.gate.dtype == torch.float32
+        torch.testing.assert_close(out.gate, ref.gate, atol=5e-3, rtol=0)
+    train = CTRTrain(model.train())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = train(batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(
+        p.grad is None or bool(torch.isfinite(p.grad).all()) for p in train.parameters()
+    )
+
+
+DENSE_MODULES = ["mdaf_rec.models.mamba", "mdaf_rec.models.bst", "mdaf_rec.models.dcnv3", "mdaf_rec.models.fusion",
+                 "mdaf_rec.models.head", "mdaf_rec.metrics", "mdaf_rec.distributed"]
+
+
+def test_dense_modules_import_without_torchrec() -> None:
+    """``tools/gpu_check.sh`` runs them on a machine with only torch: they must not import TorchRec/FBGEMM."""
+    code = (
+        "import sys\n"
+        "for name in ('torchrec', 'fbgemm_gpu'):\n"
+        "    sys.modules[name] = None  # any import of them raises ImportError\n"
+        f"import importlib\nfor m in {DENSE_MODULES!r}:\n    importlib.import_module(m)\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu') and sys.modules[m])\n"
+        "assert not leaked, leaked\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+

@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdaf_rec.models.tracing import is_tracing
-
 __all__ = ["MultiHeadSelfAttention", "TransformerLayer", "BSTEncoder"]
 
 
@@ -174,7 +172,9 @@ class BSTEncoder(nn.Module):
                 holds the target item, indices before it the history (oldest first). Padded
                 slots may contain anything finite or not: they are zeroed and never attended.
             lengths (torch.Tensor): ``[B]`` int64 valid lengths,
-                ``1 <= lengths <= min(L, max_len)``.
+                ``1 <= lengths <= min(L, max_len)``. Not checked here (that would wait for the
+                device every step): :class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch` makes
+                them in range from histories validated where data enters.
 
         Returns:
             torch.Tensor: ``[B, D]`` final hidden state at the target position.
@@ -182,12 +182,6 @@ class BSTEncoder(nn.Module):
         batch, length, _ = tokens.shape
         if lengths.shape != (batch,):
             raise ValueError(f"lengths must have shape [{batch}], got {list(lengths.shape)}")
-        limit = min(length, self.max_len)
-        if not is_tracing() and bool(((lengths < 1) | (lengths > limit)).any()):
-            raise ValueError(
-                f"lengths must be in [1, {limit}] (min(L={length}, max_len={self.max_len})), "
-                f"got min {int(lengths.min())} and max {int(lengths.max())}"
-            )
         lengths = lengths.to(device=tokens.device, dtype=torch.long)
         steps = torch.arange(length, device=tokens.device)  # [L]
         valid = steps[None, :] < lengths[:, None]  # [B, L]

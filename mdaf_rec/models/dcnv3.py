@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdaf_rec.models.precision import full_precision_linear
+
 __all__ = [
     "MultiHeadFeatureEmbedding",
     "SelfMaskCrossLayer",
@@ -175,8 +177,8 @@ class _CrossNetwork(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def _logit(self, hidden: torch.Tensor) -> torch.Tensor:
-        # [B, H, D_h] -> [B, H, 1] -> [B]
-        return self.fc(hidden).mean(dim=1).squeeze(-1)
+        # [B, H, D_h] -> [B, H, 1] -> [B]; float32 under autocast
+        return full_precision_linear(self.fc, hidden).mean(dim=1).squeeze(-1)
 
 
 class LinearCrossNetwork(_CrossNetwork):

@@ -9,6 +9,12 @@
 Tables are built on ``device`` (``meta`` for DMP, which materialises and shards them); the small
 dense parts on the default device (set with ``with torch.device(...)``). Outputs are read by key, never by position: a sharding plan reorders
 the keys of a pooled ``KeyedTensor``.
+
+The forwards never wait for the device (no ``.item()``, ``int(t)``, ``torch.equal`` on the hot path):
+ids and history lengths are validated where data enters, by :func:`check_static_features` and
+:func:`check_sequence_features` (the research-code wrapper calls them; the training loader produces
+vocabulary indices, in range by construction). An id outside its table on a GPU is a device-side
+assert, not a one-line error, so code feeding the model from elsewhere calls them too.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
-from mdaf_rec.models.tracing import is_tracing
 
 
 class InputIdError(UserError, ValueError):
@@ -51,6 +56,47 @@ def check_id_ranges(features: KeyedJaggedTensor, sizes: List[int], kind: str) ->
                 f"{kind} feature {key!r}: id {bad} is outside its table's range [0, {size}) "
                 "(ids must be vocabulary indices; unknown raw ids map to the OOV index 1)"
             )
+
+
+def check_static_features(features: KeyedJaggedTensor, spec: FeatureSpec) -> None:
+    """Validates the static KJT of a batch: keys in spec order, one in-range id per sample and key.
+
+    Raises:
+        InputIdError: naming the feature (host syncs: call it where data enters, not in a forward).
+    """
+    _check_keys(features, spec.static_keys, "static")
+    if not bool((features.lengths() == 1).all()):
+        raise InputIdError("static features: every sample needs exactly one id per static field")
+    check_id_ranges(features, [f.num_embeddings for f in spec.static_fields], "static")
+
+
+def check_sequence_features(features: KeyedJaggedTensor, spec: FeatureSpec) -> None:
+    """Validates the sequence KJT of a batch: keys in spec order, in-range ids, one target per sample and
+    id space, at most ``max_history`` history entries, equal history lengths across id spaces.
+
+    Raises:
+        InputIdError: naming the feature (host syncs: call it where data enters, not in a forward).
+    """
+    _check_keys(features, spec.sequence_keys, "sequence")
+    check_id_ranges(features, [s.num_embeddings for s in spec.sequence_spaces for _ in (0, 1)], "sequence")
+    per_key = features.to_dict()
+    first = spec.sequence_spaces[0].history_key
+    for space in spec.sequence_spaces:
+        hist_len = per_key[space.history_key].lengths()
+        if hist_len.numel() and int(hist_len.max()) > spec.max_history:
+            raise InputIdError(
+                f"sequence feature {space.history_key!r}: a history has {int(hist_len.max())} entries, more than "
+                f"max_history={spec.max_history} (the loader keeps the most recent {spec.max_history})"
+            )
+        if not bool((per_key[space.name].lengths() == 1).all()):
+            raise InputIdError(f"sequence feature {space.name!r}: every sample needs exactly one target id")
+        if not torch.equal(per_key[first].lengths(), hist_len):
+            raise InputIdError(f"sequence features {first!r} and {space.history_key!r} have unequal history lengths")
+
+
+def _check_keys(features: KeyedJaggedTensor, expected: List[str], kind: str) -> None:
+    if list(features.keys()) != expected:
+        raise InputIdError(f"{kind} features: keys {list(features.keys())}, expected {expected} (in this order)")
 
 
 def append_target(
@@ -115,7 +161,6 @@ class StaticEmbeddingArch(nn.Module):
     def __init__(self, spec: FeatureSpec, device: torch.device | None = None) -> None:
         super().__init__()
         self._keys: List[str] = spec.static_keys
-        self._sizes: List[int] = [f.num_embeddings for f in spec.static_fields]
         self.embedding_bag_collection = EmbeddingBagCollection(tables=spec.embedding_bag_configs(), device=device)
         self.dense_fields = (
             DenseFieldEmbedding(len(spec.dense_features), spec.static_dim, spec.dense_log1p)
@@ -126,13 +171,12 @@ class StaticEmbeddingArch(nn.Module):
     def forward(self, static_features: KeyedJaggedTensor, dense_features: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            static_features: one id per sample for each static key.
+            static_features: one id per sample for each static key, in range
+                (:func:`check_static_features`).
             dense_features: ``[B, N_dense]`` float (ignored when no dense features are configured).
         Returns:
             ``[B, F, static_dim]`` field embeddings, static keys in spec order, then dense fields.
         """
-        if not is_tracing():
-            check_id_ranges(static_features, self._sizes, "static")
         pooled = self.embedding_bag_collection(static_features).to_dict()  # key -> [B, d]
         fields = torch.stack([pooled[key] for key in self._keys], dim=1)  # [B, F_sparse, d]
         if self.dense_fields is not None:
@@ -155,7 +199,6 @@ class SequenceEmbeddingArch(nn.Module):
     def __init__(self, spec: FeatureSpec, device: torch.device | None = None) -> None:
         super().__init__()
         self._spaces: List[Tuple[str, str]] = [(s.name, s.history_key) for s in spec.sequence_spaces]
-        self._sizes: List[int] = [s.num_embeddings for s in spec.sequence_spaces for _ in (0, 1)]
         self.max_history = spec.max_history
         self.dim = spec.sequence_dim
         self.embedding_collection = EmbeddingCollection(tables=spec.embedding_configs(), device=device)
@@ -164,14 +207,11 @@ class SequenceEmbeddingArch(nn.Module):
         """
         Args:
             sequence_features: per id space, the target (length 1) and the history (length
-                0..max_history, most recent last).
+                0..max_history, most recent last), as :func:`check_sequence_features` accepts.
         Returns:
             tokens: ``[B, max_history + 1, sequence_dim]``, right-padded with zeros.
             lengths: ``[B]`` int64 number of valid tokens (history length + 1).
         """
-        if not is_tracing():
-            check_id_ranges(sequence_features, self._sizes, "sequence")
-            self._check_history_lengths(sequence_features)
         jagged = self.embedding_collection(sequence_features)  # key -> JaggedTensor [sum(len), D]
         histories = [jagged[h].to_padded_dense(desired_length=self.max_history) for _, h in self._spaces]
         targets = [jagged[t].values() for t, _ in self._spaces]  # each [B, D]: one id per sample
@@ -179,20 +219,3 @@ class SequenceEmbeddingArch(nn.Module):
         target = sum(targets[1:], targets[0])  # [B, D]
         lengths = jagged[self._spaces[0][1]].lengths().long()  # [B]
         return append_target(history, target, lengths)
-
-    def _check_history_lengths(self, features: KeyedJaggedTensor) -> None:
-        lengths = features.to_dict()
-        for target_key, history_key in self._spaces:
-            hist_len = lengths[history_key].lengths()
-            tgt_len = lengths[target_key].lengths()
-            if hist_len.numel() and int(hist_len.max()) > self.max_history:
-                raise InputIdError(
-                    f"sequence feature {history_key!r}: a history has {int(hist_len.max())} entries, more than "
-                    f"max_history={self.max_history} (the loader keeps the most recent {self.max_history})"
-                )
-            if tgt_len.numel() and not bool((tgt_len == 1).all()):
-                raise InputIdError(f"sequence feature {target_key!r}: every sample needs exactly one target id")
-        first = self._spaces[0][1]
-        for _, history_key in self._spaces[1:]:
-            if not torch.equal(lengths[first].lengths(), lengths[history_key].lengths()):
-                raise InputIdError(f"sequence features {first!r} and {history_key!r} have unequal history lengths")

@@ -7,13 +7,16 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from mdaf_rec.models.precision import full_precision_linear
+
 GATE_MODES = ("scalar", "vector")
 
 
 class GatedFusion(nn.Module):
     """``g = σ(W [s; q] + b)``, ``fused = g · s + (1 − g) · q``.
 
-    ``g ≈ 1`` means the sample relies on the static branch, ``g ≈ 0`` on the sequential one.
+    ``g ≈ 1`` means the sample relies on the static branch, ``g ≈ 0`` on the sequential one. The gate
+    is computed in float32 under autocast (so is ``fused``: float32 ``g`` times either branch).
 
     Args:
         dim: dimension ``D`` of both embeddings.
@@ -37,6 +40,6 @@ class GatedFusion(nn.Module):
             fused: ``[B, D]``.
             gate: ``[B, 1]`` (scalar) or ``[B, D]`` (vector), in ``[0, 1]``.
         """
-        gate = torch.sigmoid(self.gate(torch.cat([static, sequential], dim=-1)))  # [B, 1 | D]
+        gate = torch.sigmoid(full_precision_linear(self.gate, torch.cat([static, sequential], dim=-1)))  # [B, 1 | D]
         fused = gate * static + (1.0 - gate) * sequential  # [B, D]
         return fused, gate

@@ -7,9 +7,11 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from mdaf_rec.models.precision import full_precision_linear
+
 
 class PredictionHead(nn.Module):
-    """``Linear → ReLU → Dropout`` per hidden size, then ``Linear → 1``.
+    """``Linear → ReLU → Dropout`` per hidden size, then ``Linear → 1`` (float32 under autocast).
 
     Args:
         input_dim: input embedding dim.
@@ -36,4 +38,7 @@ class PredictionHead(nn.Module):
         Returns:
             ``[B]`` logits.
         """
-        return self.mlp(embedding).squeeze(-1)
+        *hidden, output = self.mlp
+        for layer in hidden:
+            embedding = layer(embedding)
+        return full_precision_linear(output, embedding).squeeze(-1)

@@ -20,6 +20,7 @@ import torch
 from mdaf_rec.config import BSTConfig, DCNv3Config, FeaturesConfig, MambaConfig, ModelConfig
 from mdaf_rec.data.batch import Batch, build_kjt
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.embeddings import check_sequence_features, check_static_features
 from mdaf_rec.models.mdaf import MDAF
 
 
@@ -112,7 +113,9 @@ class _SeedMDAF(MDAF):
         category_history: torch.Tensor,
         other_features: Dict[str, torch.Tensor],
     ) -> Batch:
-        """Converts research-code inputs to a :class:`Batch`."""
+        """Converts research-code inputs to a :class:`Batch` on their device, validated: this is where
+        the research code's data enters, so ids outside their tables and misaligned histories are
+        refused here with :class:`~mdaf_rec.models.embeddings.InputIdError` naming the feature."""
         valid = item_history != 0  # [B, L]
         # Keep only the most recent max_history valid entries: rank valid entries from the end.
         from_end = valid.flip(1).long().cumsum(1).flip(1)  # [B, L]: valid entries at or after this one
@@ -134,14 +137,16 @@ class _SeedMDAF(MDAF):
             [target_item.long(), item_history[keep].long(), target_category.long(), category_history[keep].long()],
             [ones, lengths, ones, lengths],
         )
-        batch_size = target_item.shape[0]
+        check_static_features(static_kjt, self.spec)
+        check_sequence_features(sequence_kjt, self.spec)
+        batch_size, device = target_item.shape[0], target_item.device
         return Batch(
             static_features=static_kjt,
             sequence_features=sequence_kjt,
-            dense_features=torch.zeros(batch_size, 0),
-            labels=torch.zeros(batch_size),
+            dense_features=torch.zeros(batch_size, 0, device=device),
+            labels=torch.zeros(batch_size, device=device),
             user_index=other_features["user_id"].long(),
-            row_index=torch.arange(batch_size),
+            row_index=torch.arange(batch_size, device=device),
         )
 
 
