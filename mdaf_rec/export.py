@@ -9,7 +9,11 @@ row-wise int8, ``torch.export`` it with a dynamic batch dimension, and write::
       model.pt2           torch.export program (torch.export.load → .module())
       vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each)
       config.yaml         the run's resolved config, for reference
-      feature_spec.json   inputs, outputs, id → index mapping, time fields, checksums of the files above
+      feature_spec.json   inputs, outputs, id → index mapping, time fields
+      manifest.json       sha256 and size of every file above; its own sha256 is printed
+
+The files are written beside MODEL_DIR first and moved in at the end (:class:`mdaf_rec.artifact.ArtifactWriter`):
+an earlier export's files are replaced, nothing else in MODEL_DIR is touched.
 """
 
 from __future__ import annotations
@@ -25,24 +29,15 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from mdaf_rec import checkpoint as ckpt
-from mdaf_rec.checkpoint import CheckpointError
-from mdaf_rec.config import Config, ConfigError, load_config
+from mdaf_rec.artifact import FORMAT_VERSION, MANIFEST_FILE, PROGRAM_FILE, SPEC_FILE, VOCAB_DIR, ArtifactWriter
+from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
-from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.models.ctr import CTRModel, CTRTrain
 from mdaf_rec.models.factory import build_model
-from mdaf_rec.serving import (
-    FORMAT_VERSION,
-    PROGRAM_FILE,
-    SPEC_FILE,
-    VOCAB_DIR,
-    ServingModule,
-    artifact_files,
-    example_inputs,
-    export_program,
-    quantize_tables,
-)
+from mdaf_rec.serving import ServingModule, example_inputs, export_program, quantize_tables
 
 logger = logging.getLogger(__name__)
 
@@ -72,41 +67,37 @@ def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Co
     return model.eval(), cfg, spec, vocabs, path
 
 
-def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none") -> Dict[str, Any]:
+def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none") -> str:
     """Writes the serving folder ``out`` for ``run_dir`` (see the module docstring).
 
     Args:
         run_dir: the trained run.
-        out: MODEL_DIR (created; an earlier export there is replaced, any other non-empty folder refused).
+        out: MODEL_DIR (created; an earlier export's files there are replaced, other files kept; a
+            non-empty folder without an earlier export is refused before anything is done).
         which: checkpoint, ``best`` or ``last``.
         quantize: ``none`` (fp32 tables) or ``int8`` (row-wise 8-bit tables).
     Returns:
-        The ``feature_spec.json`` document.
+        The sha256 of ``out/manifest.json``, the artifact's hash.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
-    model, cfg, spec, vocabs, path = load_trained_model(run_dir, which)
-    timezone = _timezone(cfg)
-    module = ServingModule(model, spec)
-    if quantize == "int8":
-        saved = quantize_tables(module)
-        logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
-    with torch.no_grad():
-        gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
-    program = export_program(module, spec)
-    if out.exists() and any(out.iterdir()):
-        if not (out / SPEC_FILE).is_file():
-            raise FileExistsError(f"{out}: exists and is not a model folder; refusing to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(out / PROGRAM_FILE))
-    vocabs.save(out / VOCAB_DIR)
-    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
-    doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
-    doc["files"] = artifact_files(out)
-    (out / SPEC_FILE).write_text(json.dumps(doc, indent=2))
-    logger.info("exported %s (%s, %s tables) to %s", cfg.model.name, path.name, quantize, out)
-    return doc
+    with ArtifactWriter(out) as artifact:
+        model, cfg, spec, vocabs, path = load_trained_model(run_dir, which)
+        timezone = _timezone(cfg)
+        module = ServingModule(model, spec)
+        if quantize == "int8":
+            saved = quantize_tables(module)
+            logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
+        with torch.no_grad():
+            gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
+        torch.export.save(export_program(module, spec), str(artifact.folder / PROGRAM_FILE))
+        vocabs.save(artifact.folder / VOCAB_DIR)
+        shutil.copyfile(run_dir / "config.yaml", artifact.folder / "config.yaml")
+        doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
+        (artifact.folder / SPEC_FILE).write_text(json.dumps(doc, indent=2))
+    logger.info("exported %s (%s, %s tables) to %s; sha256 of %s: %s",
+                cfg.model.name, path.name, quantize, out, MANIFEST_FILE, artifact.sha256)
+    return artifact.sha256
 
 
 def _timezone(cfg: Config) -> str:
@@ -205,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory written by `mdaf-rec train`")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    p.add_argument("--out", type=Path, required=True, help="MODEL_DIR to write (an earlier export there is replaced)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="MODEL_DIR to write (an earlier export's files there are replaced; other files are kept)")
     p.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="int8: row-wise 8-bit tables")
     return p
 
@@ -215,10 +207,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        export_run(args.run, args.out, args.checkpoint, args.quantize)
-    except (CheckpointError, ConfigError, DatasetError, VocabMismatchError, FileNotFoundError, FileExistsError) as e:
+        digest = export_run(args.run, args.out, args.checkpoint, args.quantize)
+    except (UserError, FileNotFoundError) as e:
         print(f"mdaf-rec export: error: {e}", file=sys.stderr)
         return 2
+    print(f"{args.out / MANIFEST_FILE} sha256: {digest}")
+    print(f"check before loading: mdaf-rec predict --model {args.out} --manifest-sha256 {digest} ...")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,21 +25,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mdaf_rec.artifact import PROGRAM_FILE, VOCAB_DIR, read_feature_spec
 from mdaf_rec.data.dataset import DatasetError
 from mdaf_rec.data.loader import BatchConverter, WindowColumns
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
-from mdaf_rec.serving import (
-    INPUT_NAMES,
-    PROGRAM_FILE,
-    VOCAB_DIR,
-    ArtifactError,
-    read_feature_spec,
-    serving_inputs,
-    spec_from_json,
-)
+from mdaf_rec.serving import INPUT_NAMES, serving_inputs, spec_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +44,13 @@ class ExportedModel:
     """A verified MODEL_DIR: the exported program plus what turns raw rows into its inputs.
 
     Args:
-        model_dir: folder written by ``mdaf-rec export`` (checksums are verified).
+        model_dir: folder written by ``mdaf-rec export``; every file its manifest lists is verified
+            before anything is loaded (:func:`~mdaf_rec.artifact.read_feature_spec`).
+        manifest_sha256: if given, the sha256 that ``model_dir/manifest.json`` must have.
     """
 
-    def __init__(self, model_dir: Path) -> None:
-        self.doc: Dict[str, Any] = read_feature_spec(model_dir)
+    def __init__(self, model_dir: Path, manifest_sha256: Optional[str] = None) -> None:
+        self.doc: Dict[str, Any] = read_feature_spec(model_dir, manifest_sha256)
         self.spec: FeatureSpec = spec_from_json(self.doc)
         self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), self.doc["timezone"])
         self.rules = ColumnRules.from_spec(self.spec)
@@ -89,37 +86,64 @@ class ExportedModel:
 
 
 def predict(
-    model_dir: Path, data: Path, out: Path, keys: Sequence[str] = (), with_gate: bool = False, batch_size: int = 8192
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    keys: Sequence[str] = (),
+    with_gate: bool = False,
+    batch_size: int = 8192,
+    manifest_sha256: Optional[str] = None,
 ) -> int:
     """Scores every row of ``data`` into the Parquet file ``out`` (see the module docstring).
 
     Args:
         model_dir: MODEL_DIR written by ``mdaf-rec export``.
         data: a Parquet file or a folder of them (canonical schema, raw ids).
-        out: output Parquet file.
+        out: output Parquet file; refused if it is an input (``data``, a file in it, a file of
+            ``model_dir``). Written under a temporary name and renamed when complete.
         keys: input columns copied to the output.
         with_gate: also write the fusion gate.
         batch_size: rows scored per program call.
+        manifest_sha256: if given, ``model_dir/manifest.json`` must have this sha256 (checked first).
     Returns:
         The number of rows scored.
     """
-    model = ExportedModel(model_dir)
+    files = input_files(data)
+    check_output_path(out, {"--data": data, "--model": model_dir})
     reserved = [k for k in keys if k in (ROW_INDEX, "probability", "gate")]
     if reserved:
         raise DataError(f"--key {reserved[0]!r}: the output already has a column of that name")
+    model = ExportedModel(model_dir, manifest_sha256)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
     writer: Optional[pq.ParquetWriter] = None
     total = 0
-    for table in _scored_tables(model, input_files(data), keys, with_gate, batch_size):
-        writer = writer or pq.ParquetWriter(out, table.schema)
-        writer.write_table(table)
-        total += table.num_rows
-    if writer is None:
-        raise DataError(f"{data}: no rows to score")
-    writer.close()
+    try:
+        for table in _scored_tables(model, files, keys, with_gate, batch_size):
+            writer = writer or pq.ParquetWriter(partial, table.schema)
+            writer.write_table(table)
+            total += table.num_rows
+        if writer is None:
+            raise DataError(f"{data}: no rows to score")
+        writer.close()
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     logger.info("scored %d rows in %.1f s -> %s", total, time.perf_counter() - started, out)
     return total
+
+
+def check_output_path(out: Path, inputs: Dict[str, Path]) -> None:
+    """Refuses an output file that is a folder, or is (or lies inside) one of the ``inputs`` (flag -> path)."""
+    if out.is_dir():
+        raise DataError(f"--out {out}: is a folder; give the path of the output Parquet file")
+    target = out.resolve()
+    for flag, source in inputs.items():
+        if target == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source)):
+            raise DataError(f"--out {out}: is the {flag} input itself; refusing to overwrite it")
+        if target.is_relative_to(source.resolve()):
+            raise DataError(f"--out {out}: lies inside the {flag} folder {source}; write the scores elsewhere")
 
 
 def _scored_tables(
@@ -163,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdaf-rec predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="MODEL_DIR written by `mdaf-rec export`")
+    p.add_argument("--manifest-sha256", metavar="HEX",
+                   help="refuse MODEL_DIR unless its manifest.json has this sha256 (printed by `mdaf-rec export`); "
+                   "give it for a folder from anywhere you do not control: loading runs pickle")
     p.add_argument("--data", type=Path, required=True, help="a Parquet file or a folder of Parquet files")
     p.add_argument("--out", type=Path, required=True, help="output Parquet file")
     p.add_argument("--key", dest="keys", action="append", default=[], metavar="COLUMN",
@@ -183,8 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        predict(args.model, args.data, args.out, args.keys, args.with_gate, args.batch_size)
-    except (ArtifactError, DataError, DatasetError, FileNotFoundError) as e:
+        predict(args.model, args.data, args.out, args.keys, args.with_gate, args.batch_size, args.manifest_sha256)
+    except (UserError, FileNotFoundError) as e:
         print(f"mdaf-rec predict: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,9 +26,6 @@ for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -37,7 +34,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.errors import UserError
 from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
@@ -314,55 +310,8 @@ def quantize_tables(module: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# The artifact folder (MODEL_DIR)
+# feature_spec.json -> FeatureSpec (the folder itself: mdaf_rec.artifact)
 # --------------------------------------------------------------------------------------------------
-
-SPEC_FILE = "feature_spec.json"
-PROGRAM_FILE = "model.pt2"
-VOCAB_DIR = "vocab"
-FORMAT_VERSION = 1
-
-
-class ArtifactError(UserError, RuntimeError):
-    """A MODEL_DIR is incomplete or was modified (the message names the file)."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def artifact_files(model_dir: Path) -> Dict[str, str]:
-    """``relative path -> sha256`` of every file in ``model_dir`` but ``feature_spec.json``."""
-    return {
-        p.relative_to(model_dir).as_posix(): sha256_file(p)
-        for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and p.name != SPEC_FILE
-    }
-
-
-def read_feature_spec(model_dir: Path) -> Dict[str, Any]:
-    """``feature_spec.json`` of ``model_dir`` after checking every file it lists against its sha256.
-
-    Raises :class:`ArtifactError` naming the missing or mismatched file.
-    """
-    path = model_dir / SPEC_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing (not a model folder written by `mdaf-rec export`?)")
-    doc = json.loads(path.read_text())
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
-    for name, expected in doc["files"].items():
-        file = model_dir / name
-        if not file.is_file():
-            raise ArtifactError(f"{file}: missing from the model folder (listed in {SPEC_FILE})")
-        if sha256_file(file) != expected:
-            raise ArtifactError(f"{file}: sha256 differs from {SPEC_FILE} (file modified or corrupted)")
-    return doc
 
 
 def spec_from_json(doc: Dict[str, Any]) -> FeatureSpec:

@@ -9,7 +9,9 @@ is exercised.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mdaf_rec.artifact import write_manifest
 from mdaf_rec.data.synth import generate
 from mdaf_rec.metrics import auc_score
 from mdaf_rec.export import main as export_main
@@ -190,13 +193,144 @@ def test_bad_input_names_the_column(dataset: Path, exports, tmp_path: Path, caps
     assert "'user_id'" in _predict_error(model_dir, wrong, tmp_path, capsys)
 
 
-def test_tampered_model_dir_names_the_file(dataset: Path, exports, tmp_path: Path, capsys) -> None:
+def _one_line_error(main, args, capsys) -> str:
+    """stderr of ``main(args)`` (``export_main`` / ``predict_main``), which must fail with status 2 and one line."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _tamper_timezone(path: Path) -> None:
+    spec = json.loads(path.read_text())
+    spec["timezone"] = "Asia/Tokyo" if spec["timezone"] != "Asia/Tokyo" else "UTC"
+    path.write_text(json.dumps(spec, indent=2))
+
+
+def _append_byte(path: Path) -> None:
+    with open(path, "ab") as fh:
+        fh.write(b"\0")
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, tamper", [
+    ("feature_spec.json", _tamper_timezone),
+    ("vocab/item.npy", _append_byte),
+    ("model.pt2", _flip_middle_byte),
+])
+def test_tampered_model_dir_names_the_file(name: str, tamper, dataset: Path, exports, tmp_path: Path, capsys) -> None:
     model_dir = tmp_path / "model"
     shutil.copytree(exports["mdaf_bst_none"], model_dir)
-    with open(model_dir / "vocab" / "item.npy", "ab") as fh:
-        fh.write(b"\0")
-    err = _predict_error(model_dir, dataset / "test.parquet", tmp_path, capsys)
-    assert "item.npy" in err and "sha256" in err, err
+    tamper(model_dir / name)
+    out = tmp_path / "o.parquet"
+    argv = ["--model", str(model_dir), "--data", str(dataset / "test.parquet"), "--out", str(out)]
+    err = _one_line_error(predict_main, argv, capsys)
+    assert f"{model_dir / name}: sha256 differs from manifest.json" in err, err
+    assert not out.exists()
+
+
+def test_missing_program_names_the_file(dataset: Path, exports, tmp_path: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(exports["mdaf_bst_none"], model_dir)
     (model_dir / "model.pt2").unlink()
     err = _predict_error(model_dir, dataset / "test.parquet", tmp_path, capsys)
     assert "model.pt2" in err and "missing" in err, err
+
+
+def test_manifest_sha256_is_checked_first(dataset: Path, exports, tmp_path: Path, capsys) -> None:
+    model_dir = exports["mdaf_mamba_none"]
+    digest = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
+    rows = tmp_path / "rows.parquet"
+    pq.write_table(pq.read_table(dataset / "test.parquet").slice(0, 50), rows)
+    base = ["--model", str(model_dir), "--data", str(rows), "--out", str(tmp_path / "o.parquet")]
+    assert predict_main([*base, "--manifest-sha256", digest.upper()]) == 0
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == 50
+    other = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    err = _one_line_error(predict_main, [*base, "--manifest-sha256", other], capsys)
+    assert f"{model_dir / 'manifest.json'}: sha256 {digest} is not the expected {other}" in err, err
+    assert "64 hex digits" in _one_line_error(predict_main, [*base, "--manifest-sha256", "abc"], capsys)
+    # an edited manifest (hashes rewritten to match a tampered file) passes only without the flag
+    forged = tmp_path / "forged"
+    shutil.copytree(model_dir, forged)
+    _tamper_timezone(forged / "feature_spec.json")
+    write_manifest(forged)
+    assert predict_main([*base[:1], str(forged), *base[2:]]) == 0
+    err = _one_line_error(predict_main, [*base[:1], str(forged), *base[2:], "--manifest-sha256", digest], capsys)
+    assert "manifest.json: sha256" in err, err
+
+
+def test_export_replaces_only_its_own_files(runs, exports, tmp_path: Path, capsys) -> None:
+    """Onto an earlier export (of the other model) plus a user's notes.txt: the old artifact's files are
+    replaced or deleted, notes.txt is kept; the printed hash is the new manifest's sha256."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(exports["mdaf_bst_none"], model_dir)
+    np.save(model_dir / "vocab" / "retired.npy", np.arange(3))  # a file only the old export had
+    write_manifest(model_dir)
+    (model_dir / "notes.txt").write_text("my notes\n")
+
+    capsys.readouterr()
+    assert export_main(["--run", str(runs["mdaf_mamba"]), "--out", str(model_dir)]) == 0
+    printed = capsys.readouterr().out
+    digest = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
+    assert f"manifest.json sha256: {digest}" in printed, printed
+    assert (model_dir / "notes.txt").read_text() == "my notes\n"
+    assert not (model_dir / "vocab" / "retired.npy").exists()
+    assert json.loads((model_dir / "feature_spec.json").read_text())["model"] == "mdaf_mamba"
+    manifest = json.loads((model_dir / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    assert on_disk == set(manifest) | {"manifest.json", "notes.txt"}
+    assert {"feature_spec.json", "model.pt2", "config.yaml", "vocab/vocab.json", "vocab/item.npy"} <= set(manifest)
+    for name, entry in manifest.items():
+        data = (model_dir / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]  # no staging folder left
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(runs, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "feature_spec.json").write_text("{}")  # looks like a model folder, but holds no manifest
+    (folder / "notes.txt").write_text("my notes\n")
+    err = _one_line_error(export_main, ["--run", str(runs["mdaf_mamba"]), "--out", str(folder)], capsys)
+    assert f"--out {folder}: folder is not empty and holds no earlier export" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert sorted(p.name for p in folder.iterdir()) == ["feature_spec.json", "notes.txt"]
+
+
+def test_predict_refuses_to_overwrite_its_input(dataset: Path, exports, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = data / "rows.parquet"
+    pq.write_table(pq.read_table(dataset / "test.parquet").slice(0, 20), rows)
+    before = rows.read_bytes()
+    model = str(exports["mdaf_mamba_none"])
+    err = _one_line_error(predict_main, ["--model", model, "--data", str(rows), "--out", str(rows)], capsys)
+    assert f"--out {rows}: is the --data input itself" in err, err
+    inside = ["--model", model, "--data", str(data), "--out", str(data / "s.parquet")]
+    err = _one_line_error(predict_main, inside, capsys)
+    assert "lies inside the --data folder" in err, err
+    out = Path(model) / "manifest.json"
+    err = _one_line_error(predict_main, ["--model", model, "--data", str(rows), "--out", str(out)], capsys)
+    assert "lies inside the --model folder" in err, err
+    assert rows.read_bytes() == before
+    assert sorted(p.name for p in data.iterdir()) == ["rows.parquet"]
+
+
+def test_predict_prints_no_warnings(dataset: Path, exports, tmp_path: Path) -> None:
+    """A normal ``mdaf-rec predict`` in a fresh process: no warning of torch, TorchRec or FBGEMM on stderr."""
+    out = tmp_path / "scores.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdaf_rec.cli", "predict", "--model", str(exports["mdaf_mamba_none"]),
+         "--data", str(dataset / "test.parquet"), "--out", str(out)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in proc.stderr.splitlines() if not re.search(r" INFO mdaf_rec[.\w]*: ", line)]
+    assert noise == [], proc.stderr[-3000:]
+    assert pq.read_table(out).num_rows == pq.read_metadata(dataset / "test.parquet").num_rows

@@ -1,0 +1,184 @@
+"""The serving artifact folder (MODEL_DIR): its file names, its manifest, and how it is written and verified.
+
+``manifest.json`` lists every file ``mdaf-rec export`` wrote (path relative to MODEL_DIR → ``sha256`` and
+``size``), whatever those files are; the sha256 of ``manifest.json`` itself is the artifact's hash, printed
+by ``export`` and checked by ``predict --manifest-sha256``. Files not listed (a ``notes.txt`` a user adds)
+are never read and never deleted. See ``docs/serving.md`` for the trust boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mdaf_rec.errors import UserError
+
+MANIFEST_FILE = "manifest.json"
+SPEC_FILE = "feature_spec.json"
+PROGRAM_FILE = "model.pt2"
+VOCAB_DIR = "vocab"
+FORMAT_VERSION = 2  # of feature_spec.json; 2: the checksums moved to manifest.json
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ArtifactError(UserError, RuntimeError):
+    """A MODEL_DIR is incomplete or was modified, or an export target is unsafe (the message names the file)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(model_dir: Path) -> str:
+    """Writes ``manifest.json`` over every file below ``model_dir``; returns the manifest's sha256."""
+    files = {
+        p.relative_to(model_dir).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and p.relative_to(model_dir).as_posix() != MANIFEST_FILE
+    }
+    data = json.dumps({"files": files}, indent=2).encode()
+    (model_dir / MANIFEST_FILE).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(model_dir: Path, expected_sha256: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """``{path: {"sha256", "size"}}`` of ``model_dir``'s manifest, after checking the manifest's own sha256
+    if one is given. Raises :class:`ArtifactError` naming the manifest (missing, invalid, another hash)."""
+    path = model_dir / MANIFEST_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing (not a model folder written by `mdaf-rec export`?)") from None
+    if expected_sha256 is not None:
+        expected = expected_sha256.strip().lower()
+        if not _SHA256_HEX.fullmatch(expected):
+            raise ArtifactError(f"--manifest-sha256 {expected_sha256!r}: expected 64 hex digits")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ArtifactError(f"{path}: sha256 {actual} is not the expected {expected} (another or a modified model)")
+    try:
+        files = {str(name): {"sha256": str(e["sha256"]), "size": int(e["size"])}
+                 for name, e in json.loads(data)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path}: not a valid manifest ({type(e).__name__}: {e})") from None
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{path}: lists {name!r}, a path outside the model folder")
+    return files
+
+
+def verify_artifact(model_dir: Path, expected_sha256: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """Checks every file listed in ``model_dir``'s manifest (size and sha256), with ``expected_sha256`` the
+    manifest's own hash first; returns the manifest (:func:`read_manifest`).
+
+    Raises :class:`ArtifactError` naming the first missing or modified file.
+    """
+    files = read_manifest(model_dir, expected_sha256)
+    for name, entry in files.items():
+        file = model_dir / name
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing from the model folder (listed in {MANIFEST_FILE})")
+        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+            raise ArtifactError(f"{file}: sha256 differs from {MANIFEST_FILE} (file modified or corrupted)")
+    return files
+
+
+def read_feature_spec(model_dir: Path, expected_sha256: Optional[str] = None) -> Dict[str, Any]:
+    """``feature_spec.json`` of ``model_dir``, read only after :func:`verify_artifact` passed."""
+    verify_artifact(model_dir, expected_sha256)
+    path = model_dir / SPEC_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (not a model folder written by `mdaf-rec export`?)")
+    doc = json.loads(path.read_text())
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return doc
+
+
+class ArtifactWriter:
+    """Writes a MODEL_DIR ``out`` safely: ``with ArtifactWriter(out) as artifact:`` write the files into
+    ``artifact.folder`` (a new folder beside ``out``); leaving the block writes their manifest and moves
+    them into ``out`` (``artifact.sha256`` is then the manifest's sha256); an exception removes them.
+
+    The files listed in ``out``'s earlier manifest are replaced or deleted; any other file of ``out``
+    stays. Refused with :class:`ArtifactError`: an ``out`` that is a file or a non-empty folder with no
+    earlier export (at construction, before anything is written), and a user's file in the way of a new
+    one (before ``out`` is changed). The manifest moves last, so an interrupted move leaves no
+    manifest vouching for a half-written folder.
+
+    Args:
+        out: the MODEL_DIR to write.
+    """
+
+    def __init__(self, out: Path) -> None:
+        if out.exists() and not out.is_dir():
+            raise ArtifactError(f"--out {out}: is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+            raise ArtifactError(
+                f"--out {out}: folder is not empty and holds no earlier export ({MANIFEST_FILE} missing); "
+                "nothing written: give a new or empty folder"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        self.sha256: Optional[str] = None
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.sha256 = self._publish()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _publish(self) -> str:
+        """Writes the manifest of :attr:`folder` and moves its files into :attr:`out`; returns the manifest's sha256."""
+        out, staged = self.out, self.folder
+        digest = write_manifest(staged)
+        new = sorted(read_manifest(staged))
+        old = sorted(read_manifest(out)) if (out / MANIFEST_FILE).is_file() else []
+        for name in new:
+            in_the_way = _in_the_way(out, name, old)
+            if in_the_way is not None:
+                raise ArtifactError(f"{in_the_way}: exists and is not a file of the earlier export; refusing to replace it")
+        for name in [MANIFEST_FILE, *old]:
+            (out / name).unlink(missing_ok=True)
+            _remove_empty_parents(out / name, out)
+        for name in new:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / name, out / name)
+        os.replace(staged / MANIFEST_FILE, out / MANIFEST_FILE)
+        return digest
+
+
+def _in_the_way(out: Path, name: str, old: List[str]) -> Optional[Path]:
+    """The user's file (or folder) that writing ``out/name`` would replace, if any."""
+    if (out / name).exists() and name not in old:
+        return out / name
+    for folder in Path(name).parents[:-1]:
+        if (out / folder).exists() and not (out / folder).is_dir():
+            return out / folder
+    return None
+
+
+def _remove_empty_parents(path: Path, root: Path) -> None:
+    """Removes the now-empty folders between ``path`` and ``root`` (exclusive)."""
+    for parent in path.parents:
+        if parent == root or not parent.is_relative_to(root):
+            return
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
