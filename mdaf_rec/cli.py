@@ -16,9 +16,11 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-from mdaf_rec.config import MODEL_NAMES, load_config
+import torch
+
+from mdaf_rec.config import MODEL_NAMES, Config, check_sparse_optimizer, load_config
 from mdaf_rec.distributed import is_main_process
 from mdaf_rec.errors import UserError
 
@@ -64,7 +66,23 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
-def train_config(args: argparse.Namespace):
+def training_config(path: Path, overrides: Sequence[str]) -> Config:
+    """:func:`~mdaf_rec.config.load_config`, then refuses what this machine cannot train (``adam`` tables on CPU)."""
+    cfg = load_config(path, overrides)
+    check_sparse_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
+    return cfg
+
+
+def require_run_dir(run_dir: Path) -> Path:
+    """``run_dir`` if it holds a run written by ``mdaf-rec train`` (its ``config.yaml``), else a :class:`UserError`."""
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory of `mdaf-rec train` (it has no config.yaml)")
+    return run_dir
+
+
+def train_config(args: argparse.Namespace) -> Config:
     """The resolved config of ``mdaf-rec train``: file, then ``--set``, then the named flags."""
     overrides: List[str] = list(args.overrides)
     if args.data:
@@ -75,7 +93,7 @@ def train_config(args: argparse.Namespace):
         overrides.append(f"train.epochs={args.epochs}")
     if args.batch_size is not None:
         overrides.append(f"train.batch_size={args.batch_size}")
-    return load_config(args.config, overrides)
+    return training_config(args.config, overrides)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -111,13 +129,13 @@ def _run(argv: List[str]) -> int:
     elif args.command == "eval":
         from mdaf_rec.train import eval_run
 
-        result = eval_run(args.run, args.data, args.split, args.checkpoint)
+        result = eval_run(require_run_dir(args.run), args.data, args.split, args.checkpoint)
         if is_main_process():
             print(json.dumps(result, indent=2))
     elif args.command == "demo":
         from mdaf_rec.demo import run_demo
 
-        run_demo(args.config, args.out, args.overrides)
+        run_demo(training_config(args.config, args.overrides), args.out)
     return 0
 
 

@@ -8,10 +8,12 @@ is an error that names its dotted path (``model.mamba.d_stat``), never a silentl
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -140,6 +142,8 @@ class ModelConfig:
 
 
 SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+# The table optimizers FBGEMM runs on CPU (``adam`` needs a GPU).
+CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
 DENSE_OPTIMIZERS: Tuple[str, ...] = ("adam", "adamw")
 
 
@@ -262,7 +266,10 @@ def validate(cfg: Config) -> Config:
     _require(f.sequence_dim > 0, "features.sequence_dim", "must be > 0")
     _require(f.max_history >= 1, "features.max_history", "must be >= 1")
     _require(f.min_count >= 1, "features.min_count", "must be >= 1")
+    if f.timezone is not None:
+        _require(_is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
     for name, space in f.id_spaces.items():
+        _require(bool(space.column), f"features.id_spaces.{name}.column", "must name a column")
         if space.hash_buckets is not None:
             _require(space.hash_buckets >= 1, f"features.id_spaces.{name}.hash_buckets", "must be >= 1")
     for name in f.extra_sparse:
@@ -275,18 +282,36 @@ def validate(cfg: Config) -> Config:
     _require(len(m.head_hidden) >= 1 and all(h > 0 for h in m.head_hidden), "model.head_hidden",
              "must be a non-empty list of positive sizes")
     _require(0.0 <= m.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")
-    _require(f.sequence_dim % m.bst.num_heads == 0, "model.bst.num_heads",
-             f"must divide features.sequence_dim={f.sequence_dim}")
+    d = m.dcnv3
+    _require(d.num_heads >= 1 and f.static_dim % d.num_heads == 0, "model.dcnv3.num_heads",
+             f"must be >= 1 and divide features.static_dim={f.static_dim}")
+    _require(d.num_lcn_layers >= 1, "model.dcnv3.num_lcn_layers", "must be >= 1")
+    _require(d.num_ecn_layers >= 1, "model.dcnv3.num_ecn_layers", "must be >= 1")
+    _require(0.0 <= d.lcn_dropout < 1.0, "model.dcnv3.lcn_dropout", "must be in [0, 1)")
+    _require(0.0 <= d.ecn_dropout < 1.0, "model.dcnv3.ecn_dropout", "must be in [0, 1)")
+    for key in ("num_layers", "d_state", "d_conv", "expand"):
+        _require(getattr(m.mamba, key) >= 1, f"model.mamba.{key}", "must be >= 1")
+    _require(0.0 <= m.mamba.dropout < 1.0, "model.mamba.dropout", "must be in [0, 1)")
+    _require(m.bst.num_layers >= 1, "model.bst.num_layers", "must be >= 1")
+    _require(m.bst.num_heads >= 1 and f.sequence_dim % m.bst.num_heads == 0, "model.bst.num_heads",
+             f"must be >= 1 and divide features.sequence_dim={f.sequence_dim}")
+    _require(0.0 <= m.bst.dropout < 1.0, "model.bst.dropout", "must be in [0, 1)")
+    _require(m.bst.ffn_dim is None or m.bst.ffn_dim >= 1, "model.bst.ffn_dim", "must be >= 1 (or null: sequence_dim)")
     o = cfg.optimizer
     _require(o.sparse in SPARSE_OPTIMIZERS, "optimizer.sparse", f"{o.sparse!r} is not one of {list(SPARSE_OPTIMIZERS)}")
     _require(o.dense in DENSE_OPTIMIZERS, "optimizer.dense", f"{o.dense!r} is not one of {list(DENSE_OPTIMIZERS)}")
     _require(o.lr > 0, "optimizer.lr", "must be > 0")
     _require(o.sparse_lr > 0, "optimizer.sparse_lr", "must be > 0")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _require(o.sparse_eps > 0, "optimizer.sparse_eps", "must be > 0")
+    _require(o.sparse_weight_decay >= 0, "optimizer.sparse_weight_decay", "must be >= 0")
     t = cfg.train
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _require(t.patience >= 1, "train.patience", "must be >= 1")
+    _require(t.seed >= 0, "train.seed", "must be >= 0")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", "must be >= 1")
     _require(t.threads is None or t.threads >= 1, "train.threads", "must be >= 1 (or null: cores / local processes)")
     _require(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
@@ -296,12 +321,29 @@ def validate(cfg: Config) -> Config:
     _require(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {list(PRECISIONS)}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for name, size in cfg.planning.vocab_sizes.items():
+        _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")
     return cfg
+
+
+def check_sparse_optimizer(cfg: OptimizerConfig, device_type: str) -> None:
+    """Refuses a table optimizer FBGEMM cannot run on ``device_type`` (``cpu`` or ``cuda``)."""
+    _require(device_type != "cpu" or cfg.sparse in CPU_SPARSE_OPTIMIZERS, "optimizer.sparse",
+             f"FBGEMM on CPU supports {', '.join(CPU_SPARSE_OPTIMIZERS)}; {cfg.sparse!r} needs a GPU "
+             "(CUDA is not available here)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+def _is_timezone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ValueError, ZoneInfoNotFoundError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,7 +392,10 @@ def apply_override(data: Dict[str, Any], override: str) -> None:
         node = child
     if parts[-1] not in node:
         raise ConfigError(f"unknown config key '{key.strip()}' in override {override!r}")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), cls: Type[T] = Config) -> T:
@@ -364,8 +409,13 @@ def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), cls:
     """
     data: Dict[str, Any] = {}
     if path is not None:
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
@@ -402,6 +452,13 @@ def _is_free_mapping(path: str, key: str) -> bool:
     return _join(path, key) in ("features.id_spaces", "planning.vocab_sizes")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: PyYAML's problem and its 1-based line and column."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -435,11 +492,28 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"config key '{path}': expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # PyYAML reads ``1e-3`` (no dot) as a string: accept any string that is a finite float.
+        number = _float_or_none(value)
+        if number is None:
             raise ConfigError(f"config key '{path}': expected a number, got {value!r}")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{path}': expected a string, got {value!r}")
         return value
     return value
+
+
+def _float_or_none(value: Any) -> Optional[float]:
+    """``value`` as a float if it is a number, or a string spelling a finite one; else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
 
-from mdaf_rec.config import load_config
+from mdaf_rec.config import Config
 from mdaf_rec.data import schema
 from mdaf_rec.data.synth import generate
 from mdaf_rec.distributed import is_main_process
@@ -24,9 +23,8 @@ def ensure_synthetic_data(path: Path) -> None:
     generate(path)
 
 
-def run_demo(config: Path, out: Path, overrides: Sequence[str] = ()) -> None:
-    """Makes the data if missing, trains, prints validation/test AUC next to the Bayes-optimal AUC."""
-    cfg = load_config(config, overrides)
+def run_demo(cfg: Config, out: Path) -> None:
+    """Makes the data if missing, trains ``cfg``, prints validation/test AUC next to the Bayes-optimal AUC."""
     ensure_synthetic_data(Path(cfg.data.path))
     final = train(cfg, out)
     if not is_main_process():

@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -463,7 +462,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mdaf-rec plan``; 0 on success, 2 on bad input or a plan that cannot fit."""
+    """Entry point of ``mdaf-rec plan``; bad input or a plan that cannot fit raises a :class:`UserError`
+    (:class:`ConfigError`, :class:`PlanningError`), which the ``mdaf-rec`` command line prints as one line, exit 2."""
     args = _parser().parse_args(argv)
     # Our progress at INFO; TorchRec's planner chatter (its root-logger warning about data-parallel tables
     # having no sharding spec, by design) only when it is an error.
@@ -471,26 +471,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("torchrec").setLevel(logging.ERROR)
     logging.getLogger("mdaf_rec").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        topo = TopologySpec(args.world_size, args.nodes, args.device, args.hbm_gb, args.ddr_gb,
-                            args.batch_size or cfg.train.batch_size)
-        topo.validate()
-        if args.sweep:
-            if args.out is None:
-                raise ConfigError("--sweep needs --out DIR")
-            sweep(cfg, topo, args.out)
-            print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.png'}")
-            return 0
-        model = planning_model(cfg, args.device)
-        constraints = load_constraints(args.constraints, table_sharding_types(model, args.device)) \
-            if args.constraints else None
-        report = run_planner(model, topo, constraints)
-        print(format_report(report))
-        if args.json:
-            write_json(report, args.json)
-            print(f"wrote {args.json}")
-    except (ConfigError, PlanningError) as e:
-        print(f"mdaf-rec plan: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    topo = TopologySpec(args.world_size, args.nodes, args.device, args.hbm_gb, args.ddr_gb,
+                        args.batch_size or cfg.train.batch_size)
+    topo.validate()
+    if args.sweep:
+        if args.out is None:
+            raise ConfigError("--sweep needs --out DIR")
+        sweep(cfg, topo, args.out)
+        print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.png'}")
+        return 0
+    model = planning_model(cfg, args.device)
+    constraints = load_constraints(args.constraints, table_sharding_types(model, args.device)) \
+        if args.constraints else None
+    report = run_planner(model, topo, constraints)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
     return 0

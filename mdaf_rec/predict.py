@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mdaf_rec.artifact import PROGRAM_FILE, VOCAB_DIR, read_feature_spec
-from mdaf_rec.data.dataset import DatasetError
+from mdaf_rec.data.dataset import DatasetError, open_parquet
 from mdaf_rec.data.loader import BatchConverter, WindowColumns
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.validate import ColumnRules, DataError, validate
@@ -152,7 +152,7 @@ def _scored_tables(
     """Output tables, one per input record batch: ``row_index``, key columns, probability, gate."""
     row_base = 0
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         missing = [k for k in keys if k not in parquet.schema_arrow.names]
         if missing:
             raise DataError(f"{path}: key column(s) {missing} not found (has {parquet.schema_arrow.names})")

@@ -29,7 +29,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from mdaf_rec.config import OptimizerConfig
+from mdaf_rec.config import OptimizerConfig, check_sparse_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ _SPARSE_OPTIMIZER_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": RowWiseAdagrad,
     "adam": torch.optim.Adam,
 }
-_CPU_SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
 def table_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -59,11 +58,7 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
         cfg: optimizer config (``sparse``, ``sparse_lr``, ``sparse_eps``, ``sparse_weight_decay``).
         device: the training device; ``adam`` is refused on CPU, where FBGEMM cannot run it.
     """
-    if device.type == "cpu" and cfg.sparse not in _CPU_SPARSE_OPTIMIZERS:
-        raise ValueError(
-            f"config key 'optimizer.sparse': {cfg.sparse!r} is not supported by FBGEMM on CPU "
-            f"(use one of {list(_CPU_SPARSE_OPTIMIZERS)}; 'adam' needs a GPU)"
-        )
+    check_sparse_optimizer(cfg, device.type)
     kwargs: Dict[str, Any] = {"lr": cfg.sparse_lr}
     if cfg.sparse != "sgd":
         kwargs["eps"] = cfg.sparse_eps

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mdaf_rec.data.converters import CONVERTERS, build_parser, main
+from mdaf_rec.cli import main as cli_main
+from mdaf_rec.data.converters import CONVERTERS, build_parser
 from mdaf_rec.data.converters.common import ConversionError, build_histories, stable_hash64
 from mdaf_rec.data.converters.movielens import GENRE_IDS
 from mdaf_rec.data.schema import (
@@ -449,8 +450,45 @@ def test_behavior_bad_rows_and_date_range(tmp_path):
     }
 
 
-def test_main_exit_codes(tmp_path):
+def test_cli_exit_codes(tmp_path, capsys):
     raw = movielens_latest(tmp_path / "raw")
-    assert main(["movielens", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 0
+    assert cli_main(["data", "movielens", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 0
     write(raw / "ratings.csv", [RATINGS_HEADER, "1,10,4.0,-5"])
-    assert main(["movielens", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    assert cli_main(["data", "movielens", "--raw", str(raw), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mdaf-rec: error: ") and err.count("\n") == 1 and "ratings.csv: line 2: column 'timestamp'" in err
+
+
+def test_non_utf8_byte_is_a_bad_row_at_its_line(tmp_path):
+    raw = behavior_file(tmp_path / "UserBehavior.csv")
+    lines = raw.read_bytes().split(b"\n")
+    lines[6] = lines[6].replace(b",pv,", b",p\xffv,")  # line 7
+    raw.write_bytes(b"\n".join(lines))
+    with pytest.raises(ConversionError, match=r"UserBehavior.csv: line 7: column 'behavior': not valid UTF-8"):
+        convert("taobao-behavior", raw, tmp_path / "out")
+    meta = convert("taobao-behavior", raw, tmp_path / "out", "--on-bad-row", "drop")
+    assert meta["dropped"] == {"UserBehavior.csv: behavior: not valid UTF-8": 1}
+    clicks = sum(line.split(b",")[3] == b"pv" for line in lines if line)  # the bad line is not a click any more
+    assert meta["rows"] == 2 * clicks
+
+
+def test_last_line_without_line_end_is_a_bad_row(tmp_path):
+    """A file cut mid-number: its last timestamp still parses, to a wrong time."""
+    raw = behavior_file(tmp_path / "UserBehavior.csv")
+    text = raw.read_text()
+    raw.write_text(text[:-4])  # "...,15118" of the last line's timestamp, no line end
+    last = len(text.splitlines())
+    with pytest.raises(ConversionError, match=rf"UserBehavior.csv: line {last}: column '\*': last line has no line end"):
+        convert("taobao-behavior", raw, tmp_path / "out")
+    meta = convert("taobao-behavior", raw, tmp_path / "out", "--on-bad-row", "drop")
+    assert meta["dropped"] == {"UserBehavior.csv: *: last line has no line end (file cut short?)": 1}
+    assert meta["rows"] == convert("taobao-behavior", behavior_file(tmp_path / "full.csv"), tmp_path / "full")["rows"] - 2
+
+
+def test_complete_last_line_without_line_end_is_also_refused(tmp_path):
+    """The file cannot tell a complete last line from a cut one: refused too, named."""
+    raw = behavior_file(tmp_path / "UserBehavior.csv")
+    raw.write_text(raw.read_text().rstrip("\n"))
+    with pytest.raises(ConversionError, match="last line has no line end"):
+        convert("taobao-behavior", raw, tmp_path / "out")

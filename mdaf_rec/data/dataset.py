@@ -2,16 +2,21 @@
 
 Each split is either ``<split>.parquet`` or a folder ``<split>/`` of ``.parquet`` files (read in
 sorted file-name order; row numbers within a split count across its files in that order).
+
+Every Parquet file is read through :func:`open_parquet`, so a truncated, corrupt or empty file is a
+:class:`DatasetError` naming it, never a pyarrow traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mdaf_rec.data.schema import META_FILE, SPLITS
@@ -44,12 +49,17 @@ class Dataset:
     def open(path: Union[str, Path]) -> "Dataset":
         """Lists the split files of ``path`` and reads ``meta.json`` if present.
 
-        Raises :class:`DatasetError` naming the folder and the missing or empty split.
+        Raises :class:`DatasetError` naming the folder and the missing or empty split, or the split
+        file that is not readable Parquet (every file's footer is read here, so a truncated or empty
+        file fails before anything is built on the data).
         """
         root = Path(path)
         if not root.is_dir():
             raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
         files = {split: _split_files(root, split) for split in SPLITS}
+        for split_files in files.values():
+            for f in split_files:
+                open_parquet(f)
         meta_path = root / META_FILE
         meta: Dict[str, Any] = {}
         if meta_path.exists():
@@ -68,11 +78,55 @@ class Dataset:
 
     def num_rows(self, split: str) -> int:
         """Rows of ``split``, from the Parquet footers (no data is read)."""
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.split_files(split))
+        return sum(open_parquet(f).metadata.num_rows for f in self.split_files(split))
 
     def timezone(self, configured: Optional[str] = None) -> str:
         """The IANA time zone for ``hour`` / ``dayofweek``: ``configured``, else meta's, else UTC."""
         return configured or self.meta.get("timezone") or DEFAULT_TIMEZONE
+
+
+class ParquetFile:
+    """A Parquet file opened by :func:`open_parquet`: pyarrow's reader whose errors name the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with _naming_file(path):
+            self._file = pq.ParquetFile(path)
+
+    @property
+    def metadata(self) -> pq.FileMetaData:
+        """The footer: row groups and their row counts."""
+        return self._file.metadata
+
+    @property
+    def schema_arrow(self) -> pa.Schema:
+        """The file's Arrow schema."""
+        return self._file.schema_arrow
+
+    def read_row_group(self, index: int, columns: Optional[Sequence[str]] = None) -> pa.Table:
+        """Row group ``index`` (``columns`` only, if given)."""
+        with _naming_file(self.path):
+            return self._file.read_row_group(index, columns=columns)
+
+    def iter_batches(self, batch_size: int, columns: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
+        """The rows in record batches of at most ``batch_size`` rows (``columns`` only, if given)."""
+        with _naming_file(self.path):
+            yield from self._file.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def open_parquet(path: Union[str, Path]) -> ParquetFile:
+    """Opens ``path`` for reading; a truncated, corrupt or 0-byte file (now or while reading) is a
+    :class:`DatasetError` naming it."""
+    return ParquetFile(Path(path))
+
+
+@contextmanager
+def _naming_file(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise DatasetError(f"{path}: not a readable Parquet file ({reason})") from None
 
 
 def _split_files(root: Path, split: str) -> Tuple[Path, ...]:

@@ -32,12 +32,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mdaf_rec.data.batch import Batch, build_kjt
-from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.dataset import Dataset, ParquetFile, open_parquet
 from mdaf_rec.data.schema import LABEL, TIMESTAMP
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.data.vocab import Vocabularies
@@ -73,7 +72,7 @@ def split_blocks(dataset: Dataset, split: str) -> List[Block]:
     blocks: List[Block] = []
     split_row = 0
     for f, path in enumerate(dataset.split_files(split)):
-        meta = pq.ParquetFile(path).metadata
+        meta = open_parquet(path).metadata
         file_row = 0
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
@@ -377,7 +376,7 @@ class _WindowReader:
 
     def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
-        self.files: Dict[int, pq.ParquetFile] = {}
+        self.files: Dict[int, ParquetFile] = {}
         self.cache: Dict[int, Tuple[WindowColumns, np.ndarray]] = {}
 
     def window(self, w: int) -> Tuple[WindowColumns, np.ndarray]:
@@ -398,7 +397,7 @@ class _WindowReader:
     def _read(self, block: Block) -> pa.Table:
         path = self.loader.files[block.file]
         if block.file not in self.files:
-            self.files[block.file] = pq.ParquetFile(path)
+            self.files[block.file] = open_parquet(path)
         columns = list(self.loader.rules.columns)
         table = self.files[block.file].read_row_group(block.row_group, columns=columns)
         return validate(table, self.loader.rules, str(path), block.file_row)

@@ -39,10 +39,10 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mdaf_rec.data import schema
+from mdaf_rec.errors import UserError
 from mdaf_rec.metrics import auc_score, logloss_score
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ NUM_FAVOURITES = 3
 FAVOURITE_PROB = 0.7
 PEAK_HOUR = 21
 SECONDS_PER_DAY = 86400
+
+
+class SynthParamsError(UserError, ValueError):
+    """A generator parameter is out of range; the message names it as its command-line flag."""
 
 
 @dataclass(frozen=True)
@@ -162,16 +167,31 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _check(p: SynthParams) -> None:
-    if min(p.rows, p.users, p.items, p.categories, p.max_history) < 1:
-        raise ValueError("rows, users, items, categories and max_history must be >= 1")
-    if not 0 <= p.min_prior_events <= p.max_history:
-        raise ValueError(f"min_prior_events must be in [0, max_history={p.max_history}]")
-    if p.items < p.categories:
-        raise ValueError(f"items ({p.items}) must be >= categories ({p.categories})")
-    if p.days - p.val_days - p.test_days < 1 or min(p.val_days, p.test_days) < 1:
-        raise ValueError("need at least one day each of train, val and test")
-    if not 0 < p.ctr < 1 or not 0 < p.jump_prob <= 1 or not 0 < p.decay <= 1:
-        raise ValueError("ctr must be in (0, 1); jump_prob and decay in (0, 1]")
+    """Raises :class:`SynthParamsError` for the first parameter out of range."""
+
+    def require(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise SynthParamsError(f"--{name.replace('_', '-')} {getattr(p, name)!r}: {message}")
+
+    for name in ("rows", "users", "items", "categories", "max_history", "row_group_size"):
+        require(getattr(p, name) >= 1, name, "must be >= 1")
+    require(0 <= p.min_prior_events <= p.max_history, "min_prior_events", f"must be in [0, --max-history {p.max_history}]")
+    require(p.items >= p.categories, "items", f"must be >= --categories {p.categories}")
+    require(min(p.val_days, p.test_days) >= 1 and p.days - p.val_days - p.test_days >= 1, "days",
+            f"must leave at least one day each of train, val and test (--val-days {p.val_days}, "
+            f"--test-days {p.test_days})")
+    require(0 < p.ctr < 1, "ctr", "must be in (0, 1)")
+    require(0 < p.jump_prob <= 1, "jump_prob", "must be in (0, 1]")
+    require(0 < p.decay <= 1, "decay", "must be in (0, 1]")
+    require(p.seed >= 0, "seed", "must be >= 0")
+    try:
+        date.fromisoformat(p.start_date)
+    except ValueError as e:
+        require(False, "start_date", f"not a date YYYY-MM-DD ({e})")
+    try:
+        ZoneInfo(p.timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        require(False, "timezone", "not an IANA time zone")
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mdaf_rec.config import FeaturesConfig
-from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.dataset import Dataset, DatasetError, open_parquet
 from mdaf_rec.data.schema import SPLITS
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.errors import UserError
@@ -220,8 +219,12 @@ class Vocabularies:
         caller for read-only dataset folders; the key hashes the dataset's absolute path). Saved
         vocabularies whose settings (min_count, columns, hashing, training files) differ are rebuilt
         and overwritten. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
-        folder; with neither, it is kept in memory only (a warning says so).
+        folder; with neither, it is kept in memory only (a warning says so). An empty training split
+        is a :class:`DatasetError` naming it and its files.
         """
+        if dataset.num_rows("train") == 0:
+            files = ", ".join(str(f) for f in dataset.split_files("train"))
+            raise DatasetError(f"dataset {dataset.root}: the train split ({files}) has no rows")
         wanted = Vocabularies._wanted_settings(dataset, cfg)
         folders = [dataset.root / VOCAB_DIR]
         if cache_dir is not None:
@@ -362,7 +365,7 @@ def _read(dataset: Dataset, split: str, spaces: Sequence[SpaceSettings]) -> Iter
     columns = list(dict.fromkeys(c for s in spaces for c in s.columns))
     for path in dataset.split_files(split):
         offset = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+        for batch in open_parquet(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
             yield validate(batch, rules, str(path), offset, columns)
             offset += batch.num_rows
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+from pathlib import Path
 from types import ModuleType
 from typing import Dict, Iterator, List, Mapping
 
@@ -65,15 +66,17 @@ def build_parser(prog: str = "mdaf-rec data") -> argparse.ArgumentParser:
 
 
 def main(argv: List[str]) -> int:
-    """``mdaf-rec data <format> ...``: converts and prints nothing but log lines; returns the exit code
-    (2 for malformed input, with the error naming file, line and column)."""
+    """``mdaf-rec data <format> ...``: converts and prints nothing but log lines; returns the exit code.
+
+    Malformed input raises :class:`ConversionError` naming file, line and column (the ``mdaf-rec``
+    command line prints it as one line and exits 2).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        meta = CONVERTERS[args.format].run(args)
-    except ConversionError as e:
-        logger.error("%s", e)
-        return 2
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out}: exists and is not a folder")
+    meta = CONVERTERS[args.format].run(args)
     logger.info("%s: %d rows (%s), %d bad rows dropped", args.out, meta["rows"],
                 ", ".join(f"{s} {v['rows']}" for s, v in meta["splits"].items()), meta.get("dropped_total", 0))
     return 0

@@ -289,8 +289,13 @@ def require_file(path: Path) -> Path:
 
 def read_header(path: Path, delimiter: str = ",", encoding: str = "utf8") -> List[str]:
     """The column names of ``path``'s first line, stripped of surrounding spaces (and a BOM)."""
-    with open(require_file(path), encoding=encoding, newline="") as f:
-        first = f.readline().rstrip("\r\n").lstrip("\ufeff")
+    with open(require_file(path), "rb") as f:
+        raw = f.readline()
+    try:
+        first = raw.decode(encoding).rstrip("\r\n").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: line 1: the header is not valid {encoding} text ({e.reason} at byte {e.start})") \
+            from None
     return [name.strip().strip('"').strip() for name in first.split(delimiter)]
 
 
@@ -317,6 +322,11 @@ def read_csv(
     Yields:
         :class:`Block` objects whose ``lines`` are the rows' physical line numbers (blank lines are
         bad rows, so numbering stays exact).
+
+    Two more kinds of bad rows: a row whose text in a read column is not valid UTF-8 (reason
+    ``not valid UTF-8``), and the last line when the file does not end with a line end (reason
+    ``last line has no line end (file cut short?)``): a file cut mid-number would otherwise give a
+    wrong value that still parses.
     """
     require_file(path)
     header = names is None
@@ -350,17 +360,27 @@ def read_csv(
                 delimiter=delimiter, quote_char='"' if quoting else False, ignore_empty_lines=False,
                 invalid_row_handler=on_invalid,
             ),
+            # Bytes, not strings: pyarrow would fail the whole block on one non-UTF-8 byte, naming a row
+            # number within the block; :func:`_utf8_columns` makes such rows bad rows with their line.
             convert_options=pcsv.ConvertOptions(
-                include_columns=list(columns), column_types={c: pa.string() for c in columns},
+                include_columns=list(columns), column_types={c: pa.binary() for c in columns},
                 strings_can_be_null=False, quoted_strings_can_be_null=False,
             ),
         )
+        last: Optional[Block] = None
         for batch in reader:
             n = batch.num_rows
             lines = _physical_lines(np.arange(done, done + n), first_line, skipped)
-            cols = {c: pc.utf8_trim_whitespace(batch.column(c)) for c in columns}
             done += n
-            yield Block(path=path, lines=lines, columns=cols, bad=bad)
+            if last is not None:
+                yield last
+            last = _utf8_block(path, lines, {c: batch.column(c) for c in columns}, bad)
+        if last is not None:
+            if not _ends_with_line_end(path) and (not skipped or skipped[-1] < last.lines[-1]):
+                at_end = np.zeros(len(last), dtype=bool)
+                at_end[-1] = True
+                last.reject("*", at_end, "last line has no line end (file cut short?)")
+            yield last
         for reason, rows in skipped_reasons.items():
             bad.reject(path, "*", reason, np.array([line for line, _ in rows]), rows[0][1])
     except pa.ArrowInvalid as e:
@@ -371,6 +391,43 @@ def read_csv(
                 "(use --on-bad-row drop to drop such rows)"
             ) from None
         raise ConversionError(f"{path}: unreadable CSV after line {first_line + done - 1}: {e}") from None
+
+
+def _utf8_block(path: Path, lines: np.ndarray, raw: Dict[str, pa.Array], bad: BadRows) -> Block:
+    """A :class:`Block` of trimmed string columns from byte columns; rows holding bytes that are not
+    UTF-8 are rejected (shown with U+FFFD where the bad bytes were)."""
+    columns: Dict[str, pa.Array] = {}
+    invalid: Dict[str, np.ndarray] = {}
+    for name, values in raw.items():
+        try:
+            text = pc.cast(values, pa.string())
+        except pa.ArrowInvalid:  # rare: find the rows in Python
+            cells = values.to_pylist()
+            invalid[name] = np.array([not _is_utf8(c) for c in cells], dtype=bool)
+            text = pa.array([c.decode("utf-8", "replace") for c in cells], pa.string())
+        columns[name] = pc.utf8_trim_whitespace(text)
+    block = Block(path=path, lines=lines, columns=columns, bad=bad)
+    for name, mask in invalid.items():
+        block.reject(name, mask, "not valid UTF-8")
+    return block
+
+
+def _is_utf8(cell: bytes) -> bool:
+    try:
+        cell.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _ends_with_line_end(path: Path) -> bool:
+    """Whether ``path`` ends with ``\\n`` or ``\\r`` (an empty file counts as ended)."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, 2)
+        return f.read(1) in (b"\n", b"\r")
 
 
 def _physical_lines(kept_index: np.ndarray, first_line: int, skipped: Sequence[int]) -> np.ndarray:
