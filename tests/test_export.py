@@ -66,7 +66,8 @@ for run, out in zip(sys.argv[1::2], sys.argv[2::2]):
     torch.save({"row_index": result["row_index"], "scores": result["scores"]}, out)
 """
 
-# Loads MODEL_DIR with torch alone: mdaf_rec (and torchrec) cannot be imported.
+# Loads MODEL_DIR with torch alone, as docs/serving.md's server does (manifest hash, every file, then the
+# program from the checked bytes): mdaf_rec (and torchrec) cannot be imported. MODEL_DIR HASH INPUTS OUT.
 IMPORT_FREE = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -74,12 +75,21 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("mdaf_rec", "torchrec"):
             raise ImportError(f"{name} is blocked")
 sys.meta_path.insert(0, Block())
+import hashlib, io, json
+from pathlib import Path
 import torch
-model = torch.export.load(sys.argv[1] + "/model.pt2").module()
-inputs = torch.load(sys.argv[2])
+d = Path(sys.argv[1])
+manifest = (d / "manifest.json").read_bytes()
+assert hashlib.sha256(manifest).hexdigest() == sys.argv[2]
+files = {}
+for name, entry in json.loads(manifest)["files"].items():
+    files[name] = (d / name).read_bytes()
+    assert hashlib.sha256(files[name]).hexdigest() == entry["sha256"], name
+model = torch.export.load(io.BytesIO(files["model.pt2"])).module()
+inputs = torch.load(sys.argv[3])
 with torch.no_grad():
     probability, gate = model(*inputs)
-torch.save({"probability": probability, "gate": gate}, sys.argv[3])
+torch.save({"probability": probability, "gate": gate}, sys.argv[4])
 assert not any(m.split(".")[0] in ("mdaf_rec", "torchrec") for m in sys.modules)
 """
 
@@ -166,14 +176,15 @@ def test_export_scores_match_dmp_evaluation(name: str, dataset: Path, references
 
 def test_loads_without_mdaf_rec(dataset: Path, exports, tmp_path: Path) -> None:
     model_dir = exports["mdaf_mamba_none"]
-    model = ExportedModel(model_dir)
+    digest = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
+    model = ExportedModel(model_dir, digest)
     table = pq.read_table(dataset / "test.parquet").slice(0, 37)
     probability, gate = model.score(table, "test.parquet", 0)
     inputs = model.inputs(table, "test.parquet", 0)  # the same rows as plain index tensors
     torch.save(tuple(inputs[n] for n in INPUT_NAMES), tmp_path / "inputs.pt")
     out = tmp_path / "out.pt"
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", IMPORT_FREE, str(model_dir), str(tmp_path / "inputs.pt"), str(out)],
+        [sys.executable, "-I", "-c", IMPORT_FREE, str(model_dir), digest, str(tmp_path / "inputs.pt"), str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
