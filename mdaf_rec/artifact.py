@@ -154,7 +154,9 @@ class ArtifactWriter:
         for name in new:
             in_the_way = _in_the_way(out, name, old)
             if in_the_way is not None:
-                raise ArtifactError(f"{in_the_way}: exists and is not a file of the earlier export; refusing to replace it")
+                raise ArtifactError(
+                    f"{in_the_way}: exists and is not a file of the earlier export; refusing to replace it"
+                )
         for name in [MANIFEST_FILE, *old]:
             (out / name).unlink(missing_ok=True)
             _remove_empty_parents(out / name, out)

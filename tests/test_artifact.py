@@ -1,0 +1,76 @@
+"""ArtifactWriter: an export into a folder replaces only the earlier export's files (no model needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from mdaf_rec.artifact import ArtifactError, ArtifactWriter, verify_artifact
+
+
+def _write(folder: Path, files: dict) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_writes_manifest_over_every_file_and_replaces_the_earlier_export(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    with ArtifactWriter(out) as first:
+        _write(first.folder, {"model.pt2": "v1", "vocab/old.npy": "old", "vocab/vocab.json": "{}"})
+    assert first.sha256 == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert verify_artifact(out, first.sha256) == {
+        "model.pt2": {"sha256": hashlib.sha256(b"v1").hexdigest(), "size": 2},
+        "vocab/old.npy": {"sha256": hashlib.sha256(b"old").hexdigest(), "size": 3},
+        "vocab/vocab.json": {"sha256": hashlib.sha256(b"{}").hexdigest(), "size": 2},
+    }
+    _write(out, {"notes.txt": "mine", "vocab/README": "mine too"})
+
+    with ArtifactWriter(out) as second:
+        _write(second.folder, {"model.pt2": "v2", "vocab/vocab.json": "{}"})
+    assert _snapshot(out) == {
+        "manifest.json": (out / "manifest.json").read_bytes(),
+        "model.pt2": b"v2",
+        "notes.txt": b"mine",
+        "vocab/README": b"mine too",
+        "vocab/vocab.json": b"{}",
+    }
+    assert sorted(json.loads((out / "manifest.json").read_text())["files"]) == ["model.pt2", "vocab/vocab.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder left
+
+
+def test_a_file_in_the_way_or_a_failure_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    with ArtifactWriter(out) as first:
+        _write(first.folder, {"model.pt2": "v1"})
+    _write(out, {"config.yaml": "the user's own"})
+    before = _snapshot(out)
+
+    with pytest.raises(ArtifactError, match=r"config.yaml: exists and is not a file of the earlier export"):
+        with ArtifactWriter(out) as second:
+            _write(second.folder, {"model.pt2": "v2", "config.yaml": "the run's"})
+    assert _snapshot(out) == before
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        with ArtifactWriter(out) as third:
+            _write(third.folder, {"model.pt2": "v3"})
+            raise RuntimeError("export failed")
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_refuses_a_file_or_a_folder_without_an_earlier_export(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="is a file, not a folder"):
+        ArtifactWriter(tmp_path / "file")
+    _write(tmp_path / "mine", {"feature_spec.json": "{}"})
+    with pytest.raises(ArtifactError, match="folder is not empty and holds no earlier export"):
+        ArtifactWriter(tmp_path / "mine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
