@@ -1,28 +1,11 @@
-"""Tests for mdaf_rec.models.mamba: selective scan, MambaBlock, Mamba4Rec encoder."""
-
-import math
+"""Tests for mdaf_rec.models.mamba: MambaBlock and the Mamba4Rec encoder (the scan: test_scan_ops.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mdaf_rec.models import mamba as mamba_mod
-from mdaf_rec.models.mamba import (
-    Mamba4RecEncoder,
-    Mamba4RecLayer,
-    MambaBlock,
-    selective_scan,
-    selective_scan_reference,
-)
-
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def close(a, b, dtype):
-    """Max abs error <= TOL; for float32 relative to the magnitude when that exceeds 1
-    (e.g. dL/dA sums batch x length terms of size ~1, so it reaches ~40 here)."""
-    scale = 1.0 if dtype == torch.float64 else max(1.0, b.abs().max().item())
-    return max_err(a, b) <= TOL[dtype] * scale
+from mdaf_rec.models.mamba import Mamba4RecEncoder, Mamba4RecLayer, MambaBlock
+from mdaf_rec.ops import scan_cpu, selective_scan
 
 
 @pytest.fixture(autouse=True)
@@ -31,176 +14,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_scan_inputs(
-    bc: str,
-    dtype: torch.dtype,
-    with_d: bool = True,
-    with_z: bool = True,
-    with_bias: bool = True,
-    batch: int = 3,
-    dim: int = 6,
-    length: int = 11,
-    d_state: int = 4,
-    seed: int = 0,
-):
-    """Random scan inputs; ``bc`` is "const" (dim, N), "var" (B, N, L) or "grouped" (B, G, N, L)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-    if bc == "const":
-        bshape = (dim, d_state)
-    elif bc == "var":
-        bshape = (batch, d_state, length)
-    else:
-        bshape = (batch, 2, d_state, length)
-    x = {
-        "u": rnd(batch, dim, length),
-        # positive step sizes, as in Mamba (also without softplus): a stable, decaying scan
-        "delta": rnd(batch, dim, length, scale=0.5).abs(),
-        "A": -torch.rand(dim, d_state, generator=g, dtype=torch.float64).mul(2).add(0.1).to(dtype),
-        "B": rnd(*bshape),
-        "C": rnd(*bshape),
-        "D": rnd(dim) if with_d else None,
-        "z": rnd(batch, dim, length) if with_z else None,
-        "delta_bias": rnd(dim, scale=0.2).abs() if with_bias else None,
-    }
-    for t in x.values():
-        if t is not None:
-            t.requires_grad_()
-    return x
-
-
-def grads(y, x, gy):
-    names = [k for k, v in x.items() if v is not None]
-    gs = torch.autograd.grad(y, [x[k] for k in names], gy)
-    return dict(zip(names, gs))
-
-
-def max_err(a, b):
-    return (a - b).abs().max().item()
-
-
-OPTIONS = [  # (with_d, with_z, with_bias, delta_softplus)
-    (True, True, True, True),
-    (False, False, False, False),
-    (True, False, False, True),
-    (False, True, True, False),
-    (False, False, True, True),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bc", ["var", "const", "grouped"])
-@pytest.mark.parametrize("options", OPTIONS)
-def test_selective_scan_matches_reference(dtype, bc, options):
-    with_d, with_z, with_bias, softplus = options
-    x = make_scan_inputs(bc, dtype, with_d, with_z, with_bias)
-    y, last = selective_scan(**x, delta_softplus=softplus, return_last_state=True)
-    y_ref, last_ref = selective_scan_reference(**x, delta_softplus=softplus, return_last_state=True)
-    assert y.shape == y_ref.shape == x["u"].shape and y.dtype == dtype
-    assert last.shape == (3, 6, 4)
-    assert close(y, y_ref, dtype)
-    assert close(last, last_ref, dtype)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    g, g_ref = grads(y, x, gy), grads(y_ref, x, gy)
-    assert g.keys() == g_ref.keys()
-    for name in g:
-        assert g[name].shape == x[name].shape, name
-        assert close(g[name], g_ref[name], dtype), name
-
-
-@pytest.mark.parametrize("bc", ["var", "const"])
-@pytest.mark.parametrize("block_b,block_l", [(1, 1), (2, 3), (2, 4), (5, 11), (1, 100)])
-def test_selective_scan_blocking_is_exact(bc, block_b, block_l):
-    """Any batch/time blocking (incl. state carried across time chunks) gives the same result."""
-    x = make_scan_inputs(bc, torch.float64)
-    y, last = selective_scan(
-        **x, delta_softplus=True, return_last_state=True, block_b=block_b, block_l=block_l
-    )
-    y_ref, last_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
-    assert max_err(y, y_ref) <= 1e-10 and max_err(last, last_ref) <= 1e-10
-    gy = torch.randn(y.shape, dtype=torch.float64)
-    g, g_ref = grads(y, x, gy), grads(y_ref, x, gy)
-    for name in g:
-        assert max_err(g[name], g_ref[name]) <= 1e-10, name
-
-
-def test_selective_scan_default_return_and_no_grad():
-    x = make_scan_inputs("var", torch.float32)
-    with torch.no_grad():
-        y = selective_scan(**x, delta_softplus=True)
-    assert isinstance(y, torch.Tensor) and not y.requires_grad
-    assert max_err(y, selective_scan_reference(**x, delta_softplus=True)) <= 1e-5
-
-
-def test_selective_scan_half_inputs_compute_in_float32():
-    x = make_scan_inputs("var", torch.float32, with_bias=False)
-    xb = {k: (v.detach().to(torch.bfloat16) if v is not None else None) for k, v in x.items()}
-    y, last = selective_scan(**xb, delta_softplus=True, return_last_state=True)
-    y_ref = selective_scan_reference(**xb, delta_softplus=True)
-    assert y.dtype == torch.bfloat16 and last.dtype == torch.float32
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)  # bf16 ulps
-
-
-def test_selective_scan_large_steps_stay_finite():
-    """Large step sizes (dt A << 0) only ever exponentiate non-positive numbers."""
-    x = make_scan_inputs("var", torch.float32, with_z=False)
-    with torch.no_grad():
-        x["delta"].mul_(0).add_(50.0)  # dt = softplus(50 + bias) ~ 50: exp(dt A) underflows
-    y = selective_scan(**x, delta_softplus=True)
-    y_ref = selective_scan_reference(**x, delta_softplus=True)
-    assert torch.isfinite(y).all()
-    assert max_err(y, y_ref) <= 1e-5 * max(1.0, y_ref.abs().max().item())
-    g = grads(y, x, torch.ones_like(y))
-    assert all(torch.isfinite(v).all() for v in g.values())
-
-
-def test_selective_scan_keeps_no_state_sized_tensors_for_backward():
-    """Memory: nothing of size batch x dim x length x d_state is saved (states recomputed)."""
-    x = make_scan_inputs("var", torch.float32, batch=8, dim=16, length=20, d_state=16)
-    inputs = {t.untyped_storage().data_ptr() for t in x.values() if t is not None}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in inputs:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        selective_scan(**x, delta_softplus=True)
-    state_bytes = 8 * 16 * 20 * 16 * 4
-    assert sum(saved.values()) <= state_bytes / 8  # only the (batch, dim, length) pre-gate y
-
-
-def test_reference_against_hand_computed_recurrence():
-    """Ground truth for the ground truth: one channel, one state, two steps, by hand."""
-    u = torch.tensor([[[2.0, -1.0]]], dtype=torch.float64)
-    delta = torch.tensor([[[0.5, 0.25]]], dtype=torch.float64)
-    A = torch.tensor([[-1.5]], dtype=torch.float64)
-    B = torch.tensor([[[0.7, -0.3]]], dtype=torch.float64)  # (batch, N, L)
-    C = torch.tensor([[[1.1, 0.9]]], dtype=torch.float64)
-    D = torch.tensor([0.2], dtype=torch.float64)
-    z = torch.tensor([[[0.4, -2.0]]], dtype=torch.float64)
-    h0 = 0.5 * 0.7 * 2.0
-    h1 = math.exp(0.25 * -1.5) * h0 + 0.25 * -0.3 * -1.0
-    silu = lambda v: v / (1 + math.exp(-v))  # noqa: E731
-    expected = [(1.1 * h0 + 0.2 * 2.0) * silu(0.4), (0.9 * h1 + 0.2 * -1.0) * silu(-2.0)]
-    for fn in (selective_scan_reference, selective_scan):
-        y, last = fn(u, delta, A, B, C, D, z, return_last_state=True)
-        torch.testing.assert_close(y.flatten(), torch.tensor(expected, dtype=torch.float64))
-        torch.testing.assert_close(last.flatten(), torch.tensor([h1], dtype=torch.float64))
-
-
-def test_selective_scan_rejects_bad_shapes():
-    x = make_scan_inputs("var", torch.float32)
-    with pytest.raises(ValueError, match="B"):
-        selective_scan(**{**x, "B": x["B"][:, :, :-1]})
-    with pytest.raises(ValueError, match="A"):
-        selective_scan(**{**x, "A": x["A"][:-1]})
 
 
 # ----------------------------------------------------------------------------- MambaBlock
@@ -263,13 +76,36 @@ def test_mamba_block_shape_and_causality():
         assert not torch.allclose(out2[:, t + 1 :], out[:, t + 1 :])
 
 
-def test_mamba_block_uses_scan_like_the_reference(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch_cpu", "torch_gpu", "cpp"])
+def test_mamba_block_same_with_every_scan_backend(monkeypatch, backend):
+    """The block's output and gradients do not depend on the scan implementation."""
+    if backend == "cpp" and not scan_cpu.available():
+        pytest.skip("compiled CPU selective scan unavailable")
     torch.manual_seed(0)
     block = MambaBlock(16, d_state=4).double()
     x = torch.randn(2, 9, 16, dtype=torch.float64)
+    monkeypatch.setattr(selective_scan, "scan_backend", lambda u: "reference")
     out = block(x)
-    monkeypatch.setattr(mamba_mod, "selective_scan", selective_scan_reference)
-    torch.testing.assert_close(block(x), out, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), list(block.parameters()))
+    monkeypatch.setattr(selective_scan, "scan_backend", lambda u: backend)
+    out_b = block(x)
+    torch.testing.assert_close(out_b, out, rtol=0, atol=1e-12)
+    for g_b, g in zip(torch.autograd.grad(out_b.sum(), list(block.parameters())), grads):
+        torch.testing.assert_close(g_b, g, rtol=0, atol=1e-10)
+
+
+def test_mamba_block_positions_compute_the_rows_read():
+    """With positions the block returns exactly the full output's rows there, and the gradient
+    of everything after a row's position is zero."""
+    torch.manual_seed(0)
+    block = MambaBlock(16, d_state=4).double()
+    x = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([8, 0, 4])
+    out = block(x, positions)
+    assert out.shape == (3, 16)
+    torch.testing.assert_close(out, block(x)[torch.arange(3), positions], rtol=0, atol=1e-12)
+    (gx,) = torch.autograd.grad(out.sum(), [x])
+    assert gx[1, 1:].abs().max() == 0 and gx[2, 5:].abs().max() == 0 and gx[0, 8].abs().max() > 0
 
 
 def test_mamba_block_backward_reaches_all_parameters():
