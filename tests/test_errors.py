@@ -1,0 +1,232 @@
+"""Bad input ends as ONE line on stderr (``mdaf-rec: error: ...``) naming the file, key or row, exit status 2.
+
+Each case fails before any model is built, so these run in-process through ``mdaf_rec.cli.main`` (no
+training); one subprocess checks the train command end to end on a truncated Parquet split.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mdaf_rec import cli
+from mdaf_rec.config import FeaturesConfig, load_config
+from mdaf_rec.data.dataset import Dataset, DatasetError
+from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.data.synth import generate
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.errors import UserError
+from mdaf_rec.features import FeatureSpec
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.yaml")
+BAD_PARQUET = ("truncated", "empty file", "corrupt page")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("synth")
+    generate(path, rows=3000, users=100, items=300, categories=20, max_history=10, seed=1)
+    return path
+
+
+def error_line(capsys, argv: List[str]) -> str:
+    """The one stderr line of ``mdaf-rec ARGV``, which must exit with status 2."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+def spoil(path: Path, how: str) -> Path:
+    """Makes ``path`` a truncated, 0-byte or page-corrupted Parquet file (its footer intact)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty file":
+        path.write_bytes(b"")
+    else:  # the first page header of the user_id column chunk overwritten: the footer still opens
+        chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)
+        start = chunk.dictionary_page_offset or chunk.data_page_offset
+        data[start : start + 32] = b"\xff" * 32
+        path.write_bytes(data)
+    return path
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+# -- Parquet ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", BAD_PARQUET)
+def test_bad_train_parquet_names_the_file(dataset: Path, tmp_path: Path, how: str) -> None:
+    bad = spoil(copy_dataset(dataset, tmp_path / "d") / "train.parquet", how)
+    with pytest.raises(DatasetError, match=rf"^{bad}: not a readable Parquet file \(.+\)$"):
+        Vocabularies.load_or_build(Dataset.open(bad.parent), FeaturesConfig())
+
+
+def test_corrupt_page_in_val_names_the_file_when_loaded(dataset: Path, tmp_path: Path) -> None:
+    root = copy_dataset(dataset, tmp_path / "d")
+    data = Dataset.open(root)
+    vocabs = Vocabularies.load_or_build(data, FeaturesConfig())
+    spec = FeatureSpec.build(FeaturesConfig(), vocabs.sizes)
+    bad = spoil(root / "val.parquet", "corrupt page")
+    with pytest.raises(DatasetError, match=rf"^{bad}: not a readable Parquet file"):
+        list(BatchLoader(data, "val", spec, vocabs, 256))
+
+
+def test_train_on_truncated_parquet_fails_before_building_a_model(dataset: Path, tmp_path: Path) -> None:
+    bad = spoil(copy_dataset(dataset, tmp_path / "d") / "train.parquet", "truncated")
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", DEMO, "--data", str(bad.parent), "--out", str(run)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"mdaf-rec: error: {bad}: not a readable Parquet file (")
+    assert not (run / "checkpoints").exists() and not (run / "plan.json").exists()
+
+
+@pytest.mark.parametrize("how", BAD_PARQUET)
+def test_predict_on_bad_parquet_names_the_file(dataset: Path, tmp_path: Path, capsys, monkeypatch, how: str) -> None:
+    predict = importlib.import_module("mdaf_rec.predict")
+    monkeypatch.setattr(predict, "ExportedModel", lambda *args, **kwargs: None)  # the data fails before scoring
+    source = tmp_path / "in.parquet"
+    source.write_bytes((dataset / "test.parquet").read_bytes())
+    bad = spoil(source, how)
+    line = error_line(capsys, ["predict", "--model", str(tmp_path / "model"), "--data", str(bad),
+                               "--out", str(tmp_path / "scores.parquet")])
+    assert f"error: {bad}: not a readable Parquet file (" in line
+    assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_empty_train_split_is_named(dataset: Path, tmp_path: Path) -> None:
+    root = copy_dataset(dataset, tmp_path / "d")
+    table = pq.read_table(root / "train.parquet")
+    pq.write_table(table.slice(0, 0), root / "train.parquet")
+    with pytest.raises(DatasetError, match=rf"^dataset {root}: the train split \({root / 'train.parquet'}\) has no rows$"):
+        Vocabularies.load_or_build(Dataset.open(root), FeaturesConfig())
+
+
+# -- Configs ---------------------------------------------------------------------------------------
+
+
+def train_argv(dataset: Path, tmp_path: Path, *extra: str, config: str = DEMO) -> List[str]:
+    return ["train", "--config", config, "--data", str(dataset), "--out", str(tmp_path / "run"), *extra]
+
+
+def test_malformed_yaml_names_file_line_and_column(dataset: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 1\n  batch_size: [64\n")
+    line = error_line(capsys, train_argv(dataset, tmp_path, config=str(bad)))
+    assert line.startswith(f"mdaf-rec: error: {bad}: not valid YAML (line 4, column 1: ")
+
+
+def test_missing_yaml_names_the_file(dataset: Path, tmp_path: Path, capsys) -> None:
+    line = error_line(capsys, train_argv(dataset, tmp_path, config=str(tmp_path / "nope.yaml")))
+    assert line == f"mdaf-rec: error: {tmp_path / 'nope.yaml'}: cannot read the config file (No such file or directory)"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.threads=0", "config key 'train.threads': must be >= 1"),
+    ("features.timezone=Mars/Olympus", "config key 'features.timezone': unknown IANA time zone 'Mars/Olympus'"),
+    ("model.bst.num_heads=0", "config key 'model.bst.num_heads': must be >= 1 and divide features.sequence_dim=64"),
+    ("model.dcnv3.num_heads=3", "config key 'model.dcnv3.num_heads': must be >= 1 and divide features.static_dim=16"),
+    ("model.mamba.d_state=0", "config key 'model.mamba.d_state': must be >= 1"),
+    ("train.seed=-1", "config key 'train.seed': must be >= 0"),
+    ("optimizer.lr=1e-3x", "config key 'optimizer.lr': expected a number, got '1e-3x'"),
+    ("train.epochs=1e3", "config key 'train.epochs': expected an integer, got '1e3'"),
+])
+def test_bad_config_value_is_refused_at_load(dataset: Path, tmp_path: Path, capsys, override: str, message: str) -> None:
+    line = error_line(capsys, train_argv(dataset, tmp_path, "--set", override))
+    assert line.startswith(f"mdaf-rec: error: {message}"), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="adam tables train on a GPU")
+def test_adam_tables_are_refused_on_cpu_at_load(dataset: Path, tmp_path: Path, capsys) -> None:
+    line = error_line(capsys, train_argv(dataset, tmp_path, "--set", "optimizer.sparse=adam"))
+    assert line == (
+        "mdaf-rec: error: config key 'optimizer.sparse': FBGEMM on CPU supports sgd, adagrad, rowwise_adagrad; "
+        "'adam' needs a GPU (CUDA is not available here)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    """PyYAML reads ``1e-3`` as a string; float keys accept it, from the file and from ``--set``."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  lr: 1e-3\n  sparse_lr: 2E-2\n")
+    cfg = load_config(path, ["optimizer.weight_decay=1e-6", "train.checkpoint_every_minutes=5e-1"])
+    assert (cfg.optimizer.lr, cfg.optimizer.sparse_lr, cfg.optimizer.weight_decay) == (0.001, 0.02, 1e-6)
+    assert cfg.train.checkpoint_every_minutes == 0.5
+
+
+# -- Commands --------------------------------------------------------------------------------------
+
+
+def test_eval_on_a_missing_run_names_it(tmp_path: Path, capsys) -> None:
+    line = error_line(capsys, ["eval", "--run", str(tmp_path / "nope")])
+    assert line == f"mdaf-rec: error: run directory {tmp_path / 'nope'} does not exist"
+    line = error_line(capsys, ["eval", "--run", str(tmp_path)])
+    assert line == f"mdaf-rec: error: {tmp_path} is not a run directory of `mdaf-rec train` (it has no config.yaml)"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--rows", "0", "--rows 0: must be >= 1"),
+    ("--ctr", "1.5", "--ctr 1.5: must be in (0, 1)"),
+    ("--start-date", "2017-02-30", "--start-date '2017-02-30': not a date YYYY-MM-DD (day is out of range for month)"),
+])
+def test_synth_parameters_are_checked(tmp_path: Path, capsys, flag: str, value: str, message: str) -> None:
+    line = error_line(capsys, ["data", "synth", "--out", str(tmp_path / "s"), flag, value])
+    assert line == f"mdaf-rec: error: {message}"
+    assert not (tmp_path / "s").exists()
+
+
+def test_converter_out_that_is_a_file(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    line = error_line(capsys, ["data", "synth", "--out", str(out), "--rows", "100"])
+    assert line == f"mdaf-rec: error: --out {out}: exists and is not a folder"
+    assert out.read_text() == "mine"
+
+
+def test_non_utf8_csv_byte_names_its_one_line(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "UserBehavior.csv"
+    raw.write_bytes(b"1,100,10,pv,1511539200\n1,101,10,p\xe9v,1511539300\n2,100,10,pv,1511539400\n")
+    line = error_line(capsys, ["data", "taobao-behavior", "--raw", str(raw), "--out", str(tmp_path / "o")])
+    assert line == (
+        f"mdaf-rec: error: {raw}: line 2: column 'behavior': not valid UTF-8 (value 'p\ufffdv') "
+        "(use --on-bad-row drop to drop such rows)"
+    )
+
+
+# -- The contract ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", [
+    "mdaf_rec.config:ConfigError", "mdaf_rec.checkpoint:CheckpointError", "mdaf_rec.data.dataset:DatasetError",
+    "mdaf_rec.data.validate:DataError", "mdaf_rec.data.vocab:VocabMismatchError",
+    "mdaf_rec.models.embeddings:InputIdError", "mdaf_rec.plan_io:PlanFileError", "mdaf_rec.train:TrainingError",
+    "mdaf_rec.artifact:ArtifactError", "mdaf_rec.data.converters.common:ConversionError",
+    "mdaf_rec.planning:PlanningError", "mdaf_rec.data.synth:SynthParamsError",
+])
+def test_user_facing_errors_share_one_base(where: str) -> None:
+    module, name = where.split(":")
+    assert issubclass(getattr(importlib.import_module(module), name), UserError)
