@@ -1,41 +1,50 @@
-"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), loaded without executing pickles.
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), verified and loaded without executing pickles.
 
-A checkpoint is a folder ``RUN_DIR/checkpoints/epoch_K/`` holding
+A checkpoint is a folder ``RUN_DIR/checkpoints/epoch_K/`` (end of epoch K) or ``step_S/`` (inside an
+epoch, after global step S) holding
 
 * the DCP files of ``{"model": DMP state dict, "optim": optimizer state}`` — sharded tables are
   written by the ranks that own them and resharded on load, so a checkpoint written by one world size
   loads with another;
-* ``state.json`` — training position (epochs done, global step), early-stopping state, the data
-  vocabulary fingerprint, world size;
-* ``rng_rank{R}.pt`` — each rank's torch RNG state (a uint8 tensor).
+* ``state.json`` — the :class:`~mdaf_rec.train_state.TrainState` (position, early stopping, fingerprint);
+* ``rng_rank{R}.pt`` — each rank's RNG states (CPU, and CUDA on GPU ranks) as uint8 tensors;
+* ``manifest.json`` — size and SHA-256 of every other file, written last; a checkpoint without it is
+  incomplete, and a file that does not match it is refused by name before anything is read.
 
-``RUN_DIR/checkpoints/index.json`` points at the ``last`` and ``best`` checkpoints; folders that are
-neither are deleted after each save.
+``RUN_DIR/checkpoints/index.json`` points at the ``last`` and ``best`` checkpoints and the kept in-epoch
+ones (``steps``); the tool's own checkpoint folders that none of these name are deleted after each save.
 
-Loading never unpickles arbitrary objects: tensors are read with ``torch.load(weights_only=True)``,
-DCP's metadata file with an unpickler that only admits DCP's own metadata classes, and optimizer
-``param_groups`` (plain hyper-parameters, rebuilt from the config) are not stored in the DCP files.
+Loading never executes a pickle: tensors are read with ``torch.load(weights_only=True)``; DCP's
+``.metadata`` file (a protocol-4 pickle, which PyTorch's weights-only unpickler cannot read: it has no
+``FRAME`` / ``STACK_GLOBAL`` support) with an unpickler that admits an exact list of ``(module, name)``
+pairs — DCP's metadata dataclasses, torch sizes/dtypes/layouts and plain containers — and nothing else:
+no module prefix rule, no dotted names, no attribute chains. Optimizer ``param_groups`` (plain
+hyper-parameters, rebuilt from the config) are not stored in the DCP files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import io
 import json
 import logging
 import pickle
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
 from mdaf_rec.errors import UserError
+from mdaf_rec.run_dir import CHECKPOINT_NAME, RunDir
 
 if TYPE_CHECKING:
     from mdaf_rec.data.vocab import Vocabularies
@@ -44,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -54,32 +64,48 @@ class CheckpointError(UserError, RuntimeError):
 # Safe loading
 # --------------------------------------------------------------------------------------------------
 
-_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "torch.distributed._shard.")
-_ALLOWED_GLOBALS = {
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+#: The exact globals a DCP ``.metadata`` pickle may name. Each is a class or a pure lookup function;
+#: none can reach another object through its name (names are matched whole, never split at dots).
+_ALLOWED_GLOBALS = frozenset({
+    (_DCP_METADATA, "Metadata"),
+    (_DCP_METADATA, "MetadataIndex"),
+    (_DCP_METADATA, "StorageMeta"),
+    (_DCP_METADATA, "TensorProperties"),
+    (_DCP_METADATA, "TensorStorageMetadata"),
+    (_DCP_METADATA, "ChunkStorageMetadata"),
+    (_DCP_METADATA, "BytesStorageMetadata"),
+    (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("torch", "device"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "slice"),
     ("collections", "OrderedDict"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch.serialization", "_get_layout"),
     ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
     ("pathlib", "WindowsPath"),
     ("pathlib", "PureWindowsPath"),
-}
+})
+_TORCH_DTYPES = frozenset(name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata only: DCP's dataclasses, torch dtypes/sizes and plain containers."""
+    """Unpickles DCP metadata only: exact ``(module, name)`` pairs of :data:`_ALLOWED_GLOBALS` and torch dtypes."""
+
+    def __init__(self, file: Any, source: Path) -> None:
+        super().__init__(file)
+        self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_ALLOWED_MODULE_PREFIXES) or (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        if (module, name) in _ALLOWED_GLOBALS or (module == "torch" and name in _TORCH_DTYPES):
+            return getattr(importlib.import_module(module), name)  # an exact, undotted attribute
+        raise CheckpointError(f"{self.source}: refers to {module}.{name}, which a checkpoint may not; refusing to load it")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self.source}: holds a persistent reference, which a checkpoint may not; refusing to load it")
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -88,7 +114,14 @@ class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as fh:
-            metadata = _MetadataUnpickler(fh).load()
+            try:
+                metadata = _MetadataUnpickler(fh, Path(path)).load()
+            except CheckpointError:
+                raise
+            except Exception as e:  # a truncated or garbled file
+                raise CheckpointError(f"{path}: not a readable checkpoint metadata file ({type(e).__name__})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a checkpoint metadata file (holds a {type(metadata).__name__})")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -121,86 +154,129 @@ def tensor_state(state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def save_checkpoint(
-    run_dir: Path, name: str, app_state: Dict[str, Any], state: Dict[str, Any], *, is_best: bool
+    run_dir: Path,
+    name: str,
+    app_state: Dict[str, Any],
+    state: Dict[str, Any],
+    *,
+    is_best: bool,
+    keep_steps: int = 0,
 ) -> Path:
     """Collectively writes checkpoint ``name`` and updates ``index.json``.
 
     Args:
         run_dir: the run directory.
-        name: checkpoint folder name (``epoch_3``).
+        name: checkpoint folder name (``epoch_3``, ``step_120``).
         app_state: ``{"model": ..., "optim": ...}`` state dicts (sharded tensors allowed).
         state: JSON-serialisable training state (written by rank 0).
         is_best: also point ``best`` at this checkpoint.
+        keep_steps: for an in-epoch checkpoint, how many of the newest in-epoch checkpoints to keep
+            (``0``: this is an epoch checkpoint, which makes the in-epoch ones of this epoch obsolete).
     Returns:
         The checkpoint folder.
     """
-    root = run_dir / "checkpoints"
-    path = root / name
+    run = RunDir(run_dir)
+    path = run.checkpoints / name
     rank = dist.get_rank() if dist.is_initialized() else 0
     dcp.save(tensor_state(app_state), checkpoint_id=str(path))
-    torch.save(torch.get_rng_state(), path / f"rng_rank{rank}.pt")
+    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
         (path / STATE_FILE).write_text(json.dumps(state, indent=2))
-        index = read_index(run_dir) if (root / INDEX_FILE).exists() else {}
+        _write_json_atomic(path / MANIFEST_FILE, {"files": _file_digests(path, _checkpoint_files(path))})
+        index = read_index(run_dir) if (run.checkpoints / INDEX_FILE).exists() else {}
         index["last"] = name
         if is_best or "best" not in index:
             index["best"] = name
-        _write_json_atomic(root / INDEX_FILE, index)
-        for child in root.iterdir():
-            if child.is_dir() and child.name not in index.values():
+        index["steps"] = (index.get("steps", []) + [name])[-keep_steps:] if keep_steps else []
+        _write_json_atomic(run.checkpoints / INDEX_FILE, index)
+        kept = {index["last"], index["best"], *index["steps"]}
+        for child in run.checkpoints.iterdir():
+            if child.is_dir() and CHECKPOINT_NAME.match(child.name) and child.name not in kept:
                 shutil.rmtree(child)
     if dist.is_initialized():
         dist.barrier()
     return path
 
 
-def read_index(run_dir: Path) -> Dict[str, str]:
-    """``{"last": name, "best": name}`` of a run."""
-    path = run_dir / "checkpoints" / INDEX_FILE
+def read_index(run_dir: Path) -> Dict[str, Any]:
+    """``{"last": name, "best": name, "steps": [names]}`` of a run."""
+    path = RunDir(run_dir).checkpoints / INDEX_FILE
     if not path.exists():
-        raise CheckpointError(f"{path}: no checkpoint index (was the run trained to the end of an epoch?)")
-    return json.loads(path.read_text())
+        raise CheckpointError(f"{path}: no checkpoint index (was the run trained to its first checkpoint?)")
+    index = _read_json(path)
+    if not isinstance(index.get("last"), str):
+        raise CheckpointError(f"{path}: not a checkpoint index (no valid 'last' entry)")
+    return index
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
     """The folder of the ``last`` or ``best`` checkpoint of a run."""
     index = read_index(run_dir)
     if which not in index:
-        raise CheckpointError(f"{run_dir / 'checkpoints' / INDEX_FILE}: no {which!r} checkpoint")
-    path = run_dir / "checkpoints" / index[which]
-    for required in (STATE_FILE, ".metadata"):
+        raise CheckpointError(f"{RunDir(run_dir).checkpoints / INDEX_FILE}: no {which!r} checkpoint")
+    path = RunDir(run_dir).checkpoints / index[which]
+    for required in (MANIFEST_FILE, STATE_FILE, ".metadata"):
         if not (path / required).exists():
-            raise CheckpointError(f"{path / required}: missing from checkpoint {index[which]!r}")
+            raise CheckpointError(f"{path / required}: missing from checkpoint {index[which]!r} (incomplete checkpoint)")
     return path
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Checks every file of checkpoint ``path`` against its ``manifest.json``; raises naming the first bad file."""
+    manifest = _read_json(path / MANIFEST_FILE).get("files")
+    if not isinstance(manifest, dict) or not manifest:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: not a checkpoint manifest")
+    actual = _file_digests(path, [path / name for name in manifest if (path / name).is_file()])
+    for name, expected in manifest.items():
+        if name not in actual:
+            raise CheckpointError(f"{path / name}: missing from checkpoint {path.name!r}")
+        if actual[name] != expected:
+            raise CheckpointError(
+                f"{path / name}: content does not match the checkpoint's manifest (corrupted or modified); refusing to load it"
+            )
+
+
 def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str] = ()) -> Dict[str, Any]:
-    """Loads a checkpoint in place into ``app_state`` (same structure as saved) and returns its state.
+    """Verifies checkpoint ``path``, loads it in place into ``app_state`` (same structure as saved) and
+    returns its state.
 
     Args:
         path: checkpoint folder.
         app_state: ``{"model": ..., "optim": ...}`` (any subset of the saved entries).
         partial: entries allowed to be partly missing from the checkpoint (their missing tensors keep
             their current values) — the optimizer state when resuming under another sharding plan.
-    Every rank restores its own RNG state if the checkpoint has one for that rank.
+    Every rank restores its own RNG states if the checkpoint has them for that rank.
     """
+    verify_checkpoint(path)
     for name, value in app_state.items():
         target = tensor_state({name: value})
         planner = SafeLoadPlanner(allow_partial_load=name in partial)
-        dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=planner)
+        try:
+            dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=planner)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a BaseException
+            causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+            for cause in causes:
+                if isinstance(cause, CheckpointError):
+                    raise cause from None
+            cause = causes[0] if causes else e
+            raise CheckpointError(
+                f"{path}: the {name!r} entry does not load ({type(cause).__name__}: {_first_line(cause)})"
+            ) from None
         _copy_back(app_state, target)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+        _set_rng_state(rng)
+    return read_state(path)
 
 
 def read_state(path: Path) -> Dict[str, Any]:
     """The ``state.json`` of a checkpoint."""
-    return json.loads((path / STATE_FILE).read_text())
+    return _read_json(path / STATE_FILE)
 
 
 def check_vocabularies(path: Path, vocabs: "Vocabularies") -> None:
@@ -208,6 +284,61 @@ def check_vocabularies(path: Path, vocabs: "Vocabularies") -> None:
     expected = read_state(path).get("vocab_fingerprint")
     if expected is not None:
         vocabs.check_fingerprint(expected, what=f"checkpoint {path}")
+
+
+def _rng_state() -> Dict[str, torch.Tensor]:
+    """This process's RNG states: CPU, and the current CUDA device's on GPU ranks."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(path: Path) -> None:
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refusals end with advice to unpickle anyway: never pass it on
+        raise CheckpointError(f"{path}: not a plain tensor file ({type(e).__name__}); refusing to load it") from None
+    if isinstance(state, torch.Tensor):  # checkpoints written before CUDA states were saved
+        state = {"cpu": state}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in state.values()):
+        raise CheckpointError(f"{path}: not an RNG state file")
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _checkpoint_files(path: Path) -> List[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def _file_digests(root: Path, files: Iterable[Path]) -> Dict[str, Dict[str, Any]]:
+    """``{name: {"bytes": size, "sha256": hex}}`` of ``files`` (inside ``root``)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for f in files:
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        out[str(f.relative_to(root))] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 def _copy_back(dst: Dict[str, Any], src: Dict[str, Any]) -> None:
@@ -224,4 +355,3 @@ def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
-

@@ -1,10 +1,13 @@
 """The training recipe: ``mdaf-rec train`` and ``mdaf-rec eval``.
 
-One story, read top to bottom (:func:`train`): set up the process group, read the data's vocabularies,
-build the model with its tables on ``meta``, attach the fused table optimizer, plan and shard with DMP,
-then per epoch: train through ``TrainPipelineSparseDist``, evaluate on validation, checkpoint, and stop
-early when validation AUC stops improving; finally score validation and test with the best checkpoint
-and write ``metrics.json``. The same code runs as 1 process, ``torchrun --nproc_per_node N`` or N nodes.
+One story, read top to bottom (:func:`train`): set up the process group, take the run directory's lock
+and decide whether to start afresh or resume (before anything is written), read the data's
+vocabularies, build the model with its tables on ``meta``, attach the fused table optimizer, plan and
+shard with DMP, then per epoch: train through ``TrainPipelineSparseDist`` (checkpointing inside the
+epoch if asked), evaluate on validation, checkpoint, and stop early when validation AUC stops
+improving; finally score validation and test with the best checkpoint and write ``metrics.json``. The
+same code runs as 1 process, ``torchrun --nproc_per_node N`` or N nodes, and a restarted job (the
+launcher re-running the same command) continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,22 +16,29 @@ import itertools
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
+from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline.train_pipelines import TrainPipeline
 from torchrec.distributed.types import ShardingPlan
 from tqdm import tqdm
 
 from mdaf_rec import checkpoint as ckpt
-from mdaf_rec.config import Config, dump_config, load_config
+from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed
@@ -38,6 +48,7 @@ from mdaf_rec.metrics import MetricAccumulator
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
+from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
 from mdaf_rec.sharding import (
     apply_sparse_optimizer,
     build_optimizer,
@@ -45,11 +56,9 @@ from mdaf_rec.sharding import (
     shard_model,
     table_parameters,
 )
+from mdaf_rec.train_state import TrainState
 
 logger = logging.getLogger(__name__)
-
-VOCAB_DIR = "vocab"
-PLAN_FILE = "plan.json"
 
 
 class TrainingError(UserError, RuntimeError):
@@ -77,16 +86,52 @@ class Session:
 # --------------------------------------------------------------------------------------------------
 
 
-def setup_logging(run_dir: Optional[Path], rank: int) -> None:
-    """INFO logs on rank 0 (others warn only), also to ``RUN_DIR/train.log``."""
+def setup_logging(rank: int, verbose: bool = False) -> MemoryHandler:
+    """Logs to stderr: the project's own lines (INFO on rank 0, warnings elsewhere) and, with ``verbose``,
+    everything else too (TorchRec's planner and FBGEMM's TBE INFO dumps, Python warnings).
+
+    Returns:
+        A buffer of the lines logged so far; :func:`attach_log_file` writes it, and every later line, to
+        the run's ``train.log`` once the run directory may be written.
+    """
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler()
+    buffer = MemoryHandler(capacity=1 << 16, flushLevel=logging.CRITICAL + 1)
+    for handler in (console, buffer):
+        handler.setFormatter(fmt)
+    root, project = logging.getLogger(), logging.getLogger("mdaf_rec")
+    for logger_ in (root, project):
+        for handler in list(logger_.handlers):
+            logger_.removeHandler(handler)
+    logging.captureWarnings(True)  # Python warnings become "py.warnings" log records: shown with verbose only
     level = logging.INFO if rank == 0 else logging.WARNING
-    handlers: List[logging.Handler] = [logging.StreamHandler()]
-    if run_dir is not None and rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
-    # TorchRec logs every pipeline fill/drain at INFO; keep its warnings only.
-    logging.getLogger("torchrec").setLevel(logging.WARNING)
+    project.setLevel(level)
+    if verbose:
+        root.setLevel(level)
+        project.propagate = True
+        for handler in (console, buffer):
+            root.addHandler(handler)
+    else:
+        root.setLevel(logging.ERROR)
+        project.propagate = False
+        for handler in (console, buffer):
+            project.addHandler(handler)
+    # torch's own loggers (e.g. the "[rank0]:W..." lines) have their own handler: errors only unless verbose.
+    logging.getLogger("torch").setLevel(logging.INFO if verbose else logging.ERROR)
+    return buffer
+
+
+def attach_log_file(buffer: MemoryHandler, path: Path) -> None:
+    """Writes the buffered lines to ``path`` (appending) and sends every later line there too."""
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(buffer.formatter)
+    buffer.setTarget(file_handler)
+    buffer.flush()
+    for logger_ in (logging.getLogger(), logging.getLogger("mdaf_rec")):
+        if buffer in logger_.handlers:
+            logger_.removeHandler(buffer)
+            logger_.addHandler(file_handler)
+    buffer.close()
 
 
 def open_session(
@@ -101,8 +146,6 @@ def open_session(
         vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise.
         plan: sharding plan; planned by the TorchRec planner for this topology when ``None``.
     """
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
     dataset = Dataset.open(cfg.data.path)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
@@ -214,157 +257,277 @@ def evaluate(session: Session, split: str, collect_scores: bool = False) -> Dict
 # --------------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, plan_file: Optional[Path] = None) -> Dict[str, Any]:
+def train(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool = False,
+    plan_file: Optional[Path] = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Dict[str, Any]:
     """Trains ``cfg`` into ``run_dir`` and returns the final metrics (also in ``metrics.json``).
 
     Args:
         cfg: the resolved config.
-        run_dir: run directory (created).
-        resume: continue from the run's ``last`` checkpoint (exactly: weights, optimizer state, data
-            position and RNG are restored).
+        run_dir: run directory. A new or empty folder starts a run; a run directory of the same config
+            with a checkpoint is resumed from it (as after a crash or a launcher restart); anything else is
+            refused before a file is written.
+        resume: insist on resuming (an error if there is nothing to resume).
         plan_file: a sharding plan written by ``mdaf-rec plan --json``; planned here when ``None``.
+        overwrite: start afresh, deleting the run's own files (never other files) first.
+        verbose: also show third-party log lines and warnings.
     """
     env = init_distributed()
-    setup_logging(run_dir, env.rank)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    vocabs = _shared_vocabularies(Dataset.open(cfg.data.path), cfg, env)
-    if resume:  # refuse another dataset's vocabularies before anything is built on them
-        last = ckpt.checkpoint_path(run_dir, "last")
-        try:
-            ckpt.check_vocabularies(last, vocabs)
-        except VocabMismatchError as e:
-            raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
-    session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run_dir, env, plan_file, resume))
-    logger.info(
-        "model %s: %s parameters (%s in tables), world size %d (%s), data %s",
-        cfg.model.name, f"{session.params['total']:,}", f"{session.params['tables']:,}", env.world_size,
-        env.backend, cfg.data.path,
-    )
-    if env.is_main:
-        save_plan(session.plan, env.world_size, run_dir / PLAN_FILE)
-        session.vocabs.save(run_dir / VOCAB_DIR)
-        oov = session.vocabs.oov_rates(session.dataset)
-        logger.info("out-of-vocabulary rates per split and feature: %s", json.dumps(oov))
+    _set_threads(cfg, env)
+    buffered = setup_logging(env.rank, verbose)
+    run = RunDir(run_dir)
+    dataset = Dataset.open(cfg.data.path)
+    _check_labels(dataset, "val")
+    lock = RunLock(run)
+    try:
+        start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
+        vocabs = _shared_vocabularies(dataset, cfg, env)
+        if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
+            last = ckpt.checkpoint_path(run_dir, "last")
+            try:
+                ckpt.check_vocabularies(last, vocabs)
+            except VocabMismatchError as e:
+                raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
+        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start))
+        state = _resume(session) if start is Start.RESUME else TrainState()
+        state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
+        if env.is_main:  # the run is now committed: write (resume: rewrite) its files
+            if start is Start.FRESH:
+                run.clear()
+            attach_log_file(buffered, run.log)
+            if start is Start.RESUME:
+                logger.info("resuming %s from its checkpoint %s (epoch %d, step %d)", run_dir,
+                            ckpt.read_index(run_dir)["last"], state.epochs_done + 1, state.step)
+                run.truncate_metrics_log(state.epochs_done)
+            dump_config(cfg, run.config)
+            save_plan(session.plan, env.world_size, run.plan)
+            session.vocabs.save(run.vocab)
+            session.vocabs.oov_rates(session.dataset)  # logs them per split and feature
+        logger.info(
+            "model %s: %s parameters (%s in tables), world size %d (%s, %d threads per process), data %s",
+            cfg.model.name, f"{session.params['total']:,}", f"{session.params['tables']:,}", env.world_size,
+            env.backend, torch.get_num_threads(), cfg.data.path,
+        )
+        return _fit(session, state)
+    finally:
+        lock.release()
 
-    state = {"epochs_done": 0, "step": 0, "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0, "train_seconds": 0.0,
-             "train_samples": 0}
-    if resume:
-        state = _resume(session)
-    pipeline = TrainPipelineSparseDist(session.model, session.optimizer, env.device) if cfg.train.pipeline else None
 
-    for epoch in range(state["epochs_done"], cfg.train.epochs):
-        started = time.perf_counter()
-        epoch_loss, steps, samples = _train_epoch(session, pipeline, epoch, state)
-        state["train_seconds"] += time.perf_counter() - started
-        state["train_samples"] += samples
-        if pipeline is not None:
-            pipeline.detach()
+def _fit(session: Session, state: TrainState) -> Dict[str, Any]:
+    """Epochs from ``state`` on: train, evaluate, checkpoint, stop early; then the final metrics."""
+    cfg, env, run = session.cfg, session.env, RunDir(session.run_dir)
+    for epoch in range(state.epochs_done, cfg.train.epochs):
+        epoch_loss = _train_epoch(session, epoch, state)
+        rate = state.epoch_samples / max(state.epoch_seconds, 1e-9)  # training only, evaluation excluded
         val = evaluate(session, "val")
-        state["epochs_done"] = epoch + 1
-        improved = val["auc"] > state["best_auc"]
+        improved = val["auc"] > state.best_auc
+        state.finish_epoch()
         if improved:
-            state.update(best_auc=val["auc"], best_epoch=epoch + 1, bad_epochs=0)
+            state.best_auc, state.best_epoch, state.bad_epochs = val["auc"], epoch + 1, 0
         else:
-            state["bad_epochs"] += 1
-        record = {
-            "epoch": epoch + 1,
-            "step": state["step"],
-            "train_loss": epoch_loss,
-            "samples_per_sec": samples / max(time.perf_counter() - started, 1e-9),
-            "val": _headline(val),
-        }
+            state.bad_epochs += 1
+        record = {"epoch": epoch + 1, "step": state.step, "train_loss": epoch_loss, "samples_per_sec": rate,
+                  "val": _headline(val)}
         if env.is_main:
-            with open(run_dir / "metrics.jsonl", "a") as fh:
+            with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         logger.info(
             "epoch %d: train loss %.5f, val auc %.5f gauc %.5f logloss %.5f%s",
             epoch + 1, epoch_loss, val["auc"], val["gauc"], val["logloss"], " (best)" if improved else "",
         )
-        state["vocab_fingerprint"] = session.vocabs.fingerprint
-        state["world_size"] = env.world_size
-        ckpt.save_checkpoint(run_dir, f"epoch_{epoch + 1}", _app_state(session), state, is_best=improved)
-        if state["bad_epochs"] >= cfg.train.patience:
+        ckpt.save_checkpoint(session.run_dir, f"epoch_{epoch + 1}", _app_state(session), state.to_json(), is_best=improved)
+        if state.bad_epochs >= cfg.train.patience:
             logger.info("early stopping: no better validation AUC for %d epochs", cfg.train.patience)
             break
 
     final = _final_metrics(session, state)
     if env.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(final, indent=2))
-        _plots(run_dir, final)
+        run.metrics.write_text(json.dumps(final, indent=2))
+        _plots(run, final)
     return final
 
 
-def _run_plan(run_dir: Path, env: DistEnv, plan_file: Optional[Path], resume: bool) -> Optional[ShardingPlan]:
+def _claim_run(run: RunDir, cfg: Config, env: DistEnv, lock: RunLock, *, resume: bool, overwrite: bool) -> Start:
+    """Rank 0 takes the run's lock and decides how to start (nothing else is written); every rank learns
+    the decision, or the refusal, which every rank then raises."""
+    decision: List[Any] = [None]
+    if env.is_main:
+        try:
+            decision[0] = _lock_and_decide(run, cfg, lock, resume, overwrite).value
+        except UserError as e:
+            decision[0] = {"error": str(e)}
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], dict):
+        raise RunDirError(decision[0]["error"])
+    return Start(decision[0])
+
+
+def _lock_and_decide(run: RunDir, cfg: Config, lock: RunLock, resume: bool, overwrite: bool) -> Start:
+    if run.path.exists() and not run.path.is_dir():
+        raise RunDirError(f"--out {run.path} is a file, not a folder")
+    created = not run.path.exists()
+    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire()
+        start = decide_start(run, to_dict(cfg), resume=resume, overwrite=overwrite)
+    except UserError:
+        lock.release()
+        if created:
+            run.path.rmdir()
+        raise
+    if start is Start.RESUME and not resume:
+        logger.info("%s holds a checkpoint of this run: resuming it (pass --overwrite to start afresh)", run.path)
+    return start
+
+
+def _check_labels(dataset: Dataset, split: str) -> None:
+    """Refuses a split on which AUC is undefined (no rows, or one class only): early stopping reads it."""
+    rows = positives = 0
+    for path in dataset.split_files(split):
+        try:
+            labels = pq.read_table(path, columns=["label"]).column("label")
+        except (OSError, KeyError, pa.ArrowException) as e:
+            raise DatasetError(f"{path}: cannot read its label column ({type(e).__name__}: {e})") from None
+        rows += len(labels)
+        positives += int(pc.sum(labels).as_py() or 0)
+    if rows == 0 or positives in (0, rows):
+        raise TrainingError(
+            f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1; "
+            "validation AUC (early stopping, best checkpoint) needs both labels"
+        )
+
+
+def _set_threads(cfg: Config, env: DistEnv) -> None:
+    """Intra-op threads per process: ``train.threads``, else this node's cores shared by its processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cfg.train.threads or max(1, cores // env.local_world_size))
+
+
+def _run_plan(run: RunDir, env: DistEnv, plan_file: Optional[Path], start: Start) -> Optional[ShardingPlan]:
     """The plan to shard with: the given file, else (when resuming with the same world size) the run's
     own ``plan.json``, else ``None`` (the planner decides). A resumed run keeps its sharding so that
     its optimizer state (fused for sharded tables, dense for data-parallel ones) loads as saved."""
     if plan_file is not None:
         return load_plan(plan_file, env.world_size)
-    own = run_dir / PLAN_FILE
-    if resume and own.exists() and plan_world_size(own) == env.world_size:
-        return load_plan(own, env.world_size)
+    if start is Start.RESUME and run.plan.exists() and plan_world_size(run.plan) == env.world_size:
+        return load_plan(run.plan, env.world_size)
     return None
 
 
-def _train_epoch(
-    session: Session, pipeline: Optional[TrainPipelineSparseDist], epoch: int, state: Dict[str, Any]
-) -> tuple[float, int, int]:
-    """One epoch; returns (mean loss, steps, global samples)."""
-    cfg = session.cfg
-    model = session.model
-    model.train()
-    loader = _loader(session, "train", epoch=epoch, train=True)
+def _pipeline(session: Session) -> TrainPipeline:
+    """The step: ``TrainPipelineSparseDist`` (input distribution overlapped with compute) or, with
+    ``train.pipeline: false``, ``TrainPipelineBase`` — the same ``progress()`` either way."""
+    kind = TrainPipelineSparseDist if session.cfg.train.pipeline else TrainPipelineBase
+    return kind(session.model, session.optimizer, session.env.device)
+
+
+class RunningSums:
+    """Per-step loss and sample counts kept on the device between reads (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = 0
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss += loss.detach()
+        self.samples += samples
+
+    def read(self, flag: bool) -> Tuple[float, int, bool]:
+        """Sums over all ranks since the last read, and whether any rank raised ``flag``; resets.
+
+        The one host sync and the one collective of the step that calls it."""
+        counts = torch.tensor([float(self.samples), float(flag)], dtype=torch.float64).to(self.device)
+        sums = torch.cat([self.loss.view(1), counts])  # [loss, samples, flag]
+        dist.all_reduce(sums)
+        loss, samples, flags = sums.tolist()
+        self.loss.zero_()
+        self.samples = 0
+        return loss, int(samples), flags > 0
+
+
+def fault_injection_point(step: int, rank: int) -> None:
+    """Rehearses a crash: with ``MDAF_FAULT_KILL_AT_STEP=S`` (and ``MDAF_FAULT_KILL_RANK``, default 0) the
+    process kills itself with SIGKILL right after the in-epoch checkpoint of step ``S``, in the launcher's
+    first attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that a restart can be tested."""
+    at = os.environ.get("MDAF_FAULT_KILL_AT_STEP")
+    if at is None or int(at) != step or int(os.environ.get("MDAF_FAULT_KILL_RANK", "0")) != rank:
+        return
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        logger.warning("MDAF_FAULT_KILL_AT_STEP=%s: killing this process (rank %d) after step %d", at, rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_epoch(session: Session, epoch: int, state: TrainState) -> float:
+    """Trains epoch ``epoch`` from batch ``state.epoch_batches`` on; returns its mean training loss.
+
+    The loss stays on the device: it is read (one host sync, and one all-reduce over the ranks) every
+    ``train.log_every`` steps, at in-epoch checkpoints and at the end of the epoch; a non-finite value
+    stops training naming the steps since the previous read.
+    """
+    cfg, env = session.cfg, session.env
+    session.model.train()
+    loader = _loader(session, "train", epoch=epoch, train=True, start_batch=state.epoch_batches)
     total = len(loader) if cfg.train.max_steps_per_epoch is None else min(len(loader), cfg.train.max_steps_per_epoch)
-    batches: Iterator[Batch] = itertools.islice(iter(loader), total)
-    bar = tqdm(total=total, desc=f"epoch {epoch + 1}", disable=session.env.rank != 0, unit="step")
-    loss_sum, steps, samples = 0.0, 0, 0
-    started = time.perf_counter()
+    batches: Iterator[Batch] = itertools.islice(iter(loader), max(total - state.epoch_batches, 0))
+    pipeline = _pipeline(session)
+    bar = tqdm(total=total, initial=state.epoch_batches, desc=f"epoch {epoch + 1}", disable=env.rank != 0, unit="step")
+    window = RunningSums(env.device)
+    started = last_checkpoint = time.perf_counter()
+    first_unread = state.epoch_batches + 1
     while True:
-        if pipeline is not None:
-            try:
-                out = pipeline.progress(batches)
-            except StopIteration:
-                break
-            loss = out.loss
-            batch_rows = int(out.labels.shape[0])
-        else:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            batch = batch.to(session.env.device, non_blocking=True)
-            session.optimizer.zero_grad()
-            loss, out = model(batch)
-            loss.backward()
-            session.optimizer.step()
-            batch_rows = batch.batch_size
-        state["step"] += 1
-        value = float(loss)
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"non-finite loss {value} at step {state['step']} (epoch {epoch + 1}, batch {steps + 1}); "
-                f"training stopped, the last good checkpoint is kept in {session.run_dir / 'checkpoints'}"
-            )
-        loss_sum += value
-        steps += 1
-        samples += batch_rows * session.env.world_size
+        try:
+            out = pipeline.progress(batches)
+        except StopIteration:
+            break
+        window.add(out.loss, out.labels.shape[0])
+        state.step += 1
+        state.epoch_batches += 1
         bar.update(1)
-        if steps % cfg.train.log_every == 0 or steps == total:
-            rate = samples / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", samples_per_s=f"{rate:,.0f}")
-            logger.debug("epoch %d step %d loss %.5f %.0f samples/s", epoch + 1, steps, loss_sum / steps, rate)
+        step_checkpoint = bool(cfg.train.checkpoint_every_steps) and state.step % cfg.train.checkpoint_every_steps == 0
+        if not (state.epoch_batches % cfg.train.log_every == 0 or state.epoch_batches == total or step_checkpoint):
+            continue
+        minutes = cfg.train.checkpoint_every_minutes
+        due = minutes is not None and time.perf_counter() - last_checkpoint >= 60 * minutes
+        loss_sum, samples, any_due = window.read(due)  # the step's only host sync
+        if not math.isfinite(loss_sum):
+            raise TrainingError(
+                f"non-finite loss (sum {loss_sum}) in steps {state.step - state.epoch_batches + first_unread}-{state.step} "
+                f"(epoch {epoch + 1}, batches {first_unread}-{state.epoch_batches}); training stopped, the last good "
+                f"checkpoint is kept in {RunDir(session.run_dir).checkpoints}"
+            )
+        first_unread = state.epoch_batches + 1
+        state.epoch_loss_sum += loss_sum
+        state.epoch_samples += samples
+        now = time.perf_counter()
+        state.epoch_seconds += now - started
+        started = now
+        rate = state.epoch_samples / max(state.epoch_seconds, 1e-9)
+        mean = state.epoch_loss_sum / (state.epoch_batches * env.world_size)
+        bar.set_postfix(loss=f"{mean:.4f}", samples_per_s=f"{rate:,.0f}")
+        logger.debug("epoch %d step %d loss %.5f %.0f samples/s", epoch + 1, state.step, mean, rate)
+        if (step_checkpoint or any_due) and state.epoch_batches < total:
+            ckpt.save_checkpoint(session.run_dir, f"step_{state.step}", _app_state(session), state.to_json(),
+                                 is_best=False, keep_steps=cfg.train.keep_step_checkpoints)
+            last_checkpoint = started = time.perf_counter()  # checkpoint time is not training time
+            fault_injection_point(state.step, env.rank)
     bar.close()
-    mean_loss = torch.tensor([loss_sum, float(steps)], dtype=torch.float64)
-    dist.all_reduce(mean_loss)
-    return float(mean_loss[0] / max(mean_loss[1], 1.0)), steps, samples
+    if isinstance(pipeline, TrainPipelineSparseDist):
+        pipeline.detach()
+    return state.epoch_loss_sum / max(state.epoch_batches * env.world_size, 1)
 
 
 def _app_state(session: Session) -> Dict[str, Any]:
     return {"model": session.model.state_dict(), "optim": session.optimizer.state_dict()}
 
 
-def _resume(session: Session) -> Dict[str, Any]:
+def _resume(session: Session) -> TrainState:
+    """Loads the run's ``last`` checkpoint (weights, optimizer state, RNG) and returns its state."""
     path = ckpt.checkpoint_path(session.run_dir, "last")
     _init_optimizer_state(session)
     app_state = _app_state(session)
@@ -372,16 +535,18 @@ def _resume(session: Session) -> Dict[str, Any]:
     # logit layers inside MDAF without Tri-BCE) have no Adam state in the checkpoint, and keep the
     # placeholder state init_state gave them, which no step ever reads. Under another world size the
     # optimizer state of tables whose sharding type changed (fused <-> data_parallel) restarts too.
-    state = ckpt.load_checkpoint(path, app_state, partial=("optim",))
-    if state.get("world_size") != session.env.world_size:
+    try:
+        state = TrainState.from_json(ckpt.load_checkpoint(path, app_state, partial=("optim",)))
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: not a training state ({e})") from None
+    if state.world_size != session.env.world_size:
         logger.warning(
             "resumed a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
             "tables whose sharding type changed (fused <-> data_parallel) restarts",
-            state.get("world_size"), session.env.world_size,
+            state.world_size, session.env.world_size,
         )
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
-    logger.info("resumed from %s (epoch %d, step %d)", path, state["epochs_done"], state["step"])
     return state
 
 
@@ -411,7 +576,7 @@ def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def _final_metrics(session: Session, state: Dict[str, Any]) -> Dict[str, Any]:
+def _final_metrics(session: Session, state: TrainState) -> Dict[str, Any]:
     """Scores validation and test with the best checkpoint."""
     path = ckpt.checkpoint_path(session.run_dir, "best")
     _load_weights(session, path)
@@ -419,12 +584,12 @@ def _final_metrics(session: Session, state: Dict[str, Any]) -> Dict[str, Any]:
     test = evaluate(session, "test")
     final: Dict[str, Any] = {
         "model": session.cfg.model.name,
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epochs_done"],
-        "steps": state["step"],
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epochs_done,
+        "steps": state.step,
         "val": _headline(val),
         "test": _headline(test),
-        "samples_per_sec": state["train_samples"] / max(state["train_seconds"], 1e-9),
+        "samples_per_sec": state.train_samples / max(state.train_seconds, 1e-9),
         "params": session.params,
         "world_size": session.env.world_size,
     }
@@ -437,12 +602,12 @@ def _final_metrics(session: Session, state: Dict[str, Any]) -> Dict[str, Any]:
     return final
 
 
-def _plots(run_dir: Path, final: Dict[str, Any]) -> None:
+def _plots(run: RunDir, final: Dict[str, Any]) -> None:
     from mdaf_rec.plots import plot_gate_histogram, plot_training_curves
 
-    plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+    plot_training_curves(run.metrics_log, run.curves)
     if "gate" in final:
-        plot_gate_histogram(final["gate"], run_dir / "gate_histogram.png", title=f"{final['model']}: fusion gate (test)")
+        plot_gate_histogram(final["gate"], run.gate_histogram, title=f"{final['model']}: fusion gate (test)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,18 +615,22 @@ def _plots(run_dir: Path, final: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best") -> Dict[str, Any]:
+def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best", verbose: bool = False) -> Dict[str, Any]:
     """Re-scores ``split`` of ``data`` (default: the run's data) with a saved checkpoint.
 
     Ids are mapped through the run's own vocabularies (unknown ids → OOV), so another dataset in the
     canonical schema can be scored with a trained run.
     """
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise RunDirError(f"--run {run_dir}: not a run directory (no {run.config.name})")
     env = init_distributed()
-    setup_logging(None, env.rank)
-    cfg = load_config(run_dir / "config.yaml")
+    setup_logging(env.rank, verbose)
+    cfg = load_config(run.config)
     if data is not None:
         cfg.data.path = data
-    vocabs = Vocabularies.load(run_dir / VOCAB_DIR)
+    _set_threads(cfg, env)
+    vocabs = Vocabularies.load(run.vocab)
     session = open_session(cfg, run_dir, env, vocabs=vocabs)
     path = ckpt.checkpoint_path(run_dir, which)
     ckpt.check_vocabularies(path, vocabs)

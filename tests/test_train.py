@@ -88,7 +88,7 @@ def test_full_short_training_run(dataset: Path, tmp_path: Path) -> None:
     for name in ("config.yaml", "training_curves.png", "gate_histogram.png", "train.log"):
         assert (run / name).stat().st_size > 0, name
     index = json.loads((run / "checkpoints" / "index.json").read_text())
-    assert set(index) == {"best", "last"} and index["last"] == "epoch_3"
+    assert set(index) == {"best", "last", "steps"} and index["last"] == "epoch_3" and index["steps"] == []
     assert "val: auc" in proc.stdout
     # eval re-scores the best checkpoint to the same numbers.
     rescored = json.loads(mdaf("eval", "--run", str(run), "--split", "test").stdout)
