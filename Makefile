@@ -30,7 +30,7 @@ bench: $(STAMP)
 
 # CUDA stack (torch + fbgemm-gpu + torchrec + mamba-ssm) for a GPU machine; see README "GPU setup".
 gpu-setup:
-	bash tools/setup_gpu.sh $(VENV)
+	bash tools/setup_gpu.sh .venv-gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

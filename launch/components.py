@@ -3,7 +3,11 @@
 :func:`train` is TorchX's ``dist.ddp`` (one role, ``nnodes`` replicas, ``torchrun`` with c10d rendezvous on
 rank 0's host) running ``python -m mdaf_rec.cli train``. The same component runs on ``local_cwd`` (this
 machine; with ``--nnodes 2`` both "nodes" are local processes rendezvousing on localhost), Slurm and
-Kubernetes; ``nccl`` is chosen automatically when the workers see a GPU, ``gloo`` otherwise.
+Kubernetes; ``cpu:gloo,cuda:nccl`` is chosen automatically when the workers see a GPU, ``gloo`` otherwise.
+
+Container schedulers (``kubernetes``, ``local_docker``) run ``--image``: the repository's ``Dockerfile`` builds
+it (``docker build -t mdaf-rec:latest .`` makes the default tag, local to the machine that built it); a cluster
+needs it pushed to a registry and named with ``--image`` (``docs/launch.md``, "Container image").
 """
 
 from typing import Dict, List, Optional
@@ -43,8 +47,11 @@ def train(
         plan: sharding plan JSON from ``mdaf-rec plan --json`` (made for ``nnodes * nproc_per_node`` ranks).
         nnodes: number of hosts (replicas of the role).
         nproc_per_node: processes per host (one per GPU on GPU hosts).
-        image: container image for docker/kubernetes; ignored by ``local_cwd`` and ``slurm`` (they run in
-            the current directory with its virtualenv).
+        image: container image for ``local_docker`` / ``kubernetes``, built from the repository's ``Dockerfile``;
+            the default ``mdaf-rec:latest`` is the tag ``docker build -t mdaf-rec:latest .`` gives it on this
+            machine (on Kubernetes, the base TorchX builds the workspace onto and pushes to ``-cfg image_repo``;
+            or push it yourself and pass ``--image REGISTRY/mdaf-rec:TAG --workspace ""``). Ignored by
+            ``local_cwd`` and ``slurm`` (they run in the current directory with its virtualenv).
         name: ``{experiment}/{run}`` job name.
         h: a registered named resource (e.g. ``aws_p4d.24xlarge``); takes precedence over cpu/gpu/memMB.
         cpu: CPUs per host.

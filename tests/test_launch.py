@@ -44,6 +44,39 @@ def test_multi_node_gpu_appdef() -> None:
     assert role.port_map == {"c10d": 29555}
 
 
+def _gpu_job():
+    return train("train.batch_size=16384", config="configs/mdaf_mamba.yaml", data="/mnt/data", out="/mnt/runs/m",
+                 image="registry.example.com/mdaf-rec:cu128", nnodes=2, nproc_per_node=8, gpu=8, cpu=64, memMB=400_000)
+
+
+def test_local_docker_dryrun_runs_the_image_with_the_gpus() -> None:
+    pytest.importorskip("docker")  # TorchX's docker scheduler needs the client library, not a daemon, to dry-run
+    from torchx.runner import get_runner
+
+    with get_runner() as runner:
+        job = runner.dryrun(_gpu_job(), "local_docker", cfg={}).request
+    assert len(job.containers) == 2  # one container per node
+    for container in job.containers:
+        assert container.image == "registry.example.com/mdaf-rec:cu128"
+        (request,) = container.kwargs["device_requests"]
+        assert request["Count"] == 8 and ["compute", "utility"] in request["Capabilities"]
+        assert "-m mdaf_rec.cli train --config configs/mdaf_mamba.yaml" in container.command[-1]
+
+
+def test_kubernetes_dryrun_names_the_image_and_gpu_resources() -> None:
+    pytest.importorskip("kubernetes")  # TorchX's Kubernetes scheduler needs the client (not in requirements/)
+    from torchx.runner import get_runner
+
+    with get_runner() as runner:
+        info = runner.dryrun(_gpu_job(), "kubernetes", cfg={"queue": "default"})
+    tasks = info.request.resource["spec"]["tasks"]
+    assert len(tasks) == 2  # one Volcano task (pod) per node
+    for task in tasks:
+        (container,) = task["template"].spec.containers
+        assert container.image == "registry.example.com/mdaf-rec:cu128"
+        assert container.resources.limits["nvidia.com/gpu"] == "8" == container.resources.requests["nvidia.com/gpu"]
+
+
 def test_bad_override_is_refused() -> None:
     with pytest.raises(ValueError, match="model.gate"):
         train("model.gate")
