@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mdaf_rec.config import MODEL_NAMES, Config, check_sparse_optimizer, load_config
-from mdaf_rec.distributed import is_main_process
+from mdaf_rec.distributed import is_main_process, shutdown_distributed
 from mdaf_rec.errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -35,6 +35,11 @@ DELEGATED = {
 }
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show third-party log lines and warnings (TorchRec planner, FBGEMM, PyTorch)")
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a model on a canonical dataset folder.")
     p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
@@ -45,8 +50,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<model>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.gate=vector (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="insist on continuing from the run directory's last checkpoint (a re-run of the same command "
+                   "on a run directory with a checkpoint of that run resumes without it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds a run (its own files are deleted, no other file)")
     p.add_argument("--plan", type=Path, help="sharding plan JSON written by `mdaf-rec plan --json`")
+    _add_verbose(p)
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +67,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset folder (default: the run's); ids go through the run's vocabularies")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    _add_verbose(p)
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +75,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=DEMO_CONFIG)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_verbose(p)
 
 
 def training_config(path: Path, overrides: Sequence[str]) -> Config:
@@ -71,15 +83,6 @@ def training_config(path: Path, overrides: Sequence[str]) -> Config:
     cfg = load_config(path, overrides)
     check_sparse_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
     return cfg
-
-
-def require_run_dir(run_dir: Path) -> Path:
-    """``run_dir`` if it holds a run written by ``mdaf-rec train`` (its ``config.yaml``), else a :class:`UserError`."""
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory of `mdaf-rec train` (it has no config.yaml)")
-    return run_dir
 
 
 def train_config(args: argparse.Namespace) -> Config:
@@ -120,23 +123,32 @@ def _run(argv: List[str]) -> int:
     _eval_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        _command(args)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def _command(args: argparse.Namespace) -> None:
+    """Runs ``train``, ``eval`` or ``demo``."""
     if args.command == "train":
         from mdaf_rec.train import train
 
         cfg = train_config(args)
-        final = train(cfg, args.out or Path("runs") / cfg.model.name, resume=args.resume, plan_file=args.plan)
+        final = train(cfg, args.out or Path("runs") / cfg.model.name, resume=args.resume, plan_file=args.plan,
+                      overwrite=args.overwrite, verbose=args.verbose)
         _print_summary(final)
     elif args.command == "eval":
         from mdaf_rec.train import eval_run
 
-        result = eval_run(require_run_dir(args.run), args.data, args.split, args.checkpoint)
+        result = eval_run(args.run, args.data, args.split, args.checkpoint, verbose=args.verbose)
         if is_main_process():
             print(json.dumps(result, indent=2))
     elif args.command == "demo":
         from mdaf_rec.demo import run_demo
 
-        run_demo(training_config(args.config, args.overrides), args.out)
-    return 0
+        run_demo(training_config(args.config, args.overrides), args.out, verbose=args.verbose)
 
 
 def _print_summary(final: dict) -> None:

@@ -124,6 +124,14 @@ class RunDir:
         """True if the folder holds a run's ``config.yaml``."""
         return self.config.is_file()
 
+    def require(self) -> "RunDir":
+        """This run directory, if it holds a run written by ``mdaf-rec train``; a one-line error otherwise."""
+        if not self.path.is_dir():
+            raise RunDirError(f"run directory {self.path} does not exist")
+        if not self.is_run():
+            raise RunDirError(f"{self.path} is not a run directory of `mdaf-rec train` (it has no {CONFIG_FILE})")
+        return self
+
     def own_files(self) -> List[Path]:
         """The files and folders of this run that the tool wrote and that exist."""
         names = (self.config, self.plan, self.vocab, self.metrics_log, self.metrics, self.log, self.curves,

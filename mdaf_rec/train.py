@@ -621,9 +621,7 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     Ids are mapped through the run's own vocabularies (unknown ids → OOV), so another dataset in the
     canonical schema can be scored with a trained run.
     """
-    run = RunDir(run_dir)
-    if not run.is_run():
-        raise RunDirError(f"--run {run_dir}: not a run directory (no {run.config.name})")
+    run = RunDir(run_dir).require()
     env = init_distributed()
     setup_logging(env.rank, verbose)
     cfg = load_config(run.config)
