@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from device_guards import no_host_sync
 from mdaf_rec.metrics import MetricAccumulator, auc_score, gauc_score
 from mdaf_rec.plots import plot_gate_histogram, plot_training_curves
 
@@ -159,3 +160,19 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     for png in (curves, hist):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size > 10_000
+
+
+def test_update_leaves_rows_on_their_device_and_compute_checks_labels() -> None:
+    """``update`` never reads a value on the host (on a GPU it only queues work); labels are checked once,
+    at ``compute``."""
+    data = make_data(n=40)
+    acc = MetricAccumulator()
+    with no_host_sync():
+        feed(acc, data, torch.arange(40), batch=16)
+    assert acc.compute()["count"] == 40
+    acc.reset()
+    acc.update(torch.rand(3), torch.tensor([0.0, 2.0, 1.0]), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        acc.compute()
+    with pytest.raises(ValueError, match="one device"):
+        acc.update(torch.rand(2), torch.ones(2, device="meta"), torch.zeros(2, dtype=torch.long))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a bare CUDA machine: only a CUDA build of torch (and pytest) needed, no TorchRec, no mamba-ssm.
 #
-#   bash tools/gpu_check.sh [OUT_DIR]          (default gpu_check/; PYTHON=... to pick the interpreter)
+#   bash tools/gpu_check.sh [OUT_DIR]          (default runs/gpu_check/; PYTHON=... to pick the interpreter)
 #
 # 1. `pytest -m gpu tests/gpu`: MambaBlock, the Mamba4Rec / BST encoders, DCNv3, fusion + head on CUDA equal the
 #    CPU (fp32 within 1e-4, bf16 autocast within 3 %), and the metrics' collectives on real 1-rank
@@ -14,7 +14,7 @@
 # on a CPU machine, where the GPU tests skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-gpu_check}"
+OUT="${1:-runs/gpu_check}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
