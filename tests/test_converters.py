@@ -473,6 +473,14 @@ def test_non_utf8_byte_is_a_bad_row_at_its_line(tmp_path):
     assert meta["rows"] == 2 * clicks
 
 
+def test_non_utf8_header_is_an_error_at_line_1(tmp_path):
+    raw = movielens_latest(tmp_path / "raw")
+    ratings = raw / "ratings.csv"
+    ratings.write_bytes(b"userId,movieId,rating,time\xffstamp\n" + ratings.read_bytes().split(b"\n", 1)[1])
+    with pytest.raises(ConversionError, match=r"ratings.csv: line 1: the header is not valid utf8 text \(invalid start byte at byte 26\)"):
+        convert("movielens", raw, tmp_path / "out")
+
+
 def test_last_line_without_line_end_is_a_bad_row(tmp_path):
     """A file cut mid-number: its last timestamp still parses, to a wrong time."""
     raw = behavior_file(tmp_path / "UserBehavior.csv")

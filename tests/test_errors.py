@@ -80,14 +80,16 @@ def test_bad_train_parquet_names_the_file(dataset: Path, tmp_path: Path, how: st
         Vocabularies.load_or_build(Dataset.open(bad.parent), FeaturesConfig())
 
 
-def test_corrupt_page_in_val_names_the_file_when_loaded(dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_page_in_val_names_the_file_when_loaded(dataset: Path, tmp_path: Path, num_workers: int) -> None:
+    """Also from a DataLoader worker: one line, without the worker's traceback."""
     root = copy_dataset(dataset, tmp_path / "d")
     data = Dataset.open(root)
     vocabs = Vocabularies.load_or_build(data, FeaturesConfig())
     spec = FeatureSpec.build(FeaturesConfig(), vocabs.sizes)
     bad = spoil(root / "val.parquet", "corrupt page")
-    with pytest.raises(DatasetError, match=rf"^{bad}: not a readable Parquet file"):
-        list(BatchLoader(data, "val", spec, vocabs, 256))
+    with pytest.raises(DatasetError, match=rf"^{bad}: not a readable Parquet file \([^\n]+\)$"):
+        list(BatchLoader(data, "val", spec, vocabs, 256, num_workers=num_workers))
 
 
 def test_train_on_truncated_parquet_fails_before_building_a_model(dataset: Path, tmp_path: Path) -> None:

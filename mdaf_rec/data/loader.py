@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,7 @@ from mdaf_rec.data.dataset import Dataset, ParquetFile, open_parquet
 from mdaf_rec.data.schema import LABEL, TIMESTAMP
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import TIME_FIELDS, FeatureSpec
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
             return self.worker_batches(0, 1)
-        return iter(DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers))
+        return _raise_user_errors(DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers))
 
     def worker_batches(self, worker: int, num_workers: int) -> Iterator[Batch]:
         """This rank's slices of global batches ``start_batch + worker + j * num_workers``."""
@@ -409,7 +410,19 @@ class _WorkerShards(IterableDataset):
     def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Union[Batch, UserError]]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.loader.worker_batches(worker, num_workers)
+        try:
+            yield from self.loader.worker_batches(worker, num_workers)
+        except UserError as e:
+            # Sent as a value: raised here, torch would re-raise it with this worker's traceback in its message.
+            yield e
+
+
+def _raise_user_errors(items: Iterable[Union[Batch, UserError]]) -> Iterator[Batch]:
+    """The batches of the workers; a :class:`UserError` one of them sent is raised here, its message intact."""
+    for item in items:
+        if isinstance(item, UserError):
+            raise item
+        yield item

@@ -175,7 +175,8 @@ def _check(p: SynthParams) -> None:
 
     for name in ("rows", "users", "items", "categories", "max_history", "row_group_size"):
         require(getattr(p, name) >= 1, name, "must be >= 1")
-    require(0 <= p.min_prior_events <= p.max_history, "min_prior_events", f"must be in [0, --max-history {p.max_history}]")
+    require(0 <= p.min_prior_events <= p.max_history, "min_prior_events",
+            f"must be in [0, --max-history {p.max_history}]")
     require(p.items >= p.categories, "items", f"must be >= --categories {p.categories}")
     require(min(p.val_days, p.test_days) >= 1 and p.days - p.val_days - p.test_days >= 1, "days",
             f"must leave at least one day each of train, val and test (--val-days {p.val_days}, "

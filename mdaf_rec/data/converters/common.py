@@ -294,8 +294,9 @@ def read_header(path: Path, delimiter: str = ",", encoding: str = "utf8") -> Lis
     try:
         first = raw.decode(encoding).rstrip("\r\n").lstrip("\ufeff")
     except UnicodeDecodeError as e:
-        raise ConversionError(f"{path}: line 1: the header is not valid {encoding} text ({e.reason} at byte {e.start})") \
-            from None
+        raise ConversionError(
+            f"{path}: line 1: the header is not valid {encoding} text ({e.reason} at byte {e.start})"
+        ) from None
     return [name.strip().strip('"').strip() for name in first.split(delimiter)]
 
 
