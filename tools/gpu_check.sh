@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/gpu_check}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"  # mdaf_rec and tests/device_guards.py
 
 "$PY" - <<'PY' | tee "$OUT/env.txt"
 import torch

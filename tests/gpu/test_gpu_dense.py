@@ -9,13 +9,15 @@
   collective is on a device the backend takes, and CPU-side collectives (barrier, object broadcast,
   a CPU all_reduce) are legal.
 
-Imports: torch, pytest and the dense modules only (numpy for the metrics test).
+Imports: torch, pytest and the dense modules only (numpy for the metrics test). ``tools/gpu_check.sh`` runs this
+folder with ``--confcutdir tests/gpu``, so ``tests/conftest.py`` (which imports TorchRec) is not loaded, and with
+the repository and ``tests/`` on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
 import torch
@@ -35,6 +37,17 @@ FP32_TOLERANCE = 1e-4  # max |cuda - cpu| / max |cpu|, outputs and gradients
 BF16_TOLERANCE = 3e-2  # max |cuda bf16 - cpu fp32| / max |cpu fp32|, outputs
 
 Inputs = Dict[str, torch.Tensor]
+
+
+@pytest.fixture
+def exact_fp32() -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions while a test compares float32 CUDA with the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _inputs() -> Inputs:
