@@ -182,15 +182,16 @@ class MambaBlock(nn.Module):
             x_read = x.gather(1, positions.view(-1, 1, 1).expand(-1, 1, x.shape[2])).squeeze(1)
             z = F.linear(x_read, w_z, b_z)  # [B, d_inner]
         x_in = F.silu(self.conv1d(x_in)[..., :seqlen])  # causal depthwise conv, [B, d_inner, L]
-        x_dbl = self.x_proj(x_in.transpose(1, 2))  # [B, L, dt_rank + 2 * d_state]
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # [B, d_inner, L], no bias
+        # x_proj and dt_proj as matmuls in the scan's channel-major layout (no transposed copies)
+        x_dbl = torch.matmul(self.x_proj.weight, x_in)  # [B, dt_rank + 2 * d_state, L]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L], no bias
         y = selective_scan_fn(
             x_in,
             dt,
             A,
-            B.transpose(1, 2),  # [B, d_state, L]
-            C.transpose(1, 2),  # [B, d_state, L]
+            B,  # [B, d_state, L]
+            C,  # [B, d_state, L]
             self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),

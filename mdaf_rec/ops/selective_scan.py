@@ -17,7 +17,8 @@ All compute the same function (tested against the float64 reference); see
 :mod:`~mdaf_rec.ops.scan_reference` for the recurrence.
 """
 
-from typing import Callable, Dict, Optional
+import contextlib
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ try:  # CUDA kernels; not installable on CPU-only machines.
 except ImportError:  # pragma: no cover - depends on the environment
     mamba_ssm_selective_scan_fn = None
 
-__all__ = ["BACKENDS", "scan_backend", "selective_scan_fn"]
+__all__ = ["BACKENDS", "forced_backend", "scan_backend", "selective_scan_fn"]
 
 
 def _exporting() -> bool:
@@ -55,8 +56,26 @@ BACKENDS: Dict[str, Callable[..., ScanOutput]] = {
 }
 
 
+_forced: Optional[str] = None
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Within the block, ``selective_scan_fn`` uses backend ``name`` (benchmarks, tests)."""
+    global _forced
+    if name not in BACKENDS:
+        raise ValueError(f"unknown selective scan backend {name!r}; known: {sorted(BACKENDS)}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def scan_backend(u: torch.Tensor) -> str:
     """The :data:`BACKENDS` key ``selective_scan_fn`` uses for input ``u`` here and now."""
+    if _forced is not None:
+        return _forced
     if _exporting():
         return "reference"
     if u.device.type == "cuda" and mamba_ssm_selective_scan_fn is not None:
