@@ -106,7 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _run(argv)
     except UserError as e:
-        print(f"mdaf-rec: error: {e}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"mdaf-rec: error: {one_line}", file=sys.stderr)
         return 2
 
 

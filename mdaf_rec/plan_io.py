@@ -47,10 +47,13 @@ def plan_to_dict(plan: ShardingPlan, world_size: int) -> Dict[str, Any]:
 
 def plan_from_dict(data: Dict[str, Any], source: str = "<plan>") -> ShardingPlan:
     """Inverse of :func:`plan_to_dict`."""
-    if data.get("format") != FORMAT:
-        raise PlanFileError(f"{source}: not a sharding plan written by mdaf-rec (format {data.get('format')!r})")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise PlanFileError(f"{source}: not a sharding plan written by mdaf-rec (format {found!r})")
     plan: Dict[str, EmbeddingModuleShardingPlan] = {}
     for module_path, tables in data["modules"].items():
+        if not isinstance(tables, dict):
+            raise PlanFileError(f"{source}: module {module_path!r}: expected a mapping of table -> sharding")
         module_plan = EmbeddingModuleShardingPlan()
         for table, entry in tables.items():
             try:
@@ -83,20 +86,26 @@ def save_plan(plan: ShardingPlan, world_size: int, path: Path) -> None:
 
 def load_plan(path: Path, world_size: int) -> ShardingPlan:
     """Reads a plan written by :func:`save_plan`; it must have been made for ``world_size`` ranks."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PlanFileError(f"{path}: cannot read sharding plan: {e}") from None
-    if data.get("world_size") != world_size:
+    data = _read_plan_file(path)
+    if data["world_size"] != world_size:
         raise PlanFileError(
-            f"{path}: the plan is for world size {data.get('world_size')}, this job has {world_size} processes"
+            f"{path}: the plan is for world size {data['world_size']}, this job has {world_size} processes"
         )
     return plan_from_dict(data, str(path))
 
 
 def plan_world_size(path: Path) -> int:
     """The world size a plan file was made for."""
+    return _read_plan_file(path)["world_size"]
+
+
+def _read_plan_file(path: Path) -> Dict[str, Any]:
+    """The JSON document of a plan file, with an integer ``world_size``; :class:`PlanFileError` naming the file."""
     try:
-        return int(json.loads(Path(path).read_text()).get("world_size", -1))
-    except (OSError, json.JSONDecodeError, ValueError) as e:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PlanFileError(f"{path}: cannot read sharding plan: {e}") from None
+    world_size = data.get("world_size") if isinstance(data, dict) else None
+    if not isinstance(world_size, int) or isinstance(world_size, bool):
+        raise PlanFileError(f"{path}: not a sharding plan written by mdaf-rec (no integer 'world_size')")
+    return data

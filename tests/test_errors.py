@@ -25,6 +25,7 @@ from mdaf_rec.data.synth import generate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.plan_io import PlanFileError, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -219,6 +220,21 @@ def test_non_utf8_csv_byte_names_its_one_line(tmp_path: Path, capsys) -> None:
     )
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format": "mdaf_rec.sharding_plan/1"}', '{"world_size": 1, "modules": []}'])
+def test_malformed_plan_file_names_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(PlanFileError, match=rf"^{path}: not a sharding plan written by mdaf-rec"):
+        load_plan(path, 1)
+
+
+def test_a_multi_line_message_is_printed_on_one_line(tmp_path: Path, capsys) -> None:
+    constraints = tmp_path / "c.yaml"
+    constraints.write_text("a: [1\n")  # PyYAML's message spans lines
+    line = error_line(capsys, ["plan", "--config", DEMO, "--constraints", str(constraints)])
+    assert line.startswith(f"mdaf-rec: error: {constraints}: cannot read constraints: ")
+
+
 # -- The contract ----------------------------------------------------------------------------------
 
 
@@ -232,3 +248,4 @@ def test_non_utf8_csv_byte_names_its_one_line(tmp_path: Path, capsys) -> None:
 def test_user_facing_errors_share_one_base(where: str) -> None:
     module, name = where.split(":")
     assert issubclass(getattr(importlib.import_module(module), name), UserError)
+
