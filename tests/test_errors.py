@@ -243,7 +243,7 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path: Path, capsys) -> 
     "mdaf_rec.data.validate:DataError", "mdaf_rec.data.vocab:VocabMismatchError",
     "mdaf_rec.models.embeddings:InputIdError", "mdaf_rec.plan_io:PlanFileError", "mdaf_rec.train:TrainingError",
     "mdaf_rec.artifact:ArtifactError", "mdaf_rec.data.converters.common:ConversionError",
-    "mdaf_rec.planning:PlanningError", "mdaf_rec.data.synth:SynthParamsError",
+    "mdaf_rec.planning:PlanningError", "mdaf_rec.data.synth:SynthParamsError", "mdaf_rec.data.vocab:VocabFileError",
 ])
 def test_user_facing_errors_share_one_base(where: str) -> None:
     module, name = where.split(":")

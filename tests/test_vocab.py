@@ -17,6 +17,7 @@ from mdaf_rec.data.vocab import (
     VOCAB_DIR,
     VOCAB_FILE,
     Vocabularies,
+    VocabFileError,
     VocabMismatchError,
     stable_hash,
 )
@@ -119,6 +120,31 @@ def test_fingerprint_detects_mismatch(dataset: Dataset, tmp_path: Path) -> None:
     np.save(export / "item.npy", np.array([10, 11, 13], dtype=np.int64))  # tampered contents
     with pytest.raises(VocabMismatchError):
         Vocabularies.load(export)
+
+
+def test_missing_or_unreadable_saved_vocabulary_names_the_file(dataset: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(VocabFileError, match=rf"^no vocabularies in {tmp_path / 'none'} \(vocab.json is missing\)$"):
+        Vocabularies.load(tmp_path / "none")
+    folder = tmp_path / "saved"
+    Vocabularies.build(dataset, FeaturesConfig()).save(folder)
+    item = folder / "item.npy"
+    item.write_bytes(item.read_bytes()[:-5])  # truncated
+    with pytest.raises(VocabFileError, match=rf"^{item}: unreadable saved vocabulary \(ValueError: "):
+        Vocabularies.load(folder)
+    (folder / VOCAB_FILE).write_text('{"settings": ')
+    with pytest.raises(VocabFileError, match=rf"^{folder / VOCAB_FILE}: unreadable saved vocabulary"):
+        Vocabularies.load(folder)
+
+
+def test_unreadable_vocabulary_cache_is_rebuilt(dataset: Dataset, caplog: pytest.LogCaptureFixture) -> None:
+    first = Vocabularies.load_or_build(dataset, FeaturesConfig())
+    item = dataset.root / VOCAB_DIR / "item.npy"
+    item.write_bytes(item.read_bytes()[:-5])
+    with caplog.at_level("WARNING"):
+        again = Vocabularies.load_or_build(dataset, FeaturesConfig())
+    assert f"saved vocabularies unusable ({item}: unreadable saved vocabulary" in caplog.text
+    assert again.fingerprint == first.fingerprint
+    assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == first.fingerprint  # the cache was rewritten
 
 
 def test_unwritable_dataset_falls_back_to_cache_dir(dataset: Dataset, tmp_path: Path) -> None:

@@ -48,6 +48,10 @@ class VocabMismatchError(UserError, ValueError):
     """Vocabularies differ from the ones a model or run expects (fingerprint mismatch)."""
 
 
+class VocabFileError(UserError, ValueError):
+    """Saved vocabularies are missing or unreadable; the message names the file."""
+
+
 @dataclass(frozen=True)
 class SpaceSettings:
     """What defines one id space's vocabulary.
@@ -231,10 +235,15 @@ class Vocabularies:
             key = hashlib.sha1(str(dataset.root.resolve()).encode()).hexdigest()[:16]
             folders.append(Path(cache_dir) / f"{dataset.root.name}-{key}")
         for folder in folders:
-            stored = _read_json(folder / VOCAB_FILE)
-            if stored is not None and stored.get("settings") == wanted:
-                logger.info("reusing vocabularies in %s", folder)
-                return Vocabularies.load(folder)
+            try:
+                stored = _read_json(folder / VOCAB_FILE)
+                if stored is not None and stored.get("settings") == wanted:
+                    vocabs = Vocabularies.load(folder)
+                    logger.info("reusing vocabularies in %s", folder)
+                    return vocabs
+            except (VocabFileError, VocabMismatchError) as e:  # our own cache: rebuilt, not trusted
+                logger.warning("saved vocabularies unusable (%s): rebuilding", e)
+                stored = None
             if stored is not None:
                 logger.info("vocabularies in %s were built with other settings: rebuilding", folder)
         vocabs = Vocabularies.build(dataset, cfg)
@@ -283,18 +292,30 @@ class Vocabularies:
 
     @staticmethod
     def load(folder: Union[str, Path]) -> "Vocabularies":
-        """Reads vocabularies saved by :meth:`save`; verifies their fingerprint."""
+        """Reads vocabularies saved by :meth:`save`; verifies their fingerprint.
+
+        A missing or unreadable file is a :class:`VocabFileError` naming it; files that read but
+        differ from the saved fingerprint are a :class:`VocabMismatchError`.
+        """
         folder = Path(folder)
         doc = _read_json(folder / VOCAB_FILE)
         if doc is None:
-            raise FileNotFoundError(f"no vocabularies in {folder} ({VOCAB_FILE} is missing)")
-        settings = doc["settings"]
-        spaces: Dict[str, Vocabulary] = {}
-        for name, s in settings["spaces"].items():
-            space = SpaceSettings(name, s["column"], s["history_column"], s["hash_buckets"])
-            ids = np.load(folder / doc["files"][name]) if name in doc["files"] else None
-            spaces[name] = Vocabulary(space, ids)
-        vocabs = Vocabularies(spaces, settings["min_count"], settings["train_files"])
+            raise VocabFileError(f"no vocabularies in {folder} ({VOCAB_FILE} is missing)")
+        current = folder / VOCAB_FILE
+        try:
+            settings = doc["settings"]
+            spaces: Dict[str, Vocabulary] = {}
+            for name, s in settings["spaces"].items():
+                space = SpaceSettings(name, s["column"], s["history_column"], s["hash_buckets"])
+                ids = None
+                if name in doc["files"]:
+                    current = folder / doc["files"][name]
+                    ids = np.load(current)
+                    current = folder / VOCAB_FILE
+                spaces[name] = Vocabulary(space, ids)
+            vocabs = Vocabularies(spaces, settings["min_count"], settings["train_files"])
+        except (KeyError, TypeError, ValueError, OSError, EOFError) as e:
+            raise VocabFileError(f"{current}: unreadable saved vocabulary ({type(e).__name__}: {e})") from None
         vocabs.check_fingerprint(doc["fingerprint"], what=str(folder / VOCAB_FILE))
         return vocabs
 
@@ -375,10 +396,16 @@ def _file_list(dataset: Dataset) -> List[List[Any]]:
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON object in ``path``; ``None`` if there is no such file."""
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, ValueError) as e:
+        raise VocabFileError(f"{path}: unreadable saved vocabulary ({e})") from None
+    if not isinstance(doc, dict):
+        raise VocabFileError(f"{path}: unreadable saved vocabulary (not a JSON object)")
+    return doc
 
 
 def _atomic_write(path: Path, write: Any) -> None:
