@@ -123,7 +123,8 @@ def test_empty_train_split_is_named(dataset: Path, tmp_path: Path) -> None:
     root = copy_dataset(dataset, tmp_path / "d")
     table = pq.read_table(root / "train.parquet")
     pq.write_table(table.slice(0, 0), root / "train.parquet")
-    with pytest.raises(DatasetError, match=rf"^dataset {root}: the train split \({root / 'train.parquet'}\) has no rows$"):
+    expected = rf"^dataset {root}: the train split \({root / 'train.parquet'}\) has no rows$"
+    with pytest.raises(DatasetError, match=expected):
         Vocabularies.load_or_build(Dataset.open(root), FeaturesConfig())
 
 
@@ -156,7 +157,9 @@ def test_missing_yaml_names_the_file(dataset: Path, tmp_path: Path, capsys) -> N
     ("optimizer.lr=1e-3x", "config key 'optimizer.lr': expected a number, got '1e-3x'"),
     ("train.epochs=1e3", "config key 'train.epochs': expected an integer, got '1e3'"),
 ])
-def test_bad_config_value_is_refused_at_load(dataset: Path, tmp_path: Path, capsys, override: str, message: str) -> None:
+def test_bad_config_value_is_refused_at_load(
+    dataset: Path, tmp_path: Path, capsys, override: str, message: str
+) -> None:
     line = error_line(capsys, train_argv(dataset, tmp_path, "--set", override))
     assert line.startswith(f"mdaf-rec: error: {message}"), line
     assert not (tmp_path / "run").exists()
@@ -220,7 +223,9 @@ def test_non_utf8_csv_byte_names_its_one_line(tmp_path: Path, capsys) -> None:
     )
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '{"format": "mdaf_rec.sharding_plan/1"}', '{"world_size": 1, "modules": []}'])
+@pytest.mark.parametrize(
+    "text", ["[1, 2]", '{"format": "mdaf_rec.sharding_plan/1"}', '{"world_size": 1, "modules": []}']
+)
 def test_malformed_plan_file_names_it(tmp_path: Path, text: str) -> None:
     path = tmp_path / "plan.json"
     path.write_text(text)
