@@ -182,6 +182,7 @@ def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
     cfg = load_config(path, ["optimizer.weight_decay=1e-6", "train.checkpoint_every_minutes=5e-1"])
     assert (cfg.optimizer.lr, cfg.optimizer.sparse_lr, cfg.optimizer.weight_decay) == (0.001, 0.02, 1e-6)
     assert cfg.train.checkpoint_every_minutes == 0.5
+    assert load_config(None, ["optimizer.lr=1e-3"]).optimizer.lr == 0.001  # --set optimizer.lr=1e-3
 
 
 # -- Commands --------------------------------------------------------------------------------------
