@@ -103,7 +103,9 @@ def backend_device_types(backend: str) -> Tuple[str, ...]:
     if ":" in backend:
         return tuple(pair.split(":", 1)[0] for pair in backend.split(","))
     if backend not in _BACKEND_DEVICE:
-        raise ValueError(f"unsupported torch.distributed backend {backend!r} (expected gloo, nccl or device:backend pairs)")
+        raise ValueError(
+            f"unsupported torch.distributed backend {backend!r} (expected gloo, nccl or device:backend pairs)"
+        )
     return (_BACKEND_DEVICE[backend],)
 
 

@@ -92,7 +92,8 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="toy sizes to check the script (batch 8, history 5, dim 16)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="toy sizes to check the script (batch 8, history 5, dim 16)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.history, args.dim, args.warmup, args.repeats = 8, 5, 16, 1, 2
@@ -111,8 +112,8 @@ def main(argv: List[str] | None = None) -> None:
             print(f"{branch:34s} {precision}  {ms:9.3f} ms  {args.batch / (ms / 1000.0):12,.0f} samples/s", flush=True)
     header = (f"One forward + backward per branch on {name}, torch {torch.__version__} (CUDA {torch.version.cuda}); "
               f"batch {args.batch}, history {args.history} (+ target), width {args.dim}, DCNv3 {args.fields} fields x "
-              f"{args.field_dim}; median of {args.repeats} steps after {args.warmup} warm-up; fp32 without TF32, bf16 = "
-              "torch.autocast(bfloat16).")
+              f"{args.field_dim}; median of {args.repeats} steps after {args.warmup} warm-up; fp32 without TF32, "
+              "bf16 = torch.autocast(bfloat16).")
     lines = [header, "", "| branch | precision | ms / step | samples/s |", "|---|---|---:|---:|"]
     lines += [f"| {r['branch']} | {r['precision']} | {r['ms']:.3f} | {r['samples_per_s']:,} |" for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
