@@ -128,6 +128,11 @@ def test_empty_train_split_is_named(dataset: Path, tmp_path: Path) -> None:
         Vocabularies.load_or_build(Dataset.open(root), FeaturesConfig())
 
 
+def test_configured_column_missing_from_the_data_is_named_before_the_model(dataset: Path) -> None:
+    with pytest.raises(DatasetError, match=rf"^{dataset / 'train.parquet'}: missing column\(s\) \['price'\] \(has \["):
+        Vocabularies.load_or_build(Dataset.open(dataset), FeaturesConfig(dense=["price"]))
+
+
 # -- Configs ---------------------------------------------------------------------------------------
 
 

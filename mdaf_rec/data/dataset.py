@@ -80,6 +80,16 @@ class Dataset:
         """Rows of ``split``, from the Parquet footers (no data is read)."""
         return sum(open_parquet(f).metadata.num_rows for f in self.split_files(split))
 
+    def require_columns(self, columns: Sequence[str]) -> None:
+        """Raises :class:`DatasetError` naming the first split file that lacks one of ``columns`` (read
+        from the Parquet footers, no data)."""
+        for split in SPLITS:
+            for f in self.split_files(split):
+                names = open_parquet(f).schema_arrow.names
+                missing = [c for c in columns if c not in names]
+                if missing:
+                    raise DatasetError(f"{f}: missing column(s) {missing} (has {names})")
+
     def timezone(self, configured: Optional[str] = None) -> str:
         """The IANA time zone for ``hour`` / ``dayofweek``: ``configured``, else meta's, else UTC."""
         return configured or self.meta.get("timezone") or DEFAULT_TIMEZONE

@@ -223,9 +223,19 @@ class Vocabularies:
         caller for read-only dataset folders; the key hashes the dataset's absolute path). Saved
         vocabularies whose settings (min_count, columns, hashing, training files) differ are rebuilt
         and overwritten. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
-        folder; with neither, it is kept in memory only (a warning says so). An empty training split
-        is a :class:`DatasetError` naming it and its files.
+        folder; with neither, it is kept in memory only (a warning says so).
+
+        First, from the Parquet footers: a split file lacking a column the features read (ids,
+        histories, ``dense``), or an empty training split, is a :class:`DatasetError` naming the file,
+        so a mismatch of config and data fails before a model is built on them.
         """
+        spaces = space_settings(cfg)
+        rules = ColumnRules.build(
+            extra_ids=[s.column for s in spaces],
+            extra_histories=[s.history_column for s in spaces if s.history_column],
+            dense=cfg.dense,
+        )
+        dataset.require_columns(rules.columns)
         if dataset.num_rows("train") == 0:
             files = ", ".join(str(f) for f in dataset.split_files("train"))
             raise DatasetError(f"dataset {dataset.root}: the train split ({files}) has no rows")
