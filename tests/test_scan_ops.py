@@ -92,7 +92,8 @@ def _cpp(*args, **kwargs):
 
 
 # The implementations a CPU can run; "torch_gpu" is the GPU blocking run on CPU tensors.
-IMPLS = {"torch_cpu": selective_scan_torch, "torch_gpu": BACKENDS["torch_gpu"], "cpp": _cpp}
+IMPLS = {"torch_cpu": selective_scan_torch, "torch_gpu": BACKENDS["torch_gpu"], "cpp": _cpp,
+         "export": BACKENDS["export"]}
 
 OPTIONS = [  # (with_d, with_z, with_bias, delta_softplus)
     (True, True, True, True),
@@ -230,7 +231,7 @@ def test_scan_rejects_bad_shapes():
 # ------------------------------------------------------------------ read at one position per row
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch_cpu", "torch_gpu", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "torch_cpu", "torch_gpu", "cpp", "export"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_z", [True, False])
 def test_positions_read_out_matches_reference(monkeypatch, backend, dtype, with_z):
@@ -334,7 +335,7 @@ def test_dispatcher_choices(monkeypatch):
     monkeypatch.setattr(selective_scan, "mamba_ssm_selective_scan_fn", lambda *a, **k: None)
     assert scan_backend(cuda) == "mamba_ssm"
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
-    assert scan_backend(cpu) == "reference" and scan_backend(cuda) == "reference"
+    assert scan_backend(cpu) == "export" and scan_backend(cuda) == "export"
 
 
 def test_dispatcher_calls_mamba_ssm_with_its_signature(monkeypatch):
@@ -353,23 +354,41 @@ def test_dispatcher_calls_mamba_ssm_with_its_signature(monkeypatch):
 
 
 class _ScanModule(torch.nn.Module):
-    def forward(self, u, delta, A, B, C, D, z, delta_bias):
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+    def forward(self, u, delta, A, B, C, D, z, delta_bias, positions):
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
+                                 positions=positions)
 
 
-def test_export_traces_the_plain_loop_with_a_dynamic_batch():
+@pytest.mark.parametrize("read_at", [False, True])
+def test_export_traces_plain_ops_with_a_dynamic_batch(read_at):
     """The exported program holds only aten ops (loads with torch alone) and keeps the batch
     dynamic; it equals the float64 reference at another batch size."""
-    x = {k: v.detach() for k, v in make_scan_inputs("var", torch.float64, batch=3).items()}
+
+    def inputs(batch, seed):
+        x = {k: v.detach() for k, v in make_scan_inputs("var", torch.float64, batch=batch,
+                                                          seed=seed).items()}
+        x["positions"] = torch.arange(batch) % 11 if read_at else None
+        if read_at:
+            x["z"] = x["z"][:, :, 0].contiguous()
+        return x
+
+    x = inputs(3, 0)
     batch = torch.export.Dim("batch", min=1)
     shapes = {"u": {0: batch}, "delta": {0: batch}, "A": None, "B": {0: batch}, "C": {0: batch},
-              "D": None, "z": {0: batch}, "delta_bias": None}
+              "D": None, "z": {0: batch}, "delta_bias": None,
+              "positions": {0: batch} if read_at else None}
     program = torch.export.export(_ScanModule(), (), x, dynamic_shapes=shapes)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("mdaf_rec" in t for t in targets), targets
-    x5 = {k: v.detach() for k, v in make_scan_inputs("var", torch.float64, batch=5, seed=2).items()}
+    x5 = inputs(5, 2)
     y = program.module()(**x5)
-    assert max_err(y, selective_scan_reference(**x5, delta_softplus=True)) <= 1e-12
+    positions = x5.pop("positions")
+    if read_at:
+        y_ref = selective_scan_reference(**{**x5, "z": None}, delta_softplus=True)
+        y_ref = y_ref[torch.arange(5), :, positions] * F.silu(x5["z"])
+    else:
+        y_ref = selective_scan_reference(**x5, delta_softplus=True)
+    assert y.shape == y_ref.shape and max_err(y, y_ref) <= 1e-12
 
 
 @needs_cpp

@@ -3,9 +3,9 @@
 ======================  ==========================================================================
 backend                 used when
 ======================  ==========================================================================
-``"reference"``         under ``torch.export`` / fx tracing / TorchScript: the per-step loop of
-                        :mod:`~mdaf_rec.ops.scan_reference`, plain aten ops (the exported program
-                        loads with torch alone and keeps a dynamic batch size)
+``"export"``            under ``torch.export`` / fx tracing / TorchScript: plain aten ops, few and
+                        large (:mod:`~mdaf_rec.ops.scan_export`; the exported program loads with
+                        torch alone and keeps a dynamic batch size)
 ``"mamba_ssm"``         CUDA tensors and ``mamba_ssm`` importable: its fused CUDA kernel
 ``"torch_gpu"``         other non-CPU tensors: the pure PyTorch scan, whole batch per time step
                         (:func:`~mdaf_rec.ops.scan_torch.gpu_blocks`)
@@ -13,8 +13,9 @@ backend                 used when
 ``"torch_cpu"``         CPU tensors otherwise: the pure PyTorch scan in cache-sized blocks
 ======================  ==========================================================================
 
-All compute the same function (tested against the float64 reference); see
-:mod:`~mdaf_rec.ops.scan_reference` for the recurrence.
+All compute the same function (tested against the float64 reference,
+:func:`~mdaf_rec.ops.scan_reference.selective_scan_reference`, also a backend: ``"reference"``);
+see :mod:`~mdaf_rec.ops.scan_reference` for the recurrence.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mdaf_rec.ops import scan_cpu
+from mdaf_rec.ops.scan_export import selective_scan_unrolled
 from mdaf_rec.ops.scan_reference import ScanOutput, check_scan_args, selective_scan_reference
 from mdaf_rec.ops.scan_torch import selective_scan_torch, selective_scan_torch_gpu
 
@@ -47,8 +49,12 @@ def _exporting() -> bool:
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
+# Backends taking ``positions`` themselves; the others compute every position and gather.
+_READ_AT_POSITIONS = {"cpp", "export"}
+
 BACKENDS: Dict[str, Callable[..., ScanOutput]] = {
     "reference": selective_scan_reference,
+    "export": selective_scan_unrolled,
     "mamba_ssm": lambda *a, **k: mamba_ssm_selective_scan_fn(*a, **k),
     "torch_gpu": selective_scan_torch_gpu,
     "cpp": scan_cpu.selective_scan_cpu,
@@ -77,7 +83,7 @@ def scan_backend(u: torch.Tensor) -> str:
     if _forced is not None:
         return _forced
     if _exporting():
-        return "reference"
+        return "export"
     if u.device.type == "cuda" and mamba_ssm_selective_scan_fn is not None:
         return "mamba_ssm"
     if u.device.type != "cpu":
@@ -118,7 +124,8 @@ def selective_scan_fn(
         positions (Optional[torch.Tensor]): ``(batch,)`` int64 in ``[0, length)``: return only
             ``y[b, :, positions[b]]``, ``(batch, dim)`` (not with ``return_last_state``). The
             compiled CPU kernel then skips the output contraction elsewhere and every step
-            after the position; the other backends compute all steps and gather.
+            after the position, the export form contracts at the position only; the other
+            backends compute all steps and gather.
 
     Returns:
         torch.Tensor or Tuple[torch.Tensor, torch.Tensor]: the output in ``u``'s dtype and, if
@@ -132,9 +139,9 @@ def selective_scan_fn(
                                  return_last_state)
     if return_last_state:
         raise ValueError("selective_scan_fn: positions and return_last_state are exclusive")
-    if backend == "cpp":
-        return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                           positions=positions)
+    if backend in _READ_AT_POSITIONS:
+        return BACKENDS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 positions=positions)
     y = BACKENDS[backend](u, delta, A, B, C, D, None, delta_bias, delta_softplus)
     index = positions.view(-1, 1, 1).expand(-1, y.shape[1], 1)
     y = y.gather(2, index).squeeze(2)  # (batch, dim)
