@@ -317,9 +317,15 @@ def test_forward_and_backward_make_no_host_sync(name: str) -> None:
         loss, out = train(batch)
         loss.backward()
     assert out.logit.shape == (32,)
+    # The guard itself catches what it should: a scalar read, and a KJT helper called by non-TorchRec code.
     with pytest.raises(HostSyncError, match="_local_scalar_dense.*test_models.py"):
         with no_host_sync():
-            float(loss.detach())  # the guard itself catches what it should
+            float(loss.detach())
+    fresh = type(batch.sequence_features)(keys=spec.sequence_keys, values=batch.sequence_features.values(),
+                                          lengths=batch.sequence_features.lengths())
+    with pytest.raises(HostSyncError, match="Tensor.tolist.*test_models.py"):
+        with no_host_sync():
+            fresh.length_per_key()
 
 
 @pytest.mark.parametrize("name", MODELS)
