@@ -350,6 +350,7 @@ def read_csv(
 
     first_line = 1 + int(header)
     done = 0
+    last: Optional[Block] = None
     try:
         reader = pcsv.open_csv(
             path,
@@ -362,15 +363,16 @@ def read_csv(
                 invalid_row_handler=on_invalid,
             ),
             # Bytes, not strings: pyarrow would fail the whole block on one non-UTF-8 byte, naming a row
-            # number within the block; :func:`_utf8_columns` makes such rows bad rows with their line.
+            # number within the block; :func:`_utf8_block` makes such rows bad rows at their line.
             convert_options=pcsv.ConvertOptions(
                 include_columns=list(columns), column_types={c: pa.binary() for c in columns},
                 strings_can_be_null=False, quoted_strings_can_be_null=False,
             ),
         )
-        last: Optional[Block] = None
         for batch in reader:
             n = batch.num_rows
+            if n == 0:
+                continue
             lines = _physical_lines(np.arange(done, done + n), first_line, skipped)
             done += n
             if last is not None:
@@ -391,7 +393,8 @@ def read_csv(
                 f"{path}: line {number}: column '*': {reason} (text {text[:80]!r}) "
                 "(use --on-bad-row drop to drop such rows)"
             ) from None
-        raise ConversionError(f"{path}: unreadable CSV after line {first_line + done - 1}: {e}") from None
+        where = f"after line {int(last.lines[-1])}" if last is not None else f"from line {first_line}"
+        raise ConversionError(f"{path}: unreadable CSV {where}: {e}") from None
 
 
 def _utf8_block(path: Path, lines: np.ndarray, raw: Dict[str, pa.Array], bad: BadRows) -> Block:
