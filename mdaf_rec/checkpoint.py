@@ -187,11 +187,11 @@ def save_checkpoint(
         _write_json_atomic(path / MANIFEST_FILE, {"files": _file_digests(path, _checkpoint_files(path))})
         index = read_index(run_dir) if (run.checkpoints / INDEX_FILE).exists() else {}
         index["last"] = name
-        if is_best or "best" not in index:
+        if is_best or ("best" not in index and not keep_steps):  # an in-epoch checkpoint is never "best"
             index["best"] = name
         index["steps"] = (index.get("steps", []) + [name])[-keep_steps:] if keep_steps else []
         _write_json_atomic(run.checkpoints / INDEX_FILE, index)
-        kept = {index["last"], index["best"], *index["steps"]}
+        kept = {index["last"], index.get("best"), *index["steps"]}
         for child in run.checkpoints.iterdir():
             if child.is_dir() and CHECKPOINT_NAME.match(child.name) and child.name not in kept:
                 shutil.rmtree(child)
@@ -250,6 +250,7 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
     Every rank restores its own RNG states if the checkpoint has them for that rank.
     """
     verify_checkpoint(path)
+    SafeFileSystemReader(str(path)).read_metadata()  # refuses a crafted .metadata here, by name (DCP would wrap it)
     for name, value in app_state.items():
         target = tensor_state({name: value})
         planner = SafeLoadPlanner(allow_partial_load=name in partial)

@@ -61,9 +61,10 @@ def mdaf(*args: str, nproc: int = 1, check: bool = True) -> subprocess.Completed
     return proc
 
 
-def train(data: Path, out: Path, *extra: str, config: str = "configs/mdaf_mamba.yaml", nproc: int = 1):
+def train(data: Path, out: Path, *extra: str, config: str = "configs/mdaf_mamba.yaml", nproc: int = 1, check: bool = True):
     sets = [item for s in TINY for item in ("--set", s)]
-    return mdaf("train", "--config", config, "--data", str(data), "--out", str(out), *sets, *extra, nproc=nproc)
+    return mdaf("train", "--config", config, "--data", str(data), "--out", str(out), *sets, *extra, nproc=nproc,
+                check=check)
 
 
 def _free_port() -> int:

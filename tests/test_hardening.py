@@ -1,0 +1,349 @@
+"""Issue 9: checkpoints never run code and are verified before use; a run directory never loses or mixes
+data; in-epoch checkpoints and launcher restarts continue exactly; a normal run is quiet.
+
+Every command is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.data.synth import generate
+from test_train import REPO, TINY, _env, _free_port, mdaf, train
+
+DCN = "configs/dcnv3.yaml"
+BST = "configs/mdaf_bst.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("synth")
+    generate(path, rows=3000, users=300, items=800, categories=30, max_history=10, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory) -> Path:
+    """A finished 1-epoch DCNv3 run (copied by the tests that change it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(dataset, run, "--epochs", "1", config=DCN)
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _snapshot(folder: Path) -> Dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The CLI's single error line; asserts exit status 2 and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if re.match(r"mdaf-rec( [a-z]+)?: error: ", line)]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints never run code
+# --------------------------------------------------------------------------------------------------
+
+
+def _global(module: str, name: str) -> bytes:
+    """Protocol-4 opcodes pushing ``module.name`` (STACK_GLOBAL: the name may hold dots)."""
+    return _text(module) + _text(name) + pickle.STACK_GLOBAL
+
+
+def _text(s: str) -> bytes:
+    return pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()
+
+
+def _call(func: bytes, *args: bytes) -> bytes:
+    """``func(*args)``: each argument is the opcodes that push it."""
+    return func + pickle.MARK + b"".join(args) + pickle.TUPLE + pickle.REDUCE
+
+
+def _payloads(marker: Path) -> Dict[str, bytes]:
+    """Pickles that run ``touch marker`` when unpickled by a permissive unpickler."""
+    cmd = f"touch {marker}"
+    head, stop = pickle.PROTO + b"\x04", pickle.STOP
+    getattr_ = _global("builtins", "getattr")
+    # PosixPath.exists.__globals__.get("os").system(cmd), spelled as nested getattr calls
+    init_globals = _call(getattr_, _call(getattr_, _global("pathlib", "PosixPath"), _text("exists")), _text("__globals__"))
+    system = _call(getattr_, _call(_call(getattr_, init_globals, _text("get")), _text("os")), _text("system"))
+    return {
+        # an allowed module with a dotted name: torch.distributed.checkpoint.filesystem.os.system
+        "dotted_name": head + _call(_global("torch.distributed.checkpoint.filesystem", "os.system"), _text(cmd)) + stop,
+        # a plain reduce to os.system
+        "os_system": pickle.dumps(_Reduce(cmd), protocol=4),
+        "getattr_chain": head + _call(system, _text(cmd)) + stop,
+    }
+
+
+class _Reduce:
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def _replace_and_rehash(path: Path, content: bytes) -> None:
+    """Writes ``content`` to a checkpoint file and fixes the manifest, as an attacker would."""
+    path.write_bytes(content)
+    manifest_path = path.parent / ckpt.MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][path.name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("payload", ["dotted_name", "os_system", "getattr_chain"])
+def test_crafted_metadata_is_refused_without_running_it(trained: Path, tmp_path: Path, payload: str) -> None:
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "epoch_1"
+    shutil.copytree(trained / "checkpoints" / "epoch_1", folder)
+    _replace_and_rehash(folder / ".metadata", _payloads(marker)[payload])
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: refers to .*which a checkpoint may not"):
+        ckpt.load_checkpoint(folder, {"model": {}})
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command,payload",
+    [("eval", "dotted_name"), ("export", "os_system"), ("resume", "getattr_chain"), ("eval", "rng")],
+)
+def test_commands_refuse_a_malicious_checkpoint_with_one_line(
+    dataset: Path, trained: Path, tmp_path: Path, command: str, payload: str
+) -> None:
+    run = _copy(trained, tmp_path)
+    marker = tmp_path / "pwned"
+    folder = run / "checkpoints" / "epoch_1"
+    if payload == "rng":  # a torch.save file whose unpickling would run a command
+        buf = tmp_path / "evil.pt"
+        torch.save(_Reduce(f"touch {marker}"), buf)
+        _replace_and_rehash(folder / "rng_rank0.pt", buf.read_bytes())
+    else:
+        _replace_and_rehash(folder / ".metadata", _payloads(marker)[payload])
+    if command == "eval":
+        proc = mdaf("eval", "--run", str(run), check=False)
+    elif command == "export":
+        proc = mdaf("export", "--run", str(run), "--out", str(tmp_path / "model"), check=False)
+    else:
+        proc = train(dataset, run, "--epochs", "2", "--resume", config=DCN, check=False)
+    line = _one_line_error(proc)
+    assert str(folder) in line, line
+    assert "weights_only=False" not in proc.stderr + proc.stdout
+    assert not marker.exists()
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_naming_the_file(trained: Path, tmp_path: Path) -> None:
+    run = _copy(trained, tmp_path)
+    weights = run / "checkpoints" / "epoch_1" / "__0_0.distcp"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    assert str(weights) in line and "does not match the checkpoint's manifest" in line, line
+
+
+@pytest.mark.parametrize("damage", ["truncated_metadata", "no_manifest", "bad_index"])
+def test_corrupt_checkpoints_end_with_one_line(trained: Path, tmp_path: Path, damage: str) -> None:
+    run = _copy(trained, tmp_path)
+    folder = run / "checkpoints" / "epoch_1"
+    if damage == "truncated_metadata":
+        content = (folder / ".metadata").read_bytes()[:100]
+        _replace_and_rehash(folder / ".metadata", content)
+        named = folder / ".metadata"
+    elif damage == "no_manifest":
+        (folder / ckpt.MANIFEST_FILE).unlink()
+        named = folder / ckpt.MANIFEST_FILE
+    else:
+        (run / "checkpoints" / "index.json").write_text("{not json")
+        named = run / "checkpoints" / "index.json"
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    assert str(named) in line, line
+
+
+# --------------------------------------------------------------------------------------------------
+# No lost or mixed data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_out_on_a_folder_that_is_not_a_run_is_refused_untouched(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "keep.txt").write_text("mine too")
+    before = _snapshot(out)
+    line = _one_line_error(train(dataset, out, "--epochs", "1", config=DCN, check=False))
+    assert "not a run directory" in line and "--overwrite" in line, line
+    assert _snapshot(out) == before and not (out / ".lock").exists()
+    # --overwrite writes the run beside the user's files and deletes none of them.
+    train(dataset, out, "--epochs", "1", "--overwrite", config=DCN)
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "checkpoints" / "keep.txt").exists()
+    assert (out / "metrics.json").exists()
+
+
+def test_overwrite_deletes_only_the_runs_own_files(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    run = _copy(trained, tmp_path)
+    (run / "checkpoints" / "my_folder").mkdir()
+    (run / "checkpoints" / "my_folder" / "w.pt").write_text("x")
+    (run / "README.txt").write_text("about this run")
+    train(dataset, run, "--epochs", "2", "--overwrite", config=DCN)
+    assert (run / "checkpoints" / "my_folder" / "w.pt").exists() and (run / "README.txt").exists()
+    lines = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2]  # the old run's epoch 1 line went with the old run
+
+
+@pytest.mark.parametrize("change", [["--model", "mdaf_bst"], ["--set", "features.sequence_dim=32"]])
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_run_of_another_config_is_refused_byte_for_byte(
+    dataset: Path, trained: Path, tmp_path: Path, change: List[str], resume: bool
+) -> None:
+    run = _copy(trained, tmp_path)
+    before = _snapshot(run)
+    extra = ["--resume"] if resume else []
+    line = _one_line_error(train(dataset, run, "--epochs", "2", *change, *extra, config=DCN, check=False))
+    assert "another config" in line and ("model.name" in line or "features.sequence_dim" in line), line
+    assert _snapshot(run) == before
+
+
+def test_rerunning_the_same_command_resumes_without_duplicate_lines(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    run = _copy(trained, tmp_path)
+    proc = train(dataset, run, "--epochs", "2", config=DCN)
+    assert "holds a checkpoint of this run: resuming it" in proc.stderr
+    again = train(dataset, run, "--epochs", "2", config=DCN)  # finished: re-scores, trains nothing
+    assert "resuming" in again.stderr
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_a_second_training_on_the_same_run_fails_at_once_naming_the_holder(dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = [item for s in TINY for item in ("--set", s)]
+    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", DCN, "--data", str(dataset), "--out", str(run),
+           "--epochs", "50", *sets, "--set", "train.patience=50"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "index.json").exists():  # holds the lock and has trained an epoch
+            assert first.poll() is None and time.time() < deadline, "first training did not start"
+            time.sleep(0.2)
+        line = _one_line_error(train(dataset, run, "--epochs", "50", config=DCN, check=False))
+        assert f"in use by pid {first.pid}" in line, line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The dead holder's lock is reclaimed with a message; the run resumes.
+    proc = train(dataset, run, "--epochs", "2", "--set", "train.patience=1", config=DCN, check=False)
+    assert f"reclaiming the lock of {run} left by pid {first.pid}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_one_class_validation_split_is_refused_at_start(tmp_path: Path) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    generate(data, rows=1500, users=100, items=300, categories=20, max_history=10, seed=1)
+    val = pq.read_table(data / "val.parquet")
+    pq.write_table(val.set_column(val.schema.get_field_index("label"), "label",
+                                  pc.multiply(val.column("label"), 0)), data / "val.parquet")
+    line = _one_line_error(train(data, tmp_path / "run", "--epochs", "1", config=DCN, check=False))
+    assert f"the val split has {val.num_rows} rows, 0 of them with label 1" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# In-epoch checkpoints, crashes and launcher restarts
+# --------------------------------------------------------------------------------------------------
+
+STEP_CKPT = ["--set", "train.checkpoint_every_steps=7", "--set", "train.keep_step_checkpoints=1"]
+
+
+def _final(run: Path) -> Dict[str, float]:
+    m = json.loads((run / "metrics.json").read_text())
+    losses = [json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {**{f"{s}_{k}": m[s][k] for s in ("val", "test") for k in ("auc", "logloss", "gauc")},
+            **{f"loss_{i}": v for i, v in enumerate(losses)}}
+
+
+def test_kill_mid_epoch_then_rerun_equals_the_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(dataset, straight, "--epochs", "2", *STEP_CKPT, config=BST)
+    env = {"MDAF_FAULT_KILL_AT_STEP": "14"}  # epoch 1 has 18 steps: killed after its step_14 checkpoint
+    proc = _train_with_env(dataset, crashed, env, "--epochs", "2", *STEP_CKPT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    index = json.loads((crashed / "checkpoints" / "index.json").read_text())
+    assert index["last"] == "step_14" and index["steps"] == ["step_14"]
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir() if p.is_dir()) == ["step_14"]
+    rerun = train(dataset, crashed, "--epochs", "2", *STEP_CKPT, config=BST)  # the same command again
+    assert "resuming" in rerun.stderr and "step_14 (epoch 1, step 14)" in rerun.stderr
+    a, b = _final(straight), _final(crashed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+def _train_with_env(data: Path, out: Path, extra_env: Dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    sets = [item for s in TINY for item in ("--set", s)]
+    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", BST, "--data", str(data), "--out", str(out),
+           *sets, *args]
+    return subprocess.run(cmd, cwd=REPO, env={**_env(), **extra_env}, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_job(dataset: Path, tmp_path: Path) -> None:
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    train(dataset, straight, "--epochs", "1", *STEP_CKPT, config=BST, nproc=2)
+    sets = [item for s in TINY + ["train.checkpoint_every_steps=7", "train.keep_step_checkpoints=1"]
+            for item in ("--set", s)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           f"--master_port={_free_port()}", "-m", "mdaf_rec.cli", "train", "--config", BST, "--data", str(dataset),
+           "--out", str(restarted), "--epochs", "1", *sets]
+    env = {**_env(), "MDAF_FAULT_KILL_AT_STEP": "7", "MDAF_FAULT_KILL_RANK": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "killing this process (rank 1) after step 7" in proc.stderr
+    assert "resuming" in proc.stderr and "step_7 (epoch 1, step 7)" in proc.stderr
+    a, b = _final(straight), _final(restarted)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+# --------------------------------------------------------------------------------------------------
+# A quiet run
+# --------------------------------------------------------------------------------------------------
+
+NOISE = ("Warning", "[TBE=", " root:", "torchrec.", "is_fx_tracing", "fbgemm")
+
+
+def test_a_training_run_shows_only_its_own_lines_unless_verbose(dataset: Path, tmp_path: Path) -> None:
+    quiet = train(dataset, tmp_path / "quiet", "--epochs", "1", config="configs/mdaf_mamba.yaml")
+    noisy = [line for line in quiet.stderr.splitlines() if any(n in line for n in NOISE)]
+    assert noisy == [], noisy
+    loud = train(dataset, tmp_path / "loud", "--epochs", "1", "-v", config="configs/mdaf_mamba.yaml")
+    assert any("[TBE=" in line for line in loud.stderr.splitlines())  # FBGEMM's INFO dumps, shown with -v
