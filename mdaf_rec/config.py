@@ -12,17 +12,22 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from mdaf_rec.errors import UserError
+from mdaf_rec.registry import (
+    CPU_SPARSE_OPTIMIZERS,
+    DENSE_OPTIMIZERS,
+    GATE_MODES,
+    MODEL_NAMES,
+    PRECISIONS,
+    SPARSE_OPTIMIZERS,
+)
 
 T = TypeVar("T")
-
-MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst")
-PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 
 
 class ConfigError(UserError, ValueError):
@@ -126,8 +131,10 @@ class ModelConfig:
     """Model architecture.
 
     Args:
-        name: one of ``mdaf_mamba``, ``mdaf_bst``, ``dcnv3``, ``mamba4rec``, ``bst``.
-        gate: ``scalar`` (one gate per sample) or ``vector`` (one per embedding dimension).
+        name: one of :data:`mdaf_rec.registry.MODEL_NAMES` (``mdaf_mamba``, ``mdaf_bst``, ``dcnv3``,
+            ``mamba4rec``, ``bst``).
+        gate: one of :data:`mdaf_rec.registry.GATE_MODES`: ``scalar`` (one gate per sample) or ``vector``
+            (one per embedding dimension).
         head_hidden: hidden sizes of the prediction head MLP.
         head_dropout: dropout of the prediction head.
     """
@@ -139,12 +146,6 @@ class ModelConfig:
     gate: str = "scalar"
     head_hidden: List[int] = field(default_factory=lambda: [128, 64])
     head_dropout: float = 0.2
-
-
-SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-# The table optimizers FBGEMM runs on CPU (``adam`` needs a GPU).
-CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
-DENSE_OPTIMIZERS: Tuple[str, ...] = ("adam", "adamw")
 
 
 @dataclass
@@ -278,7 +279,7 @@ def validate(cfg: Config) -> Config:
         _require(key in f.id_spaces, "features.id_spaces", f"the {key!r} id space is required")
     m = cfg.model
     _require(m.name in MODEL_NAMES, "model.name", f"{m.name!r} is not one of {list(MODEL_NAMES)}")
-    _require(m.gate in ("scalar", "vector"), "model.gate", f"{m.gate!r} is not 'scalar' or 'vector'")
+    _require(m.gate in GATE_MODES, "model.gate", f"{m.gate!r} is not one of {list(GATE_MODES)}")
     _require(len(m.head_hidden) >= 1 and all(h > 0 for h in m.head_hidden), "model.head_hidden",
              "must be a non-empty list of positive sizes")
     _require(0.0 <= m.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")

@@ -7,13 +7,16 @@ The recipe (as in TorchRec's DLRM example):
    (FBGEMM updates the rows it touched during the backward pass; no dense gradient is materialised);
 3. :func:`plan_sharding` runs the TorchRec planner for the topology (or takes a given plan);
 4. ``DistributedModelParallel`` materialises and shards the tables and wraps the dense part in DDP;
-5. :func:`build_optimizer` combines DMP's fused optimizer with a dense Adam/AdamW.
+5. :func:`build_optimizer` combines DMP's fused optimizer with a dense Adam/AdamW (weight decay on weight
+   matrices only, see :func:`dense_parameter_groups`).
+
+The optimizer names are those of :mod:`mdaf_rec.registry`; the classes they stand for are here.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -33,12 +36,20 @@ from mdaf_rec.config import OptimizerConfig, check_sparse_optimizer
 
 logger = logging.getLogger(__name__)
 
-_SPARSE_OPTIMIZER_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
+# optimizer.sparse -> the class TorchRec's fused tables map onto FBGEMM; keys = registry.SPARSE_OPTIMIZERS.
+SPARSE_OPTIMIZER_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
     "rowwise_adagrad": RowWiseAdagrad,
     "adam": torch.optim.Adam,
 }
+# optimizer.dense -> class (weight decay: L2 for adam, decoupled for adamw); keys = registry.DENSE_OPTIMIZERS.
+DENSE_OPTIMIZER_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+# Modules whose parameters are never weight-decayed: normalisation scales and learned position tables.
+_NO_DECAY_MODULES: Tuple[Type[nn.Module], ...] = (nn.LayerNorm, nn.Embedding)
 
 
 def table_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -65,7 +76,7 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
     if cfg.sparse_weight_decay:
         kwargs["weight_decay"] = cfg.sparse_weight_decay
     _apply_optimizer_in_backward(
-        optimizer_class=_SPARSE_OPTIMIZER_CLASSES[cfg.sparse], params=table_parameters(model), optimizer_kwargs=kwargs
+        optimizer_class=SPARSE_OPTIMIZER_CLASSES[cfg.sparse], params=table_parameters(model), optimizer_kwargs=kwargs
     )
 
 
@@ -121,14 +132,43 @@ def shard_model(model: nn.Module, device: torch.device, plan: ShardingPlan) -> D
     return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders())
 
 
-def build_optimizer(model: DistributedModelParallel, cfg: OptimizerConfig) -> CombinedOptimizer:
-    """DMP's fused table optimizer combined with the dense optimizer over every other parameter."""
-    dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
+def no_weight_decay_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters weight decay must not pull towards 0: biases (any parameter named ``bias``), every
+    other parameter with fewer than 2 dimensions (norm scales, Mamba's ``D``), the parameters of
+    ``LayerNorm`` and ``nn.Embedding`` modules, and parameters marked ``_no_weight_decay`` (Mamba's
+    ``A_log``, as in mamba-ssm)."""
+    chosen: Dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if (name == "bias" or param.ndim < 2 or isinstance(module, _NO_DECAY_MODULES)
+                    or getattr(param, "_no_weight_decay", False)):
+                chosen[id(param)] = param
+    return list(chosen.values())
 
-    def dense(params: Any) -> torch.optim.Optimizer:
-        if cfg.dense == "adamw":
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+def dense_parameter_groups(
+    params: Iterable[nn.Parameter], no_decay: Iterable[nn.Parameter], weight_decay: float
+) -> List[Dict[str, Any]]:
+    """``params`` split into a ``weight_decay`` group and a ``0.0`` group (those in ``no_decay``), in order;
+    an empty group is left out."""
+    skip = {id(p) for p in no_decay}
+    params = list(params)
+    groups = [
+        {"params": [p for p in params if id(p) not in skip], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: DistributedModelParallel, cfg: OptimizerConfig) -> CombinedOptimizer:
+    """DMP's fused table optimizer combined with the dense optimizer over every other parameter, in two
+    parameter groups: weight decay ``cfg.weight_decay`` and none (:func:`no_weight_decay_parameters`)."""
+    dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    no_decay = no_weight_decay_parameters(model)
+    optimizer_class = DENSE_OPTIMIZER_CLASSES[cfg.dense]
+
+    def dense(params: List[nn.Parameter]) -> torch.optim.Optimizer:
+        return optimizer_class(dense_parameter_groups(params, no_decay, cfg.weight_decay), lr=cfg.lr)
 
     dense_optimizer: KeyedOptimizer = KeyedOptimizerWrapper(dense_params, dense)
     return CombinedOptimizer([model.fused_optimizer, dense_optimizer])

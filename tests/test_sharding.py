@@ -67,3 +67,42 @@ def test_fused_adam_is_refused_on_cpu() -> None:
     train = CTRTrain(build_model(small_spec(), ModelConfig(name="dcnv3"), table_device="meta"))
     with pytest.raises(ValueError, match="optimizer.sparse.*'adam'.*GPU"):
         apply_sparse_optimizer(train, OptimizerConfig(sparse="adam"), torch.device("cpu"))
+
+
+def test_dense_optimizer_decays_weight_matrices_only(process_group) -> None:
+    """Biases, LayerNorms, position tables, Mamba's ``D`` (1-d) and ``A_log`` (marked ``_no_weight_decay``)
+    sit in the dense optimizer's no-decay group, and a step with zero gradients leaves exactly them unmoved."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    for name in ("mdaf_mamba", "mdaf_bst"):
+        train = CTRTrain(build_model(small_spec(), ModelConfig(name=name), table_device="meta"))
+        optim_cfg = OptimizerConfig(weight_decay=0.1, lr=1e-2)
+        apply_sparse_optimizer(train, optim_cfg, device)
+        plan = plan_sharding(train, world_size=1, local_world_size=1, compute_device="cpu", batch_size=32,
+                             process_group=process_group)
+        model = shard_model(train, device, plan)
+        optimizer = build_optimizer(model, optim_cfg)
+        dense = optimizer.optimizers[-1][1]  # [fused tables, dense]
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in dense.param_groups}
+        assert set(groups) == {0.1, 0.0}
+        decayed, kept = groups[0.1], groups[0.0]
+        assert not decayed & kept and decayed | kept == set(dense.params)
+        assert all(n.endswith(".weight") and "norm" not in n for n in decayed), sorted(decayed)
+        assert {n for n in decayed | kept if n.endswith(".bias")} <= kept
+        assert any(n.endswith("fusion.gate.weight") for n in decayed)
+        assert any(n.endswith("fusion.gate.bias") for n in kept)
+        if name == "mdaf_mamba":
+            assert {n.rsplit(".", 1)[1] for n in kept} >= {"A_log", "D", "bias", "weight"}
+            assert any(n.endswith("mamba.in_proj.weight") for n in decayed)
+            assert not any(n.endswith(("A_log", ".D")) for n in decayed)
+        else:
+            assert any(n.endswith("position.weight") for n in kept)
+        # Zero gradients: Adam's L2 term alone moves the decayed weights, nothing else.
+        params = dict(model.named_parameters())
+        before = {n: params[n].detach().clone() for n in decayed | kept}
+        for n in decayed | kept:
+            params[n].grad = torch.zeros_like(params[n])
+        dense.step()
+        moved = {n for n in before if not torch.equal(params[n].detach(), before[n])}
+        assert moved == decayed

@@ -1,6 +1,8 @@
-"""Builds the configured model."""
+"""Builds the configured model: one builder per name of :data:`mdaf_rec.registry.MODEL_NAMES`."""
 
 from __future__ import annotations
+
+from typing import Callable, Dict
 
 import torch
 
@@ -9,6 +11,18 @@ from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.baselines import DCNv3CTR, SequenceCTR
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.mdaf import MDAF
+from mdaf_rec.registry import MODEL_NAMES
+
+ModelBuilder = Callable[[FeatureSpec, ModelConfig, torch.device], CTRModel]
+
+# model.name -> builder(spec, cfg, table_device); the keys are exactly MODEL_NAMES (tests/test_registry.py).
+MODEL_BUILDERS: Dict[str, ModelBuilder] = {
+    "mdaf_mamba": lambda spec, cfg, tables: MDAF(spec, cfg, branch="mamba", table_device=tables),
+    "mdaf_bst": lambda spec, cfg, tables: MDAF(spec, cfg, branch="bst", table_device=tables),
+    "dcnv3": lambda spec, cfg, tables: DCNv3CTR(spec, cfg, table_device=tables),
+    "mamba4rec": lambda spec, cfg, tables: SequenceCTR(spec, cfg, encoder="mamba", table_device=tables),
+    "bst": lambda spec, cfg, tables: SequenceCTR(spec, cfg, encoder="bst", table_device=tables),
+}
 
 
 def build_model(
@@ -29,16 +43,7 @@ def build_model(
         ``MDAF`` (``mdaf_mamba``, ``mdaf_bst``), ``DCNv3CTR`` (``dcnv3``) or ``SequenceCTR``
         (``mamba4rec``, ``bst``).
     """
-    tables = torch.device(table_device)
+    if cfg.name not in MODEL_BUILDERS:
+        raise ValueError(f"config key 'model.name': {cfg.name!r} is not one of {list(MODEL_NAMES)}")
     with torch.device(dense_device):
-        if cfg.name == "mdaf_mamba":
-            return MDAF(spec, cfg, branch="mamba", table_device=tables)
-        if cfg.name == "mdaf_bst":
-            return MDAF(spec, cfg, branch="bst", table_device=tables)
-        if cfg.name == "dcnv3":
-            return DCNv3CTR(spec, cfg, table_device=tables)
-        if cfg.name == "mamba4rec":
-            return SequenceCTR(spec, cfg, encoder="mamba", table_device=tables)
-        if cfg.name == "bst":
-            return SequenceCTR(spec, cfg, encoder="bst", table_device=tables)
-    raise ValueError(f"config key 'model.name': unknown model {cfg.name!r}")
+        return MODEL_BUILDERS[cfg.name](spec, cfg, torch.device(table_device))

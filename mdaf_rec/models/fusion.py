@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from mdaf_rec.models.precision import full_precision_linear
-
-GATE_MODES = ("scalar", "vector")
+from mdaf_rec.registry import GATE_MODES
 
 
 class GatedFusion(nn.Module):
@@ -27,7 +26,7 @@ class GatedFusion(nn.Module):
     def __init__(self, dim: int, mode: str = "scalar") -> None:
         super().__init__()
         if mode not in GATE_MODES:
-            raise ValueError(f"gate mode {mode!r} is not one of {GATE_MODES}")
+            raise ValueError(f"gate mode {mode!r} is not one of {list(GATE_MODES)}")
         self.mode = mode
         self.gate = nn.Linear(2 * dim, 1 if mode == "scalar" else dim)
 

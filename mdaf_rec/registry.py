@@ -1,0 +1,33 @@
+"""The names a config may choose, each list written once.
+
+Config validation (:mod:`mdaf_rec.config`), the command line's choices and every error message read
+these tuples; the modules that implement the names map them to what they build and are tested to cover
+exactly these keys (``tests/test_registry.py``): models → :data:`mdaf_rec.models.factory.MODEL_BUILDERS`,
+table optimizers → :data:`mdaf_rec.sharding.SPARSE_OPTIMIZER_CLASSES`, dense optimizers →
+:data:`mdaf_rec.sharding.DENSE_OPTIMIZER_CLASSES`, gate modes → :class:`mdaf_rec.models.fusion.GatedFusion`,
+precisions → :class:`mdaf_rec.models.ctr.CTRTrain`.
+
+Nothing here imports torch, so the config stays loadable without it.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst")
+"""``model.name``: MDAF with a Mamba4Rec or BST branch, and the three single-branch baselines."""
+
+GATE_MODES: Tuple[str, ...] = ("scalar", "vector")
+"""``model.gate``: one fusion gate per sample, or one per embedding dimension."""
+
+DENSE_OPTIMIZERS: Tuple[str, ...] = ("adam", "adamw")
+"""``optimizer.dense``: the optimizer of every non-table parameter."""
+
+SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+"""``optimizer.sparse``: the fused (FBGEMM) optimizers of the embedding tables."""
+
+CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
+"""The table optimizers FBGEMM runs on CPU (``adam`` needs a GPU)."""
+
+PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
+"""``train.precision``: float32, or bfloat16 autocast of the dense branches."""
