@@ -6,7 +6,9 @@ thread, batch sizes 1, 64 and 512, times one forward pass of
 
 * **eager**: the unsharded model on a TorchRec ``Batch`` (KJTs built beforehand, not timed);
 * **exported**: ``mdaf-rec export``'s program (``ServingModule`` through ``torch.export``) on plain tensors;
-* **int8**: the same with row-wise 8-bit tables.
+* **AOTInductor**: that program compiled by ``mdaf_rec.serving.compile_program`` (``torch._inductor``'s
+  ``aoti_compile_and_package``; loads with ``torch._inductor.aoti_load_package``, torch alone);
+* **int8**: the exported program with row-wise 8-bit tables.
 
 Reports p50 / p99 over ``--seconds`` of repetitions per cell (at least ``--min-iters``), checks the
 exported scores against eager, and (unless ``--no-write``) rewrites the
@@ -24,6 +26,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -42,7 +45,7 @@ from mdaf_rec.data.synth import SynthParams  # noqa: E402
 from mdaf_rec.features import NUM_RESERVED_INDICES, FeatureSpec  # noqa: E402
 from mdaf_rec.models.ctr import CTRModel  # noqa: E402
 from mdaf_rec.models.factory import build_model  # noqa: E402
-from mdaf_rec.serving import ServingModule, export_program, quantize_tables  # noqa: E402
+from mdaf_rec.serving import ServingModule, compile_program, export_program, quantize_tables  # noqa: E402
 
 SECTION = "## Serving latency (tools/bench_latency.py)"
 MODELS = ("mdaf_mamba", "mdaf_bst")
@@ -104,7 +107,12 @@ def bench_model(name: str, config: Path, batches: Sequence[int], seconds: float,
     spec = FeatureSpec.build(cfg.features, {k: v + NUM_RESERVED_INDICES for k, v in sizes.items()})
     torch.manual_seed(0)
     eager: CTRModel = build_model(spec, cfg.model).eval()
-    fp32 = export_program(ServingModule(copy.deepcopy(eager), spec), spec).module()
+    program = export_program(ServingModule(copy.deepcopy(eager), spec), spec)
+    fp32 = program.module()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # the loader extracts the package to its own folder
+        aoti = torch._inductor.aoti_load_package(str(compile_program(program, Path(tmp) / "model.pt2")))
+    print(f"{name}: AOTInductor compile {time.perf_counter() - start:.0f} s", flush=True)
     int8_module = ServingModule(copy.deepcopy(eager), spec)
     quantize_tables(int8_module)
     int8 = export_program(int8_module, spec).module()
@@ -114,7 +122,7 @@ def bench_model(name: str, config: Path, batches: Sequence[int], seconds: float,
             inputs, batch = random_inputs(spec, b, seed=b)
             reference = eager(batch)
             for variant, fn in (("eager", lambda: eager(batch)), ("exported", lambda: fp32(*inputs)),
-                                ("int8", lambda: int8(*inputs))):
+                                ("aoti", lambda: aoti(*inputs)), ("int8", lambda: int8(*inputs))):
                 diff = float((fn() if variant == "eager" else fn()[0]).sub(reference).abs().max())
                 p50, p99, n = percentiles(fn, seconds, min_iters)
                 rows.append({"model": name, "batch": b, "variant": variant, "p50": p50, "p99": p99, "n": n, "diff": diff})
@@ -130,27 +138,29 @@ def markdown(rows: List[Dict], config: Path, seconds: float) -> str:
         f"(the machine is shared). Dims of `{config.relative_to(REPO)}` (synthetic-default vocabularies, random "
         f"weights), one forward pass, p50 / p99 in ms over ≥ {seconds:g} s of repetitions per cell.",
         "",
-        "| model | batch | eager p50 | eager p99 | exported p50 | exported p99 | int8 p50 | int8 p99 | max abs Δp int8 vs eager |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | eager p50 | eager p99 | exported p50 | exported p99 | AOTInductor p50 | AOTInductor p99 "
+        "| max abs Δp AOTI vs eager | int8 p50 | int8 p99 | max abs Δp int8 vs eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cells = {(r["model"], r["batch"], r["variant"]): r for r in rows}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-        e, x, q = (cells[(model, batch, v)] for v in ("eager", "exported", "int8"))
+        e, x, a, q = (cells[(model, batch, v)] for v in ("eager", "exported", "aoti", "int8"))
         lines.append(
             f"| {model} | {batch} | {e['p50']:.2f} | {e['p99']:.2f} | {x['p50']:.2f} | {x['p99']:.2f} | "
-            f"{q['p50']:.2f} | {q['p99']:.2f} | {q['diff']:.1e} |"
+            f"{a['p50']:.2f} | {a['p99']:.2f} | {a['diff']:.1e} | {q['p50']:.2f} | {q['p99']:.2f} | {q['diff']:.1e} |"
         )
     lines += [
         "",
-        "eager = the unsharded training model on KJTs; exported = `model.pt2` of `mdaf-rec export` "
-        "(`torch.export`, run through `ExportedProgram.module()`); int8 = `--quantize int8` (row-wise 8-bit tables, "
-        "dequantized on lookup). The exported Mamba runs the per-time-step reference scan "
-        "(`selective_scan_reference`: the blocked `selective_scan` loops over batch blocks and cannot be exported "
-        "with a dynamic batch size), eager runs the blocked scan: hence exported Mamba is ~2x slower at batch 512. "
-        "At batch 1 the exported program pays `ExportedProgram.module()`'s op-by-op Python interpretation and "
-        "input checks. int8 saves table memory (~4x), not time: at these vocabulary sizes the tables fit in "
-        "cache and dequantizing costs more than the smaller reads save. Input preparation (vocabulary lookups, "
-        "KJTs) is not timed.",
+        "eager = the unsharded training model on KJTs (the Mamba scan is the compiled CPU kernel, "
+        "`mdaf_rec.ops.scan_cpu`); exported = `model.pt2` of `mdaf-rec export` (`torch.export`, run through "
+        "`ExportedProgram.module()`, i.e. op by op in Python; its Mamba scan is the traced form "
+        "`mdaf_rec.ops.scan_export`, five aten ops per time step); AOTInductor = that program compiled to a "
+        "shared library by `mdaf_rec.serving.compile_program` (compile time printed by the tool, ~30 s per "
+        "model on 2 cores), loaded with `torch._inductor.aoti_load_package`: inductor fuses each time step "
+        "of the scan and the rest of the graph into C++ loops, and no Python runs per op; int8 = "
+        "`--quantize int8` (row-wise 8-bit tables, dequantized on lookup). int8 saves table memory (~4x), "
+        "not time: at these vocabulary sizes the tables fit in cache and dequantizing costs more than the "
+        "smaller reads save. Input preparation (vocabulary lookups, KJTs) is not timed.",
     ]
     return "\n".join(lines)
 
