@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from logging.handlers import MemoryHandler
 from pathlib import Path
@@ -152,7 +153,8 @@ def open_session(
     spec = FeatureSpec.build(cfg.features, vocabs.sizes)
     torch.manual_seed(cfg.train.seed)
     model = build_model(spec, cfg.model, table_device="meta", dense_device=env.device)
-    train_module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce)
+    train_module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce, precision=cfg.train.precision,
+                            device_type=env.device.type)
     params = _count_params(train_module)
     apply_sparse_optimizer(train_module, cfg.optimizer, env.device)
     per_rank_batch = max(1, cfg.train.batch_size // env.world_size)
@@ -166,6 +168,13 @@ def open_session(
             process_group=dist.group.WORLD,
         )
     dmp = shard_model(train_module, env.device, plan)
+    # data_parallel tables run FBGEMM's dense lookup, whose autograd comes from a Python-level wrapper, not a
+    # registered autograd kernel; its backward works (tests/test_train_step.py: their rows change), so the
+    # "may lead to silently incorrect behavior" warning it raises at every backward is silenced here.
+    warnings.filterwarnings(
+        "ignore", message="fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
+        category=UserWarning,
+    )
     # Dropout masks differ per rank but are reproducible for a given (seed, rank).
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)
     optimizer = build_optimizer(dmp, cfg.optimizer)
@@ -229,7 +238,7 @@ def evaluate(session: Session, split: str, collect_scores: bool = False) -> Dict
     model = session.model
     was_training = model.training
     model.eval()
-    acc = MetricAccumulator()
+    acc = MetricAccumulator()  # keeps the rows on the device until compute()
     rows: List[torch.Tensor] = []
     scores: List[torch.Tensor] = []
     loader = _loader(session, split, epoch=0, train=False)
@@ -238,16 +247,15 @@ def evaluate(session: Session, split: str, collect_scores: bool = False) -> Dict
         for batch in bar:
             batch = batch.to(session.env.device, non_blocking=True)
             _, out = model(batch)
-            probs = torch.sigmoid(out.logit).cpu()
-            gate = out.gate.cpu() if out.gate is not None else None
-            acc.update(probs, batch.labels.cpu(), batch.user_index.cpu(), gate)
+            probs = torch.sigmoid(out.logit)
+            acc.update(probs, batch.labels, batch.user_index, out.gate)
             if collect_scores:
-                rows.append(batch.row_index.cpu())
+                rows.append(batch.row_index)
                 scores.append(probs)
     result = acc.compute(dist.group.WORLD)
     if collect_scores:
-        result["row_index"] = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-        result["scores"] = torch.cat(scores) if scores else torch.zeros(0)
+        result["row_index"] = torch.cat(rows).cpu() if rows else torch.zeros(0, dtype=torch.long)
+        result["scores"] = torch.cat(scores).cpu() if scores else torch.zeros(0)
     model.train(was_training)
     return result
 

@@ -71,15 +71,22 @@ class CTRTrain(nn.Module):
     ``w_lcn · BCE(lcn) + w_ecn · BCE(ecn)`` with ``w = max(0, BCE_side − BCE_main)`` (not detached, as in
     the official DCNv3 code), ``BCE_main`` being the model's own (for MDAF: the fused) logit.
 
+    With ``precision="bf16"`` the model's forward runs under ``torch.autocast(bfloat16)`` on the batch's
+    device (matmuls in bfloat16; tables, logit layers, the scan's accumulation and the loss in float32).
+
     Args:
         model: the CTR model.
         tri_bce: add the Tri-BCE auxiliary terms when the model has them.
+        precision: ``fp32`` or ``bf16``.
+        device_type: the device type the model runs on (``cuda`` / ``cpu``), for autocast.
     """
 
-    def __init__(self, model: CTRModel, tri_bce: bool = True) -> None:
+    def __init__(self, model: CTRModel, tri_bce: bool = True, precision: str = "fp32", device_type: str = "cpu") -> None:
         super().__init__()
         self.model = model
         self.tri_bce = tri_bce
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+        self.device_type = device_type
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, CTRTrainOutput]:
         """
@@ -88,7 +95,12 @@ class CTRTrain(nn.Module):
         Returns:
             ``(loss, CTRTrainOutput)``: the scalar loss to back-propagate and detached outputs.
         """
-        out = self.model.score(batch)
+        if self.autocast_dtype is None:
+            out = self.model.score(batch)
+        else:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+                out = self.model.score(batch)
+            out = CTROutput(*(t.float() if t is not None else None for t in out))
         labels = batch.labels.float()
         if self.tri_bce and out.lcn_logit is not None and out.ecn_logit is not None:
             loss = tri_bce_loss(out.logit, out.lcn_logit, out.ecn_logit, labels)
