@@ -3,6 +3,9 @@
 A config is a tree of dataclasses. YAML files and ``key=value`` overrides are merged into it by
 :func:`load_config`; every key is checked against the dataclass fields, so an unknown or mistyped key
 is an error that names its dotted path (``model.mamba.d_stat``), never a silently ignored knob.
+
+The configs shipped with the package (``mdaf_rec/configs/*.yaml``, the repository's ``configs/``) are
+loadable by name: ``load_config("mdaf_mamba")``, ``mdaf-rec train --config mdaf_mamba``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -28,6 +31,9 @@ from mdaf_rec.registry import (
 )
 
 T = TypeVar("T")
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The configs shipped with the package (in a checkout, ``mdaf_rec/configs`` is a link to ``configs/``)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -399,17 +405,40 @@ def apply_override(data: Dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({_yaml_problem(e)})") from None
 
 
-def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), cls: Type[T] = Config) -> T:
+def packaged_config_names() -> List[str]:
+    """Names of the packaged configs (``demo``, ``mdaf_mamba``, ...), sorted."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: Union[str, Path]) -> Path:
+    """``path`` itself when it is a file, has a folder part or a ``.yaml``/``.yml`` suffix; else a bare
+    name (``mdaf_mamba``) is the packaged config of that name. An unknown bare name is an error listing
+    the packaged ones."""
+    path = Path(path)
+    if path.is_file() or path.parent != Path(".") or path.suffix in (".yaml", ".yml"):
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.name}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"{path}: no such config file, and no packaged config of that name "
+                      f"(packaged: {', '.join(packaged_config_names())})")
+
+
+def load_config(
+    path: Union[str, Path, None] = None, overrides: Sequence[str] = (), cls: Type[T] = Config
+) -> T:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated.
 
     Args:
-        path: YAML file (optional). Its keys are validated against the schema.
+        path: YAML file, or the name of a packaged config (``mdaf_mamba``; see :func:`resolve_config_path`),
+            or ``None`` for the defaults. Its keys are validated against the schema.
         overrides: ``dotted.key=value`` strings; values are parsed as YAML.
     Returns:
         The validated config.
     """
     data: Dict[str, Any] = {}
     if path is not None:
+        path = resolve_config_path(path)
         try:
             with open(path) as fh:
                 loaded = yaml.safe_load(fh) or {}

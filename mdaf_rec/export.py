@@ -18,13 +18,11 @@ an earlier export's files are replaced, nothing else in MODEL_DIR is touched.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -33,7 +31,6 @@ from mdaf_rec.artifact import FORMAT_VERSION, MANIFEST_FILE, PROGRAM_FILE, SPEC_
 from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.vocab import Vocabularies
-from mdaf_rec.errors import UserError
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.models.ctr import CTRModel, CTRTrain
 from mdaf_rec.models.factory import build_model
@@ -189,32 +186,3 @@ def _mapping(name: str, hashed: bool, buckets: Optional[int]) -> Dict[str, Any]:
     return {"file": f"{VOCAB_DIR}/{name}.npy",
             "rule": f"sorted known raw ids (int64); index = position in the file + {NUM_RESERVED_INDICES}; "
                     f"unknown raw id -> {OOV_INDEX}"}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdaf-rec export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory written by `mdaf-rec train`")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    p.add_argument("--out", type=Path, required=True,
-                   help="MODEL_DIR to write (an earlier export's files there are replaced; other files are kept)")
-    p.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="int8: row-wise 8-bit tables")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mdaf-rec export``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        digest = export_run(args.run, args.out, args.checkpoint, args.quantize)
-    except (UserError, FileNotFoundError) as e:
-        print(f"mdaf-rec export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out / MANIFEST_FILE} sha256: {digest}")
-    print(f"check before loading: mdaf-rec predict --model {args.out} --manifest-sha256 {digest} ...")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

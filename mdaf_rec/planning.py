@@ -15,11 +15,9 @@ the planner over world sizes x sharding choices and writes ``sweep.csv`` and ``s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -41,12 +39,13 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from mdaf_rec.config import Config, ConfigError, load_config
+from mdaf_rec.config import Config, ConfigError
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.plan_io import save_plan
+from mdaf_rec.plots import plot_sweep
 from mdaf_rec.sharding import apply_sparse_optimizer, plan_sharding, sharders
 
 logger = logging.getLogger(__name__)
@@ -402,91 +401,3 @@ def sweep(cfg: Config, base: TopologySpec, out_dir: Path, world_sizes: Sequence[
     plot_sweep(rows, out_dir / "sweep.png", title=f"{cfg.model.name}, {base.device}, "
                f"{base.hbm_gb or 'default'} GB HBM/rank, global batch {base.batch_size}")
     return rows
-
-
-def plot_sweep(rows: Sequence[Dict[str, Any]], path: Path, title: str) -> None:
-    """Two panels (max per-rank memory, estimated step time) vs world size; one line per choice,
-    infeasible points as red crosses on the axis floor."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "max_rank_memory_gb", "largest per-rank memory (GB)"),
-                           (axes[1], "step_ms", "estimated embedding step (ms)")):
-        feasible_values = [float(r[key]) for r in rows if r["feasible"]]
-        floor = min(feasible_values) / 2 if feasible_values else 1.0
-        for choice in dict.fromkeys(r["choice"] for r in rows):
-            mine = [r for r in rows if r["choice"] == choice]
-            ok = [r for r in mine if r["feasible"]]
-            line, = ax.plot([r["world_size"] for r in ok], [float(r[key]) for r in ok], marker="o", label=choice)
-            bad = [r["world_size"] for r in mine if not r["feasible"]]
-            if bad:
-                ax.scatter(bad, [floor] * len(bad), marker="x", color=line.get_color(), s=60)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("world size (ranks)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(title="sharding (x = infeasible)", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdaf-rec plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, required=True, help="YAML config; tables sized by planning.vocab_sizes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key (repeatable)")
-    p.add_argument("--world-size", type=int, default=8, help="ranks in all (default 8)")
-    p.add_argument("--nodes", type=int, default=1, help="hosts; world-size/nodes ranks per host (default 1)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="compute device (default cuda)")
-    p.add_argument("--hbm-gb", type=float, help="device memory per rank in GiB (planner default: 32)")
-    p.add_argument("--ddr-gb", type=float, help="host memory per rank in GiB (planner default: 128)")
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size (default train.batch_size)")
-    p.add_argument("--constraints", type=Path, help="YAML/JSON: table -> {sharding_types: [...], compute_kernels: [...]}")
-    p.add_argument("--json", type=Path, help="write the plan here (for `mdaf-rec train --plan`)")
-    p.add_argument("--sweep", action="store_true",
-                   help=f"plan world sizes {list(SWEEP_WORLD_SIZES)} x choices {list(SWEEP_CHOICES)} (needs --out)")
-    p.add_argument("--out", type=Path, help="sweep output folder (sweep.csv, sweep.png)")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mdaf-rec plan``; bad input or a plan that cannot fit raises a :class:`UserError`
-    (:class:`ConfigError`, :class:`PlanningError`), which the ``mdaf-rec`` command line prints as one line, exit 2."""
-    args = _parser().parse_args(argv)
-    # Our progress at INFO; TorchRec's planner chatter (its root-logger warning about data-parallel tables
-    # having no sharding spec, by design) only when it is an error.
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    logging.getLogger("mdaf_rec").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning)
-    cfg = load_config(args.config, args.overrides)
-    topo = TopologySpec(args.world_size, args.nodes, args.device, args.hbm_gb, args.ddr_gb,
-                        args.batch_size or cfg.train.batch_size)
-    topo.validate()
-    if args.sweep:
-        if args.out is None:
-            raise ConfigError("--sweep needs --out DIR")
-        sweep(cfg, topo, args.out)
-        print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.png'}")
-        return 0
-    model = planning_model(cfg, args.device)
-    constraints = load_constraints(args.constraints, table_sharding_types(model, args.device)) \
-        if args.constraints else None
-    report = run_planner(model, topo, constraints)
-    print(format_report(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"wrote {args.json}")
-    return 0

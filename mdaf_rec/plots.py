@@ -1,4 +1,5 @@
-"""PNG figures of training curves and of the MDAF fusion gate, drawn with matplotlib's Agg canvas.
+"""PNG figures of training curves, of the MDAF fusion gate and of planner sweeps, drawn with matplotlib's
+Agg canvas.
 
 Figures are built as :class:`matplotlib.figure.Figure` objects on a ``FigureCanvasAgg`` rather than
 through ``pyplot``, so nothing here changes the global backend or keeps figures alive.
@@ -111,4 +112,40 @@ def plot_gate_histogram(gate: Dict[str, Any], out_png: Path, title: str) -> Path
     ax.set_ylabel("samples")
     ax.set_title(title)
     ax.legend()
+    return _save(fig, out_png)
+
+
+def plot_sweep(rows: Sequence[Dict[str, Any]], out_png: Path, title: str) -> Path:
+    """Two panels (max per-rank memory, estimated step time) against the world size; one line per
+    sharding choice, infeasible points as crosses on the axis floor.
+
+    Args:
+        rows: the rows of :func:`mdaf_rec.planning.sweep` (``world_size``, ``choice``, ``feasible``,
+            ``max_rank_memory_gb``, ``step_ms``).
+        out_png: the PNG to write.
+        title: the figure title.
+
+    Returns:
+        ``out_png``.
+    """
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "max_rank_memory_gb", "largest per-rank memory (GB)"),
+                           (axes[1], "step_ms", "estimated embedding step (ms)")):
+        feasible_values = [float(r[key]) for r in rows if r["feasible"]]
+        floor = min(feasible_values) / 2 if feasible_values else 1.0
+        for choice in dict.fromkeys(r["choice"] for r in rows):
+            mine = [r for r in rows if r["choice"] == choice]
+            ok = [r for r in mine if r["feasible"]]
+            line, = ax.plot([r["world_size"] for r in ok], [float(r[key]) for r in ok], marker="o", label=choice)
+            bad = [r["world_size"] for r in mine if not r["feasible"]]
+            if bad:
+                ax.scatter(bad, [floor] * len(bad), marker="x", color=line.get_color(), s=60)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("world size (ranks)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(title="sharding (x = infeasible)", fontsize=8)
+    fig.suptitle(title)
     return _save(fig, out_png)

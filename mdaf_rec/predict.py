@@ -12,10 +12,8 @@ input, counting through the files in name order), the ``--key`` columns copied t
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -31,7 +29,6 @@ from mdaf_rec.data.loader import BatchConverter, WindowColumns
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import Vocabularies
-from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.serving import INPUT_NAMES, serving_inputs, spec_from_json
 
@@ -181,41 +178,3 @@ def input_files(data: Path) -> List[Path]:
     if not files:
         raise DatasetError(f"{data}: no Parquet file (give a .parquet file or a folder of them)")
     return files
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdaf-rec predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="MODEL_DIR written by `mdaf-rec export`")
-    p.add_argument("--manifest-sha256", metavar="HEX",
-                   help="refuse MODEL_DIR unless its manifest.json has this sha256 (printed by `mdaf-rec export`); "
-                   "give it for a folder from anywhere you do not control: loading runs pickle")
-    p.add_argument("--data", type=Path, required=True, help="a Parquet file or a folder of Parquet files")
-    p.add_argument("--out", type=Path, required=True, help="output Parquet file")
-    p.add_argument("--key", dest="keys", action="append", default=[], metavar="COLUMN",
-                   help="input column copied to the output to join scores back (repeatable)")
-    p.add_argument("--with-gate", action="store_true", help="also write the MDAF fusion gate")
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per program call (default 8192)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mdaf-rec predict``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.batch_size < 1:
-        print("mdaf-rec predict: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        predict(args.model, args.data, args.out, args.keys, args.with_gate, args.batch_size, args.manifest_sha256)
-    except (UserError, FileNotFoundError) as e:
-        print(f"mdaf-rec predict: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

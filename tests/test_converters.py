@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdaf_rec.cli import main as cli_main
-from mdaf_rec.data.converters import CONVERTERS, build_parser
+from mdaf_rec.cli.data import build_parser
+from mdaf_rec.data.converters import CONVERTERS
 from mdaf_rec.data.converters.common import ConversionError, build_histories, stable_hash64
 from mdaf_rec.data.converters.movielens import GENRE_IDS
 from mdaf_rec.data.schema import (

@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from mdaf_rec.artifact import write_manifest
+from mdaf_rec.cli.export import main as export_main
+from mdaf_rec.cli.predict import main as predict_main
 from mdaf_rec.data.synth import generate
 from mdaf_rec.metrics import auc_score
-from mdaf_rec.export import main as export_main
 from mdaf_rec.predict import ExportedModel
-from mdaf_rec.predict import main as predict_main
 from mdaf_rec.serving import INPUT_NAMES
 from test_train import REPO, _env, mdaf
 

@@ -1,38 +1,23 @@
-"""The ``mdaf-rec`` command line.
-
-``mdaf-rec data <format> ...``  convert raw public data (or generate synthetic data) to the canonical schema
-``mdaf-rec train ...``          train a model (1 process, ``torchrun --nproc_per_node N``, or N nodes)
-``mdaf-rec eval ...``           re-score a saved run
-``mdaf-rec demo``               synthetic data + MDAF-Mamba training on CPU, with the Bayes ceiling
-``mdaf-rec plan ...``           TorchRec planner for a GPU/CPU topology (and sweeps)
-``mdaf-rec export ...``         a trained run → self-contained serving artifact
-``mdaf-rec predict ...``        batch scoring with an exported artifact
-"""
+"""``mdaf-rec train``, ``mdaf-rec eval`` and ``mdaf-rec demo``: the training commands around
+:func:`mdaf_rec.train.train`, :func:`mdaf_rec.train.eval_run` and :func:`mdaf_rec.demo.run_demo`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence, Union
 
 import torch
 
-from mdaf_rec.config import MODEL_NAMES, Config, check_sparse_optimizer, load_config
-from mdaf_rec.distributed import is_main_process, shutdown_distributed
-from mdaf_rec.errors import UserError
+from mdaf_rec.config import Config, check_sparse_optimizer, load_config
+from mdaf_rec.distributed import is_main_process
+from mdaf_rec.registry import MODEL_NAMES
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"
+"""The packaged config ``mdaf-rec demo`` trains (``configs/demo.yaml``)."""
 
-# Sub-commands with their own argument parsers: name -> (module with ``main(argv) -> int``, help).
-DELEGATED = {
-    "data": ("mdaf_rec.data.converters", "convert raw data / generate synthetic data"),
-    "plan": ("mdaf_rec.planning", "plan embedding sharding for a topology"),
-    "export": ("mdaf_rec.export", "export a trained run as a serving artifact"),
-    "predict": ("mdaf_rec.predict", "score canonical-schema rows with an exported model"),
-}
+_CONFIG_HELP = "YAML config file, or the name of a packaged config (mdaf_mamba, mdaf_bst, demo, ...: configs/)"
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
@@ -40,9 +25,9 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
                    help="also show third-party log lines and warnings (TorchRec planner, FBGEMM, PyTorch)")
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", description="Train a model on a canonical dataset folder.")
-    p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
+    p.add_argument("--config", type=Path, required=True, help=_CONFIG_HELP)
     p.add_argument("--data", help="canonical dataset folder (train/val/test); overrides data.path")
     p.add_argument("--model", choices=MODEL_NAMES, help="overrides model.name")
     p.add_argument("--epochs", type=int, help="overrides train.epochs")
@@ -59,7 +44,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     _add_verbose(p)
 
 
-def _eval_parser(sub: argparse._SubParsersAction) -> None:
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="re-score a saved run", description="Re-score a split with a saved checkpoint.")
     p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                    help="run directory written by `mdaf-rec train` (under torchrun, spell it --run-dir: torchrun's own "
@@ -70,15 +55,16 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     _add_verbose(p)
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="synthetic data + MDAF-Mamba on CPU", description=main.__doc__)
-    p.add_argument("--config", type=Path, default=DEMO_CONFIG)
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="synthetic data + MDAF-Mamba on CPU",
+                       description="Synthetic data + MDAF-Mamba training on CPU, with the Bayes ceiling.")
+    p.add_argument("--config", type=Path, default=Path(DEMO_CONFIG), help=f"{_CONFIG_HELP}; default {DEMO_CONFIG}")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_verbose(p)
 
 
-def training_config(path: Path, overrides: Sequence[str]) -> Config:
+def training_config(path: Union[str, Path], overrides: Sequence[str]) -> Config:
     """:func:`~mdaf_rec.config.load_config`, then refuses what this machine cannot train (``adam`` tables on CPU)."""
     cfg = load_config(path, overrides)
     check_sparse_optimizer(cfg.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
@@ -99,39 +85,7 @@ def train_config(args: argparse.Namespace) -> Config:
     return training_config(args.config, overrides)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``mdaf-rec``: every :class:`~mdaf_rec.errors.UserError` of every sub-command ends as one
-    line on stderr and exit status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(argv)
-    except UserError as e:
-        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"mdaf-rec: error: {one_line}", file=sys.stderr)
-        return 2
-
-
-def _run(argv: List[str]) -> int:
-    """Runs one sub-command; returns its exit status."""
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="mdaf-rec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in DELEGATED.items():
-        sub.add_parser(name, help=f"{help_text} (mdaf-rec {name} --help)")
-    _train_parser(sub)
-    _eval_parser(sub)
-    _demo_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        _command(args)
-    finally:
-        shutdown_distributed()
-    return 0
-
-
-def _command(args: argparse.Namespace) -> None:
+def run_command(args: argparse.Namespace) -> None:
     """Runs ``train``, ``eval`` or ``demo``."""
     if args.command == "train":
         from mdaf_rec.train import train
@@ -158,7 +112,3 @@ def _print_summary(final: dict) -> None:
     for split in ("val", "test"):
         m = final[split]
         print(f"{split}: auc {m['auc']:.4f}  gauc {m['gauc']:.4f}  logloss {m['logloss']:.4f}  calibration {m['calibration']:.3f}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

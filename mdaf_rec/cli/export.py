@@ -1,0 +1,38 @@
+"""``mdaf-rec export``: a trained run → a self-contained serving folder; the work is :mod:`mdaf_rec.export`'s."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from mdaf_rec import export
+from mdaf_rec.artifact import MANIFEST_FILE
+from mdaf_rec.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdaf-rec export", description=export.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `mdaf-rec train`")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--out", type=Path, required=True,
+                   help="MODEL_DIR to write (an earlier export's files there are replaced; other files are kept)")
+    p.add_argument("--quantize", default="none", choices=export.QUANTIZATIONS, help="int8: row-wise 8-bit tables")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``mdaf-rec export``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        digest = export.export_run(args.run, args.out, args.checkpoint, args.quantize)
+    except (UserError, FileNotFoundError) as e:
+        print(f"mdaf-rec export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out / MANIFEST_FILE} sha256: {digest}")
+    print(f"check before loading: mdaf-rec predict --model {args.out} --manifest-sha256 {digest} ...")
+    return 0
