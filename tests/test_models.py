@@ -18,7 +18,7 @@ from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.embeddings import InputIdError, check_sequence_features, check_static_features
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.models.fusion import GatedFusion
-from mdaf_rec.models.seed_compat import MDAF_BST, MDAF_Mamba
+from mdaf_rec.models.research_api import MDAF_BST, MDAF_Mamba
 
 MODELS = ["mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst"]
 
@@ -262,17 +262,34 @@ def test_research_code_keywords_map_onto_the_config() -> None:
         bst_max_seq_len=12, bst_num_transformer_layers=1, bst_num_heads=2, bst_d_ff=48, bst_dropout=0.0,
         dcnv3_dropout=0.0,
     )
-    assert bst.spec.max_history == 12 and len(bst.sequence_branch.encoder.layers) == 1
-    assert bst.static_branch.dcnv3.lcn.layers[0].dropout.p == 0.0
+    assert bst.spec.max_history == 12 and len(bst.model.sequence_branch.encoder.layers) == 1
+    assert bst.model.static_branch.dcnv3.lcn.layers[0].dropout.p == 0.0
     mamba = MDAF_Mamba(
         item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, embedding_dim=32, mamba_hidden_dim=32,
         mamba_num_layers=1, mamba_d_state=8, item_embed_dim=32, category_embed_dim=32, static_embed_dim=16,
     )
-    assert mamba.sequence_branch.encoder.mamba_layers[0].mamba.A_log.shape == (64, 8)
+    assert mamba.model.sequence_branch.encoder.mamba_layers[0].mamba.A_log.shape == (64, 8)
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['mamba_layers'\\]"):
         MDAF_Mamba(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, mamba_layers=2)
     with pytest.raises(TypeError, match="bst_embed_dim \\(64\\) must equal embedding_dim \\(128\\)"):
         MDAF_BST(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, bst_embed_dim=64)
+
+
+@pytest.mark.parametrize("cls", [MDAF_Mamba, MDAF_BST])
+def test_research_code_model_is_the_training_model(cls) -> None:
+    """The research interface holds the TorchRec model where CTRTrain does: its state dict loads into the
+    training wrapper of ``build_model(spec, model_config)`` (and back), which then scores the same."""
+    torch.manual_seed(0)
+    research = cls(item_vocab_size=300, category_vocab_size=30, user_vocab_size=40, embedding_dim=32, max_history=6)
+    research.eval()
+    torch.manual_seed(1)
+    train = CTRTrain(build_model(research.spec, research.model_config)).eval()
+    assert list(train.state_dict()) == list(research.state_dict())
+    assert all(k.startswith("model.") for k in research.state_dict())
+    inputs = _seed_inputs()
+    assert not torch.equal(train.model(research.to_batch(*inputs)), research(*inputs))  # different seeds
+    train.load_state_dict(research.state_dict())
+    torch.testing.assert_close(train.model(research.to_batch(*inputs)), research(*inputs), atol=0, rtol=0)
 
 
 def _seed_inputs():
@@ -287,7 +304,7 @@ def test_research_code_wrapper_validates_ids_and_builds_on_the_input_device() ->
     target, target_cat, hist, cats, other = _seed_inputs()
     # Tensors the wrapper creates follow the inputs, not the default device (here: meta).
     with torch.device("meta"):
-        batch = model.seed_batch(target, target_cat, hist, cats, other)
+        batch = model.to_batch(target, target_cat, hist, cats, other)
     kjts = (batch.static_features, batch.sequence_features)
     tensors = [batch.dense_features, batch.labels, batch.user_index, batch.row_index]
     tensors += [t for kjt in kjts for t in (kjt.values(), kjt.lengths(), kjt.offsets())]

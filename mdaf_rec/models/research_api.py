@@ -1,9 +1,14 @@
-"""Drop-in classes for users of the MDAF research code (``MDAF_Mamba`` / ``MDAF_BST``).
+"""The MDAF research code's interface (``MDAF_Mamba`` / ``MDAF_BST``) over the TorchRec model.
 
-They take the research code's constructor arguments and forward keywords (dense ``[B, L]`` histories
-with 0 as padding, ``other_features`` dict) and run the TorchRec-based :class:`~mdaf_rec.models.mdaf.MDAF`
-underneath, so existing scripts switch by changing one import. Ids are used as table indices directly,
-as in the research code (tables have ``*_vocab_size`` rows; 0 is padding).
+The classes take the research code's constructor arguments and forward keywords (dense ``[B, L]``
+histories with 0 as padding, ``other_features`` dict), convert them to a :class:`~mdaf_rec.data.batch.Batch`
+and call the TorchRec-based :class:`~mdaf_rec.models.mdaf.MDAF` they hold as ``.model``, so existing
+scripts switch by changing one import. Ids are used as table indices directly, as in the research code
+(tables have ``*_vocab_size`` rows; 0 is padding).
+
+The wrapped model sits where :class:`~mdaf_rec.models.ctr.CTRTrain` keeps it, so the ``state_dict`` keys
+(``model.static_branch...``) are those of a training run's model: ``build_model(m.spec, m.model_config)``
+wrapped in ``CTRTrain`` loads the state dict of ``m`` and vice versa.
 
 Research-code arguments that have no meaning here are refused with a ``TypeError`` that says why,
 rather than silently ignored: ``item_embed_dim`` / ``category_embed_dim`` (sequence tokens are the sum
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
 from mdaf_rec.config import BSTConfig, DCNv3Config, FeaturesConfig, MambaConfig, ModelConfig
 from mdaf_rec.data.batch import Batch, build_kjt
@@ -24,7 +30,15 @@ from mdaf_rec.models.embeddings import check_sequence_features, check_static_fea
 from mdaf_rec.models.mdaf import MDAF
 
 
-class _SeedMDAF(MDAF):
+class _ResearchMDAF(nn.Module):
+    """Research-code constructor and forward around an :class:`MDAF` (``self.model``).
+
+    Attributes:
+        model: the TorchRec MDAF model.
+        spec: its feature spec (tables, dims, ``max_history``).
+        model_config: its model config (``build_model(spec, model_config)`` builds the same model).
+    """
+
     _model_name = ""
 
     def __init__(
@@ -68,11 +82,12 @@ class _SeedMDAF(MDAF):
         )
         max_history = self._configure_branch(cfg, embedding_dim, dropout, max_history, branch_kwargs)
         features.max_history = max_history
-        spec = FeatureSpec.build(
+        super().__init__()
+        self.spec = FeatureSpec.build(
             features, {"user": user_vocab_size, "item": item_vocab_size, "category": category_vocab_size}
         )
-        super().__init__(spec, cfg, branch="mamba" if self._model_name == "mdaf_mamba" else "bst")
-        self.spec = spec
+        self.model_config = cfg
+        self.model = MDAF(self.spec, cfg, branch="mamba" if self._model_name == "mdaf_mamba" else "bst")
 
     def _configure_branch(
         self, cfg: ModelConfig, embedding_dim: int, dropout: float, max_history: int, kwargs: Dict[str, Any]
@@ -80,7 +95,7 @@ class _SeedMDAF(MDAF):
         """Sets the branch config from the research-code keywords; returns the history length."""
         raise NotImplementedError
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         target_item: torch.Tensor,
         target_category: torch.Tensor,
@@ -102,10 +117,10 @@ class _SeedMDAF(MDAF):
         Returns:
             ``[B]`` click probabilities (and the gate).
         """
-        batch = self.seed_batch(target_item, target_category, item_history, category_history, other_features)
-        return super().forward(batch, return_gate=return_gate)
+        batch = self.to_batch(target_item, target_category, item_history, category_history, other_features)
+        return self.model(batch, return_gate=return_gate)
 
-    def seed_batch(
+    def to_batch(
         self,
         target_item: torch.Tensor,
         target_category: torch.Tensor,
@@ -150,7 +165,7 @@ class _SeedMDAF(MDAF):
         )
 
 
-class MDAF_Mamba(_SeedMDAF):  # noqa: N801 - the research code's name
+class MDAF_Mamba(_ResearchMDAF):  # noqa: N801 - the research code's name
     """MDAF with a Mamba4Rec branch, research-code interface. Branch keywords: ``mamba_hidden_dim``
     (must equal ``embedding_dim``), ``mamba_num_layers``, ``mamba_d_state``, ``mamba_d_conv``,
     ``mamba_expand``."""
@@ -172,7 +187,7 @@ class MDAF_Mamba(_SeedMDAF):  # noqa: N801 - the research code's name
         return max_history
 
 
-class MDAF_BST(_SeedMDAF):  # noqa: N801 - the research code's name
+class MDAF_BST(_ResearchMDAF):  # noqa: N801 - the research code's name
     """MDAF with a BST branch, research-code interface. Branch keywords: ``bst_embed_dim`` (must equal
     ``embedding_dim``), ``bst_max_seq_len``, ``bst_num_transformer_layers``, ``bst_num_heads``,
     ``bst_d_ff``, ``bst_dropout``."""
