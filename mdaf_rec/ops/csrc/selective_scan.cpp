@@ -103,6 +103,10 @@ static inline __attribute__((always_inline)) T sigmoid_(T x) {
 
 // ---------------------------------------------------------------------- arguments
 
+// Channels per block: one 64-byte vector (16 float or 8 double lanes).
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
 template <typename T>
 struct Scan {
   int64_t batch, dim, L, N;
@@ -118,15 +122,6 @@ struct Scan {
   bool softplus, var_b, var_c;
   int64_t groups_b, groups_c;
 
-  // first element of B / C for (b, d), and the stride between time steps
-  const T* b_row(int64_t b, int64_t d) const {
-    return var_b ? B + (b * groups_b + d / (dim / groups_b)) * L * N : B + d * N;
-  }
-  const T* c_row(int64_t b, int64_t d) const {
-    return var_c ? C + (b * groups_c + d / (dim / groups_c)) * L * N : C + d * N;
-  }
-  int64_t b_step() const { return var_b ? N : 0; }
-  int64_t c_step() const { return var_c ? N : 0; }
   int64_t steps(int64_t b) const { return pos ? pos[b] + 1 : L; }
 };
 
@@ -158,86 +153,165 @@ static Scan<T> make_scan(const at::Tensor& u, const at::Tensor& delta, const at:
   return s;
 }
 
-// Step sizes of one row: x = delta + bias, dt = softplus(x) or x, dtu = dt * u.
+// B or C of one block of W channels as an (N, W) lane matrix per time step: a constant matrix
+// is filled once; a variable one per step, by broadcasting one (t, :) row when all lanes share a
+// group (always with one group), else lane by lane.
 template <typename T>
-static inline void row_prologue(const Scan<T>& s, int64_t row, int64_t d, int64_t steps, T* x,
-                                T* dt, T* dtu) {
-  const T* __restrict__ delta = s.delta + row * s.L;
-  const T* __restrict__ u = s.u + row * s.L;
-  const T bias = s.bias ? s.bias[d] : T(0);
-  if (s.softplus) {
-#pragma omp simd
-    for (int64_t t = 0; t < steps; ++t) {
-      x[t] = delta[t] + bias;
-      dt[t] = softplus_(x[t]);
-      dtu[t] = dt[t] * u[t];
-    }
-  } else {
-#pragma omp simd
-    for (int64_t t = 0; t < steps; ++t) {
-      x[t] = delta[t] + bias;
-      dt[t] = x[t];
-      dtu[t] = dt[t] * u[t];
-    }
-  }
-}
+struct LaneMatrix {
+  static constexpr int64_t W = kLanes<T>;
+  const T* base;  // constant: (dim, N); variable: (batch, groups, L, N)
+  bool var, uniform;
+  int64_t N, L, groups, group[W];  // group of each lane (variable)
 
-// The recurrence over steps [0, steps) of one (b, d) row; h holds the running state (N).
-// If a_all / h_all are given, exp(dt A) and the states of every step are stored there
-// (steps x N, for the backward pass). y[t] = C_t . h_t is written for t in [y_from, steps).
-template <typename T>
-static inline void row_scan(const Scan<T>& s, int64_t b, int64_t d, int64_t steps,
-                            const T* __restrict__ dt, const T* __restrict__ dtu, T* __restrict__ h,
-                            T* __restrict__ a_all, T* __restrict__ h_all, T* __restrict__ y,
-                            int64_t y_from) {
-  const int64_t N = s.N;
-  const T* __restrict__ A = s.A + d * N;
-  const T* __restrict__ Bp = s.b_row(b, d);
-  const T* __restrict__ Cp = s.c_row(b, d);
-  const int64_t bs = s.b_step(), cs = s.c_step();
-  for (int64_t t = 0; t < steps; ++t) {
-    const T dtt = dt[t], dtut = dtu[t];
-    const T* __restrict__ Bt = Bp + t * bs;
-    T* __restrict__ at = a_all ? a_all + t * N : nullptr;
-    if (a_all) {
-#pragma omp simd
+  LaneMatrix(const T* M, bool var_, int64_t groups_, int64_t b, int64_t d0, int64_t lanes,
+             int64_t dim, int64_t N_, int64_t L_)
+      : var(var_), uniform(true), N(N_), L(L_), groups(groups_) {
+    const int64_t per_group = dim / groups;
+    for (int64_t l = 0; l < W; ++l) {
+      group[l] = (d0 + std::min(l, lanes - 1)) / per_group;
+      uniform = uniform && group[l] == group[0];
+    }
+    base = var ? M + b * groups * L * N : M;
+  }
+
+  // out[n * W + l] = M[lane l's channel or group, t, n]; padded lanes repeat the last lane
+  void fill(int64_t t, int64_t d0, int64_t lanes, T* __restrict__ out) const {
+    if (!var) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t l = 0; l < W; ++l) out[n * W + l] = base[(d0 + std::min(l, lanes - 1)) * N + n];
+    } else if (uniform) {
+      const T* __restrict__ row = base + (group[0] * L + t) * N;
       for (int64_t n = 0; n < N; ++n) {
-        const T a = exp_(dtt * A[n]);
-        at[n] = a;
-        h[n] = a * h[n] + dtut * Bt[n];
+        const T v = row[n];
+#pragma omp simd
+        for (int64_t l = 0; l < W; ++l) out[n * W + l] = v;
       }
-      std::memcpy(h_all + t * N, h, N * sizeof(T));
     } else {
-#pragma omp simd
-      for (int64_t n = 0; n < N; ++n) {
-        h[n] = exp_(dtt * A[n]) * h[n] + dtut * Bt[n];
-      }
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t l = 0; l < W; ++l) out[n * W + l] = base[(group[l] * L + t) * N + n];
     }
-    if (t >= y_from) {
-      const T* __restrict__ Ct = Cp + t * cs;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t n = 0; n < N; ++n) acc += Ct[n] * h[n];
-      y[t] = acc;
-    }
-  }
-}
-
-// Per-thread scratch of one row (T values): x, dt, dtu, y (L each) + a, h (L x N each) + g (N).
-template <typename T>
-struct RowBuffers {
-  std::vector<T> mem;
-  T *x, *dt, *dtu, *y, *a, *h, *g;
-  RowBuffers(int64_t L, int64_t N) : mem(4 * L + 2 * L * N + 2 * N) {
-    x = mem.data();
-    dt = x + L;
-    dtu = dt + L;
-    y = dtu + L;
-    a = y + L;
-    h = a + L * N;
-    g = h + L * N;
   }
 };
+
+// Per-thread scratch for one block of W channels x L steps (T values, lane-minor).
+template <typename T>
+struct Block {
+  static constexpr int64_t W = kLanes<T>;
+  std::vector<T> mem;
+  T *x, *dt, *dtu, *u, *z, *y, *dy, *t0, *t1;  // (L, W)
+  T *A, *Bl, *Cl, *h, *g, *zero, *dA;           // (N, W)
+  T *a_all, *h_all, *acc_b, *acc_c;             // (L, N, W)
+  T D[W], dD[W];
+
+  Block(int64_t L, int64_t N, bool backward)
+      : mem(9 * L * W + 7 * N * W + (backward ? 4 : 0) * L * N * W, T(0)) {
+    T* p = mem.data();
+    for (T** q : {&x, &dt, &dtu, &u, &z, &y, &dy, &t0, &t1}) *q = p, p += L * W;
+    for (T** q : {&A, &Bl, &Cl, &h, &g, &zero, &dA}) *q = p, p += N * W;
+    a_all = h_all = acc_b = acc_c = nullptr;
+    if (backward) {
+      for (T** q : {&a_all, &h_all, &acc_b, &acc_c}) *q = p, p += L * N * W;
+    }
+  }
+};
+
+// dst[t * W + l] = src[(row0 + l) * L + t] for l < lanes (0 for padded lanes), t < steps
+template <typename T>
+static void load_lanes(const T* __restrict__ src, int64_t row0, int64_t L, int64_t steps,
+                       int64_t lanes, T* __restrict__ dst) {
+  constexpr int64_t W = kLanes<T>;
+  for (int64_t l = 0; l < W; ++l) {
+    const T* s = src + (row0 + l) * L;
+    for (int64_t t = 0; t < steps; ++t) dst[t * W + l] = l < lanes ? s[t] : T(0);
+  }
+}
+
+template <typename T>
+static void store_lanes(const T* __restrict__ src, int64_t row0, int64_t L, int64_t steps,
+                        int64_t lanes, T* __restrict__ dst) {
+  constexpr int64_t W = kLanes<T>;
+  for (int64_t l = 0; l < lanes; ++l) {
+    T* d = dst + (row0 + l) * L;
+    for (int64_t t = 0; t < steps; ++t) d[t] = src[t * W + l];
+  }
+}
+
+// Loads a block's u, x = delta + bias, dt = softplus(x) or x, dtu = dt * u, A (N, W), D.
+template <typename T>
+static void load_block(const Scan<T>& s, int64_t row0, int64_t d0, int64_t lanes, int64_t steps,
+                       Block<T>& k) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t N = s.N;
+  load_lanes(s.u, row0, s.L, steps, lanes, k.u);
+  load_lanes(s.delta, row0, s.L, steps, lanes, k.x);
+  T bias[W];
+  for (int64_t l = 0; l < W; ++l) {
+    const bool in = l < lanes;
+    bias[l] = s.bias && in ? s.bias[d0 + l] : T(0);
+    k.D[l] = s.D && in ? s.D[d0 + l] : T(0);
+    for (int64_t n = 0; n < N; ++n) k.A[n * W + l] = in ? s.A[(d0 + l) * N + n] : T(0);
+  }
+  T* __restrict__ x = k.x;
+  T* __restrict__ dt = k.dt;
+  T* __restrict__ dtu = k.dtu;
+  const T* __restrict__ u = k.u;
+  for (int64_t t = 0; t < steps; ++t) {
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {
+      const T xv = x[t * W + l] + bias[l];
+      x[t * W + l] = xv;
+      const T d = s.softplus ? softplus_(xv) : xv;
+      dt[t * W + l] = d;
+      dtu[t * W + l] = d * u[t * W + l];
+    }
+  }
+}
+
+// The recurrence of one block over steps [0, steps): k.h holds the state (N, W). With kStore,
+// exp(dt A) and the states of every step go to k.a_all / k.h_all (L, N, W). y[t] = C_t . h_t
+// (lane-wise, no horizontal sums) is written where want_y(t).
+template <bool kStore, typename T, typename WantY>
+static void scan_block(const Scan<T>& s, int64_t d0, int64_t lanes, int64_t steps,
+                       const LaneMatrix<T>& Bm, const LaneMatrix<T>& Cm, Block<T>& k,
+                       const WantY& want_y) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t N = s.N;
+  T* __restrict__ h = k.h;
+  T* __restrict__ Bl = k.Bl;
+  T* __restrict__ Cl = k.Cl;
+  const T* __restrict__ A = k.A;
+  std::fill(h, h + N * W, T(0));
+  if (!Bm.var) Bm.fill(0, d0, lanes, Bl);
+  if (!Cm.var) Cm.fill(0, d0, lanes, Cl);
+  for (int64_t t = 0; t < steps; ++t) {
+    if (Bm.var) Bm.fill(t, d0, lanes, Bl);
+    const T* __restrict__ dt = k.dt + t * W;
+    const T* __restrict__ dtu = k.dtu + t * W;
+    T* __restrict__ at = kStore ? k.a_all + t * N * W : nullptr;
+    T* __restrict__ ht = kStore ? k.h_all + t * N * W : nullptr;
+    for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) {
+        const T a = exp_(dt[l] * A[n * W + l]);
+        const T hn = a * h[n * W + l] + dtu[l] * Bl[n * W + l];
+        h[n * W + l] = hn;
+        if (kStore) {
+          at[n * W + l] = a;
+          ht[n * W + l] = hn;
+        }
+      }
+    }
+    if (want_y(t)) {
+      if (Cm.var) Cm.fill(t, d0, lanes, Cl);
+      T acc[W] = {};
+      for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+        for (int64_t l = 0; l < W; ++l) acc[l] += Cl[n * W + l] * h[n * W + l];
+      }
+      for (int64_t l = 0; l < W; ++l) k.y[t * W + l] = acc[l];
+    }
+  }
+}
 
 // Splits [0, batch) into one contiguous range per slot; calls f(slot, b0, b1) in parallel.
 template <typename F>
@@ -256,6 +330,231 @@ static int64_t num_slots(int64_t batch) {
 // (batch, groups, N, L) -> (batch, groups, L, N) contiguous; constant (dim, N) as is.
 static at::Tensor time_major(const at::Tensor& M) {
   return M.dim() == 4 ? M.transpose(2, 3).contiguous() : M.contiguous();
+}
+
+// ---------------------------------------------------------------------- forward
+
+template <typename T>
+static void fwd_kernel(const Scan<T>& s, at::Tensor& out, at::Tensor& last) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t dim = s.dim, L = s.L, N = s.N;
+  T* out_p = out.data_ptr<T>();
+  T* last_p = last.data_ptr<T>();
+  for_each_slot(s.batch, num_slots(s.batch), [&](int64_t, int64_t b0, int64_t b1) {
+    Block<T> k(L, N, /*backward=*/false);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t steps = s.steps(b);
+      for (int64_t d0 = 0; d0 < dim; d0 += W) {
+        const int64_t lanes = std::min(W, dim - d0), row0 = b * dim + d0;
+        const LaneMatrix<T> Bm(s.B, s.var_b, s.groups_b, b, d0, lanes, dim, N, L);
+        const LaneMatrix<T> Cm(s.C, s.var_c, s.groups_c, b, d0, lanes, dim, N, L);
+        load_block(s, row0, d0, lanes, steps, k);
+        scan_block<false>(s, d0, lanes, steps, Bm, Cm, k,
+                          [&](int64_t t) { return !s.pos || t == steps - 1; });
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t n = 0; n < N; ++n) last_p[(row0 + l) * N + n] = k.h[n * W + l];
+        if (s.pos) {  // one output per row and channel
+          const int64_t t = steps - 1;
+          for (int64_t l = 0; l < lanes; ++l) {
+            T y = k.y[t * W + l] + k.D[l] * k.u[t * W + l];
+            if (s.z) y *= s.z[row0 + l] * sigmoid_(s.z[row0 + l]);
+            out_p[row0 + l] = y;
+          }
+          continue;
+        }
+        T* __restrict__ o = k.t0;
+        const T* __restrict__ y = k.y;
+        const T* __restrict__ u = k.u;
+        if (s.z) load_lanes(s.z, row0, L, L, lanes, k.z);
+        const T* __restrict__ z = k.z;
+        for (int64_t t = 0; t < L; ++t) {
+#pragma omp simd
+          for (int64_t l = 0; l < W; ++l) {
+            const int64_t i = t * W + l;
+            const T v = y[i] + k.D[l] * u[i];
+            o[i] = s.z ? v * (z[i] * sigmoid_(z[i])) : v;
+          }
+        }
+        store_lanes(o, row0, L, L, lanes, out_p);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------- backward
+
+// Adds a block's lane-wise sums of a variable B/C gradient (acc, (L, N, W)) to dM
+// (batch, groups, L, N) and clears them: one horizontal sum per (t, n) when all lanes share a
+// group, lane by lane otherwise.
+template <typename T>
+static void flush_lanes(const LaneMatrix<T>& M, int64_t b, int64_t steps, int64_t lanes,
+                        T* __restrict__ acc, T* __restrict__ dM) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t N = M.N, L = M.L;
+  T* base = dM + b * M.groups * L * N;
+  for (int64_t t = 0; t < steps; ++t) {
+    for (int64_t n = 0; n < N; ++n) {
+      T* __restrict__ a = acc + (t * N + n) * W;
+      if (M.uniform) {
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t l = 0; l < W; ++l) sum += a[l];
+        base[(M.group[0] * L + t) * N + n] += sum;
+      } else {
+        for (int64_t l = 0; l < lanes; ++l) base[(M.group[l] * L + t) * N + n] += a[l];
+      }
+      std::fill(a, a + W, T(0));
+    }
+  }
+}
+
+// Adds a constant B/C gradient's lane sums (acc, (N, W), over the block's steps) to the slot's
+// (dim, N) sum and clears them.
+template <typename T>
+static void flush_const(int64_t d0, int64_t lanes, int64_t N, T* __restrict__ acc,
+                        T* __restrict__ dM) {
+  constexpr int64_t W = kLanes<T>;
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t n = 0; n < N; ++n) dM[(d0 + l) * N + n] += acc[n * W + l];
+  std::fill(acc, acc + N * W, T(0));
+}
+
+template <typename T>
+static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, at::Tensor& du,
+                       at::Tensor& ddelta, at::Tensor& dz, at::Tensor& dA_s, at::Tensor& dD_s,
+                       at::Tensor& dB_s, at::Tensor& dC_s) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t dim = s.dim, L = s.L, N = s.N;
+  const T* dout_p = dout.data_ptr<T>();
+  T *du_p = du.data_ptr<T>(), *dd_p = ddelta.data_ptr<T>();
+  T* dz_p = s.z ? dz.data_ptr<T>() : nullptr;
+  for_each_slot(s.batch, slots, [&](int64_t slot, int64_t b0, int64_t b1) {
+    Block<T> k(L, N, /*backward=*/true);
+    T* dA_acc = dA_s.data_ptr<T>() + slot * dim * N;
+    T* dD_acc = dD_s.data_ptr<T>() + slot * dim;
+    // constant B/C: per-slot (dim, N) sums; variable: (batch, groups, L, N), rows owned here
+    T* dB = dB_s.data_ptr<T>() + (s.var_b ? 0 : slot * dim * N);
+    T* dC = dC_s.data_ptr<T>() + (s.var_c ? 0 : slot * dim * N);
+    std::fill(k.acc_b, k.acc_b + L * N * W, T(0));
+    std::fill(k.acc_c, k.acc_c + L * N * W, T(0));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t steps = s.steps(b);
+      for (int64_t d0 = 0; d0 < dim; d0 += W) {
+        const int64_t lanes = std::min(W, dim - d0), row0 = b * dim + d0;
+        const LaneMatrix<T> Bm(s.B, s.var_b, s.groups_b, b, d0, lanes, dim, N, L);
+        const LaneMatrix<T> Cm(s.C, s.var_c, s.groups_c, b, d0, lanes, dim, N, L);
+        load_block(s, row0, d0, lanes, steps, k);
+        // recompute exp(dt A) and the states; y (pre-gate C . h) only where dz needs it
+        scan_block<true>(s, d0, lanes, steps, Bm, Cm, k, [&](int64_t t) {
+          return s.z && (!s.pos || t == steps - 1);
+        });
+        // dy = dL/d(pre-gate y) per step (lane-minor); dz
+        T* __restrict__ dy = k.dy;
+        std::fill(dy, dy + steps * W, T(0));
+        if (s.pos) {
+          const int64_t t = steps - 1;
+          for (int64_t l = 0; l < lanes; ++l) {
+            T go = dout_p[row0 + l];
+            if (s.z) {
+              const T zz = s.z[row0 + l], sig = sigmoid_(zz);
+              dz_p[row0 + l] = go * (k.y[t * W + l] + k.D[l] * k.u[t * W + l]) *
+                               (sig * (T(1) + zz * (T(1) - sig)));
+              go *= zz * sig;
+            }
+            dy[t * W + l] = go;
+          }
+        } else {
+          load_lanes(dout_p, row0, L, L, lanes, dy);
+          if (s.z) {
+            load_lanes(s.z, row0, L, L, lanes, k.z);
+            T* __restrict__ dzl = k.t0;
+            const T* __restrict__ z = k.z;
+            const T* __restrict__ y = k.y;
+            const T* __restrict__ u = k.u;
+            for (int64_t t = 0; t < L; ++t) {
+#pragma omp simd
+              for (int64_t l = 0; l < W; ++l) {
+                const int64_t i = t * W + l;
+                const T sig = sigmoid_(z[i]);
+                dzl[i] = dy[i] * (y[i] + k.D[l] * u[i]) * (sig * (T(1) + z[i] * (T(1) - sig)));
+                dy[i] *= z[i] * sig;
+              }
+            }
+            store_lanes(dzl, row0, L, L, lanes, dz_p);
+          }
+        }
+        // adjoint, backwards in time: g_t = a_{t+1} g_{t+1} + C_t dy_t
+        T* __restrict__ g = k.g;
+        T* __restrict__ dAl = k.dA;
+        T* __restrict__ du_l = k.t0;
+        T* __restrict__ dd_l = k.t1;
+        std::fill(g, g + N * W, T(0));
+        std::fill(dAl, dAl + N * W, T(0));
+        std::fill(k.dD, k.dD + W, T(0));
+        if (!Bm.var) Bm.fill(0, d0, lanes, k.Bl);
+        if (!Cm.var) Cm.fill(0, d0, lanes, k.Cl);
+        const T* __restrict__ A = k.A;
+        for (int64_t t = steps - 1; t >= 0; --t) {
+          if (Bm.var) Bm.fill(t, d0, lanes, k.Bl);
+          if (Cm.var) Cm.fill(t, d0, lanes, k.Cl);
+          const T* __restrict__ Bl = k.Bl;
+          const T* __restrict__ Cl = k.Cl;
+          const T* __restrict__ at = k.a_all + t * N * W;
+          const T* __restrict__ an = k.a_all + (t + 1 < steps ? t + 1 : t) * N * W;  // g = 0 at the end
+          const T* __restrict__ ht = k.h_all + t * N * W;
+          const T* __restrict__ hp = t > 0 ? k.h_all + (t - 1) * N * W : k.zero;
+          T* __restrict__ rb = Bm.var ? k.acc_b + t * N * W : k.acc_b;
+          T* __restrict__ rc = Cm.var ? k.acc_c + t * N * W : k.acc_c;
+          const T* __restrict__ dyt = dy + t * W;
+          const T* __restrict__ dtt = k.dt + t * W;
+          const T* __restrict__ dtut = k.dtu + t * W;
+          T s_gb[W] = {}, s_wa[W] = {};
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t o = n * W;
+#pragma omp simd
+            for (int64_t l = 0; l < W; ++l) {
+              const T gn = an[o + l] * g[o + l] + Cl[o + l] * dyt[l];
+              g[o + l] = gn;
+              rc[o + l] += dyt[l] * ht[o + l];
+              rb[o + l] += gn * dtut[l];
+              s_gb[l] += gn * Bl[o + l];
+              const T w = gn * hp[o + l] * at[o + l];  // dL/d(dt_t A) = g_t a_t h_{t-1}
+              s_wa[l] += w * A[o + l];
+              dAl[o + l] += w * dtt[l];
+            }
+          }
+          const T* __restrict__ u = k.u + t * W;
+          const T* __restrict__ x = k.x + t * W;
+#pragma omp simd
+          for (int64_t l = 0; l < W; ++l) {
+            du_l[t * W + l] = s_gb[l] * dtt[l] + dyt[l] * k.D[l];
+            const T d_dt = s_wa[l] + s_gb[l] * u[l];
+            dd_l[t * W + l] = s.softplus ? d_dt * dsoftplus_(x[l]) : d_dt;
+            k.dD[l] += dyt[l] * u[l];
+          }
+        }
+        store_lanes(du_l, row0, L, steps, lanes, du_p);
+        store_lanes(dd_l, row0, L, steps, lanes, dd_p);
+        for (int64_t l = 0; l < lanes; ++l) {
+          dD_acc[d0 + l] += k.dD[l];
+          for (int64_t n = 0; n < N; ++n) dA_acc[(d0 + l) * N + n] += dAl[n * W + l];
+        }
+        // variable B/C: lane sums keep accumulating while the next block lies in the same
+        // group (one flush per row with one group); constant: per block
+        for (auto [M, acc, dM] : {std::make_tuple(&Bm, k.acc_b, dB),
+                                  std::make_tuple(&Cm, k.acc_c, dC)}) {
+          if (!M->var) {
+            flush_const(d0, lanes, N, acc, dM);
+            continue;
+          }
+          const int64_t per_group = dim / M->groups, next = d0 + W;
+          const bool defer = M->uniform && next < dim && next / per_group == M->group[0] &&
+                             (std::min(next + W, dim) - 1) / per_group == M->group[0];
+          if (!defer) flush_lanes(*M, b, steps, lanes, acc, dM);
+        }
+      }
+    }
+  });
 }
 
 static void check_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -305,51 +604,7 @@ static c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
   return t ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
 }
 
-// ---------------------------------------------------------------------- forward
-
-// The forward pass over all rows (scan arguments in s; outputs out, last).
-template <typename scalar_t>
-static void fwd_kernel(const Scan<scalar_t>& s, at::Tensor& out, at::Tensor& last) {
-  const int64_t batch = s.batch, dim = s.dim, L = s.L, N = s.N;
-  scalar_t* out_p = out.data_ptr<scalar_t>();
-  scalar_t* last_p = last.data_ptr<scalar_t>();
-  for_each_slot(batch, num_slots(batch), [&](int64_t, int64_t b0, int64_t b1) {
-    RowBuffers<scalar_t> buf(L, N);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t steps = s.steps(b);
-      for (int64_t d = 0; d < dim; ++d) {
-        const int64_t row = b * dim + d;
-        row_prologue(s, row, d, steps, buf.x, buf.dt, buf.dtu);
-        scalar_t* h = last_p + row * N;
-        std::fill(h, h + N, scalar_t(0));
-        const int64_t y_from = s.pos ? steps - 1 : 0;
-        row_scan(s, b, d, steps, buf.dt, buf.dtu, h, (scalar_t*)nullptr, (scalar_t*)nullptr,
-                 buf.y, y_from);
-        const scalar_t Dd = s.D ? s.D[d] : scalar_t(0);
-        const scalar_t* __restrict__ uu = s.u + row * L;
-        if (s.pos) {  // one output per row
-          scalar_t y = buf.y[steps - 1] + Dd * uu[steps - 1];
-          if (s.z) y *= s.z[row] * sigmoid_(s.z[row]);
-          out_p[row] = y;
-        } else {
-          scalar_t* __restrict__ o = out_p + row * L;
-          const scalar_t* __restrict__ y = buf.y;
-          if (s.z) {
-            const scalar_t* __restrict__ zz = s.z + row * L;
-#pragma omp simd
-            for (int64_t t = 0; t < L; ++t) {
-              o[t] = (y[t] + Dd * uu[t]) * (zz[t] * sigmoid_(zz[t]));
-            }
-          } else {
-#pragma omp simd
-            for (int64_t t = 0; t < L; ++t) o[t] = y[t] + Dd * uu[t];
-          }
-        }
-      }
-    }
-  });
-}
-
+// ---------------------------------------------------------------------- operators
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
@@ -368,121 +623,6 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
                last);
   });
   return {out, last};
-}
-
-// ---------------------------------------------------------------------- backward
-
-// The backward pass over all rows: gradients into du, ddelta, dz and the per-slot sums.
-template <typename T>
-static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, at::Tensor& du,
-                       at::Tensor& ddelta, at::Tensor& dz, at::Tensor& dA_s, at::Tensor& dD_s,
-                       at::Tensor& dB_s, at::Tensor& dC_s) {
-  const int64_t batch = s.batch, dim = s.dim, L = s.L, N = s.N;
-  const bool var_b = s.var_b, var_c = s.var_c;
-  const T* dout_p = dout.data_ptr<T>();
-  T *du_p = du.data_ptr<T>(), *dd_p = ddelta.data_ptr<T>();
-  T* dz_p = s.z ? dz.data_ptr<T>() : nullptr;
-  for_each_slot(batch, slots, [&](int64_t slot, int64_t b0, int64_t b1) {
-    RowBuffers<T> buf(L, N);
-    T* __restrict__ dA_acc = dA_s.data_ptr<T>() + slot * dim * N;
-    T* __restrict__ dD_acc = dD_s.data_ptr<T>() + slot * dim;
-    // gradient of B / C at (b, d): like b_row / c_row, into the per-slot sum if constant
-    T* dB_base = dB_s.data_ptr<T>() + (var_b ? 0 : slot * dim * N);
-    T* dC_base = dC_s.data_ptr<T>() + (var_c ? 0 : slot * dim * N);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t steps = s.steps(b);
-      for (int64_t d = 0; d < dim; ++d) {
-        const int64_t row = b * dim + d;
-        T* __restrict__ x = buf.x;
-        T* __restrict__ dt = buf.dt;
-        T* __restrict__ dtu = buf.dtu;
-        T* __restrict__ a = buf.a;
-        T* __restrict__ h = buf.h;
-        T* __restrict__ g = buf.g;
-        row_prologue(s, row, d, steps, x, dt, dtu);
-        std::fill(g, g + N, T(0));  // g doubles as the running state of the recompute
-        // recompute exp(dt A) and the states; y (pre-gate C . h) is needed only for dz
-        const int64_t y_from = !s.z ? steps : (s.pos ? steps - 1 : 0);
-        row_scan(s, b, d, steps, dt, dtu, g, a, h, buf.y, y_from);
-        const T Dd = s.D ? s.D[d] : T(0);
-        const T* __restrict__ uu = s.u + row * L;
-        const T* __restrict__ A_d = s.A + d * N;
-        const T* __restrict__ Bp = s.b_row(b, d);
-        const T* __restrict__ Cp = s.c_row(b, d);
-        T* __restrict__ dBp = dB_base + (s.b_row(b, d) - s.B);
-        T* __restrict__ dCp = dC_base + (s.c_row(b, d) - s.C);
-        const int64_t bs = s.b_step(), cs = s.c_step();
-        // dL/d(pre-gate y) per step; with positions only the last step has one
-        T* __restrict__ dy = buf.y;  // reuses y (read before it is overwritten)
-        if (s.pos) {
-          T g_out = dout_p[row];
-          if (s.z) {
-            const T zz = s.z[row], sig = sigmoid_(zz);
-            dz_p[row] = g_out * (buf.y[steps - 1] + Dd * uu[steps - 1]) *
-                        (sig * (T(1) + zz * (T(1) - sig)));
-            g_out *= zz * sig;
-          }
-          std::fill(dy, dy + steps - 1, T(0));
-          dy[steps - 1] = g_out;
-        } else if (s.z) {
-          const T* __restrict__ zz = s.z + row * L;
-          const T* __restrict__ go = dout_p + row * L;
-          T* __restrict__ dzz = dz_p + row * L;
-#pragma omp simd
-          for (int64_t t = 0; t < L; ++t) {
-            const T sig = sigmoid_(zz[t]);
-            dzz[t] = go[t] * (dy[t] + Dd * uu[t]) * (sig * (T(1) + zz[t] * (T(1) - sig)));
-            dy[t] = go[t] * zz[t] * sig;
-          }
-        } else {
-          std::memcpy(dy, dout_p + row * L, L * sizeof(T));
-        }
-        T dD_sum = 0;
-        T* __restrict__ dut = du_p + row * L;
-        T* __restrict__ ddt = dd_p + row * L;
-        std::fill(g, g + N, T(0));  // adjoint state dL/dh_t
-        for (int64_t t = steps - 1; t >= 0; --t) {
-          const T dyt = dy[t], dtt = dt[t], dtut = dtu[t];
-          const T* __restrict__ at = a + t * N;
-          const T* __restrict__ an = a + (t + 1 < steps ? t + 1 : t) * N;  // g = 0 at the end
-          const T* __restrict__ ht = h + t * N;
-          const T* __restrict__ Bt = Bp + t * bs;
-          const T* __restrict__ Ct = Cp + t * cs;
-          T* __restrict__ dBt = dBp + t * bs;
-          T* __restrict__ dCt = dCp + t * cs;
-          T d_dtu = 0, d_dtA = 0;
-          if (t > 0) {
-            const T* __restrict__ hp = h + (t - 1) * N;
-#pragma omp simd reduction(+ : d_dtu, d_dtA)
-            for (int64_t n = 0; n < N; ++n) {
-              const T gn = an[n] * g[n] + Ct[n] * dyt;  // g_t = a_{t+1} g_{t+1} + C_t dy_t
-              g[n] = gn;
-              dCt[n] += dyt * ht[n];
-              dBt[n] += gn * dtut;
-              d_dtu += gn * Bt[n];
-              const T w = gn * hp[n] * at[n];  // dL/d(dt_t A) = g_t a_t h_{t-1}
-              d_dtA += w * A_d[n];
-              dA_acc[d * N + n] += w * dtt;
-            }
-          } else {
-#pragma omp simd reduction(+ : d_dtu)
-            for (int64_t n = 0; n < N; ++n) {
-              const T gn = an[n] * g[n] + Ct[n] * dyt;
-              g[n] = gn;
-              dCt[n] += dyt * ht[n];
-              dBt[n] += gn * dtut;
-              d_dtu += gn * Bt[n];
-            }
-          }
-          dD_sum += dyt * uu[t];
-          dut[t] = d_dtu * dtt + dyt * Dd;
-          const T d_dt = d_dtA + d_dtu * uu[t];
-          ddt[t] = s.softplus ? d_dt * dsoftplus_(x[t]) : d_dt;
-        }
-        dD_acc[d] += dD_sum;
-      }
-    }
-  });
 }
 
 // Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); dB/dC in B/C's shapes. dD, dz and
