@@ -17,12 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from mdaf_rec.data.vocab import VOCAB_DIR
 from mdaf_rec.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
 SPEC_FILE = "feature_spec.json"
 PROGRAM_FILE = "model.pt2"
-VOCAB_DIR = "vocab"
 FORMAT_VERSION = 2  # of feature_spec.json; 2: the checksums moved to manifest.json
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

@@ -275,6 +275,19 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
     return read_state(path)
 
 
+def load_model_weights(path: Path, module: torch.nn.Module) -> Dict[str, Any]:
+    """Loads the model weights (not the optimizer state) of checkpoint ``path`` into ``module``; returns its state.
+
+    ``module`` is the DMP of training and evaluation, or an unsharded :class:`~mdaf_rec.models.ctr.CTRTrain`
+    (export): both have the keys of the checkpoint's ``"model"`` entry, ``model.<CTRModel key>`` (DMP's state
+    dict leaves out DMP's own wrapper prefix; see :mod:`mdaf_rec.trainable`).
+    """
+    app_state = {"model": module.state_dict()}
+    state = load_checkpoint(path, app_state)
+    module.load_state_dict(app_state["model"])
+    return state
+
+
 def read_state(path: Path) -> Dict[str, Any]:
     """The ``state.json`` of a checkpoint."""
     return _read_json(path / STATE_FILE)

@@ -27,13 +27,14 @@ from typing import Any, Dict, Optional
 import torch
 
 from mdaf_rec import checkpoint as ckpt
-from mdaf_rec.artifact import FORMAT_VERSION, MANIFEST_FILE, PROGRAM_FILE, SPEC_FILE, VOCAB_DIR, ArtifactWriter
+from mdaf_rec.artifact import FORMAT_VERSION, MANIFEST_FILE, PROGRAM_FILE, SPEC_FILE, ArtifactWriter
 from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
-from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
-from mdaf_rec.models.ctr import CTRModel, CTRTrain
-from mdaf_rec.models.factory import build_model
+from mdaf_rec.models.ctr import CTRModel
+from mdaf_rec.run_dir import RunDir
+from mdaf_rec.trainable import build_train_module
 from mdaf_rec.serving import ServingModule, example_inputs, export_program, quantize_tables
 
 logger = logging.getLogger(__name__)
@@ -50,18 +51,16 @@ def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Co
     Returns:
         ``(model in eval mode, config, feature spec, vocabularies, checkpoint folder)``.
     """
-    cfg = load_config(run_dir / "config.yaml")
-    vocabs = Vocabularies.load(run_dir / VOCAB_DIR)
+    run = RunDir(run_dir).require()
+    cfg = load_config(run.config)
+    vocabs = Vocabularies.load(run.vocab)
     path = ckpt.checkpoint_path(run_dir, which)
     ckpt.check_vocabularies(path, vocabs)
-    spec = FeatureSpec.build(cfg.features, vocabs.sizes)
-    model = build_model(spec, cfg.model, table_device="cpu", dense_device="cpu")
-    wrapper = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce)
-    state = {"model": wrapper.state_dict()}
-    ckpt.load_checkpoint(path, state)
-    wrapper.load_state_dict(state["model"])
+    spec, wrapper = build_train_module(cfg, vocabs.sizes, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                                       with_sparse_optimizer=False)
+    ckpt.load_model_weights(path, wrapper)  # an unsharded CTRTrain has the checkpoint's (DMP's) keys
     logger.info("loaded %s (%s) from %s", cfg.model.name, which, path)
-    return model.eval(), cfg, spec, vocabs, path
+    return wrapper.model.eval(), cfg, spec, vocabs, path
 
 
 def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none") -> str:
@@ -89,7 +88,7 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
             gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
         torch.export.save(export_program(module, spec), str(artifact.folder / PROGRAM_FILE))
         vocabs.save(artifact.folder / VOCAB_DIR)
-        shutil.copyfile(run_dir / "config.yaml", artifact.folder / "config.yaml")
+        shutil.copyfile(RunDir(run_dir).config, artifact.folder / "config.yaml")
         doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
         (artifact.folder / SPEC_FILE).write_text(json.dumps(doc, indent=2))
     logger.info("exported %s (%s, %s tables) to %s; sha256 of %s: %s",

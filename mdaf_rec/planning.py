@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 import yaml
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -41,12 +40,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from mdaf_rec.config import Config, ConfigError
 from mdaf_rec.errors import UserError
-from mdaf_rec.features import FeatureSpec
-from mdaf_rec.models.ctr import CTRTrain
-from mdaf_rec.models.factory import build_model
 from mdaf_rec.plan_io import save_plan
 from mdaf_rec.plots import plot_sweep
-from mdaf_rec.sharding import apply_sparse_optimizer, plan_sharding, sharders
+from mdaf_rec.sharding import plan_sharding, sharders
+from mdaf_rec.trainable import build_train_module
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +106,8 @@ def _bytes(gb: Optional[float]) -> Optional[int]:
 def planning_model(cfg: Config, device: str) -> nn.Module:
     """The training module (``CTRTrain``, as ``mdaf-rec train`` shards it) with tables on ``meta`` at
     ``cfg.planning.vocab_sizes`` and the fused table optimizer attached."""
-    spec = FeatureSpec.build(cfg.features, cfg.planning.vocab_sizes)
-    model = build_model(spec, cfg.model, table_device="meta", dense_device="meta")
-    train_module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce)
-    apply_sparse_optimizer(train_module, cfg.optimizer, torch.device(device))
-    return train_module
+    return build_train_module(cfg, cfg.planning.vocab_sizes, table_device="meta", dense_device="meta",
+                              compute_device=device, with_sparse_optimizer=True).module
 
 
 def table_sharding_types(model: nn.Module, device: str) -> Dict[str, List[str]]:

@@ -1,7 +1,8 @@
 """A run directory: the files ``mdaf-rec train`` writes, the lock that keeps two jobs out of one run, and the
 decision whether a command starts afresh, resumes, or must refuse.
 
-Layout (every name is defined here and nowhere else)::
+Layout (every name is defined here, except ``vocab/``: the vocabularies' own folder name,
+:data:`mdaf_rec.data.vocab.VOCAB_DIR`, also used in a dataset's cache and a serving folder)::
 
     RUN_DIR/
       config.yaml        the resolved config (loadable with --config)
@@ -10,6 +11,7 @@ Layout (every name is defined here and nowhere else)::
       metrics.jsonl      one line per finished epoch
       metrics.json       final metrics
       checkpoints/       index.json + epoch_K/ and step_S/ DCP folders (see mdaf_rec.checkpoint)
+      tensorboard/       TensorBoard event files (loss, AUC, logloss, NE, gate mean, samples/s)
       train.log, training_curves.png, gate_histogram.png
       .lock              host + pid of the job that holds the run (while it runs)
 
@@ -31,16 +33,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from mdaf_rec.data.vocab import VOCAB_DIR
 from mdaf_rec.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "plan.json"
-VOCAB_DIR = "vocab"
 METRICS_LOG_FILE = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "train.log"
 CURVES_FILE = "training_curves.png"
 GATE_HISTOGRAM_FILE = "gate_histogram.png"
@@ -105,6 +108,10 @@ class RunDir:
         return self.path / CHECKPOINTS_DIR
 
     @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    @property
     def log(self) -> Path:
         return self.path / LOG_FILE
 
@@ -134,8 +141,8 @@ class RunDir:
 
     def own_files(self) -> List[Path]:
         """The files and folders of this run that the tool wrote and that exist."""
-        names = (self.config, self.plan, self.vocab, self.metrics_log, self.metrics, self.log, self.curves,
-                 self.gate_histogram)
+        names = (self.config, self.plan, self.vocab, self.metrics_log, self.metrics, self.tensorboard, self.log,
+                 self.curves, self.gate_histogram)
         own = [p for p in names if p.exists()]
         if self.checkpoints.is_dir():
             own += [p for p in self.checkpoints.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)]
@@ -153,8 +160,8 @@ class RunDir:
         """Names in the folder that are not this tool's."""
         if not self.path.is_dir():
             return []
-        own = {CONFIG_FILE, PLAN_FILE, VOCAB_DIR, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINTS_DIR, LOG_FILE,
-               CURVES_FILE, GATE_HISTOGRAM_FILE, LOCK_FILE}
+        own = {CONFIG_FILE, PLAN_FILE, VOCAB_DIR, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINTS_DIR, TENSORBOARD_DIR,
+               LOG_FILE, CURVES_FILE, GATE_HISTOGRAM_FILE, LOCK_FILE}
         return sorted(p.name for p in self.path.iterdir() if p.name not in own)
 
     def truncate_metrics_log(self, epochs_done: int) -> None:

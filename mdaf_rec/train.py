@@ -34,6 +34,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipeline
 from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from mdaf_rec import checkpoint as ckpt
@@ -46,18 +47,12 @@ from mdaf_rec.distributed import DistEnv, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.metrics import MetricAccumulator
-from mdaf_rec.models.ctr import CTRTrain
-from mdaf_rec.models.factory import build_model
+from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
-from mdaf_rec.sharding import (
-    apply_sparse_optimizer,
-    build_optimizer,
-    plan_sharding,
-    shard_model,
-    table_parameters,
-)
+from mdaf_rec.sharding import build_optimizer, plan_sharding, shard_model, table_parameters
 from mdaf_rec.train_state import TrainState
+from mdaf_rec.trainable import build_train_module
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +63,7 @@ class TrainingError(UserError, RuntimeError):
 
 @dataclass
 class Session:
-    """Everything a training or evaluation run holds."""
+    """Everything a training or evaluation run holds (``optimizer`` is ``None`` in an evaluation session)."""
 
     cfg: Config
     env: DistEnv
@@ -77,9 +72,30 @@ class Session:
     vocabs: Vocabularies
     spec: FeatureSpec
     model: DistributedModelParallel
-    optimizer: Any
+    optimizer: Optional[CombinedOptimizer]
     params: Dict[str, int]
     plan: ShardingPlan
+
+    def loader(self, split: str, *, epoch: int = 0, train: bool = False, start_batch: int = 0) -> BatchLoader:
+        """This rank's batches of ``split``: training batches (``train.batch_size``, shuffled per ``epoch``,
+        from global batch ``start_batch`` on) or evaluation batches (``train.eval_batch_size``, in order)."""
+        cfg = self.cfg
+        return BatchLoader(
+            self.dataset,
+            split,
+            self.spec,
+            self.vocabs,
+            cfg.train.batch_size if train else cfg.train.eval_batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            shuffle=train,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            drop_last=False,
+            num_workers=cfg.data.num_workers,
+            start_batch=start_batch,
+            timezone=cfg.features.timezone,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,9 +152,15 @@ def attach_log_file(buffer: MemoryHandler, path: Path) -> None:
 
 
 def open_session(
-    cfg: Config, run_dir: Path, env: DistEnv, vocabs: Optional[Vocabularies] = None, plan: Optional[ShardingPlan] = None
+    cfg: Config,
+    run_dir: Path,
+    env: DistEnv,
+    vocabs: Optional[Vocabularies] = None,
+    plan: Optional[ShardingPlan] = None,
+    *,
+    training: bool = True,
 ) -> Session:
-    """Builds the sharded model and its optimizer for ``cfg`` on the data at ``cfg.data.path``.
+    """Builds the sharded model (and, for training, its optimizers) for ``cfg`` on the data at ``cfg.data.path``.
 
     Args:
         cfg: the resolved config.
@@ -146,17 +168,16 @@ def open_session(
         env: this process's place in the job.
         vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise.
         plan: sharding plan; planned by the TorchRec planner for this topology when ``None``.
+        training: attach the fused table optimizer and build the dense one; an evaluation session
+            (``False``) has neither, so no optimizer state is allocated.
     """
     dataset = Dataset.open(cfg.data.path)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
-    spec = FeatureSpec.build(cfg.features, vocabs.sizes)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(spec, cfg.model, table_device="meta", dense_device=env.device)
-    train_module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce, precision=cfg.train.precision,
-                            device_type=env.device.type)
+    spec, train_module = build_train_module(cfg, vocabs.sizes, table_device="meta", dense_device=env.device,
+                                            compute_device=env.device, with_sparse_optimizer=training)
     params = _count_params(train_module)
-    apply_sparse_optimizer(train_module, cfg.optimizer, env.device)
     per_rank_batch = max(1, cfg.train.batch_size // env.world_size)
     if plan is None:
         plan = plan_sharding(
@@ -177,7 +198,7 @@ def open_session(
     )
     # Dropout masks differ per rank but are reproducible for a given (seed, rank).
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)
-    optimizer = build_optimizer(dmp, cfg.optimizer)
+    optimizer = build_optimizer(dmp, cfg.optimizer) if training else None
     logger.info("sharding plan:\n%s", plan)
     return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params, plan)
 
@@ -200,64 +221,42 @@ def _count_params(module: torch.nn.Module) -> Dict[str, int]:
     return {"tables": table, "dense": dense, "total": table + dense}
 
 
-def _loader(session: Session, split: str, *, epoch: int, train: bool, start_batch: int = 0) -> BatchLoader:
-    cfg = session.cfg
-    return BatchLoader(
-        session.dataset,
-        split,
-        session.spec,
-        session.vocabs,
-        cfg.train.batch_size if train else cfg.train.eval_batch_size,
-        rank=session.env.rank,
-        world_size=session.env.world_size,
-        shuffle=train,
-        seed=cfg.train.seed,
-        epoch=epoch,
-        drop_last=False,
-        num_workers=cfg.data.num_workers,
-        start_batch=start_batch,
-        timezone=cfg.features.timezone,
-    )
-
-
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate(session: Session, split: str, collect_scores: bool = False) -> Dict[str, Any]:
+def predictions(session: Session, split: str) -> Iterator[Tuple[Batch, CTRTrainOutput]]:
+    """This rank's evaluation batches of ``split`` (on the device) with the model's outputs, current weights,
+    eval mode, no gradients; the model's train/eval mode is restored when the iteration ends."""
+    model = session.model
+    was_training = model.training
+    model.eval()
+    loader = session.loader(split)
+    bar = tqdm(loader, desc=f"eval {split}", disable=session.env.rank != 0, leave=False, unit="batch")
+    try:
+        with torch.no_grad():
+            for batch in bar:
+                batch = batch.to(session.env.device, non_blocking=True)
+                _, out = model(batch)
+                yield batch, out
+    finally:
+        model.train(was_training)
+
+
+def evaluate(session: Session, split: str) -> Dict[str, Any]:
     """Scores ``split`` with the current weights; metrics are aggregated over all ranks.
 
     Args:
         session: the session.
         split: ``train``, ``val`` or ``test``.
-        collect_scores: also return this rank's ``row_index`` and probabilities (for parity checks).
     Returns:
-        ``auc``, ``logloss``, ``gauc``, ``calibration``, ... and ``gate`` for MDAF models.
+        ``auc``, ``logloss``, ``ne``, ``gauc``, ``calibration``, ... and ``gate`` for MDAF models.
     """
-    model = session.model
-    was_training = model.training
-    model.eval()
     acc = MetricAccumulator()  # keeps the rows on the device until compute()
-    rows: List[torch.Tensor] = []
-    scores: List[torch.Tensor] = []
-    loader = _loader(session, split, epoch=0, train=False)
-    bar = tqdm(loader, desc=f"eval {split}", disable=session.env.rank != 0, leave=False, unit="batch")
-    with torch.no_grad():
-        for batch in bar:
-            batch = batch.to(session.env.device, non_blocking=True)
-            _, out = model(batch)
-            probs = torch.sigmoid(out.logit)
-            acc.update(probs, batch.labels, batch.user_index, out.gate)
-            if collect_scores:
-                rows.append(batch.row_index)
-                scores.append(probs)
-    result = acc.compute(dist.group.WORLD)
-    if collect_scores:
-        result["row_index"] = torch.cat(rows).cpu() if rows else torch.zeros(0, dtype=torch.long)
-        result["scores"] = torch.cat(scores).cpu() if scores else torch.zeros(0)
-    model.train(was_training)
-    return result
+    for batch, out in predictions(session, split):
+        acc.update(torch.sigmoid(out.logit), batch.labels, batch.user_index, out.gate)
+    return acc.compute(dist.group.WORLD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,11 +426,34 @@ def _run_plan(run: RunDir, env: DistEnv, plan_file: Optional[Path], start: Start
     return None
 
 
-def _pipeline(session: Session) -> TrainPipeline:
+def make_pipeline(session: Session) -> TrainPipeline:
     """The step: ``TrainPipelineSparseDist`` (input distribution overlapped with compute) or, with
     ``train.pipeline: false``, ``TrainPipelineBase`` — the same ``progress()`` either way."""
+    if session.optimizer is None:
+        raise ValueError("an evaluation session (open_session(training=False)) has no optimizer to step with")
     kind = TrainPipelineSparseDist if session.cfg.train.pipeline else TrainPipelineBase
     return kind(session.model, session.optimizer, session.env.device)
+
+
+def train_steps(session: Session, batches: Iterator[Batch]) -> Iterator[CTRTrainOutput]:
+    """One training step (forward, loss, backward, fused table and dense updates) per batch of ``batches``,
+    through :func:`make_pipeline`'s pipeline; yields each step's detached outputs.
+
+    The pipeline reads batches ahead of the step it runs, so the steps are exactly those of ``batches``:
+    to run N steps, pass N batches. The outputs stay on the device (no host sync here).
+    """
+    session.model.train()
+    pipeline = make_pipeline(session)
+    try:
+        while True:
+            try:
+                out = pipeline.progress(batches)
+            except StopIteration:
+                return
+            yield out
+    finally:
+        if isinstance(pipeline, TrainPipelineSparseDist):
+            pipeline.detach()
 
 
 class RunningSums:
@@ -479,20 +501,14 @@ def _train_epoch(session: Session, epoch: int, state: TrainState) -> float:
     stops training naming the steps since the previous read.
     """
     cfg, env = session.cfg, session.env
-    session.model.train()
-    loader = _loader(session, "train", epoch=epoch, train=True, start_batch=state.epoch_batches)
+    loader = session.loader("train", epoch=epoch, train=True, start_batch=state.epoch_batches)
     total = len(loader) if cfg.train.max_steps_per_epoch is None else min(len(loader), cfg.train.max_steps_per_epoch)
     batches: Iterator[Batch] = itertools.islice(iter(loader), max(total - state.epoch_batches, 0))
-    pipeline = _pipeline(session)
     bar = tqdm(total=total, initial=state.epoch_batches, desc=f"epoch {epoch + 1}", disable=env.rank != 0, unit="step")
     window = RunningSums(env.device)
     started = last_checkpoint = time.perf_counter()
     first_unread = state.epoch_batches + 1
-    while True:
-        try:
-            out = pipeline.progress(batches)
-        except StopIteration:
-            break
+    for out in train_steps(session, batches):
         window.add(out.loss, out.labels.shape[0])
         state.step += 1
         state.epoch_batches += 1
@@ -525,8 +541,6 @@ def _train_epoch(session: Session, epoch: int, state: TrainState) -> float:
             last_checkpoint = started = time.perf_counter()  # checkpoint time is not training time
             fault_injection_point(state.step, env.rank)
     bar.close()
-    if isinstance(pipeline, TrainPipelineSparseDist):
-        pipeline.detach()
     return state.epoch_loss_sum / max(state.epoch_batches * env.world_size, 1)
 
 
@@ -558,13 +572,6 @@ def _resume(session: Session) -> TrainState:
     return state
 
 
-def _load_weights(session: Session, path: Path) -> None:
-    """Loads the model weights (not the optimizer state) of a checkpoint."""
-    app_state = {"model": session.model.state_dict()}
-    ckpt.load_checkpoint(path, app_state)
-    session.model.load_state_dict(app_state["model"])
-
-
 def _init_optimizer_state(session: Session) -> None:
     """Creates the dense optimizer's lazy state so a checkpoint can be loaded into it in place."""
     for _, optim in session.optimizer.optimizers:
@@ -587,7 +594,7 @@ def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
 def _final_metrics(session: Session, state: TrainState) -> Dict[str, Any]:
     """Scores validation and test with the best checkpoint."""
     path = ckpt.checkpoint_path(session.run_dir, "best")
-    _load_weights(session, path)
+    ckpt.load_model_weights(path, session.model)
     val = evaluate(session, "val")
     test = evaluate(session, "test")
     final: Dict[str, Any] = {
@@ -637,10 +644,10 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
         cfg.data.path = data
     _set_threads(cfg, env)
     vocabs = Vocabularies.load(run.vocab)
-    session = open_session(cfg, run_dir, env, vocabs=vocabs)
+    session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)
     path = ckpt.checkpoint_path(run_dir, which)
     ckpt.check_vocabularies(path, vocabs)
-    _load_weights(session, path)
+    ckpt.load_model_weights(path, session.model)
     result = evaluate(session, split)
     result["checkpoint"] = str(path)
     result["split"] = split

@@ -5,7 +5,8 @@
 
 Opens a session with the package's own functions (:func:`mdaf_rec.train.open_session`), loads the initial
 weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/init``), runs ``--steps`` steps
-on the first global training batches of epoch 0 (each rank gets its part, as in training), then writes the
+of the recipe's own step (:func:`mdaf_rec.train.train_steps`, the training pipeline) on the first global
+training batches of epoch 0 (each rank gets its part, as in training), then writes the
 weights to ``DIR/checkpoints/after``, the last step's dense gradients (DDP-averaged, identical on every
 rank) to ``DIR/dense_grads.pt`` and the plan, rank 0's losses and (``--eval``) validation metrics to
 ``DIR/result.json``. ``--constraints`` (JSON: table -> sharding type) forces the sharding plan, so
@@ -33,7 +34,7 @@ from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed, shutdown_distributed
 from mdaf_rec.planning import planning_model
 from mdaf_rec.sharding import plan_sharding
-from mdaf_rec.train import _loader, evaluate, open_session
+from mdaf_rec.train import evaluate, open_session, train_steps
 
 
 def forced_plan(cfg: Config, env: DistEnv, vocabs: Vocabularies, types: Dict[str, str]) -> ShardingPlan:
@@ -67,21 +68,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     session = open_session(cfg, args.out, env, vocabs=vocabs, plan=plan)
     model = session.model
     if args.init is not None:
-        state = {"model": model.state_dict()}
-        ckpt.load_checkpoint(args.init, state)
-        model.load_state_dict(state["model"])
+        ckpt.load_model_weights(args.init, model)
     else:
         ckpt.save_checkpoint(args.out, "init", {"model": model.state_dict()}, {}, is_best=False)
 
-    model.train()
-    losses: List[float] = []
-    for batch in itertools.islice(_loader(session, "train", epoch=0, train=True), args.steps):
-        batch = batch.to(env.device)
-        session.optimizer.zero_grad()
-        loss, _ = model(batch)
-        loss.backward()
-        session.optimizer.step()
-        losses.append(float(loss))
+    batches = itertools.islice(iter(session.loader("train", epoch=0, train=True)), args.steps)
+    losses: List[float] = [float(out.loss) for out in train_steps(session, batches)]
     val = evaluate(session, "val") if args.eval else {}
 
     ckpt.save_checkpoint(args.out, "after", {"model": model.state_dict()}, {}, is_best=False)

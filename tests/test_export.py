@@ -2,8 +2,8 @@
 
 Tiny MDAF-Mamba and MDAF-BST runs (5 steps, trained by ``mdaf-rec train`` subprocesses) are exported
 fp32 and int8 and scored with ``mdaf-rec predict`` (both entry points called in-process to keep the
-suite fast); the reference is ``evaluate(session, "test", collect_scores=True)`` under DMP in a
-subprocess, joined by ``row_index``. ``features.max_history=8`` is below the data's 10, so truncation
+suite fast); the reference is the test split's scores from ``mdaf_rec.train.predictions`` (what
+``evaluate`` scores) under DMP in a subprocess, joined by ``row_index``. ``features.max_history=8`` is below the data's 10, so truncation
 is exercised.
 """
 
@@ -54,16 +54,15 @@ from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import load_config
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.distributed import init_distributed
-from mdaf_rec.train import evaluate, open_session
+from mdaf_rec.run_dir import RunDir
+from mdaf_rec.train import open_session, predictions
 env = init_distributed()
 for run, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    run = Path(run)
-    session = open_session(load_config(run / "config.yaml"), run, env, vocabs=Vocabularies.load(run / "vocab"))
-    state = {"model": session.model.state_dict()}
-    ckpt.load_checkpoint(ckpt.checkpoint_path(run, "best"), state)
-    session.model.load_state_dict(state["model"])
-    result = evaluate(session, "test", collect_scores=True)
-    torch.save({"row_index": result["row_index"], "scores": result["scores"]}, out)
+    run = RunDir(Path(run))
+    session = open_session(load_config(run.config), run.path, env, vocabs=Vocabularies.load(run.vocab), training=False)
+    ckpt.load_model_weights(ckpt.checkpoint_path(run.path, "best"), session.model)
+    rows, scores = zip(*((batch.row_index, torch.sigmoid(out.logit)) for batch, out in predictions(session, "test")))
+    torch.save({"row_index": torch.cat(rows), "scores": torch.cat(scores)}, out)
 """
 
 # Loads MODEL_DIR with torch alone, as docs/serving.md's server does (manifest hash, every file, then the

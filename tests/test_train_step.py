@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(sys.argv[1]) / "tests"))
 from device_guards import no_host_sync
 from mdaf_rec.config import load_config
 from mdaf_rec.distributed import init_distributed
-from mdaf_rec.train import RunningSums, _loader, _pipeline, open_session
+from mdaf_rec.train import RunningSums, open_session, train_steps
 
 config, data, out = sys.argv[2], sys.argv[3], Path(sys.argv[4])
 cfg = load_config(config, [f"data.path={data}", "features.sequence_dim=16", "features.static_dim=4",
@@ -38,16 +38,15 @@ data_parallel = sorted(name for module_plan in session.plan.plan.values() for na
                        if p.sharding_type == "data_parallel")
 weights = {k: v.detach().clone() for k, v in session.model.state_dict().items()
            if any(f".{name}.weight" in k for name in data_parallel)}
-batches = list(itertools.islice(iter(_loader(session, "train", epoch=0, train=True)), 6))
-pipeline = _pipeline(session)
+batches = list(itertools.islice(iter(session.loader("train", epoch=0, train=True)), 6))
+steps = train_steps(session, iter(batches))
 sums = RunningSums(env.device)
-data = iter(batches)
 with warnings.catch_warnings(record=True) as caught:
-    out_ = pipeline.progress(data)  # fills the pipeline (the first batches' input distribution)
+    out_ = next(steps)  # fills the pipeline (the first batches' input distribution)
     sums.add(out_.loss, out_.labels.shape[0])
     with no_host_sync() as syncs:
         for _ in range(3):
-            out_ = pipeline.progress(data)
+            out_ = next(steps)
             sums.add(out_.loss, out_.labels.shape[0])
 loss, samples, _ = sums.read(False)
 changed = {k: float((session.model.state_dict()[k] - v).abs().max()) for k, v in weights.items()}
