@@ -24,6 +24,9 @@ from mdaf_rec.config import ConfigError, FeaturesConfig
 # Fields derived from ``timestamp`` and their fixed table sizes.
 TIME_FIELDS: Dict[str, int] = {"hour": 24, "dayofweek": 7}
 
+#: The id space whose index groups rows into users (GAUC's groups, ``Batch.user_index``).
+USER_SPACE = "user"
+
 PADDING_INDEX = 0
 OOV_INDEX = 1
 NUM_RESERVED_INDICES = 2
@@ -138,13 +141,11 @@ class FeatureSpec:
         """Fields seen by DCNv3: pooled sparse fields plus dense fields."""
         return len(self.static_fields) + len(self.dense_features)
 
-    def table_sizes(self) -> Dict[str, int]:
-        """KJT key -> table rows, for every key of both KJTs (for id range checks)."""
-        sizes = {f"static:{f.name}": f.num_embeddings for f in self.static_fields}
-        for s in self.sequence_spaces:
-            sizes[f"sequence:{s.name}"] = s.num_embeddings
-            sizes[f"sequence:{s.history_key}"] = s.num_embeddings
-        return sizes
+    @property
+    def user_field(self) -> Optional[int]:
+        """Position of the :data:`USER_SPACE` field in :attr:`static_keys`, ``None`` when there is none."""
+        keys = self.static_keys
+        return keys.index(USER_SPACE) if USER_SPACE in keys else None
 
     # -- TorchRec tables -------------------------------------------------------------------------
 

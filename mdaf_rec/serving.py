@@ -27,7 +27,7 @@ for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -139,6 +139,7 @@ class ServingModule(nn.Module):
         self.static_keys: List[str] = spec.static_keys
         self.sequence_keys: List[str] = spec.sequence_keys
         self.max_history = spec.max_history
+        self.user_field: Optional[int] = spec.user_field
 
     def forward(
         self, static_ids: torch.Tensor, dense: torch.Tensor, target_ids: torch.Tensor, history_ids: torch.Tensor
@@ -153,6 +154,7 @@ class ServingModule(nn.Module):
             probability ``[B]`` float32 and gate ``[B, G]`` (zeros ``[B, 1]`` without a fusion gate).
         """
         batch_size = static_ids.shape[0]
+        user = static_ids[:, self.user_field] if self.user_field is not None else static_ids.new_zeros(batch_size)
         for name, x in (("dense", dense), ("target_ids", target_ids), ("history_ids", history_ids)):
             torch._check(x.shape[0] == batch_size, lambda: f"{name} has another batch size than static_ids")
         batch = Batch(
@@ -160,8 +162,8 @@ class ServingModule(nn.Module):
             sequence_features=self._sequence_kjt(target_ids, history_ids),
             dense_features=dense,
             labels=dense.new_zeros(batch_size),  # labels, user_index, row_index: not read by score()
-            user_index=static_ids[:, 0],
-            row_index=static_ids[:, 0],
+            user_index=user,
+            row_index=user,
         )
         out = self.model.score(batch)
         gate = out.gate if out.gate is not None else out.logit.new_zeros(batch_size, 1)

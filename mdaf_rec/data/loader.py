@@ -41,11 +41,10 @@ from mdaf_rec.data.schema import LABEL, TIMESTAMP
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
-from mdaf_rec.features import TIME_FIELDS, FeatureSpec
+from mdaf_rec.features import TIME_FIELDS, USER_SPACE, FeatureSpec
 
 logger = logging.getLogger(__name__)
 
-USER_KEY = "user"
 DEFAULT_SHUFFLE_ROWS = 524_288
 
 
@@ -241,7 +240,7 @@ class BatchConverter:
             seq_values += [torch.from_numpy(static[space.name]), torch.from_numpy(self.vocabs.lookup(space.name, raw))]
             seq_lengths += [ones, torch.from_numpy(lengths)]
         dense = [rows.columns[c] for c in self.spec.dense_features]
-        user = static.get(USER_KEY)
+        user = static.get(USER_SPACE)
         return Batch(
             static_features=build_kjt(
                 self.spec.static_keys, [torch.from_numpy(static[k]) for k in self.spec.static_keys],
