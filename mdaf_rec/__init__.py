@@ -3,6 +3,7 @@
 The public names::
 
     from mdaf_rec import load_config, FeatureSpec, build_model, CTRTrain   # a model from a config
+    from mdaf_rec import build_train_module                               # ... as training builds it
     from mdaf_rec import MDAF_Mamba, MDAF_BST                             # the research code's interface
     from mdaf_rec import eval_run, export_run                             # a trained run
     import mdaf_rec.train; mdaf_rec.train.train(cfg, out)                 # the training recipe
@@ -30,6 +31,7 @@ _EXPORTS = {
     "CTROutput": "mdaf_rec.models.ctr",
     "CTRTrain": "mdaf_rec.models.ctr",
     "build_model": "mdaf_rec.models.factory",
+    "build_train_module": "mdaf_rec.trainable",
     "MDAF_Mamba": "mdaf_rec.models.research_api",
     "MDAF_BST": "mdaf_rec.models.research_api",
     "eval_run": "mdaf_rec.train",
