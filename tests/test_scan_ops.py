@@ -5,6 +5,7 @@ read-at-positions form and the exportable form."""
 import logging
 import math
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -403,3 +404,32 @@ def test_torch_compile_sees_one_op():
     g, g_ref = grads(y, x, torch.ones_like(y)), grads(y_ref, x, torch.ones_like(y))
     for name in g:
         assert close(g[name], g_ref[name], torch.float32), name
+
+
+def test_build_holds_a_process_lock_and_clears_a_stale_baton(monkeypatch, tmp_path):
+    """Concurrent builders (torchrun) serialise on an flock of the cache folder; a lock file left
+    by a killed build (cpp_extension's baton, which would make every later build wait forever) is
+    removed under that flock."""
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = scan_cpu.build_directory()
+    assert folder.parent == tmp_path
+    folder.mkdir()
+    (folder / "lock").touch()
+    seen = {}
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        seen["baton"] = (Path(build_directory) / "lock").exists()
+        with open(Path(build_directory) / "build.flock") as other:  # a second process's attempt
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen["locked"] = False
+            except BlockingIOError:
+                seen["locked"] = True
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    scan_cpu._build_and_load()
+    assert seen == {"baton": False, "locked": True}
