@@ -24,7 +24,6 @@ hyper-parameters, rebuilt from the config) are not stored in the DCP files.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
@@ -43,6 +42,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from mdaf_rec.artifact import sha256_file
 from mdaf_rec.errors import UserError
 from mdaf_rec.run_dir import CHECKPOINT_NAME, RunDir
 
@@ -328,14 +328,7 @@ def _checkpoint_files(path: Path) -> List[Path]:
 
 def _file_digests(root: Path, files: Iterable[Path]) -> Dict[str, Dict[str, Any]]:
     """``{name: {"bytes": size, "sha256": hex}}`` of ``files`` (inside ``root``)."""
-    out: Dict[str, Dict[str, Any]] = {}
-    for f in files:
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        out[str(f.relative_to(root))] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
-    return out
+    return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

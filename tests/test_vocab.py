@@ -164,3 +164,26 @@ def test_large_ids_use_binary_search(tmp_path: Path) -> None:
         pq.write_table(_rows([big, 3], [big + 5, 4], [[big + 5], [big]]), tmp_path / f"{split}.parquet")
     vocabs = Vocabularies.build(Dataset.open(tmp_path), FeaturesConfig())
     assert vocabs.lookup("item", np.array([4, big, big + 5, big + 6])).tolist() == [2, 3, 4, 1]
+
+
+def test_vocabularies_are_immutable_and_the_fingerprint_is_computed_once(dataset: Dataset, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    vocabs = Vocabularies.build(dataset, FeaturesConfig(min_count=1))
+    with pytest.raises(TypeError):
+        vocabs.spaces["item"] = vocabs.spaces["user"]  # type: ignore[index]
+    with pytest.raises(ValueError):
+        vocabs.spaces["item"].ids[0] = 12345  # type: ignore[index]
+    loaded_dir = tmp_path / "saved"
+    vocabs.save(loaded_dir)
+    loaded = Vocabularies.load(loaded_dir)
+    with pytest.raises(ValueError):
+        loaded.spaces["item"].ids[0] = 12345  # type: ignore[index]
+
+    import mdaf_rec.data.vocab as vocab_module
+
+    calls = []
+    real = vocab_module.hashlib.sha256
+    monkeypatch.setattr(vocab_module.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    fresh = Vocabularies.build(dataset, FeaturesConfig(min_count=1))
+    assert [fresh.fingerprint for _ in range(3)] == [vocabs.fingerprint] * 3 and len(calls) == 1
+    assert loaded.fingerprint == vocabs.fingerprint and len(calls) == 1  # computed (and checked) at load

@@ -2,8 +2,8 @@
 
 Order of one epoch (see ``docs/data.md``, "Vocabularies and loading"):
 
-* The unit of reading is a Parquet row group ("block"). Without ``shuffle`` the rows come in split
-  order (files in name order, rows in file order). With ``shuffle`` the blocks are permuted
+* The unit of reading is a Parquet row group (:class:`RowGroup`, "block"). Without ``shuffle`` the rows
+  come in split order (files in name order, rows in file order). With ``shuffle`` the blocks are permuted
   (seeded by ``(seed, epoch)``), grouped in that order into shuffle windows of at least
   ``shuffle_rows`` rows, and the rows of each window permuted (seeded by ``(seed, epoch, window)``).
 * That row stream is cut into GLOBAL batches of ``batch_size`` rows. Rank ``r`` of ``world_size``
@@ -49,7 +49,7 @@ DEFAULT_SHUFFLE_ROWS = 524_288
 
 
 @dataclass(frozen=True)
-class Block:
+class RowGroup:
     """One Parquet row group of a split.
 
     Attributes:
@@ -67,16 +67,16 @@ class Block:
     file_row: int
 
 
-def split_blocks(dataset: Dataset, split: str) -> List[Block]:
+def split_row_groups(dataset: Dataset, split: str) -> List[RowGroup]:
     """The row groups of ``split`` in split order, from the Parquet footers."""
-    blocks: List[Block] = []
+    blocks: List[RowGroup] = []
     split_row = 0
     for f, path in enumerate(dataset.split_files(split)):
         meta = open_parquet(path).metadata
         file_row = 0
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
-            blocks.append(Block(f, g, rows, split_row, file_row))
+            blocks.append(RowGroup(f, g, rows, split_row, file_row))
             split_row += rows
             file_row += rows
     return blocks
@@ -97,7 +97,7 @@ class EpochPlan:
 
     def __init__(
         self,
-        blocks: Sequence[Block],
+        blocks: Sequence[RowGroup],
         batch_size: int,
         world_size: int,
         shuffle: bool,
@@ -116,7 +116,7 @@ class EpochPlan:
         self._seed = seed
         self._epoch = epoch
         order = np.random.default_rng([seed, epoch]).permutation(len(blocks)) if shuffle else range(len(blocks))
-        self.windows: List[List[Block]] = []
+        self.windows: List[List[RowGroup]] = []
         rows = 0
         for i in order:
             if not self.windows or not shuffle or rows >= shuffle_rows:
@@ -317,7 +317,7 @@ class BatchLoader:
         self.dataset = dataset
         self.split = split
         self.files = dataset.split_files(split)
-        self.blocks = split_blocks(dataset, split)
+        self.blocks = split_row_groups(dataset, split)
         self.converter = BatchConverter(spec, vocabs, dataset.timezone(timezone))
         self.rules = ColumnRules.from_spec(spec)
         self.batch_size = batch_size
@@ -394,7 +394,7 @@ class _WindowReader:
         for w in [w for w in self.cache if self.loader.plan.window_start[w + 1] <= position]:
             del self.cache[w]
 
-    def _read(self, block: Block) -> pa.Table:
+    def _read(self, block: RowGroup) -> pa.Table:
         path = self.loader.files[block.file]
         if block.file not in self.files:
             self.files[block.file] = open_parquet(path)

@@ -15,13 +15,15 @@ On disk (``DATASET/vocab/`` by default, see :meth:`Vocabularies.load_or_build`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +111,9 @@ class Vocabulary:
         if (ids is None) != (settings.hash_buckets is not None):
             raise ValueError(f"vocabulary {settings.name!r}: ids must be given iff the space is not hashed")
         self.settings = settings
+        if ids is not None:
+            ids = np.array(ids, dtype=np.int64)  # our own copy, read-only: the vocabulary never changes
+            ids.setflags(write=False)
         self.ids = ids
         self._direct: Optional[np.ndarray] = None
         if ids is not None and len(ids) and ids[-1] < direct_max_id:
@@ -138,7 +143,8 @@ class Vocabulary:
 
 
 class Vocabularies:
-    """The vocabularies of a dataset for one features config.
+    """The vocabularies of a dataset for one features config; immutable once built or loaded (the spaces'
+    mapping is read-only, so are their id arrays), which lets :attr:`fingerprint` be computed once.
 
     Args:
         spaces: space name -> vocabulary, config order.
@@ -147,9 +153,9 @@ class Vocabularies:
     """
 
     def __init__(self, spaces: Dict[str, Vocabulary], min_count: int, train_files: List[List[Any]]) -> None:
-        self.spaces = spaces
+        self.spaces: Mapping[str, Vocabulary] = MappingProxyType(dict(spaces))
         self.min_count = min_count
-        self.train_files = train_files
+        self.train_files = tuple(tuple(f) for f in train_files)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -170,12 +176,12 @@ class Vocabularies:
             "version": FORMAT_VERSION,
             "min_count": self.min_count,
             "spaces": {name: v.settings.to_json() for name, v in self.spaces.items()},
-            "train_files": self.train_files,
+            "train_files": [list(f) for f in self.train_files],
         }
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over settings (min_count, columns, hashing) and every known id, hex."""
+        """sha256 over settings (min_count, columns, hashing) and every known id, hex (computed once)."""
         h = hashlib.sha256()
         settings = {k: v for k, v in self.settings_json().items() if k != "train_files"}
         h.update(json.dumps(settings, sort_keys=True).encode())
