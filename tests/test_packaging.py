@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -23,12 +25,30 @@ def _run(cmd, cwd: Path, env=None) -> str:
     return proc.stdout
 
 
+def _source_tree(dest: Path) -> Path:
+    """What ``pip wheel .`` reads from a fresh clone (the package, its configs, pyproject.toml, the README): a
+    copy, because setuptools builds in place and a reused ``build/`` folder can leak deleted modules into a wheel."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "mdaf_rec", dest / "mdaf_rec", symlinks=True, ignore=ignore)
+    shutil.copytree(REPO / "configs", dest / "configs")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
 def test_wheel_runs_the_command_and_finds_the_packaged_configs(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    _run([*pip, "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation", str(REPO), "-w", "wheels"],
+    source = _source_tree(tmp_path / "src")
+    _run([*pip, "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation", str(source), "-w", "wheels"],
          tmp_path, env)
     (wheel,) = (tmp_path / "wheels").glob("mdaf_rec-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        packaged = {n for n in zf.namelist() if n.startswith("mdaf_rec/")}
+    sources = {(Path(folder) / f).relative_to(source).as_posix()
+               for folder, _, files in os.walk(source / "mdaf_rec", followlinks=True)  # into mdaf_rec/configs
+               for f in files if Path(f).suffix in (".py", ".yaml", ".cpp", ".h")}
+    assert packaged == sources, sorted(packaged ^ sources)
     site = tmp_path / "site"
     _run([*pip, "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel)], tmp_path, env)
     env["PYTHONPATH"] = str(site)  # ahead of the checkout's editable install
