@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdaf_rec.ops import scan_cpu, selective_scan
+from mdaf_rec.ops import causal_conv1d_silu, scan_cpu, selective_scan
 from mdaf_rec.ops.scan_reference import selective_scan_reference
 from mdaf_rec.ops.scan_torch import gpu_blocks, selective_scan_torch
 from mdaf_rec.ops.selective_scan import BACKENDS, scan_backend, selective_scan_fn
@@ -433,3 +433,72 @@ def test_build_holds_a_process_lock_and_clears_a_stale_baton(monkeypatch, tmp_pa
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     scan_cpu._build_and_load()
     assert seen == {"baton": False, "locked": True}
+
+
+# ------------------------------------------------------------------ causal conv1d + SiLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("channel_last", [True, False])
+def test_causal_conv1d_silu_matches_conv1d(dtype, with_bias, channel_last):
+    """The compiled operator equals F.silu(F.conv1d(...)[..., :L]) in value and all gradients,
+    for a time-contiguous input and for Mamba's transposed view of in_proj's output."""
+    if not scan_cpu.available():
+        pytest.skip("compiled CPU kernels unavailable")
+    g = torch.Generator().manual_seed(0)
+    dim, length = 19, 7  # one full 16-channel block (8 for float64) and a partial one
+    base = torch.randn(3, length, dim, generator=g, dtype=dtype)
+    x = (base.transpose(1, 2) if channel_last else base.transpose(1, 2).contiguous()).requires_grad_()
+    weight = torch.randn(dim, 1, 4, generator=g, dtype=dtype, requires_grad=True)
+    bias = torch.randn(dim, generator=g, dtype=dtype, requires_grad=True) if with_bias else None
+    y = causal_conv1d_silu(x, weight, bias)
+    y_ref = F.silu(F.conv1d(x, weight, bias, padding=3, groups=dim)[..., :length])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.ops.mdaf_rec.causal_conv1d_silu_fwd.default in _ops_called(causal_conv1d_silu, x, weight, bias)
+    assert max_err(y, y_ref) <= tol
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    gy = torch.randn(y.shape, generator=g, dtype=dtype)
+    for a, b in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs, gy)):
+        assert a.shape == b.shape and max_err(a, b) <= tol * max(1.0, b.abs().max().item())
+
+
+def _ops_called(fn, *args):
+    """The aten / custom ops ``fn(*args)`` dispatches (recorded with TorchDispatchMode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn(*args)
+    return record.ops
+
+
+@needs_cpp
+def test_causal_conv1d_op_check():
+    x = torch.randn(2, 5, 6).transpose(1, 2).requires_grad_()  # (2, 6, 5), channel-contiguous
+    weight = torch.randn(6, 4, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    causal_conv1d_silu(x, weight[:, None], bias)  # registers the Python parts
+    torch.library.opcheck(torch.ops.mdaf_rec.causal_conv1d_silu_fwd.default, (x, weight, bias))
+    torch.library.opcheck(torch.ops.mdaf_rec.causal_conv1d_silu_fwd.default, (x, weight, None))
+
+
+def test_causal_conv1d_falls_back_to_conv1d_under_export():
+    x, weight, bias = torch.randn(2, 6, 5), torch.randn(6, 1, 4), torch.randn(6)
+
+    class Conv(torch.nn.Module):
+        def forward(self, x):
+            return causal_conv1d_silu(x, weight, bias)
+
+    program = torch.export.export(Conv(), (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("mdaf_rec" in t for t in targets) and any("conv" in t for t in targets), targets
+    torch.testing.assert_close(program.module()(x), F.silu(F.conv1d(x, weight, bias, padding=3, groups=6)[..., :5]))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdaf_rec.models.tracing import is_tracing
-from mdaf_rec.ops import selective_scan_fn
+from mdaf_rec.ops import causal_conv1d_silu, selective_scan_fn
 
 try:  # CUDA fast path of the whole block; not installable on CPU-only machines.
     from mamba_ssm.ops.selective_scan_interface import (  # type: ignore[import-not-found]
@@ -154,7 +154,6 @@ class MambaBlock(nn.Module):
             torch.Tensor: ``[B, L, d_model]`` (``[B, d_model]``, the rows at ``positions``, with
             ``positions``); position ``t`` depends only on ``x[:, :t + 1]``.
         """
-        seqlen = x.shape[1]
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state), negative
         if positions is None and self._fast_path_ok(x):  # pragma: no cover - needs CUDA, mamba_ssm
             xz = self.in_proj(x).transpose(1, 2).contiguous()  # [B, 2 * d_inner, L]
@@ -181,7 +180,7 @@ class MambaBlock(nn.Module):
             x_in = F.linear(x, w_x, b_x).transpose(1, 2)  # [B, d_inner, L]
             x_read = x.gather(1, positions.view(-1, 1, 1).expand(-1, 1, x.shape[2])).squeeze(1)
             z = F.linear(x_read, w_z, b_z)  # [B, d_inner]
-        x_in = F.silu(self.conv1d(x_in)[..., :seqlen])  # causal depthwise conv, [B, d_inner, L]
+        x_in = causal_conv1d_silu(x_in, self.conv1d.weight, self.conv1d.bias)  # [B, d_inner, L]
         # x_proj and dt_proj as matmuls in the scan's channel-major layout (no transposed copies)
         x_dbl = torch.matmul(self.x_proj.weight, x_in)  # [B, dt_rank + 2 * d_state, L]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)

@@ -1,14 +1,16 @@
-"""The compiled CPU selective scan: ``csrc/selective_scan.cpp``, built on first use.
+"""The compiled CPU kernels of ``csrc/`` (built on first use) and the selective scan operator.
 
-The C++ file registers two operators, ``torch.ops.mdaf_rec.selective_scan_fwd`` and
-``selective_scan_bwd`` (CPU kernels; what they compute: the comment at the top of the file). This
-module builds it with ``torch.utils.cpp_extension.load`` (one source file, no CUDA, ~10 s with
-``-O3 -march=native``) into a cache folder, registers the fake (meta) kernels and the autograd
-formula with ``torch.library``, so that autograd, ``torch.compile`` and ``torch.export`` see one
-operator, and offers :func:`selective_scan_cpu` with the arguments of ``selective_scan_fn``.
+``csrc/selective_scan.cpp`` registers ``torch.ops.mdaf_rec.selective_scan_fwd`` and
+``selective_scan_bwd``, ``csrc/causal_conv1d.cpp`` ``causal_conv1d_silu_fwd`` / ``_bwd`` (CPU
+kernels; what they compute: the comments at the top of the files). This module builds them with
+``torch.utils.cpp_extension.load`` (two source files, no CUDA, ~20 s with ``-O3 -march=native``)
+into a cache folder, registers the scan's fake (meta) kernels and autograd formula with
+``torch.library``, so that autograd, ``torch.compile`` and ``torch.export`` see one operator, and
+offers :func:`selective_scan_cpu` with the arguments of ``selective_scan_fn`` (the convolution's
+Python side: :mod:`mdaf_rec.ops.causal_conv1d`).
 
 Cache: ``$TORCH_EXTENSIONS_DIR`` or ``$XDG_CACHE_HOME/mdaf_rec`` (default ``~/.cache/mdaf_rec``),
-one folder per hash of the source, the flags, torch's version and the CPU (``-march=native``
+one folder per hash of the sources, the flags, torch's version and the CPU (``-march=native``
 builds for the CPU it runs on, so machines sharing a home folder get one build each). Concurrent
 builders (``torchrun`` starts several processes at once) take an exclusive ``flock`` on the
 folder first: one builds, the others wait and load the result; the lock dies with its process, so
@@ -36,7 +38,8 @@ __all__ = ["available", "build_directory", "selective_scan_cpu"]
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp"]  # + the header vec_math.h
 # -fassociative-math (with the two flags it needs) lets gcc sum the d_state products as a tree
 # instead of 16 serial adds (~3x faster forward); NaN and infinity handling stay IEEE.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros",
@@ -61,9 +64,10 @@ def build_directory() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mdaf_rec"
     )
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
-                 _cpu_signature().encode()):
-        key.update(part)
+    for path in sorted(CSRC.iterdir()):
+        key.update(path.read_bytes())
+    for part in (" ".join(CFLAGS), torch.__version__, _cpu_signature()):
+        key.update(part.encode())
     return Path(root) / f"selective_scan_{key.hexdigest()[:16]}"
 
 
@@ -90,7 +94,7 @@ def _build_and_load() -> None:
             (folder / "lock").unlink(missing_ok=True)  # cpp_extension's baton, stale if present
             cpp_extension.load(
                 _EXTENSION,
-                [str(SOURCE)],
+                [str(p) for p in SOURCES],
                 extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),

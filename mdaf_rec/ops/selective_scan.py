@@ -36,10 +36,10 @@ try:  # CUDA kernels; not installable on CPU-only machines.
 except ImportError:  # pragma: no cover - depends on the environment
     mamba_ssm_selective_scan_fn = None
 
-__all__ = ["BACKENDS", "forced_backend", "scan_backend", "selective_scan_fn"]
+__all__ = ["BACKENDS", "exporting", "forced_backend", "scan_backend", "selective_scan_fn"]
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Under torch.export, fx symbolic tracing or TorchScript (not under plain torch.compile,
     where the compiled CPU operator is a single node of the graph)."""
     if torch.jit.is_scripting():
@@ -82,7 +82,7 @@ def scan_backend(u: torch.Tensor) -> str:
     """The :data:`BACKENDS` key ``selective_scan_fn`` uses for input ``u`` here and now."""
     if _forced is not None:
         return _forced
-    if _exporting():
+    if exporting():
         return "export"
     if u.device.type == "cuda" and mamba_ssm_selective_scan_fn is not None:
         return "mamba_ssm"

@@ -1,24 +1,27 @@
 // Selective scan for CPU: forward and analytic backward, registered as the custom ops
 // mdaf_rec::selective_scan_fwd / mdaf_rec::selective_scan_bwd (schemas below; Python side:
-// mdaf_rec/ops/selective_scan.py registers the fake kernels and the autograd formula).
+// mdaf_rec/ops/scan_cpu.py builds this file and registers the fake kernels and the autograd formula).
 //
-// Recurrence, per batch row b, channel d and state n (see mdaf_rec/ops/selective_scan.py):
+// Recurrence, per batch row b, channel d and state n (see mdaf_rec/ops/scan_reference.py):
 //   dt_t = softplus(delta_t + bias)            (each optional)
 //   h_t  = exp(dt_t A[d,n]) h_{t-1} + dt_t u_t B_t[n]
 //   y_t  = (sum_n C_t[n] h_t[n] + D u_t) * silu(z_t)
 //
 // Layout: u, delta, z, out are (batch, dim, L); A is (dim, N); B and C are either constant
 // (dim, N) or variable (batch, groups, N, L), transposed here to (batch, groups, L, N) so that a
-// time step's N values are contiguous. One task = one batch row x one channel: its N states
-// live in registers/L1, the inner loops run over N (or over time for the element-wise
-// prologue/epilogue) and are written so that gcc vectorises them (-O3 -march=native
-// -fopenmp: "#pragma omp simd"; exp, log1p and sigmoid are inline polynomial forms, no libm
-// calls). Batch rows are split into one contiguous range per thread (at::parallel_for, the torch
-// intra-op pool); per-channel gradient sums (dA, dD, constant dB/dC) go to one slot per range and
-// are summed in a fixed order afterwards, so results do not depend on scheduling.
+// time step's N values are contiguous. One task = one batch row x one block of W channels
+// (W = 16 floats or 8 doubles, one 64-byte vector): the block's u, delta, z are loaded as
+// (L, W) tiles, its N x W states stay in L1, and every inner loop runs over the W lanes, so the
+// recurrence and the output contraction C . h are lane-wise multiply-adds without horizontal
+// sums (B_t and C_t are broadcast over the lanes when the lanes share a group). Loops are written
+// so that gcc vectorises them (-O3 -march=native -fopenmp: "#pragma omp simd"; exp, log1p and
+// sigmoid are the inline polynomials of vec_math.h, no libm calls). Batch rows are split into one
+// contiguous range per thread (at::parallel_for, the torch intra-op pool); per-channel gradient
+// sums (dA, dD, constant dB/dC) go to one slot per range and are summed in a fixed order
+// afterwards, so results do not depend on scheduling.
 //
-// The backward pass recomputes a row's states (exp(dt A) and h_t for all t, L x N values, in a
-// per-thread buffer that stays in L1/L2) and then runs the adjoint recurrence
+// The backward pass recomputes a block's states (exp(dt A) and h_t for all t, L x N x W values, in
+// a per-thread buffer that stays in L2) and then runs the adjoint recurrence
 //   g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}
 // backwards in time. Nothing of size batch x dim x L x N is ever stored.
 //
@@ -31,6 +34,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,67 +44,7 @@
 
 namespace {
 
-// ---------------------------------------------------------------------- math, vectorisable
-
-// exp(x) = 2^k 2^f with k = round(x log2 e), |f| <= 1/2; 2^f by its degree-6 Taylor polynomial
-// (relative error < 2e-7). Arguments are clamped to [-127, 127] in base 2: exp(x) = 0 below
-// (as float32's exp, up to denormals) and finite above.
-static inline __attribute__((always_inline)) float exp_(float x) {
-  float t = x * 1.44269504088896341f;
-  t = t < -127.0f ? -127.0f : t;  // (std::fmin/fmax would not vectorise: NaN rules)
-  t = t > 127.0f ? 127.0f : t;
-  const float k = std::nearbyint(t);
-  const float f = t - k;
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k; k = -127 gives 0.0
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-static inline __attribute__((always_inline)) double exp_(double x) { return std::exp(x); }
-
-// log1p(y) for y in [0, 1]: 2 atanh(s), s = y / (2 + y) in [0, 1/3], odd series to s^11
-// (relative error < 2e-7).
-static inline __attribute__((always_inline)) float log1p_unit(float y) {
-  const float s = y / (2.0f + y);
-  const float s2 = s * s;
-  float p = 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
-}
-
-static inline __attribute__((always_inline)) double log1p_unit(double y) { return std::log1p(y); }
-
-// softplus as torch's F.softplus (beta 1, threshold 20): x above 20, else log(1 + e^x)
-// = max(x, 0) + log1p(e^-|x|).
-template <typename T>
-static inline __attribute__((always_inline)) T softplus_(T x) {
-  const T sp = (x > T(0) ? x : T(0)) + log1p_unit(exp_(-std::fabs(x)));
-  return x > T(20) ? x : sp;
-}
-
-// softplus'(x) = sigmoid(x), exactly 1 above the threshold (the function is x there).
-template <typename T>
-static inline __attribute__((always_inline)) T dsoftplus_(T x) {
-  const T s = T(1) / (T(1) + exp_(-x));
-  return x > T(20) ? T(1) : s;
-}
-
-template <typename T>
-static inline __attribute__((always_inline)) T sigmoid_(T x) {
-  return T(1) / (T(1) + exp_(-x));
-}
+using namespace mdaf_rec_math;
 
 // ---------------------------------------------------------------------- arguments
 
