@@ -29,6 +29,9 @@ Metrics (``compute`` returns a dict of plain Python numbers, JSON-serialisable a
   and a negative (the DIN definition). ``nan`` when no user qualifies.
 * ``logloss``: mean binary cross-entropy with probabilities clipped to ``[1e-7, 1 - 1e-7]`` (so a
   confident mistake costs at most ``-log(1e-7) ~= 16.1``).
+* ``ne``: normalized entropy (TorchRec's headline metric, He et al. 2014) = ``logloss`` / the entropy of
+  the observed CTR, ``-(ctr·log ctr + (1-ctr)·log(1-ctr))``: the log loss relative to always predicting
+  the base rate (below 1 = better than that). ``nan`` when all labels are one class.
 * ``ctr`` (observed), ``pred_ctr`` (mean prediction), ``calibration`` = ``pred_ctr / ctr`` (``nan``
   with no positive), ``count`` (rows).
 * ``gate`` (only when gates were given): ``mean``, ``std`` (population, ``ddof=0``) and ``histogram``
@@ -169,6 +172,14 @@ def logloss_score(probs: ArrayLike, labels: ArrayLike) -> float:
     return -math.fsum(np.where(is_pos, np.log(p), np.log1p(-p))) / p.size
 
 
+def normalized_entropy(logloss: float, ctr: float) -> float:
+    """``logloss`` divided by the entropy of a Bernoulli(``ctr``) (the log loss of predicting ``ctr`` for every
+    row); ``nan`` when ``ctr`` is 0, 1 or undefined."""
+    if not 0.0 < ctr < 1.0:
+        return float("nan")
+    return logloss / -(ctr * math.log(ctr) + (1.0 - ctr) * math.log1p(-ctr))
+
+
 def gate_summary(gate_means: ArrayLike) -> Dict[str, Any]:
     """Mean, population std and a 20-bin histogram over ``[0, 1]`` of per-sample gate values ``[n]``."""
     x = np.clip(_as_numpy(gate_means, np.float64), 0.0, 1.0)
@@ -198,12 +209,15 @@ def compute_metrics(
     y = _as_numpy(labels, np.float64)
     n = int(p.size)
     observed, predicted = math.fsum(y), math.fsum(p)
+    logloss = logloss_score(p, y)
+    ctr = observed / n if n else float("nan")
     out: Dict[str, Any] = {
         "auc": auc_score(p, y),
         "gauc": gauc_score(p, y, groups),
-        "logloss": logloss_score(p, y),
+        "logloss": logloss,
+        "ne": normalized_entropy(logloss, ctr),
         "calibration": predicted / observed if observed > 0 else float("nan"),
-        "ctr": observed / n if n else float("nan"),
+        "ctr": ctr,
         "pred_ctr": predicted / n if n else float("nan"),
         "count": n,
     }

@@ -48,6 +48,7 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.metrics import MetricAccumulator
 from mdaf_rec.models.ctr import CTRTrainOutput
+from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
 from mdaf_rec.sharding import build_optimizer, plan_sharding, shard_model, table_parameters
@@ -328,10 +329,22 @@ def train(
 def _fit(session: Session, state: TrainState) -> Dict[str, Any]:
     """Epochs from ``state`` on: train, evaluate, checkpoint, stop early; then the final metrics."""
     cfg, env, run = session.cfg, session.env, RunDir(session.run_dir)
+    # A resumed run continues the curves after its checkpoint's step (the earlier attempt's later events are hidden).
+    board = TensorBoardLog(run.tensorboard if env.is_main else None, purge_step=state.step + 1 if state.step else None)
+    try:
+        return _epochs(session, state, board)
+    finally:
+        board.close()
+
+
+def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[str, Any]:
+    cfg, env, run = session.cfg, session.env, RunDir(session.run_dir)
     for epoch in range(state.epochs_done, cfg.train.epochs):
-        epoch_loss = _train_epoch(session, epoch, state)
+        epoch_loss = _train_epoch(session, epoch, state, board)
         rate = state.epoch_samples / max(state.epoch_seconds, 1e-9)  # training only, evaluation excluded
         val = evaluate(session, "val")
+        board.scalars(state.step, {"epoch/train_loss": epoch_loss, "epoch/samples_per_sec": rate})
+        board.evaluation(state.step, "val", val)
         improved = val["auc"] > state.best_auc
         state.finish_epoch()
         if improved:
@@ -344,15 +357,15 @@ def _fit(session: Session, state: TrainState) -> Dict[str, Any]:
             with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         logger.info(
-            "epoch %d: train loss %.5f, val auc %.5f gauc %.5f logloss %.5f%s",
-            epoch + 1, epoch_loss, val["auc"], val["gauc"], val["logloss"], " (best)" if improved else "",
+            "epoch %d: train loss %.5f, val auc %.5f gauc %.5f logloss %.5f ne %.5f%s",
+            epoch + 1, epoch_loss, val["auc"], val["gauc"], val["logloss"], val["ne"], " (best)" if improved else "",
         )
         ckpt.save_checkpoint(session.run_dir, f"epoch_{epoch + 1}", _app_state(session), state.to_json(), is_best=improved)
         if state.bad_epochs >= cfg.train.patience:
             logger.info("early stopping: no better validation AUC for %d epochs", cfg.train.patience)
             break
 
-    final = _final_metrics(session, state)
+    final = _final_metrics(session, state, board)
     if env.is_main:
         run.metrics.write_text(json.dumps(final, indent=2))
         _plots(run, final)
@@ -493,7 +506,7 @@ def fault_injection_point(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train_epoch(session: Session, epoch: int, state: TrainState) -> float:
+def _train_epoch(session: Session, epoch: int, state: TrainState, board: TensorBoardLog) -> float:
     """Trains epoch ``epoch`` from batch ``state.epoch_batches`` on; returns its mean training loss.
 
     The loss stays on the device: it is read (one host sync, and one all-reduce over the ranks) every
@@ -525,10 +538,13 @@ def _train_epoch(session: Session, epoch: int, state: TrainState) -> float:
                 f"(epoch {epoch + 1}, batches {first_unread}-{state.epoch_batches}); training stopped, the last good "
                 f"checkpoint is kept in {RunDir(session.run_dir).checkpoints}"
             )
+        window_steps = state.epoch_batches + 1 - first_unread
         first_unread = state.epoch_batches + 1
         state.epoch_loss_sum += loss_sum
         state.epoch_samples += samples
         now = time.perf_counter()
+        board.scalars(state.step, {"train/loss": loss_sum / (window_steps * env.world_size),
+                                   "train/samples_per_sec": samples / max(now - started, 1e-9)})
         state.epoch_seconds += now - started
         started = now
         rate = state.epoch_samples / max(state.epoch_seconds, 1e-9)
@@ -587,16 +603,17 @@ def _with_param_groups(loaded: Dict[str, Any], current: Dict[str, Any]) -> Dict[
 
 
 def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("auc", "logloss", "gauc", "calibration", "ctr", "pred_ctr", "count")
+    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
-def _final_metrics(session: Session, state: TrainState) -> Dict[str, Any]:
+def _final_metrics(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[str, Any]:
     """Scores validation and test with the best checkpoint."""
     path = ckpt.checkpoint_path(session.run_dir, "best")
     ckpt.load_model_weights(path, session.model)
     val = evaluate(session, "val")
     test = evaluate(session, "test")
+    board.evaluation(state.step, "test", test)
     final: Dict[str, Any] = {
         "model": session.cfg.model.name,
         "best_epoch": state.best_epoch,

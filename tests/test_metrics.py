@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from device_guards import no_host_sync
-from mdaf_rec.metrics import MetricAccumulator, auc_score, gauc_score
+from mdaf_rec.metrics import MetricAccumulator, auc_score, gauc_score, normalized_entropy
 from mdaf_rec.plots import plot_gate_histogram, plot_training_curves
 
 Data = Dict[str, torch.Tensor]
@@ -82,6 +82,10 @@ def test_logloss_calibration_and_gate_by_hand() -> None:
     expected_logloss = -(math.log(0.9) + math.log(0.8) + math.log(1e-7) + math.log(0.5)) / 4  # 0.0 clipped
     assert out["logloss"] == pytest.approx(expected_logloss, abs=1e-6)
     assert out["calibration"] == pytest.approx(1.6 / 3)
+    # NE: the log loss over that of always predicting the observed CTR 0.75 (entropy 0.5623 nats)
+    assert out["ne"] == pytest.approx(out["logloss"] / -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), rel=1e-12)
+    assert out["ne"] == pytest.approx(expected_logloss / 0.5623351446, rel=1e-6)
+    assert math.isnan(normalized_entropy(0.3, 1.0)) and math.isnan(normalized_entropy(0.3, 0.0))
     assert out["ctr"] == pytest.approx(0.75) and out["pred_ctr"] == pytest.approx(0.4) and out["count"] == 4
     assert out["auc"] == pytest.approx(brute_auc(np.array([0.9, 0.2, 0.0, 0.5]), np.array([1, 0, 1, 1])))
     assert out["gauc"] == 1.0  # only user 0 has both classes

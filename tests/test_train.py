@@ -6,12 +6,14 @@ Every run is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -67,6 +69,23 @@ def train(data: Path, out: Path, *extra: str, config: str = "configs/mdaf_mamba.
                 check=check)
 
 
+def tensorboard_scalars(folder: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """Tag -> ``[(step, value)]`` of every scalar in the TensorBoard event files of ``folder`` (TFRecord framing:
+    length, its CRC, the ``Event`` protobuf, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: Dict[str, List[Tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,11 +100,33 @@ def test_full_short_training_run(dataset: Path, tmp_path: Path) -> None:
         for key in ("auc", "logloss", "gauc", "calibration"):
             assert key in metrics[split]
         assert 0.6 < metrics[split]["auc"] <= 1.0, metrics[split]  # learned something from 2.2k rows
+        ctr = metrics[split]["ctr"]
+        base = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))  # NE: log loss over the base rate's
+        assert metrics[split]["ne"] == pytest.approx(metrics[split]["logloss"] / base, rel=1e-12)
+        assert 0.5 < metrics[split]["ne"] < 1.0, metrics[split]
     assert metrics["best_epoch"] in (1, 2, 3) and metrics["params"]["tables"] > 0 and metrics["samples_per_sec"] > 0
     gate = metrics["gate"]
     assert 0.0 <= gate["mean"] <= 1.0 and sum(gate["histogram"]["counts"]) == metrics["test"]["count"]
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    epochs = [json.loads(line) for line in lines]
+    # TensorBoard: the loss every log_every (5) steps and at each epoch's end, the epoch and validation metrics
+    # at each epoch's last step, the test metrics at the end; the same numbers as metrics.jsonl / metrics.json.
+    board = tensorboard_scalars(run / "tensorboard")
+    ends = [e["step"] for e in epochs]
+    loss_steps = [step for step, _ in board["train/loss"]]
+    assert loss_steps == sorted(set(loss_steps)) and set(ends) <= set(loss_steps) and loss_steps[:2] == [5, 10]
+    for e, start in zip(epochs, [0] + ends):
+        window = [(step, v) for step, v in board["train/loss"] if start < step <= e["step"]]
+        steps = [step - prev for (step, _), prev in zip(window, [start] + [s for s, _ in window])]
+        mean = sum(v * n for (_, v), n in zip(window, steps)) / sum(steps)
+        assert mean == pytest.approx(e["train_loss"], rel=1e-5)  # float32 event values
+    for tag, key in (("val/auc", "auc"), ("val/logloss", "logloss"), ("val/ne", "ne"), ("val/gauc", "gauc")):
+        assert board[tag] == [(e["step"], pytest.approx(e["val"][key], rel=1e-6)) for e in epochs], tag
+    assert [s for s, _ in board["epoch/samples_per_sec"]] == ends and all(v > 0 for _, v in board["train/samples_per_sec"])
+    assert [s for s, _ in board["val/gate_mean"]] == ends
+    assert board["test/auc"] == [(ends[-1], pytest.approx(metrics["test"]["auc"], rel=1e-6))]
+    assert board["test/ne"] == [(ends[-1], pytest.approx(metrics["test"]["ne"], rel=1e-6))]
     for name in ("config.yaml", "training_curves.png", "gate_histogram.png", "train.log"):
         assert (run / name).stat().st_size > 0, name
     index = json.loads((run / "checkpoints" / "index.json").read_text())
@@ -110,6 +151,13 @@ def test_resume_continues_exactly(dataset: Path, tmp_path: Path) -> None:
     la = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
     assert la[1]["train_loss"] == pytest.approx(lb[1]["train_loss"], abs=1e-5)
+    # The resumed run's TensorBoard curves continue the first attempt's: the same points as the straight run's.
+    ta, tb = tensorboard_scalars(straight / "tensorboard"), tensorboard_scalars(split / "tensorboard")
+    assert len(list((split / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    for tag in ("train/loss", "val/auc"):
+        assert [step for step, _ in tb[tag]] == [step for step, _ in ta[tag]], tag
+        assert [v for _, v in tb[tag]] == pytest.approx([v for _, v in ta[tag]], abs=1e-5), tag
+    assert tb["test/auc"][-1] == (ta["test/auc"][-1][0], pytest.approx(ta["test/auc"][-1][1], abs=1e-5))
 
 
 def test_two_process_evaluation_equals_one_process(dataset: Path, tmp_path: Path) -> None:
