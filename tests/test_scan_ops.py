@@ -502,3 +502,25 @@ def test_causal_conv1d_falls_back_to_conv1d_under_export():
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("mdaf_rec" in t for t in targets) and any("conv" in t for t in targets), targets
     torch.testing.assert_close(program.module()(x), F.silu(F.conv1d(x, weight, bias, padding=3, groups=6)[..., :5]))
+
+
+@needs_cpp
+@pytest.mark.parametrize("read_at", [False, True])
+def test_cpp_op_reads_and_writes_any_strides(read_at):
+    """Channel-contiguous views (Mamba's transposed projections) give the values and gradients
+    of contiguous inputs; outputs keep the inputs' dimension order (no copies)."""
+    x = make_scan_inputs("var", torch.float32, batch=3, dim=20, length=9, seed=7)
+    views = {k: (x[k].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                 if k in ("u", "delta", "z") else x[k]) for k in x}
+    positions = torch.tensor([8, 3, 0]) if read_at else None
+    if read_at:
+        for inputs in (x, views):
+            inputs["z"] = inputs["z"].detach()[:, :, 0].requires_grad_()
+    assert views["u"].stride() == (180, 1, 20)
+    y = scan_cpu.selective_scan_cpu(**x, delta_softplus=True, positions=positions)
+    y_v = scan_cpu.selective_scan_cpu(**views, delta_softplus=True, positions=positions)
+    assert max_err(y_v, y) == 0 and (read_at or y_v.stride() == (180, 1, 20))
+    gy = torch.randn(y.shape)
+    g, g_v = grads(y, x, gy), grads(y_v, views, gy)
+    for name in g:
+        assert max_err(g_v[name], g[name]) <= 1e-6 * max(1.0, g[name].abs().max().item()), name

@@ -172,25 +172,26 @@ class MambaBlock(nn.Module):
                 delta_bias=self.dt_proj.bias.float(),
                 delta_softplus=True,
             )
+        # Channel-contiguous throughout: [B, L, C] tensors viewed as the scan's [B, C, L] (the
+        # compiled CPU kernels read any strides; no transposed copies).
         if positions is None:
-            x_in, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # 2 x [B, d_inner, L]
+            x_in, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # 2 x [B, d_inner, L] views
         else:  # in_proj's rows are [x part; z part]; the gate z is needed where y is read only
             w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
             b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-            x_in = F.linear(x, w_x, b_x).transpose(1, 2)  # [B, d_inner, L]
+            x_in = F.linear(x, w_x, b_x).transpose(1, 2)  # [B, d_inner, L] view
             x_read = x.gather(1, positions.view(-1, 1, 1).expand(-1, 1, x.shape[2])).squeeze(1)
             z = F.linear(x_read, w_z, b_z)  # [B, d_inner]
         x_in = causal_conv1d_silu(x_in, self.conv1d.weight, self.conv1d.bias)  # [B, d_inner, L]
-        # x_proj and dt_proj as matmuls in the scan's channel-major layout (no transposed copies)
-        x_dbl = torch.matmul(self.x_proj.weight, x_in)  # [B, dt_rank + 2 * d_state, L]
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.matmul(self.dt_proj.weight, dt)  # [B, d_inner, L], no bias
+        x_dbl = self.x_proj(x_in.transpose(1, 2))  # [B, L, dt_rank + 2 * d_state]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [B, d_inner, L] view, no bias
         y = selective_scan_fn(
             x_in,
             dt,
             A,
-            B,  # [B, d_state, L]
-            C,  # [B, d_state, L]
+            B.transpose(1, 2),  # [B, d_state, L]
+            C.transpose(1, 2),  # [B, d_state, L]
             self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),

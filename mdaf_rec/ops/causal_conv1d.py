@@ -26,11 +26,11 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake("mdaf_rec::causal_conv1d_silu_fwd")
     def _fwd_fake(x, weight, bias):
-        return x.new_empty(x.shape)
+        return torch.empty_like(x)  # x's dimension order, as the C++ side
 
     @torch.library.register_fake("mdaf_rec::causal_conv1d_silu_bwd")
     def _bwd_fake(dy, x, weight, bias):
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(
+        return torch.empty_like(x), weight.new_empty(weight.shape), weight.new_empty(
             0 if bias is None else bias.shape[0])
 
     def setup_context(ctx, inputs, output):
@@ -68,7 +68,8 @@ def causal_conv1d_silu(
         bias (Optional[torch.Tensor]): ``(dim,)``.
 
     Returns:
-        torch.Tensor: ``(batch, dim, length)``; position ``t`` depends on ``x[..., t - K + 1 : t + 1]``.
+        torch.Tensor: ``(batch, dim, length)`` (in ``x``'s dimension order); position ``t`` depends on
+        ``x[..., t - K + 1 : t + 1]``.
     """
     dim, _, width = weight.shape
     if _compiled_op_usable(x) and weight.dtype == x.dtype:

@@ -126,10 +126,11 @@ def available() -> bool:
 def _register_python_parts() -> None:
     """Fake kernels (shapes for torch.compile / torch.export) and the autograd formula."""
 
+    # Outputs shaped like an input take its layout (empty_like's rule, as the C++ side does).
     @torch.library.register_fake("mdaf_rec::selective_scan_fwd")
     def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions):
-        batch, dim, length = u.shape
-        out = u.new_empty(batch, dim) if positions is not None else u.new_empty(batch, dim, length)
+        batch, dim, _ = u.shape
+        out = u.new_empty(batch, dim) if positions is not None else torch.empty_like(u)
         return out, u.new_empty(batch, dim, A.shape[1])
 
     @torch.library.register_fake("mdaf_rec::selective_scan_bwd")
@@ -137,8 +138,8 @@ def _register_python_parts() -> None:
         def like(t):
             return u.new_empty(0) if t is None else u.new_empty(t.shape)
 
-        return (u.new_empty(u.shape), u.new_empty(u.shape), like(A), like(B), like(C), like(D),
-                like(z), like(delta_bias))
+        return (torch.empty_like(u), torch.empty_like(delta), like(A), like(B), like(C), like(D),
+                u.new_empty(0) if z is None else torch.empty_like(z), like(delta_bias))
 
     def setup_context(ctx, inputs, output):
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions = inputs

@@ -36,12 +36,13 @@ static void load_tile(const T* __restrict__ x, int64_t sd, int64_t st, int64_t L
     for (int64_t l = 0; l < W; ++l) dst[(t + offset) * W + l] = l < lanes ? x[l * sd + t * st] : T(0);
 }
 
-// dst[b, d0 + l, t] (contiguous (batch, dim, L)) = src[t * W + l] for l < lanes
+// dst[l * sd + t * st] = src[t * W + l] for l < lanes, t < L
 template <typename T>
-static void store_tile(const T* __restrict__ src, int64_t L, int64_t lanes, T* __restrict__ dst) {
+static void store_tile(const T* __restrict__ src, int64_t sd, int64_t st, int64_t L, int64_t lanes,
+                       T* __restrict__ dst) {
   constexpr int64_t W = kLanes<T>;
-  for (int64_t l = 0; l < lanes; ++l)
-    for (int64_t t = 0; t < L; ++t) dst[l * L + t] = src[t * W + l];
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t l = 0; l < lanes; ++l) dst[l * sd + t * st] = src[t * W + l];
 }
 
 struct Conv {
@@ -91,7 +92,9 @@ static void for_each_slot(int64_t batch, int64_t slots, const F& f) {
 }
 
 template <typename T>
-static void fwd_kernel(const Conv& c, const T* x, const T* w, const T* bias, T* y) {
+static void fwd_kernel(const Conv& c, const T* x, const T* w, const T* bias, const at::Tensor& y_t) {
+  T* y = y_t.data_ptr<T>();
+  const int64_t yb = y_t.stride(0), yd = y_t.stride(1), yt = y_t.stride(2);
   constexpr int64_t W = kLanes<T>;
   const int64_t L = c.L, K = c.K;
   for_each_slot(c.batch, num_slots(c.batch), [&](int64_t, int64_t b0, int64_t b1) {
@@ -104,7 +107,7 @@ static void fwd_kernel(const Conv& c, const T* x, const T* w, const T* bias, T* 
         pre_activation(c, x, w, bias, b, d0, lanes, xt, wl, bl, pre);
 #pragma omp simd
         for (int64_t i = 0; i < L * W; ++i) out[i] = pre[i] * sigmoid_(pre[i]);
-        store_tile(out, L, lanes, y + (b * c.dim + d0) * L);
+        store_tile(out, yd, yt, L, lanes, y + b * yb + d0 * yd);
       }
     }
   });
@@ -112,7 +115,9 @@ static void fwd_kernel(const Conv& c, const T* x, const T* w, const T* bias, T* 
 
 template <typename T>
 static void bwd_kernel(const Conv& c, const at::Tensor& dy, const T* x, const T* w, const T* bias,
-                       T* dx, int64_t slots, T* dw_s, T* db_s) {
+                       const at::Tensor& dx_t, int64_t slots, T* dw_s, T* db_s) {
+  T* dx = dx_t.data_ptr<T>();
+  const int64_t xb = dx_t.stride(0), xd = dx_t.stride(1), xt_ = dx_t.stride(2);
   constexpr int64_t W = kLanes<T>;
   const int64_t L = c.L, K = c.K;
   const T* dy_p = dy.data_ptr<T>();
@@ -153,7 +158,7 @@ static void bwd_kernel(const Conv& c, const at::Tensor& dy, const T* x, const T*
             dbl[l] += dp[t * W + l];
           }
         }
-        store_tile(dxt, L, lanes, dx + (b * c.dim + d0) * L);
+        store_tile(dxt, xd, xt_, L, lanes, dx + b * xb + d0 * xd);
         for (int64_t l = 0; l < lanes; ++l) {
           db[d0 + l] += dbl[l];
           for (int64_t k = 0; k < K; ++k) dw[(d0 + l) * K + k] += dwl[k * W + l];
@@ -171,10 +176,10 @@ at::Tensor causal_conv1d_silu_fwd(const at::Tensor& x, const at::Tensor& weight_
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "causal_conv1d_silu: dtypes differ");
   const c10::optional<at::Tensor> bias =
       bias_in ? c10::optional<at::Tensor>(bias_in->contiguous()) : c10::nullopt;
-  at::Tensor y = at::empty({c.batch, c.dim, c.L}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty_like(x);  // x's dimension order (channel-contiguous for Mamba's view)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_silu_fwd", [&] {
     fwd_kernel<scalar_t>(c, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                         bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+                         bias ? bias->data_ptr<scalar_t>() : nullptr, y);
   });
   return y;
 }
@@ -190,12 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_silu_bwd(
   const c10::optional<at::Tensor> bias =
       bias_in ? c10::optional<at::Tensor>(bias_in->contiguous()) : c10::nullopt;
   const int64_t slots = num_slots(c.batch);
-  at::Tensor dx = at::empty({c.batch, c.dim, c.L}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = at::empty_like(x);
   at::Tensor dw_s = at::zeros({slots, c.dim, c.K}, w.options());
   at::Tensor db_s = at::zeros({slots, c.dim}, w.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_silu_bwd", [&] {
     bwd_kernel<scalar_t>(c, dy, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                         bias ? bias->data_ptr<scalar_t>() : nullptr, dx.data_ptr<scalar_t>(), slots,
+                         bias ? bias->data_ptr<scalar_t>() : nullptr, dx, slots,
                          dw_s.data_ptr<scalar_t>(), db_s.data_ptr<scalar_t>());
   });
   return {dx, dw_s.sum(0), bias ? db_s.sum(0) : at::empty({0}, w.options())};

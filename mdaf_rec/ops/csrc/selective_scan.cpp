@@ -52,16 +52,26 @@ using namespace mdaf_rec_math;
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 
+// A (batch, dim, L) tensor -- or (batch, dim), with st = 0 -- of any strides (Mamba hands
+// over transposed, channel-contiguous views of its projections).
+template <typename T>
+struct View {
+  T* p = nullptr;
+  int64_t sb = 0, sd = 0, st = 0;
+  View() = default;
+  explicit View(const at::Tensor& t)
+      : p(t.data_ptr<T>()), sb(t.stride(0)), sd(t.stride(1)), st(t.dim() == 3 ? t.stride(2) : 0) {}
+  T& at2(int64_t b, int64_t d) const { return p[b * sb + d * sd]; }  // (batch, dim) element
+};
+
 template <typename T>
 struct Scan {
   int64_t batch, dim, L, N;
-  const T* u;
-  const T* delta;
+  View<T> u, delta, z;  // z.p nullable; z is (batch, dim) with positions
   const T* A;
   const T* B;  // (dim, N) or (batch, groups_b, L, N)
   const T* C;
   const T* D;     // nullable
-  const T* z;     // nullable; (batch, dim, L), or (batch, dim) with positions
   const T* bias;  // nullable
   const int64_t* pos;  // nullable
   bool softplus, var_b, var_c;
@@ -81,13 +91,13 @@ static Scan<T> make_scan(const at::Tensor& u, const at::Tensor& delta, const at:
   s.dim = u.size(1);
   s.L = u.size(2);
   s.N = A.size(1);
-  s.u = u.data_ptr<T>();
-  s.delta = delta.data_ptr<T>();
+  s.u = View<T>(u);
+  s.delta = View<T>(delta);
   s.A = A.data_ptr<T>();
   s.B = Bt.data_ptr<T>();
   s.C = Ct.data_ptr<T>();
   s.D = D ? D->data_ptr<T>() : nullptr;
-  s.z = z ? z->data_ptr<T>() : nullptr;
+  if (z) s.z = View<T>(*z);
   s.bias = bias ? bias->data_ptr<T>() : nullptr;
   s.pos = pos ? pos->data_ptr<int64_t>() : nullptr;
   s.softplus = softplus;
@@ -160,35 +170,34 @@ struct Block {
   }
 };
 
-// dst[t * W + l] = src[(row0 + l) * L + t] for l < lanes (0 for padded lanes), t < steps
+// dst[t * W + l] = v[b, d0 + l, t] for l < lanes (0 for padded lanes), t < steps
 template <typename T>
-static void load_lanes(const T* __restrict__ src, int64_t row0, int64_t L, int64_t steps,
-                       int64_t lanes, T* __restrict__ dst) {
+static void load_lanes(const View<T>& v, int64_t b, int64_t d0, int64_t steps, int64_t lanes,
+                       T* __restrict__ dst) {
   constexpr int64_t W = kLanes<T>;
-  for (int64_t l = 0; l < W; ++l) {
-    const T* s = src + (row0 + l) * L;
-    for (int64_t t = 0; t < steps; ++t) dst[t * W + l] = l < lanes ? s[t] : T(0);
-  }
+  const T* __restrict__ src = v.p + b * v.sb + d0 * v.sd;
+  for (int64_t t = 0; t < steps; ++t)
+    for (int64_t l = 0; l < W; ++l) dst[t * W + l] = l < lanes ? src[l * v.sd + t * v.st] : T(0);
 }
 
+// v[b, d0 + l, t] = src[t * W + l] for l < lanes, t < steps
 template <typename T>
-static void store_lanes(const T* __restrict__ src, int64_t row0, int64_t L, int64_t steps,
-                        int64_t lanes, T* __restrict__ dst) {
+static void store_lanes(const T* __restrict__ src, const View<T>& v, int64_t b, int64_t d0,
+                        int64_t steps, int64_t lanes) {
   constexpr int64_t W = kLanes<T>;
-  for (int64_t l = 0; l < lanes; ++l) {
-    T* d = dst + (row0 + l) * L;
-    for (int64_t t = 0; t < steps; ++t) d[t] = src[t * W + l];
-  }
+  T* __restrict__ dst = v.p + b * v.sb + d0 * v.sd;
+  for (int64_t t = 0; t < steps; ++t)
+    for (int64_t l = 0; l < lanes; ++l) dst[l * v.sd + t * v.st] = src[t * W + l];
 }
 
 // Loads a block's u, x = delta + bias, dt = softplus(x) or x, dtu = dt * u, A (N, W), D.
 template <typename T>
-static void load_block(const Scan<T>& s, int64_t row0, int64_t d0, int64_t lanes, int64_t steps,
+static void load_block(const Scan<T>& s, int64_t b, int64_t d0, int64_t lanes, int64_t steps,
                        Block<T>& k) {
   constexpr int64_t W = kLanes<T>;
   const int64_t N = s.N;
-  load_lanes(s.u, row0, s.L, steps, lanes, k.u);
-  load_lanes(s.delta, row0, s.L, steps, lanes, k.x);
+  load_lanes(s.u, b, d0, steps, lanes, k.u);
+  load_lanes(s.delta, b, d0, steps, lanes, k.x);
   T bias[W];
   for (int64_t l = 0; l < W; ++l) {
     const bool in = l < lanes;
@@ -283,7 +292,7 @@ template <typename T>
 static void fwd_kernel(const Scan<T>& s, at::Tensor& out, at::Tensor& last) {
   constexpr int64_t W = kLanes<T>;
   const int64_t dim = s.dim, L = s.L, N = s.N;
-  T* out_p = out.data_ptr<T>();
+  const View<T> out_v(out);
   T* last_p = last.data_ptr<T>();
   for_each_slot(s.batch, num_slots(s.batch), [&](int64_t, int64_t b0, int64_t b1) {
     Block<T> k(L, N, /*backward=*/false);
@@ -293,7 +302,7 @@ static void fwd_kernel(const Scan<T>& s, at::Tensor& out, at::Tensor& last) {
         const int64_t lanes = std::min(W, dim - d0), row0 = b * dim + d0;
         const LaneMatrix<T> Bm(s.B, s.var_b, s.groups_b, b, d0, lanes, dim, N, L);
         const LaneMatrix<T> Cm(s.C, s.var_c, s.groups_c, b, d0, lanes, dim, N, L);
-        load_block(s, row0, d0, lanes, steps, k);
+        load_block(s, b, d0, lanes, steps, k);
         scan_block<false>(s, d0, lanes, steps, Bm, Cm, k,
                           [&](int64_t t) { return !s.pos || t == steps - 1; });
         for (int64_t l = 0; l < lanes; ++l)
@@ -302,25 +311,28 @@ static void fwd_kernel(const Scan<T>& s, at::Tensor& out, at::Tensor& last) {
           const int64_t t = steps - 1;
           for (int64_t l = 0; l < lanes; ++l) {
             T y = k.y[t * W + l] + k.D[l] * k.u[t * W + l];
-            if (s.z) y *= s.z[row0 + l] * sigmoid_(s.z[row0 + l]);
-            out_p[row0 + l] = y;
+            if (s.z.p) {
+              const T zz = s.z.at2(b, d0 + l);
+              y *= zz * sigmoid_(zz);
+            }
+            out_v.at2(b, d0 + l) = y;
           }
           continue;
         }
         T* __restrict__ o = k.t0;
         const T* __restrict__ y = k.y;
         const T* __restrict__ u = k.u;
-        if (s.z) load_lanes(s.z, row0, L, L, lanes, k.z);
+        if (s.z.p) load_lanes(s.z, b, d0, L, lanes, k.z);
         const T* __restrict__ z = k.z;
         for (int64_t t = 0; t < L; ++t) {
 #pragma omp simd
           for (int64_t l = 0; l < W; ++l) {
             const int64_t i = t * W + l;
             const T v = y[i] + k.D[l] * u[i];
-            o[i] = s.z ? v * (z[i] * sigmoid_(z[i])) : v;
+            o[i] = s.z.p ? v * (z[i] * sigmoid_(z[i])) : v;
           }
         }
-        store_lanes(o, row0, L, L, lanes, out_p);
+        store_lanes(o, out_v, b, d0, L, lanes);
       }
     }
   });
@@ -370,9 +382,8 @@ static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, 
                        at::Tensor& dB_s, at::Tensor& dC_s) {
   constexpr int64_t W = kLanes<T>;
   const int64_t dim = s.dim, L = s.L, N = s.N;
-  const T* dout_p = dout.data_ptr<T>();
-  T *du_p = du.data_ptr<T>(), *dd_p = ddelta.data_ptr<T>();
-  T* dz_p = s.z ? dz.data_ptr<T>() : nullptr;
+  const View<T> dout_v(dout), du_v(du), dd_v(ddelta);
+  const View<T> dz_v = s.z.p ? View<T>(dz) : View<T>();
   for_each_slot(s.batch, slots, [&](int64_t slot, int64_t b0, int64_t b1) {
     Block<T> k(L, N, /*backward=*/true);
     T* dA_acc = dA_s.data_ptr<T>() + slot * dim * N;
@@ -385,13 +396,13 @@ static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, 
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t steps = s.steps(b);
       for (int64_t d0 = 0; d0 < dim; d0 += W) {
-        const int64_t lanes = std::min(W, dim - d0), row0 = b * dim + d0;
+        const int64_t lanes = std::min(W, dim - d0);
         const LaneMatrix<T> Bm(s.B, s.var_b, s.groups_b, b, d0, lanes, dim, N, L);
         const LaneMatrix<T> Cm(s.C, s.var_c, s.groups_c, b, d0, lanes, dim, N, L);
-        load_block(s, row0, d0, lanes, steps, k);
+        load_block(s, b, d0, lanes, steps, k);
         // recompute exp(dt A) and the states; y (pre-gate C . h) only where dz needs it
         scan_block<true>(s, d0, lanes, steps, Bm, Cm, k, [&](int64_t t) {
-          return s.z && (!s.pos || t == steps - 1);
+          return s.z.p && (!s.pos || t == steps - 1);
         });
         // dy = dL/d(pre-gate y) per step (lane-minor); dz
         T* __restrict__ dy = k.dy;
@@ -399,19 +410,19 @@ static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, 
         if (s.pos) {
           const int64_t t = steps - 1;
           for (int64_t l = 0; l < lanes; ++l) {
-            T go = dout_p[row0 + l];
-            if (s.z) {
-              const T zz = s.z[row0 + l], sig = sigmoid_(zz);
-              dz_p[row0 + l] = go * (k.y[t * W + l] + k.D[l] * k.u[t * W + l]) *
+            T go = dout_v.at2(b, d0 + l);
+            if (s.z.p) {
+              const T zz = s.z.at2(b, d0 + l), sig = sigmoid_(zz);
+              dz_v.at2(b, d0 + l) = go * (k.y[t * W + l] + k.D[l] * k.u[t * W + l]) *
                                (sig * (T(1) + zz * (T(1) - sig)));
               go *= zz * sig;
             }
             dy[t * W + l] = go;
           }
         } else {
-          load_lanes(dout_p, row0, L, L, lanes, dy);
-          if (s.z) {
-            load_lanes(s.z, row0, L, L, lanes, k.z);
+          load_lanes(dout_v, b, d0, L, lanes, dy);
+          if (s.z.p) {
+            load_lanes(s.z, b, d0, L, lanes, k.z);
             T* __restrict__ dzl = k.t0;
             const T* __restrict__ z = k.z;
             const T* __restrict__ y = k.y;
@@ -425,7 +436,7 @@ static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, 
                 dy[i] *= z[i] * sig;
               }
             }
-            store_lanes(dzl, row0, L, L, lanes, dz_p);
+            store_lanes(dzl, dz_v, b, d0, L, lanes);
           }
         }
         // adjoint, backwards in time: g_t = a_{t+1} g_{t+1} + C_t dy_t
@@ -478,8 +489,8 @@ static void bwd_kernel(const Scan<T>& s, const at::Tensor& dout, int64_t slots, 
             k.dD[l] += dyt[l] * u[l];
           }
         }
-        store_lanes(du_l, row0, L, steps, lanes, du_p);
-        store_lanes(dd_l, row0, L, steps, lanes, dd_p);
+        store_lanes(du_l, du_v, b, d0, steps, lanes);
+        store_lanes(dd_l, dd_v, b, d0, steps, lanes);
         for (int64_t l = 0; l < lanes; ++l) {
           dD_acc[d0 + l] += k.dD[l];
           for (int64_t n = 0; n < N; ++n) dA_acc[(d0 + l) * N + n] += dAl[n * W + l];
@@ -557,9 +568,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& bias_in,
     bool delta_softplus, const c10::optional<at::Tensor>& pos_in) {
   check_args(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, pos_in);
-  const at::Tensor u = u_in.contiguous(), delta = delta_in.contiguous(), A = A_in.contiguous();
+  const at::Tensor &u = u_in, &delta = delta_in;  // any strides (View)
+  const at::Tensor A = A_in.contiguous();
   const at::Tensor Bt = time_major(B_in), Ct = time_major(C_in);
-  const auto D = contig(D_in), z = contig(z_in), bias = contig(bias_in), pos = contig(pos_in);
+  const auto D = contig(D_in), bias = contig(bias_in), pos = contig(pos_in);
+  const c10::optional<at::Tensor>& z = z_in;  // any strides (View)
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   at::Tensor out = pos ? at::empty({batch, dim}, u.options()) : at::empty_like(u);
   at::Tensor last = at::empty({batch, dim, N}, u.options());
@@ -580,16 +593,18 @@ selective_scan_bwd(const at::Tensor& dout_in, const at::Tensor& u_in, const at::
                    const c10::optional<at::Tensor>& bias_in, bool delta_softplus,
                    const c10::optional<at::Tensor>& pos_in) {
   check_args(u_in, delta_in, A_in, B_in, C_in, D_in, z_in, bias_in, pos_in);
-  const at::Tensor u = u_in.contiguous(), delta = delta_in.contiguous(), A = A_in.contiguous();
+  const at::Tensor &u = u_in, &delta = delta_in;  // any strides (View)
+  const at::Tensor A = A_in.contiguous();
   const at::Tensor Bt = time_major(B_in), Ct = time_major(C_in);
-  const at::Tensor dout = dout_in.contiguous();
-  const auto D = contig(D_in), z = contig(z_in), bias = contig(bias_in), pos = contig(pos_in);
+  const at::Tensor& dout = dout_in;
+  const auto D = contig(D_in), bias = contig(bias_in), pos = contig(pos_in);
+  const c10::optional<at::Tensor>& z = z_in;  // any strides (View)
   TORCH_CHECK(dout.sizes() == (pos ? at::IntArrayRef({u.size(0), u.size(1)}) : u.sizes()),
               "selective_scan_bwd: dout has the wrong shape");
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const int64_t slots = num_slots(batch);
   const bool var_b = Bt.dim() == 4, var_c = Ct.dim() == 4;
-  at::Tensor du = at::zeros_like(u), ddelta = at::zeros_like(u);
+  at::Tensor du = at::zeros_like(u), ddelta = at::zeros_like(delta);  // their layouts
   at::Tensor dz = z ? at::zeros_like(*z) : at::empty({0}, u.options());
   // per-slot sums: dA, dD, and constant dB / dC
   at::Tensor dA_s = at::zeros({slots, dim, N}, u.options());
