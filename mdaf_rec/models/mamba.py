@@ -22,6 +22,7 @@ from torch import nn
 
 from mdaf_rec.models.tracing import is_tracing
 from mdaf_rec.ops import causal_conv1d_silu, selective_scan_fn
+from mdaf_rec.ops.dropout import Dropout
 
 try:  # CUDA fast path of the whole block; not installable on CPU-only machines.
     from mamba_ssm.ops.selective_scan_interface import (  # type: ignore[import-not-found]
@@ -217,7 +218,7 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(d_model, inner_size)
         self.w_2 = nn.Linear(inner_size, d_model)
         self.activation = nn.GELU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +263,7 @@ class Mamba4RecLayer(nn.Module):
         super().__init__()
         self.residual = residual
         self.mamba = MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
 
@@ -321,7 +322,7 @@ class Mamba4RecEncoder(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.d_model = d_model
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.mamba_layers = nn.ModuleList(
             [
                 Mamba4RecLayer(d_model, d_state, d_conv, expand, dropout, residual=num_layers > 1)
