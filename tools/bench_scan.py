@@ -33,7 +33,6 @@ Usage (one command; one thread by default)::
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path

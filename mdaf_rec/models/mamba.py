@@ -3,14 +3,18 @@
 * :class:`MambaBlock` -- the Mamba mixer with ``mamba_ssm.Mamba``'s parameter names, shapes and
   initialisation (state dicts are interchangeable); its scan is
   :func:`mdaf_rec.ops.selective_scan_fn`, which picks the implementation (compiled CPU kernel,
-  pure PyTorch, ``mamba_ssm``'s CUDA kernel, or the exportable loop); on CUDA with ``mamba_ssm``
-  and ``causal_conv1d`` installed the whole block runs ``mamba_ssm``'s fused ``mamba_inner_fn``;
+  pure PyTorch, ``mamba_ssm``'s CUDA kernel, or the exportable loop), its causal conv + SiLU
+  :func:`mdaf_rec.ops.causal_conv1d_silu`; the block keeps its activations channel-contiguous
+  (``[B, L, C]`` viewed as ``[B, C, L]``, which the compiled CPU kernels read without copies). On
+  CUDA with ``mamba_ssm`` and ``causal_conv1d`` installed the whole block runs ``mamba_ssm``'s
+  fused ``mamba_inner_fn``;
 * :class:`Mamba4RecLayer` / :class:`Mamba4RecEncoder` -- the layer stack of Mamba4Rec
   (Liu et al., "Mamba4Rec: Towards Efficient Sequential Recommendation with Selective State
   Space Models", arXiv:2403.03900), reading out the last valid position of right-padded
   sequences. The last layer computes only what that read-out needs at the read position (the
   gate, the output projection, the position-wise part; the scan's output contraction there, and
-  with the compiled CPU kernel no step after it).
+  with the compiled CPU kernel no step after it). Dropouts are :class:`mdaf_rec.ops.dropout.Dropout`
+  (``nn.Dropout`` with cheaper masks).
 """
 
 import math
