@@ -257,8 +257,8 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> Path:
     """AOTInductor: ``program`` compiled to a shared library for this machine, packaged at ``path`` (``.pt2``).
 
     The package loads with torch alone (``torch._inductor.aoti_load_package(path)``, a callable on the
-    program's inputs returning its outputs) and runs MDAF-Mamba 1.3-10x faster than ``program.module()``
-    and faster than the eager model at batch 1 / 64 / 512 (docs/benchmarks.md, "Serving latency").
+    program's inputs returning its outputs) and runs MDAF-Mamba 2.4-10x faster than ``program.module()``
+    (docs/benchmarks.md, "Serving latency": faster than the eager model at batch 1, slower at 512).
     Compiling takes ~30 s on 2 cores and needs a C++ compiler; the library uses this CPU's instruction set
     (e.g. AVX-512), so it runs on machines with the same or a newer one, and with the same torch version.
     """

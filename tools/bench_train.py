@@ -59,15 +59,19 @@ SECTION = "## Training throughput (tools/bench_train.py)"
 DEMO_SECTION = "## Training throughput at demo dims (tools/bench_train.py --demo)"
 DEMO_BACKENDS = {"cpp": "compiled CPU kernel", "torch_cpu": "pure PyTorch scan"}
 DEMO_NOTES = """\
-Both rows include this change's model-side savings (the last Mamba layer computes its gate, scan output
-and `out_proj` at the read position only, and its scan stops there; `x_proj`/`dt_proj` without transposed
-copies), so the ratio isolates the scan. The ratio is bounded by what the scan is of a step: with the pure
-PyTorch scan it is about a third of the step (its `_SelectiveScanFnBackward` plus forward), the compiled
-kernel makes it about a fifth of the faster step, and the rest -- GEMMs of all branches, dropout masks
-(`bernoulli_`, one MT19937 draw per element), the depthwise `conv1d` and its backward, copies in TorchRec's
-embedding path -- costs the same in both rows; so even a free scan would not reach 2.5x here. The pure
-PyTorch scan suffers more from a busy machine (~14k small ops per step, each a parallel region with 2
-threads): under load the ratio grows (2.4x measured at load average ~3.5), on an idle core it shrinks.
+Both rows share everything but the scan: the last Mamba layer computes its gate, scan output and `out_proj`
+at the read position only (and the compiled scan stops there), the causal conv + SiLU is the compiled
+`mdaf_rec::causal_conv1d_silu` op, the Mamba activations stay channel-contiguous (no transposed copies) and
+the Mamba4Rec dropouts draw 16-bit masks (`mdaf_rec.ops.dropout`); so the ratio isolates the scan. It is
+bounded by what the scan is of a step: the compiled scan is ~106 ms of the ~380-400 ms step
+(`selective_scan_bwd` + its forward, profile below), the pure PyTorch one ~360-440 ms of its ~650-710 ms;
+the other ~270-290 ms are the same in both rows -- GEMMs of all branches (`aten::mm`, a third of the step:
+K = 64..256 matrices, one thread), the conv, GELU and LayerNorm passes, DCNv3's and the head's dropouts,
+TorchRec's embedding path. Even a free scan would give 2.3-2.6x; 2.5x needs the scan at ~15 ms per step,
+7x faster than now, so the goal of 2.5x against the pure PyTorch scan of the same run is not met on this
+CPU. Against the issue's "today" (~360 samples/s, pure PyTorch scan before this work, on a busier
+machine) the compiled row is ~7x. The pure PyTorch scan also suffers more from a busy machine (~14k small
+ops per step): the ratio was 2.4x at load average ~3.5, with an earlier state of this code.
 """
 Step = Callable[[Batch], Tuple[float, float, float]]
 
