@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdaf_rec.models.tracing import is_tracing
 from mdaf_rec.ops import causal_conv1d_silu, selective_scan_fn
 from mdaf_rec.ops.dropout import Dropout
 
@@ -343,20 +342,17 @@ class Mamba4RecEncoder(nn.Module):
         Args:
             tokens (torch.Tensor): ``[B, L, d_model]`` float, right-padded sequences.
             lengths (torch.Tensor): ``[B]`` integer number of valid tokens, ``1 <= lengths <= L``.
+                Values are not checked here (that would wait for the device on every step); data is
+                validated where it enters (``check_sequence_features``, the serving boundary).
 
         Returns:
             torch.Tensor: ``[B, d_model]`` hidden state at position ``lengths - 1``.
         """
-        batch, max_len, _ = tokens.shape
+        batch = tokens.shape[0]
         if lengths.dim() != 1 or lengths.shape[0] != batch:
             raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.is_complex():
             raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
-        if not is_tracing() and batch > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > max_len):
-            raise ValueError(
-                f"lengths must be in [1, {max_len}] (each sequence ends with its target item), "
-                f"got min {int(lengths.min())}, max {int(lengths.max())}"
-            )
         hidden = self.LayerNorm(self.dropout(tokens))  # [B, L, d_model]
         last = lengths.to(device=tokens.device, dtype=torch.long) - 1  # [B]
         for layer in self.mamba_layers[:-1]:

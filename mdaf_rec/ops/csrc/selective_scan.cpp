@@ -77,7 +77,13 @@ struct Scan {
   bool softplus, var_b, var_c;
   int64_t groups_b, groups_c;
 
-  int64_t steps(int64_t b) const { return pos ? pos[b] + 1 : L; }
+  // steps of row b that can influence its output; checks the row's position (no separate pass)
+  int64_t steps(int64_t b) const {
+    if (!pos) return L;
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < L, "selective_scan: positions must be in [0, length), got ",
+                pos[b], " in row ", b);
+    return pos[b] + 1;
+  }
 };
 
 template <typename T>
@@ -539,11 +545,7 @@ static void check_args(const at::Tensor& u, const at::Tensor& delta, const at::T
   }
   if (pos) {
     TORCH_CHECK(pos->dim() == 1 && pos->size(0) == batch && pos->scalar_type() == at::kLong,
-                "selective_scan: positions must be int64 (batch,)");
-    if (batch > 0) {
-      const auto lo = pos->min().item<int64_t>(), hi = pos->max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < L, "selective_scan: positions must be in [0, length)");
-    }
+                "selective_scan: positions must be int64 (batch,)");  // values: Scan::steps
   }
   if (z) {
     TORCH_CHECK(z->scalar_type() == u.scalar_type(), "selective_scan: z must have u's dtype");
