@@ -406,6 +406,7 @@ def test_torch_compile_sees_one_op():
         assert close(g[name], g_ref[name], torch.float32), name
 
 
+@needs_cpp
 def test_build_holds_a_process_lock_and_clears_a_stale_baton(monkeypatch, tmp_path):
     """Concurrent builders (torchrun) serialise on an flock of the cache folder; a lock file left
     by a killed build (cpp_extension's baton, which would make every later build wait forever) is

@@ -85,9 +85,14 @@ def _ninja_on_path() -> None:
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
+    compiler = os.environ.get("CXX", "c++")  # what cpp_extension runs
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} not found)")
+    _ninja_on_path()
+    if shutil.which("ninja") is None:
+        raise RuntimeError("ninja not found (requirements/cpu.txt installs it)")
     folder = build_directory()
     folder.mkdir(parents=True, exist_ok=True)
-    _ninja_on_path()
     with open(folder / "build.flock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
         try:
@@ -115,6 +120,7 @@ def available() -> bool:
             _loaded = True
         except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."  # details: DEBUG
             logger.warning(
                 "compiled CPU selective scan unavailable (%s); using the pure PyTorch scan", reason
             )
