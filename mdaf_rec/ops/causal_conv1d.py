@@ -8,6 +8,7 @@ backward recomputes the pre-activation), elsewhere -- other devices, other dtype
 ``torch.export`` -- with those two aten ops. Same values either way (tested).
 """
 
+import threading
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ from mdaf_rec.ops.selective_scan import exporting
 __all__ = ["causal_conv1d_silu"]
 
 _registered = False
+_register_lock = threading.Lock()
 
 
 def _register_python_parts() -> None:
@@ -52,9 +54,10 @@ def _compiled_op_usable(x: torch.Tensor) -> bool:
         return False
     if not scan_cpu.available():
         return False
-    if not _registered:
-        _register_python_parts()
-        _registered = True
+    with _register_lock:
+        if not _registered:
+            _register_python_parts()
+            _registered = True
     return True
 
 

@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -40,12 +41,13 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / "selective_scan.cpp", CSRC / "causal_conv1d.cpp"]  # + the header vec_math.h
-# -fassociative-math (with the two flags it needs) lets gcc sum the d_state products as a tree
-# instead of 16 serial adds (~3x faster forward); NaN and infinity handling stay IEEE.
+# -fassociative-math (with the two flags it needs) lets gcc vectorise the remaining sums (over the
+# lanes of a gradient tile) as trees instead of serial adds; NaN and infinity handling stay IEEE.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math"]
 _EXTENSION = "mdaf_rec_selective_scan"
 _loaded: Optional[bool] = None  # None: not tried yet in this process
+_load_lock = threading.Lock()  # one build-and-load per process, also with several Python threads
 
 
 def _cpu_signature() -> str:
@@ -113,7 +115,11 @@ def _build_and_load() -> None:
 def available() -> bool:
     """Whether the compiled operators are loaded; builds them on the first call of a process."""
     global _loaded
-    if _loaded is None:
+    if _loaded is not None:
+        return _loaded
+    with _load_lock:
+        if _loaded is not None:
+            return _loaded
         try:
             _build_and_load()
             _register_python_parts()
@@ -126,7 +132,7 @@ def available() -> bool:
             )
             logger.debug("selective scan build failure", exc_info=True)
             _loaded = False
-    return _loaded
+        return _loaded
 
 
 def _register_python_parts() -> None:
