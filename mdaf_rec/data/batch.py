@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import List
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+_IS_FX_TRACING_NOTICE = "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"
+
+
+class _DropIsFxTracingNotice(logging.Filter):
+    """Drops torch.fx's "is_fx_tracing will return true for both ..." warning, and only that record.
+
+    Its caller is torch itself: ``torch.fx.ProxyableClassMeta.__call__``, the metaclass of TorchRec's
+    ``KeyedJaggedTensor``, calls the deprecated ``is_fx_tracing()`` on every KJT construction (this module
+    builds the KJTs of train, eval and predict), and its first call in each process logs this advice meant
+    for torch's own code. Nothing here can act on it; torch 2.13, torchrec 1.8.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_IS_FX_TRACING_NOTICE)
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_DropIsFxTracingNotice())
 
 
 @dataclass

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdaf_rec.models import tracing  # noqa: F401  (its import filters torch.fx's notice on KJT construction)
 from mdaf_rec.ops import causal_conv1d_silu, selective_scan_fn
 from mdaf_rec.ops.dropout import Dropout
 
