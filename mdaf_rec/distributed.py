@@ -64,9 +64,17 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
         if "MASTER_ADDR" not in os.environ:  # a plain single process
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        timeout = timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            # torchrun's static rendezvous keeps one store for all attempts of a job: without a prefix per
+            # attempt, a restarted worker can read the addresses the previous attempt's (dead) workers left
+            # there and fail to connect ("Connection refused").
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"mdaf_rec/attempt_{restart}", store),
+                                    rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, local_world_size, device, str(dist.get_backend()))
 
 
