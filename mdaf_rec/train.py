@@ -8,6 +8,10 @@ epoch if asked), evaluate on validation, checkpoint, and stop early when validat
 improving; finally score validation and test with the best checkpoint and write ``metrics.json``. The
 same code runs as 1 process, ``torchrun --nproc_per_node N`` or N nodes, and a restarted job (the
 launcher re-running the same command) continues from its last checkpoint.
+
+The pieces scripts and tests reuse: :func:`open_session` (``training=False``: no optimizer state),
+:meth:`Session.loader`, :func:`train_steps` (the one step path, a TorchRec pipeline), :func:`predictions`
+and :func:`evaluate`. Loss, metrics and samples/s also go to TensorBoard (:mod:`mdaf_rec.monitoring`).
 """
 
 from __future__ import annotations
