@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Dict, List
 
@@ -187,3 +188,5 @@ def test_vocabularies_are_immutable_and_the_fingerprint_is_computed_once(dataset
     fresh = Vocabularies.build(dataset, FeaturesConfig(min_count=1))
     assert [fresh.fingerprint for _ in range(3)] == [vocabs.fingerprint] * 3 and len(calls) == 1
     assert loaded.fingerprint == vocabs.fingerprint and len(calls) == 1  # computed (and checked) at load
+    copy = pickle.loads(pickle.dumps(loaded))  # DataLoader workers started with spawn get a pickled copy
+    assert copy.fingerprint == vocabs.fingerprint and copy.sizes == vocabs.sizes

@@ -157,6 +157,10 @@ class Vocabularies:
         self.min_count = min_count
         self.train_files = tuple(tuple(f) for f in train_files)
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        """Picklable (DataLoader workers started with ``spawn``), although ``spaces`` is a read-only view."""
+        return Vocabularies, (dict(self.spaces), self.min_count, [list(f) for f in self.train_files])
+
     # -- queries ---------------------------------------------------------------------------------
 
     @property
