@@ -11,6 +11,7 @@ import torch
 
 from mdaf_rec.config import FeaturesConfig
 from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.data.synth import generate
 from mdaf_rec.features import FeatureSpec
 
 SHARED_DATA = Path(os.environ.get("MDAF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -21,6 +22,14 @@ def shared_data(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"shared data not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A small synthetic dataset (3,000 rows, 300 users, 800 items) shared by the end-to-end tests."""
+    path = tmp_path_factory.mktemp("synth")
+    generate(path, rows=3000, users=300, items=800, categories=30, max_history=10, seed=3)
     return path
 
 

@@ -25,7 +25,6 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from mdaf_rec.data.synth import generate
 from test_train import REPO, TINY, _env, _free_port
 
 SETTINGS = TINY + [
@@ -56,12 +55,6 @@ WEIGHT_TOL = 1e-5
 # are 10x / 60x the noise and 16x / 9x below that error.
 METRIC_TOL = {"auc": 1e-3, "logloss": 5e-4}
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("eqdata")
-    generate(path, rows=3000, users=300, items=800, categories=30, max_history=10, seed=3)
-    return path
 
 
 def step(data: Path, out: Path, tables: Dict[str, str], *extra: str, nproc: int = 1) -> Dict:

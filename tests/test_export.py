@@ -27,7 +27,6 @@ import torch
 from mdaf_rec.artifact import write_manifest
 from mdaf_rec.cli.export import main as export_main
 from mdaf_rec.cli.predict import main as predict_main
-from mdaf_rec.data.synth import generate
 from mdaf_rec.metrics import auc_score
 from mdaf_rec.predict import ExportedModel
 from mdaf_rec.serving import INPUT_NAMES
@@ -92,12 +91,6 @@ torch.save({"probability": probability, "gate": gate}, sys.argv[4])
 assert not any(m.split(".")[0] in ("mdaf_rec", "torchrec") for m in sys.modules)
 """
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("synth")
-    generate(path, rows=3000, users=300, items=800, categories=30, max_history=10, seed=3)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,6 @@ DCN = "configs/dcnv3.yaml"
 BST = "configs/mdaf_bst.yaml"
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("synth")
-    generate(path, rows=3000, users=300, items=800, categories=30, max_history=10, seed=3)
-    return path
-
 
 @pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory) -> Path:

@@ -317,13 +317,7 @@ def test_research_code_wrapper_validates_ids_and_builds_on_the_input_device() ->
         model(target, target_cat, hist, cats, {**other, "hour": torch.tensor([0, 24, 1])})
 
 
-# Until Mamba4RecEncoder.forward drops its int(lengths.min()/max()) check (mamba.py, owned elsewhere).
-_MAMBA_LENGTH_CHECK = pytest.mark.xfail(strict=True, raises=HostSyncError, reason="mamba.py reads lengths on the host")
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_MAMBA_LENGTH_CHECK) if "mamba" in n else n for n in MODELS]
-)
+@pytest.mark.parametrize("name", MODELS)
 def test_forward_and_backward_make_no_host_sync(name: str) -> None:
     """What a GPU step would wait for: no ``.item()``/``int(t)``/``bool(t)``/``torch.equal``/mask indexing
     in the model code (TorchRec's own embedding modules are allowed their input bookkeeping)."""

@@ -35,12 +35,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("synth")
-    generate(path, rows=3000, users=300, items=800, categories=30, max_history=10, seed=3)
-    return path
-
 
 def _env() -> Dict[str, str]:
     env = dict(os.environ)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from mdaf_rec.data.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +53,6 @@ print(json.dumps({"syncs": syncs, "data_parallel": data_parallel, "changed": cha
                   "samples": samples, "warnings": [str(w.message)[:120] for w in caught]}))
 """
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("synth")
-    generate(path, rows=2000, users=200, items=500, categories=20, max_history=10, seed=5)
-    return path
 
 
 def _step(config: str, data: Path, out: Path) -> dict:

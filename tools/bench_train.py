@@ -57,7 +57,9 @@ from mdaf_rec.sharding import (
 
 SECTION = "## Training throughput (tools/bench_train.py)"
 DEMO_SECTION = "## Training throughput at demo dims (tools/bench_train.py --demo)"
-DEMO_BACKENDS = {"cpp": "compiled CPU kernel", "torch_cpu": "pure PyTorch scan"}
+DEMO_BACKENDS = {"cpp": "compiled CPU kernel", "torch_cpu": "pure PyTorch scan",
+                 "cpp+bf16": "compiled CPU kernel, `train.precision: bf16` (autocast)"}
+DEMO_PRECISION = {"cpp+bf16": "bf16"}
 DEMO_NOTES = """\
 Both rows share everything but the scan: the last Mamba layer computes its gate, scan output and `out_proj`
 at the read position only (and the compiled scan stops there), the causal conv + SiLU is the compiled
@@ -115,8 +117,8 @@ def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer | List[torch.o
     return step
 
 
-def fused(spec: FeatureSpec, cfg: ModelConfig, batch_size: int) -> Step:
-    train = CTRTrain(build_model(spec, cfg, table_device="meta"))
+def fused(spec: FeatureSpec, cfg: ModelConfig, batch_size: int, precision: str = "fp32") -> Step:
+    train = CTRTrain(build_model(spec, cfg, table_device="meta"), precision=precision, device_type="cpu")
     optim_cfg = OptimizerConfig(sparse="rowwise_adagrad")
     apply_sparse_optimizer(train, optim_cfg, torch.device("cpu"))
     plan = plan_sharding(train, world_size=1, local_world_size=1, compute_device="cpu", batch_size=batch_size)
@@ -180,8 +182,8 @@ def demo(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
         for backend in DEMO_BACKENDS:
             torch.manual_seed(0)
-            step = fused(spec, cfg.model, batch_size)
-            with forced_backend(backend):
+            step = fused(spec, cfg.model, batch_size, precision=DEMO_PRECISION.get(backend, "fp32"))
+            with forced_backend(backend.split("+")[0]):
                 results[backend] = measure(step, batches, warmup=1)
                 if args.profile:
                     profiles[backend] = profile_step(step, batches[0])
