@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from mdaf_rec.data.vocab import VOCAB_DIR
 from mdaf_rec.errors import UserError
 
 MANIFEST_FILE = "manifest.json"

@@ -30,6 +30,7 @@ import json
 import logging
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence
 
@@ -50,6 +51,13 @@ if TYPE_CHECKING:
     from mdaf_rec.data.vocab import Vocabularies
 
 logger = logging.getLogger(__name__)
+
+# Export and the tests read checkpoints in a plain process (no process group) on purpose; DCP warns about it on
+# every call even with no_dist=True.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to",
+    category=UserWarning,
+)
 
 INDEX_FILE = "index.json"
 STATE_FILE = "state.json"
@@ -178,7 +186,7 @@ def save_checkpoint(
     run = RunDir(run_dir)
     path = run.checkpoints / name
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dcp.save(tensor_state(app_state), checkpoint_id=str(path))
+    dcp.save(tensor_state(app_state), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
@@ -255,7 +263,8 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
         target = tensor_state({name: value})
         planner = SafeLoadPlanner(allow_partial_load=name in partial)
         try:
-            dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=planner)
+            dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=planner,
+                     no_dist=not dist.is_initialized())
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # DCP wraps each rank's failure in a BaseException

@@ -9,6 +9,7 @@ from mdaf_rec.config import Config
 from mdaf_rec.data import schema
 from mdaf_rec.data.synth import generate
 from mdaf_rec.distributed import is_main_process
+from mdaf_rec.logs import setup_logging
 from mdaf_rec.train import train
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ def ensure_synthetic_data(path: Path) -> None:
     """Generates the default synthetic dataset (``SynthParams`` defaults) at ``path`` if missing."""
     if all((path / f"{split}.parquet").exists() for split in schema.SPLITS):
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     logger.info("generating the synthetic default dataset in %s", path)
     generate(path)
 

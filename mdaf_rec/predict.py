@@ -23,12 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mdaf_rec.artifact import PROGRAM_FILE, VOCAB_DIR, read_feature_spec
+from mdaf_rec.artifact import PROGRAM_FILE, read_feature_spec
 from mdaf_rec.data.dataset import DatasetError, open_parquet
 from mdaf_rec.data.loader import BatchConverter, WindowColumns
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.validate import ColumnRules, DataError, validate
-from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.serving import INPUT_NAMES, serving_inputs, spec_from_json
 

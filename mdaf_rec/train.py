@@ -25,7 +25,6 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass
-from logging.handlers import MemoryHandler
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -50,6 +49,7 @@ from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.logs import attach_log_file, setup_logging
 from mdaf_rec.metrics import MetricAccumulator
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
@@ -106,54 +106,6 @@ class Session:
 # --------------------------------------------------------------------------------------------------
 # Set-up
 # --------------------------------------------------------------------------------------------------
-
-
-def setup_logging(rank: int, verbose: bool = False) -> MemoryHandler:
-    """Logs to stderr: the project's own lines (INFO on rank 0, warnings elsewhere) and, with ``verbose``,
-    everything else too (TorchRec's planner and FBGEMM's TBE INFO dumps, Python warnings).
-
-    Returns:
-        A buffer of the lines logged so far; :func:`attach_log_file` writes it, and every later line, to
-        the run's ``train.log`` once the run directory may be written.
-    """
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console = logging.StreamHandler()
-    buffer = MemoryHandler(capacity=1 << 16, flushLevel=logging.CRITICAL + 1)
-    for handler in (console, buffer):
-        handler.setFormatter(fmt)
-    root, project = logging.getLogger(), logging.getLogger("mdaf_rec")
-    for logger_ in (root, project):
-        for handler in list(logger_.handlers):
-            logger_.removeHandler(handler)
-    logging.captureWarnings(True)  # Python warnings become "py.warnings" log records: shown with verbose only
-    level = logging.INFO if rank == 0 else logging.WARNING
-    project.setLevel(level)
-    if verbose:
-        root.setLevel(level)
-        project.propagate = True
-        for handler in (console, buffer):
-            root.addHandler(handler)
-    else:
-        root.setLevel(logging.ERROR)
-        project.propagate = False
-        for handler in (console, buffer):
-            project.addHandler(handler)
-    # torch's own loggers (e.g. the "[rank0]:W..." lines) have their own handler: errors only unless verbose.
-    logging.getLogger("torch").setLevel(logging.INFO if verbose else logging.ERROR)
-    return buffer
-
-
-def attach_log_file(buffer: MemoryHandler, path: Path) -> None:
-    """Writes the buffered lines to ``path`` (appending) and sends every later line there too."""
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(buffer.formatter)
-    buffer.setTarget(file_handler)
-    buffer.flush()
-    for logger_ in (logging.getLogger(), logging.getLogger("mdaf_rec")):
-        if buffer in logger_.handlers:
-            logger_.removeHandler(buffer)
-            logger_.addHandler(file_handler)
-    buffer.close()
 
 
 def open_session(
@@ -291,7 +243,7 @@ def train(
     """
     env = init_distributed()
     _set_threads(cfg, env)
-    buffered = setup_logging(env.rank, verbose)
+    buffered = setup_logging(env.rank, verbose, buffer_for_file=True)
     run = RunDir(run_dir)
     dataset = Dataset.open(cfg.data.path)
     _check_labels(dataset, "val")
@@ -332,7 +284,7 @@ def train(
 
 def _fit(session: Session, state: TrainState) -> Dict[str, Any]:
     """Epochs from ``state`` on: train, evaluate, checkpoint, stop early; then the final metrics."""
-    cfg, env, run = session.cfg, session.env, RunDir(session.run_dir)
+    env, run = session.env, RunDir(session.run_dir)
     # A resumed run continues the curves after its checkpoint's step (the earlier attempt's later events are hidden).
     board = TensorBoardLog(run.tensorboard if env.is_main else None, purge_step=state.step + 1 if state.step else None)
     try:

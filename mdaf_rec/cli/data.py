@@ -13,6 +13,7 @@ from typing import List
 
 from mdaf_rec.data.converters import CONVERTER_MODULES, CONVERTERS
 from mdaf_rec.data.converters.common import ConversionError
+from mdaf_rec.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def main(argv: List[str]) -> int:
     Malformed input raises :class:`ConversionError` naming file, line and column (the ``mdaf-rec``
     command line prints it as one line and exits 2).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

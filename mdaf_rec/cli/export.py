@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -11,6 +10,7 @@ from typing import List, Optional
 from mdaf_rec import export
 from mdaf_rec.artifact import MANIFEST_FILE
 from mdaf_rec.errors import UserError
+from mdaf_rec.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``mdaf-rec export``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         digest = export.export_run(args.run, args.out, args.checkpoint, args.quantize)
     except (UserError, FileNotFoundError) as e:

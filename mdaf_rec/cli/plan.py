@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
 from mdaf_rec import planning
 from mdaf_rec.config import ConfigError, load_config
+from mdaf_rec.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,9 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     # Our progress at INFO; TorchRec's planner chatter (its root-logger warning about data-parallel tables
     # having no sharding spec, by design) only when it is an error.
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    logging.getLogger("mdaf_rec").setLevel(logging.INFO)
+    setup_logging()
     warnings.filterwarnings("ignore", message="HeuristicalStorageReservation", category=FutureWarning)
     cfg = load_config(args.config, args.overrides)
     topo = planning.TopologySpec(args.world_size, args.nodes, args.device, args.hbm_gb, args.ddr_gb,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +11,7 @@ import torch
 
 from mdaf_rec import predict
 from mdaf_rec.errors import UserError
+from mdaf_rec.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``mdaf-rec predict``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.batch_size < 1:
         print("mdaf-rec predict: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
