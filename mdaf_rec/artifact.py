@@ -22,6 +22,8 @@ from mdaf_rec.errors import UserError
 MANIFEST_FILE = "manifest.json"
 SPEC_FILE = "feature_spec.json"
 PROGRAM_FILE = "model.pt2"
+CPU_PROGRAM_FILE = "model.cpu.pt2"
+OPS_LIBRARY_FILE = "ops/mdaf_rec_ops.so"
 FORMAT_VERSION = 2  # of feature_spec.json; 2: the checksums moved to manifest.json
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

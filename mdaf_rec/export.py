@@ -6,7 +6,11 @@ in :class:`~mdaf_rec.serving.ServingModule` (plain-tensor inputs), optionally qu
 row-wise int8, ``torch.export`` it with a dynamic batch dimension, and write::
 
     MODEL_DIR/
-      model.pt2           torch.export program (torch.export.load → .module())
+      model.pt2           torch.export program (torch.export.load → .module()): portable, any CPU or GPU
+      model.cpu.pt2       the same model compiled by AOTInductor for this CPU and torch version, with the
+                          compiled CPU operators of mdaf_rec.ops (unless --no-compile; loads with
+                          torch._inductor.aoti_load_package after torch.ops.load_library(ops library))
+      ops/mdaf_rec_ops.so the compiled CPU operators' library (when the model calls them: the Mamba branch)
       vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each)
       config.yaml         the run's resolved config, for reference
       feature_spec.json   inputs, outputs, id → index mapping, time fields
@@ -18,6 +22,7 @@ an earlier export's files are replaced, nothing else in MODEL_DIR is touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -27,7 +32,15 @@ from typing import Any, Dict, Optional
 import torch
 
 from mdaf_rec import checkpoint as ckpt
-from mdaf_rec.artifact import FORMAT_VERSION, MANIFEST_FILE, PROGRAM_FILE, SPEC_FILE, ArtifactWriter
+from mdaf_rec.artifact import (
+    CPU_PROGRAM_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    OPS_LIBRARY_FILE,
+    PROGRAM_FILE,
+    SPEC_FILE,
+    ArtifactWriter,
+)
 from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
@@ -35,7 +48,8 @@ from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TI
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.run_dir import RunDir
 from mdaf_rec.trainable import build_train_module
-from mdaf_rec.serving import ServingModule, example_inputs, export_program, quantize_tables
+from mdaf_rec.ops import scan_cpu
+from mdaf_rec.serving import ServingModule, example_inputs, export_cpu_program, export_program, quantize_tables
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +77,7 @@ def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Co
     return wrapper.model.eval(), cfg, spec, vocabs, path
 
 
-def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none") -> str:
+def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none", compile: bool = True) -> str:
     """Writes the serving folder ``out`` for ``run_dir`` (see the module docstring).
 
     Args:
@@ -72,6 +86,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
             non-empty folder without an earlier export is refused before anything is done).
         which: checkpoint, ``best`` or ``last``.
         quantize: ``none`` (fp32 tables) or ``int8`` (row-wise 8-bit tables).
+        compile: also write the AOTInductor form for this CPU (``model.cpu.pt2``; needs a C++ compiler,
+            ~10-20 s); skipped with a warning when the compiled CPU operators are unavailable.
     Returns:
         The sha256 of ``out/manifest.json``, the artifact's hash.
     """
@@ -87,13 +103,36 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
         with torch.no_grad():
             gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
         torch.export.save(export_program(module, spec), str(artifact.folder / PROGRAM_FILE))
+        cpu_program = _write_cpu_program(module, spec, artifact.folder) if compile else None
         vocabs.save(artifact.folder / VOCAB_DIR)
         shutil.copyfile(RunDir(run_dir).config, artifact.folder / "config.yaml")
         doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
+        if cpu_program is not None:
+            doc["cpu_program"] = cpu_program
         (artifact.folder / SPEC_FILE).write_text(json.dumps(doc, indent=2))
     logger.info("exported %s (%s, %s tables) to %s; sha256 of %s: %s",
                 cfg.model.name, path.name, quantize, out, MANIFEST_FILE, artifact.sha256)
     return artifact.sha256
+
+
+def _write_cpu_program(module: ServingModule, spec: FeatureSpec, folder: Path) -> Optional[Dict[str, Any]]:
+    """Writes ``model.cpu.pt2`` (and the operators' library it calls) into ``folder``; returns its
+    ``feature_spec.json`` entry, or ``None`` when the compiled CPU operators are unavailable here."""
+    if not scan_cpu.available():
+        logger.warning("no compiled CPU operators here: the export holds the portable program only")
+        return None
+    logger.info("compiling the CPU program with AOTInductor (%s)", CPU_PROGRAM_FILE)
+    calls_ops = export_cpu_program(module, spec, folder / CPU_PROGRAM_FILE)
+    if calls_ops:
+        (folder / OPS_LIBRARY_FILE).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(scan_cpu.library_path(), folder / OPS_LIBRARY_FILE)
+    return {
+        "file": CPU_PROGRAM_FILE,
+        "ops_library": OPS_LIBRARY_FILE if calls_ops else None,
+        "torch": torch.__version__,
+        "cpu": hashlib.sha256(scan_cpu.cpu_signature().encode()).hexdigest(),
+        "note": "compiled for this CPU's instruction set and this torch version; elsewhere use 'program'",
+    }
 
 
 def _timezone(cfg: Config) -> str:

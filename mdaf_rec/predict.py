@@ -12,11 +12,12 @@ input, counting through the files in name order), the ``--key`` columns copied t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,7 @@ from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.ops import scan_cpu
 from mdaf_rec.serving import INPUT_NAMES, serving_inputs, spec_from_json
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class ExportedModel:
         self.spec: FeatureSpec = spec_from_json(self.doc)
         self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), self.doc["timezone"])
         self.rules = ColumnRules.from_spec(self.spec)
-        self.program = torch.export.load(str(model_dir / PROGRAM_FILE)).module()
+        self.program = load_program(model_dir, self.doc)
 
     def inputs(self, table: pa.Table, source: str, row_offset: int) -> Dict[str, torch.Tensor]:
         """Raw rows -> program inputs (validated, truncated, mapped through the vocabularies).
@@ -80,6 +82,28 @@ class ExportedModel:
         with torch.no_grad():
             probability, gate = self.program(*(inputs[name] for name in INPUT_NAMES))
         return probability.numpy(), gate.numpy()
+
+
+def load_program(model_dir: Path, doc: Dict[str, Any]) -> Callable[..., Any]:
+    """The fastest program of a verified MODEL_DIR that runs here: the AOTInductor CPU program when it was
+    compiled for this CPU and torch version (after loading the operators' library it calls), else the
+    portable ``torch.export`` program."""
+    cpu = doc.get("cpu_program")
+    here = hashlib.sha256(scan_cpu.cpu_signature().encode()).hexdigest()
+    if cpu is not None and cpu["torch"] == torch.__version__ and cpu["cpu"] == here:
+        if cpu["ops_library"] is not None and not _compiled_ops_registered():
+            torch.ops.load_library(str(model_dir / cpu["ops_library"]))
+        logger.info("running %s (AOTInductor, compiled for this CPU)", cpu["file"])
+        return torch._inductor.aoti_load_package(str(model_dir / cpu["file"]))
+    if cpu is not None:
+        logger.info("%s was compiled for another CPU or torch version: running the portable %s", cpu["file"], PROGRAM_FILE)
+    return torch.export.load(str(model_dir / PROGRAM_FILE)).module()
+
+
+def _compiled_ops_registered() -> bool:
+    """Whether this process already has the compiled operators (mdaf_rec.ops loaded them): loading the
+    artifact's copy of the library again would register them twice."""
+    return hasattr(torch.ops.mdaf_rec, "selective_scan_fwd")
 
 
 def predict(

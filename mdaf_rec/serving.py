@@ -39,6 +39,7 @@ from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticF
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
 from mdaf_rec.models.sequence_branch import SequenceBranch
+from mdaf_rec.ops.selective_scan import keep_compiled_ops
 
 INPUT_NAMES: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
 
@@ -257,14 +258,27 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> Path:
     """AOTInductor: ``program`` compiled to a shared library for this machine, packaged at ``path`` (``.pt2``).
 
     The package loads with torch alone (``torch._inductor.aoti_load_package(path)``, a callable on the
-    program's inputs returning its outputs) and runs MDAF-Mamba 2.4-10x faster than ``program.module()``
-    (docs/benchmarks.md, "Serving latency": faster than the eager model at batch 1, slower at 512).
-    Compiling takes ~30 s on 2 cores and needs a C++ compiler; the library uses this CPU's instruction set
-    (e.g. AVX-512), so it runs on machines with the same or a newer one, and with the same torch version.
+    program's inputs returning its outputs). Compiling needs a C++ compiler; the library uses this CPU's
+    instruction set (e.g. AVX-512), so it runs on machines with the same one, and with the same torch version.
     """
     from torch._inductor import aoti_compile_and_package
 
     return Path(aoti_compile_and_package(program, package_path=str(path)))
+
+
+def export_cpu_program(module: ServingModule, spec: FeatureSpec, path: Path) -> bool:
+    """The fast CPU form of ``module``: exported with the compiled CPU operators of :mod:`mdaf_rec.ops` kept as
+    single nodes (the selective scan keeps its state in registers instead of going through memory at every
+    time step) and compiled by AOTInductor to ``path``.
+
+    Returns:
+        Whether the program calls the compiled operators (then a server loads their library,
+        :func:`~mdaf_rec.ops.scan_cpu.library_path`, with ``torch.ops.load_library`` before the package).
+    """
+    with keep_compiled_ops():
+        program = export_program(module, spec)
+    compile_program(program, path)
+    return any(str(node.target).startswith("mdaf_rec.") for node in program.graph.nodes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 
 from mdaf_rec.artifact import write_manifest
 from mdaf_rec.cli.export import main as export_main
+from mdaf_rec.ops import scan_cpu
 from mdaf_rec.cli.predict import main as predict_main
 from mdaf_rec.metrics import auc_score
 from mdaf_rec.predict import ExportedModel
@@ -65,7 +66,8 @@ for run, out in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 # Loads MODEL_DIR with torch alone, as docs/serving.md's server does (manifest hash, every file, then the
-# program from the checked bytes): mdaf_rec (and torchrec) cannot be imported. MODEL_DIR HASH INPUTS OUT.
+# portable program from the checked bytes, and the AOTInductor CPU program with its operators' library):
+# mdaf_rec (and torchrec) cannot be imported. MODEL_DIR HASH INPUTS OUT.
 IMPORT_FREE = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -83,11 +85,19 @@ files = {}
 for name, entry in json.loads(manifest)["files"].items():
     files[name] = (d / name).read_bytes()
     assert hashlib.sha256(files[name]).hexdigest() == entry["sha256"], name
-model = torch.export.load(io.BytesIO(files["model.pt2"])).module()
+programs = {"portable": torch.export.load(io.BytesIO(files["model.pt2"])).module()}
+cpu = json.loads(files["feature_spec.json"]).get("cpu_program")
+if cpu is not None:
+    if cpu["ops_library"] is not None:
+        torch.ops.load_library(str(d / cpu["ops_library"]))
+    programs["compiled"] = torch._inductor.aoti_load_package(str(d / cpu["file"]))
 inputs = torch.load(sys.argv[3])
+outputs = {}
 with torch.no_grad():
-    probability, gate = model(*inputs)
-torch.save({"probability": probability, "gate": gate}, sys.argv[4])
+    for name, program in programs.items():
+        probability, gate = program(*inputs)
+        outputs[name] = {"probability": probability, "gate": gate}
+torch.save(outputs, sys.argv[4])
 assert not any(m.split(".")[0] in ("mdaf_rec", "torchrec") for m in sys.modules)
 """
 
@@ -126,6 +136,8 @@ def exports(runs: Dict[str, Path], tmp_path_factory) -> Dict[str, Path]:
         for quantize in ("none", "int8"):
             out[f"{name}_{quantize}"] = root / f"{name}_{quantize}"
             args = ["--run", str(run), "--out", str(out[f"{name}_{quantize}"]), "--quantize", quantize]
+            if quantize == "int8":  # int8 is checked on the portable program; fp32 exports also compile for this CPU
+                args.append("--no-compile")
             assert export_main(args) == 0
     return out
 
@@ -181,8 +193,11 @@ def test_loads_without_mdaf_rec(dataset: Path, exports, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = torch.load(out)
-    assert np.abs(loaded["probability"].numpy() - probability).max() <= 1e-6
-    assert np.abs(loaded["gate"].numpy() - gate).max() <= 1e-6
+    expected = {"portable", "compiled"} if scan_cpu.available() else {"portable"}
+    assert set(loaded) == expected
+    for name, result in loaded.items():  # predict ran the compiled program: both forms agree with it
+        assert np.abs(result["probability"].numpy() - probability).max() <= 1e-6, name
+        assert np.abs(result["gate"].numpy() - gate).max() <= 1e-6, name
 
 
 def test_bad_input_names_the_column(dataset: Path, exports, tmp_path: Path, capsys) -> None:

@@ -50,7 +50,7 @@ _loaded: Optional[bool] = None  # None: not tried yet in this process
 _load_lock = threading.Lock()  # one build-and-load per process, also with several Python threads
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """CPU model and instruction-set flags (what ``-march=native`` compiles for)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -68,7 +68,7 @@ def build_directory() -> Path:
     key = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         key.update(path.read_bytes())
-    for part in (" ".join(CFLAGS), torch.__version__, _cpu_signature()):
+    for part in (" ".join(CFLAGS), torch.__version__, cpu_signature()):
         key.update(part.encode())
     return Path(root) / f"selective_scan_{key.hexdigest()[:16]}"
 
@@ -112,6 +112,11 @@ def _build_and_load() -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def library_path() -> Path:
+    """The shared library holding the compiled operators (built by :func:`available`)."""
+    return build_directory() / f"{_EXTENSION}.so"
+
+
 def available() -> bool:
     """Whether the compiled operators are loaded; builds them on the first call of a process."""
     global _loaded
@@ -121,7 +126,8 @@ def available() -> bool:
         if _loaded is not None:
             return _loaded
         try:
-            _build_and_load()
+            if not hasattr(torch.ops.mdaf_rec, "selective_scan_fwd"):  # else loaded already (an export's copy)
+                _build_and_load()
             _register_python_parts()
             _loaded = True
         except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback

@@ -36,12 +36,29 @@ try:  # CUDA kernels; not installable on CPU-only machines.
 except ImportError:  # pragma: no cover - depends on the environment
     mamba_ssm_selective_scan_fn = None
 
-__all__ = ["BACKENDS", "exporting", "forced_backend", "scan_backend", "selective_scan_fn"]
+__all__ = ["BACKENDS", "exporting", "forced_backend", "keep_compiled_ops", "scan_backend", "selective_scan_fn"]
+
+_keep_compiled = False
+
+
+@contextlib.contextmanager
+def keep_compiled_ops() -> Iterator[None]:
+    """Within the block, ``torch.export`` records the compiled CPU operators (``mdaf_rec::selective_scan_fwd``,
+    ``mdaf_rec::causal_conv1d_silu_fwd``) as single nodes instead of tracing the portable forms: the program
+    for AOTInductor (:func:`mdaf_rec.serving.export_cpu_program`), which then needs the operators' library."""
+    global _keep_compiled
+    previous, _keep_compiled = _keep_compiled, True
+    try:
+        yield
+    finally:
+        _keep_compiled = previous
 
 
 def exporting() -> bool:
     """Under torch.export, fx symbolic tracing or TorchScript (not under plain torch.compile,
-    where the compiled CPU operator is a single node of the graph)."""
+    where the compiled CPU operator is a single node of the graph), unless within :func:`keep_compiled_ops`."""
+    if _keep_compiled:
+        return False
     if torch.jit.is_scripting():
         return True
     if torch.compiler.is_exporting():
