@@ -91,19 +91,14 @@ def load_program(model_dir: Path, doc: Dict[str, Any]) -> Callable[..., Any]:
     cpu = doc.get("cpu_program")
     here = hashlib.sha256(scan_cpu.cpu_signature().encode()).hexdigest()
     if cpu is not None and cpu["torch"] == torch.__version__ and cpu["cpu"] == here:
-        if cpu["ops_library"] is not None and not _compiled_ops_registered():
+        # Loading the library twice would register the operators twice: mdaf_rec.ops may have loaded them.
+        if cpu["ops_library"] is not None and not scan_cpu.ops_registered():
             torch.ops.load_library(str(model_dir / cpu["ops_library"]))
         logger.info("running %s (AOTInductor, compiled for this CPU)", cpu["file"])
         return torch._inductor.aoti_load_package(str(model_dir / cpu["file"]))
     if cpu is not None:
         logger.info("%s was compiled for another CPU or torch version: running the portable %s", cpu["file"], PROGRAM_FILE)
     return torch.export.load(str(model_dir / PROGRAM_FILE)).module()
-
-
-def _compiled_ops_registered() -> bool:
-    """Whether this process already has the compiled operators (mdaf_rec.ops loaded them): loading the
-    artifact's copy of the library again would register them twice."""
-    return hasattr(torch.ops.mdaf_rec, "selective_scan_fwd")
 
 
 def predict(

@@ -309,6 +309,7 @@ def test_failed_build_falls_back_with_one_line_warning(monkeypatch, caplog):
         raise RuntimeError("Error building extension 'x': c++: not found\nmore detail")
 
     monkeypatch.setattr(scan_cpu, "_build_and_load", no_compiler)
+    monkeypatch.setattr(scan_cpu, "ops_registered", lambda: False)  # as in a fresh process
     monkeypatch.setattr(scan_cpu, "_loaded", None)
     with caplog.at_level(logging.WARNING, logger="mdaf_rec.ops.scan_cpu"):
         assert scan_cpu.available() is False

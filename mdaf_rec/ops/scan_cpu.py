@@ -112,6 +112,11 @@ def _build_and_load() -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def ops_registered() -> bool:
+    """Whether this process has the compiled operators (built here, or an export's library loaded)."""
+    return hasattr(torch.ops.mdaf_rec, "selective_scan_fwd")
+
+
 def library_path() -> Path:
     """The shared library holding the compiled operators (built by :func:`available`)."""
     return build_directory() / f"{_EXTENSION}.so"
@@ -126,7 +131,7 @@ def available() -> bool:
         if _loaded is not None:
             return _loaded
         try:
-            if not hasattr(torch.ops.mdaf_rec, "selective_scan_fwd"):  # else loaded already (an export's copy)
+            if not ops_registered():  # else loaded already in this process (an export's copy of the library)
                 _build_and_load()
             _register_python_parts()
             _loaded = True
