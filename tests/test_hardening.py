@@ -214,8 +214,9 @@ def test_overwrite_deletes_only_the_runs_own_files(dataset: Path, trained: Path,
     assert lines == [1, 2]  # the old run's epoch 1 line went with the old run
 
 
-@pytest.mark.parametrize("change", [["--model", "mdaf_bst"], ["--set", "features.sequence_dim=32"]])
-@pytest.mark.parametrize("resume", [True, False])
+@pytest.mark.parametrize(
+    "change,resume", [(["--model", "mdaf_bst"], True), (["--set", "features.sequence_dim=32"], False)]
+)
 def test_a_run_of_another_config_is_refused_byte_for_byte(
     dataset: Path, trained: Path, tmp_path: Path, change: List[str], resume: bool
 ) -> None:
