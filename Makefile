@@ -17,8 +17,10 @@ $(STAMP): requirements/cpu.txt requirements/torchrec.txt requirements/dev.txt py
 
 venv: $(STAMP)
 
+# Test files run on 2 worker processes with one torch thread each (the subprocess trainings set it too): 2 cores busy,
+# never oversubscribed.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mdaf-rec demo

@@ -25,6 +25,15 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Runs the test with one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A small synthetic dataset (3,000 rows, 300 users, 800 items) shared by the end-to-end tests."""

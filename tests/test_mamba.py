@@ -8,12 +8,7 @@ from mdaf_rec.models.mamba import Mamba4RecEncoder, Mamba4RecLayer, MambaBlock
 from mdaf_rec.ops import scan_cpu, selective_scan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the kernels' results must not depend on the threads
 
 
 # ----------------------------------------------------------------------------- MambaBlock
