@@ -8,76 +8,32 @@ are never read and never deleted. See ``docs/serving.md`` for the trust boundary
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from mdaf_rec import manifest
 from mdaf_rec.errors import UserError
+from mdaf_rec.manifest import MANIFEST_FILE, write_manifest
 
-MANIFEST_FILE = "manifest.json"
 SPEC_FILE = "feature_spec.json"
 PROGRAM_FILE = "model.pt2"
 CPU_PROGRAM_FILE = "model.cpu.pt2"
 OPS_LIBRARY_FILE = "ops/mdaf_rec_ops.so"
 FORMAT_VERSION = 2  # of feature_spec.json; 2: the checksums moved to manifest.json
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
 class ArtifactError(UserError, RuntimeError):
     """A MODEL_DIR is incomplete or was modified, or an export target is unsafe (the message names the file)."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_manifest(model_dir: Path) -> str:
-    """Writes ``manifest.json`` over every file below ``model_dir``; returns the manifest's sha256."""
-    files = {
-        p.relative_to(model_dir).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and p.relative_to(model_dir).as_posix() != MANIFEST_FILE
-    }
-    data = json.dumps({"files": files}, indent=2).encode()
-    (model_dir / MANIFEST_FILE).write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
 def read_manifest(model_dir: Path, expected_sha256: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
-    """``{path: {"sha256", "size"}}`` of ``model_dir``'s manifest, after checking the manifest's own sha256
-    if one is given. Raises :class:`ArtifactError` naming the manifest (missing, invalid, another hash)."""
-    path = model_dir / MANIFEST_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing (not a model folder written by `mdaf-rec export`?)") from None
-    if expected_sha256 is not None:
-        expected = expected_sha256.strip().lower()
-        if not _SHA256_HEX.fullmatch(expected):
-            raise ArtifactError(f"--manifest-sha256 {expected_sha256!r}: expected 64 hex digits")
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise ArtifactError(f"{path}: sha256 {actual} is not the expected {expected} (another or a modified model)")
-    try:
-        files = {str(name): {"sha256": str(e["sha256"]), "size": int(e["size"])}
-                 for name, e in json.loads(data)["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ArtifactError(f"{path}: not a valid manifest ({type(e).__name__}: {e})") from None
-    for name in files:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ArtifactError(f"{path}: lists {name!r}, a path outside the model folder")
-    return files
+    """``{path: {"sha256", "size"}}`` of ``model_dir``'s manifest (:func:`mdaf_rec.manifest.read_manifest`),
+    its own sha256 checked first if given; :class:`ArtifactError` naming the manifest otherwise."""
+    return manifest.read_manifest(model_dir, ArtifactError, expected_sha256,
+                                  missing="missing (not a model folder written by `mdaf-rec export`?)")
 
 
 def verify_artifact(model_dir: Path, expected_sha256: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
@@ -87,12 +43,12 @@ def verify_artifact(model_dir: Path, expected_sha256: Optional[str] = None) -> D
     Raises :class:`ArtifactError` naming the first missing or modified file.
     """
     files = read_manifest(model_dir, expected_sha256)
-    for name, entry in files.items():
-        file = model_dir / name
-        if not file.is_file():
+    bad = manifest.first_mismatch(model_dir, files)
+    if bad is not None:
+        file, problem = bad
+        if problem == "missing":
             raise ArtifactError(f"{file}: missing from the model folder (listed in {MANIFEST_FILE})")
-        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
-            raise ArtifactError(f"{file}: sha256 differs from {MANIFEST_FILE} (file modified or corrupted)")
+        raise ArtifactError(f"{file}: sha256 differs from {MANIFEST_FILE} (file modified or corrupted)")
     return files
 
 

@@ -32,7 +32,7 @@ import pickle
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from mdaf_rec.artifact import sha256_file
+from mdaf_rec.manifest import MANIFEST_FILE, first_mismatch, read_manifest, write_manifest
 from mdaf_rec.errors import UserError
 from mdaf_rec.run_dir import CHECKPOINT_NAME, RunDir
 
@@ -61,7 +61,6 @@ warnings.filterwarnings(
 
 INDEX_FILE = "index.json"
 STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -192,7 +191,7 @@ def save_checkpoint(
         dist.barrier()
     if rank == 0:
         (path / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _write_json_atomic(path / MANIFEST_FILE, {"files": _file_digests(path, _checkpoint_files(path))})
+        write_manifest(path)
         index = read_index(run_dir) if (run.checkpoints / INDEX_FILE).exists() else {}
         index["last"] = name
         if is_best or ("best" not in index and not keep_steps):  # an in-epoch checkpoint is never "best"
@@ -233,17 +232,17 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
 
 def verify_checkpoint(path: Path) -> None:
     """Checks every file of checkpoint ``path`` against its ``manifest.json``; raises naming the first bad file."""
-    manifest = _read_json(path / MANIFEST_FILE).get("files")
-    if not isinstance(manifest, dict) or not manifest:
-        raise CheckpointError(f"{path / MANIFEST_FILE}: not a checkpoint manifest")
-    actual = _file_digests(path, [path / name for name in manifest if (path / name).is_file()])
-    for name, expected in manifest.items():
-        if name not in actual:
-            raise CheckpointError(f"{path / name}: missing from checkpoint {path.name!r}")
-        if actual[name] != expected:
-            raise CheckpointError(
-                f"{path / name}: content does not match the checkpoint's manifest (corrupted or modified); refusing to load it"
-            )
+    files = read_manifest(path, CheckpointError, missing="missing (incomplete checkpoint)")
+    if not files:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: not a checkpoint manifest (lists no file)")
+    bad = first_mismatch(path, files)
+    if bad is not None:
+        file, problem = bad
+        if problem == "missing":
+            raise CheckpointError(f"{file}: missing from checkpoint {path.name!r}")
+        raise CheckpointError(
+            f"{file}: content does not match the checkpoint's manifest (corrupted or modified); refusing to load it"
+        )
 
 
 def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str] = ()) -> Dict[str, Any]:
@@ -329,15 +328,6 @@ def _set_rng_state(path: Path) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _checkpoint_files(path: Path) -> List[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-
-
-def _file_digests(root: Path, files: Iterable[Path]) -> Dict[str, Dict[str, Any]]:
-    """``{name: {"bytes": size, "sha256": hex}}`` of ``files`` (inside ``root``)."""
-    return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

@@ -22,7 +22,6 @@ an earlier export's files are replaced, nothing else in MODEL_DIR is touched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -130,7 +129,7 @@ def _write_cpu_program(module: ServingModule, spec: FeatureSpec, folder: Path) -
         "file": CPU_PROGRAM_FILE,
         "ops_library": OPS_LIBRARY_FILE if calls_ops else None,
         "torch": torch.__version__,
-        "cpu": hashlib.sha256(scan_cpu.cpu_signature().encode()).hexdigest(),
+        "cpu": scan_cpu.cpu_fingerprint(),
         "note": "compiled for this CPU's instruction set and this torch version; elsewhere use 'program'",
     }
 

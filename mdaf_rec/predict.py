@@ -12,7 +12,6 @@ input, counting through the files in name order), the ``--key`` columns copied t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -89,8 +88,7 @@ def load_program(model_dir: Path, doc: Dict[str, Any]) -> Callable[..., Any]:
     compiled for this CPU and torch version (after loading the operators' library it calls), else the
     portable ``torch.export`` program."""
     cpu = doc.get("cpu_program")
-    here = hashlib.sha256(scan_cpu.cpu_signature().encode()).hexdigest()
-    if cpu is not None and cpu["torch"] == torch.__version__ and cpu["cpu"] == here:
+    if cpu is not None and cpu["torch"] == torch.__version__ and cpu["cpu"] == scan_cpu.cpu_fingerprint():
         # Loading the library twice would register the operators twice: mdaf_rec.ops may have loaded them.
         if cpu["ops_library"] is not None and not scan_cpu.ops_registered():
             torch.ops.load_library(str(model_dir / cpu["ops_library"]))

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -43,7 +41,8 @@ from tqdm import tqdm
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.data.dataset import Dataset, DatasetError
+from mdaf_rec.data.dataset import Dataset, open_parquet
+from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed
@@ -366,12 +365,9 @@ def _check_labels(dataset: Dataset, split: str) -> None:
     """Refuses a split on which AUC is undefined (no rows, or one class only): early stopping reads it."""
     rows = positives = 0
     for path in dataset.split_files(split):
-        try:
-            labels = pq.read_table(path, columns=["label"]).column("label")
-        except (OSError, KeyError, pa.ArrowException) as e:
-            raise DatasetError(f"{path}: cannot read its label column ({type(e).__name__}: {e})") from None
-        rows += len(labels)
-        positives += int(pc.sum(labels).as_py() or 0)
+        for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
+            rows += batch.num_rows
+            positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
     if rows == 0 or positives in (0, rows):
         raise TrainingError(
             f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1; "

@@ -111,7 +111,7 @@ def _replace_and_rehash(path: Path, content: bytes) -> None:
     path.write_bytes(content)
     manifest_path = path.parent / ckpt.MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"][path.name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    manifest["files"][path.name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     manifest_path.write_text(json.dumps(manifest))
 
 

@@ -60,6 +60,11 @@ def cpu_signature() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(wanted)}))
 
 
+def cpu_fingerprint() -> str:
+    """sha256 of :func:`cpu_signature`: identifies the CPU a compiled library (or AOTInductor program) is for."""
+    return hashlib.sha256(cpu_signature().encode()).hexdigest()
+
+
 def build_directory() -> Path:
     """The cache folder of this source x flags x torch x CPU."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
