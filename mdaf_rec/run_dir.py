@@ -268,7 +268,7 @@ def decide_start(run: RunDir, config: Dict[str, Any], resume: bool, overwrite: b
     """Decides, before anything is written, whether a training into ``run`` starts afresh or resumes.
 
     Args:
-        run: the run directory (may not exist).
+        run: the run directory, an existing folder (the caller created it to take the run lock in it).
         config: the new run's resolved config as a nested dict.
         resume: ``--resume`` (the run must exist and have a checkpoint).
         overwrite: ``--overwrite`` (replace the run's own files; other files are never touched).
@@ -278,12 +278,6 @@ def decide_start(run: RunDir, config: Dict[str, Any], resume: bool, overwrite: b
     """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: choose one")
-    if not run.path.exists():
-        if resume:
-            raise RunDirError(f"--resume: {run.path} does not exist")
-        return Start.FRESH
-    if not run.path.is_dir():
-        raise RunDirError(f"--out {run.path} is a file, not a folder")
     if not run.is_run():
         foreign = run.foreign_entries()
         own = [p.name for p in run.own_files()]

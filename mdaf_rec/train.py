@@ -346,6 +346,8 @@ def _claim_run(run: RunDir, cfg: Config, env: DistEnv, lock: RunLock, *, resume:
 def _lock_and_decide(run: RunDir, cfg: Config, lock: RunLock, resume: bool, overwrite: bool) -> Start:
     if run.path.exists() and not run.path.is_dir():
         raise RunDirError(f"--out {run.path} is a file, not a folder")
+    if resume and not run.path.exists():
+        raise RunDirError(f"--resume: {run.path} does not exist")
     created = not run.path.exists()
     run.path.mkdir(parents=True, exist_ok=True)
     try:
