@@ -89,6 +89,12 @@ class FeaturesConfig:
         min_count: ids seen fewer times than this in the training split map to out-of-vocabulary.
         timezone: IANA time zone for ``hour`` / ``dayofweek``; ``null`` takes the dataset's
             ``meta.json`` value, else UTC.
+        pooled_history: the static branch also sees each history as one more field: the mean of its ids'
+            rows in the id space's static table (the table the target id reads; an empty history is a zero
+            vector), as FuxiCTR's DNN / DCNv3 see sequence fields. Off: the static branch sees the target,
+            user, time and extra fields only, as MDAF's research code.
+        table_init_scale: static (pooled) table rows start uniform in ``[-s, s]``; ``null`` keeps TorchRec's
+            ``±sqrt(1 / rows)``. FuxiCTR initialises embeddings from N(0, 1e-4²).
     """
 
     id_spaces: Dict[str, IdSpaceConfig] = field(default_factory=_default_id_spaces)
@@ -100,6 +106,8 @@ class FeaturesConfig:
     max_history: int = 50
     min_count: int = 1
     timezone: Optional[str] = None
+    pooled_history: bool = False
+    table_init_scale: Optional[float] = None
 
 
 @dataclass
@@ -111,6 +119,14 @@ class DCNv3Config:
     ecn_dropout: float = 0.1
     layer_norm: bool = True
     tri_bce: bool = True
+
+
+@dataclass
+class DNNConfig:
+    """The plain DNN baseline: an MLP over the concatenated static field embeddings."""
+
+    hidden: List[int] = field(default_factory=lambda: [256, 128, 64])
+    dropout: float = 0.0
 
 
 @dataclass
@@ -137,7 +153,7 @@ class ModelConfig:
     """Model architecture.
 
     Args:
-        name: one of :data:`mdaf_rec.registry.MODEL_NAMES` (``mdaf_mamba``, ``mdaf_bst``, ``dcnv3``,
+        name: one of :data:`mdaf_rec.registry.MODEL_NAMES` (``mdaf_mamba``, ``mdaf_bst``, ``dcnv3``, ``dnn``,
             ``mamba4rec``, ``bst``).
         gate: one of :data:`mdaf_rec.registry.GATE_MODES`: ``scalar`` (one gate per sample) or ``vector``
             (one per embedding dimension).
@@ -147,6 +163,7 @@ class ModelConfig:
 
     name: str = "mdaf_mamba"
     dcnv3: DCNv3Config = field(default_factory=DCNv3Config)
+    dnn: DNNConfig = field(default_factory=DNNConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     bst: BSTConfig = field(default_factory=BSTConfig)
     gate: str = "scalar"
@@ -166,7 +183,8 @@ class OptimizerConfig:
             only these three) or ``adam`` (GPU only).
         sparse_lr: table learning rate.
         sparse_eps: epsilon of the Adagrad / Adam table optimizers.
-        sparse_weight_decay: table weight decay.
+        sparse_weight_decay: table weight decay on the rows a batch looks up (``rowwise_adagrad``: L2,
+            ``adam``: decoupled; FBGEMM's ``sgd`` and ``adagrad`` have none).
     """
 
     dense: str = "adam"
@@ -203,6 +221,8 @@ class TrainConfig:
         batch_size: GLOBAL batch size; each of the W ranks gets ``batch_size / W`` rows of every batch.
         eval_batch_size: global batch size of evaluation.
         patience: early stopping: epochs without a better validation AUC before stopping.
+        lr_decay_on_plateau: after an epoch without a better validation AUC, multiply every learning rate
+            (dense and tables) by this factor (FuxiCTR: 0.1); ``null``: constant learning rates.
         seed: seeds the model initialisation and the data order.
         log_every: steps between progress log lines.
         threads: torch intra-op threads per process (``null``: the machine's cores divided by the
@@ -222,6 +242,7 @@ class TrainConfig:
     batch_size: int = 2048
     eval_batch_size: int = 8192
     patience: int = 5
+    lr_decay_on_plateau: Optional[float] = None
     seed: int = 42
     log_every: int = 50
     threads: Optional[int] = None
@@ -273,6 +294,8 @@ def validate(cfg: Config) -> Config:
     _require(f.sequence_dim > 0, "features.sequence_dim", "must be > 0")
     _require(f.max_history >= 1, "features.max_history", "must be >= 1")
     _require(f.min_count >= 1, "features.min_count", "must be >= 1")
+    _require(f.table_init_scale is None or f.table_init_scale > 0, "features.table_init_scale",
+             "must be > 0 (or null: TorchRec's ±sqrt(1 / rows))")
     if f.timezone is not None:
         _require(_is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
     for name, space in f.id_spaces.items():
@@ -296,6 +319,9 @@ def validate(cfg: Config) -> Config:
     _require(d.num_ecn_layers >= 1, "model.dcnv3.num_ecn_layers", "must be >= 1")
     _require(0.0 <= d.lcn_dropout < 1.0, "model.dcnv3.lcn_dropout", "must be in [0, 1)")
     _require(0.0 <= d.ecn_dropout < 1.0, "model.dcnv3.ecn_dropout", "must be in [0, 1)")
+    _require(len(m.dnn.hidden) >= 1 and all(h > 0 for h in m.dnn.hidden), "model.dnn.hidden",
+             "must be a non-empty list of positive sizes")
+    _require(0.0 <= m.dnn.dropout < 1.0, "model.dnn.dropout", "must be in [0, 1)")
     for key in ("num_layers", "d_state", "d_conv", "expand"):
         _require(getattr(m.mamba, key) >= 1, f"model.mamba.{key}", "must be >= 1")
     _require(0.0 <= m.mamba.dropout < 1.0, "model.mamba.dropout", "must be in [0, 1)")
@@ -312,11 +338,15 @@ def validate(cfg: Config) -> Config:
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _require(o.sparse_eps > 0, "optimizer.sparse_eps", "must be > 0")
     _require(o.sparse_weight_decay >= 0, "optimizer.sparse_weight_decay", "must be >= 0")
+    _require(o.sparse_weight_decay == 0 or o.sparse in ("rowwise_adagrad", "adam"), "optimizer.sparse_weight_decay",
+             f"FBGEMM's {o.sparse!r} table optimizer has no weight decay (rowwise_adagrad: L2; adam: decoupled)")
     t = cfg.train
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     _require(t.patience >= 1, "train.patience", "must be >= 1")
+    _require(t.lr_decay_on_plateau is None or 0 < t.lr_decay_on_plateau < 1, "train.lr_decay_on_plateau",
+             "must be in (0, 1) (or null: off)")
     _require(t.seed >= 0, "train.seed", "must be >= 0")
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", "must be >= 1")

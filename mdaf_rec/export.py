@@ -191,6 +191,7 @@ def feature_spec_doc(
         "static_dim": spec.static_dim,
         "sequence_dim": spec.sequence_dim,
         "max_history": spec.max_history,
+        "pooled_history": spec.pooled_history,
         "history_truncation": f"only the most recent {spec.max_history} entries are kept (as in training)",
         "timezone": timezone,
         "time_fields": {c: _time_field_rule(c) for c in TIME_FIELDS},

@@ -82,6 +82,9 @@ class FeatureSpec:
         static_dim: pooled embedding dim.
         sequence_dim: sequence embedding dim.
         max_history: maximum history length.
+        pooled_history: the static branch also reads each history, mean-pooled through its id space's
+            static table (``features.pooled_history``).
+        table_init_scale: static table rows start uniform in ``[-s, s]`` (``None``: TorchRec's default).
     """
 
     static_fields: Tuple[StaticField, ...]
@@ -91,6 +94,8 @@ class FeatureSpec:
     static_dim: int
     sequence_dim: int
     max_history: int
+    pooled_history: bool = False
+    table_init_scale: Optional[float] = None
 
     @staticmethod
     def build(cfg: FeaturesConfig, vocab_sizes: Mapping[str, int]) -> "FeatureSpec":
@@ -119,6 +124,8 @@ class FeatureSpec:
             static_dim=cfg.static_dim,
             sequence_dim=cfg.sequence_dim,
             max_history=cfg.max_history,
+            pooled_history=cfg.pooled_history,
+            table_init_scale=cfg.table_init_scale,
         )
 
     # -- keys ------------------------------------------------------------------------------------
@@ -137,9 +144,30 @@ class FeatureSpec:
         return keys
 
     @property
+    def pooled_history_keys(self) -> List[str]:
+        """Keys of the mean-pooled histories in ``Batch.static_features`` (empty unless ``pooled_history``)."""
+        return [s.history_key for s in self.sequence_spaces] if self.pooled_history else []
+
+    @property
+    def static_input_keys(self) -> List[str]:
+        """Keys of ``Batch.static_features``, in order: one id per sample for each static field, then the
+        pooled histories (0..max_history ids per sample)."""
+        return self.static_keys + self.pooled_history_keys
+
+    @property
     def num_static_fields(self) -> int:
-        """Fields seen by DCNv3: pooled sparse fields plus dense fields."""
-        return len(self.static_fields) + len(self.dense_features)
+        """Fields seen by the static branch: pooled sparse fields, pooled histories, dense fields."""
+        return len(self.static_fields) + len(self.pooled_history_keys) + len(self.dense_features)
+
+    def static_table_rows(self, key: str) -> int:
+        """Rows of the static table that ``key`` (a static field or a pooled history) reads."""
+        for f in self.static_fields:
+            if key == f.name:
+                return f.num_embeddings
+        for s in self.sequence_spaces:
+            if key == s.history_key and self.pooled_history:
+                return self.static_table_rows(s.name)
+        raise KeyError(key)
 
     @property
     def user_field(self) -> Optional[int]:
@@ -150,14 +178,21 @@ class FeatureSpec:
     # -- TorchRec tables -------------------------------------------------------------------------
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        """One pooled (sum over a single id) table per static field."""
+        """One pooled table per static field. With ``pooled_history`` the table of an id space with a history
+        also serves that history (features ``[item, item_history]``, mean pooling: the bag of the single
+        target id is its row, the history's bag the mean of its rows)."""
+        histories = {s.name: s.history_key for s in self.sequence_spaces} if self.pooled_history else {}
+        init = {}
+        if self.table_init_scale is not None:
+            init = {"weight_init_min": -self.table_init_scale, "weight_init_max": self.table_init_scale}
         return [
             EmbeddingBagConfig(
                 name=f.table_name,
                 embedding_dim=self.static_dim,
                 num_embeddings=f.num_embeddings,
-                feature_names=[f.name],
-                pooling=PoolingType.SUM,
+                feature_names=[f.name, histories[f.name]] if f.name in histories else [f.name],
+                pooling=PoolingType.MEAN if f.name in histories else PoolingType.SUM,
+                **init,
             )
             for f in self.static_fields
         ]

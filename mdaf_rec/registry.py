@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
-MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "mamba4rec", "bst")
-"""``model.name``: MDAF with a Mamba4Rec or BST branch, and the three single-branch baselines."""
+MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "dnn", "mamba4rec", "bst")
+"""``model.name``: MDAF with a Mamba4Rec or BST branch, and the four single-branch baselines."""
 
 GATE_MODES: Tuple[str, ...] = ("scalar", "vector")
 """``model.gate``: one fusion gate per sample, or one per embedding dimension."""

@@ -50,10 +50,12 @@ def _shared_embedding(weight: nn.Parameter) -> nn.Embedding:
 
 
 class StaticLookup(nn.Module):
-    """Drop-in for the static ``EmbeddingBagCollection`` when every sample has exactly one id per key.
+    """Drop-in for the static ``EmbeddingBagCollection`` on :class:`ServingModule`'s static KJT.
 
-    A sum-pooled bag of one id is that id's row, so each key is a plain row lookup on the values of
-    the KJT (key-major, ``B`` per key): no ``to_dict`` split, only static shapes.
+    The KJT holds one id per sample for each static field, then (``spec.pooled_history``) each history
+    padded to exactly ``max_history`` ids (key-major). A bag of one id is that id's row, so each static
+    field is a plain row lookup; a padded history is the mean of its non-padding rows (zeros when empty),
+    what the collection's mean pooling gives for the unpadded history. Only static shapes.
 
     Args:
         ebc: the trained collection (its tables are shared, not copied).
@@ -64,20 +66,34 @@ class StaticLookup(nn.Module):
         super().__init__()
         self.tables = nn.ModuleDict({name: _shared_embedding(bag.weight) for name, bag in ebc.embedding_bags.items()})
         self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
+        table_of = {f.name: f.table_name for f in spec.static_fields}
+        self._history_keys: List[Tuple[str, str]] = [
+            (s.history_key, table_of[s.name]) for s in spec.sequence_spaces if spec.pooled_history
+        ]
+        self.max_history = spec.max_history
         self.dim = spec.static_dim
 
     def forward(self, static_features: KeyedJaggedTensor) -> KeyedTensor:
         """
         Args:
-            static_features: one id per sample and key.
+            static_features: one id per sample and static field, then the padded pooled histories.
         Returns:
             ``KeyedTensor`` of ``[B, static_dim]`` per key (values ``[B, F * static_dim]``).
         """
-        ids = static_features.values().view(len(self._keys), -1)  # [F, B]
+        num_fields, num_histories = len(self._keys), len(self._history_keys)
+        values = static_features.values()
+        # [F, B] one-id fields, then [P, B, L] padded histories
+        ids = values.view(num_fields + num_histories * self.max_history, -1)[:num_fields]
         pooled = [self.tables[table](ids[k]) for k, (_, table) in enumerate(self._keys)]  # [B, d] each
-        return KeyedTensor(
-            keys=[key for key, _ in self._keys], length_per_key=[self.dim] * len(self._keys), values=torch.cat(pooled, 1)
-        )
+        if num_histories:
+            batch_size = ids.shape[1]
+            histories = values[num_fields * batch_size :].view(num_histories, batch_size, self.max_history)
+            for p, (_, table) in enumerate(self._history_keys):
+                valid = (histories[p] != PADDING_INDEX).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+                rows = self.tables[table](histories[p]) * valid  # [B, L, d]
+                pooled.append(rows.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))  # [B, d]
+        keys = [key for key, _ in self._keys + self._history_keys]
+        return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=torch.cat(pooled, 1))
 
 
 class PaddedSequenceEmbedding(nn.Module):
@@ -138,6 +154,7 @@ class ServingModule(nn.Module):
                 module.embeddings = PaddedSequenceEmbedding(module.embeddings, spec)
         self.model = model.eval()
         self.static_keys: List[str] = spec.static_keys
+        self.pooled_history_keys: List[str] = spec.pooled_history_keys
         self.sequence_keys: List[str] = spec.sequence_keys
         self.max_history = spec.max_history
         self.user_field: Optional[int] = spec.user_field
@@ -159,7 +176,7 @@ class ServingModule(nn.Module):
         for name, x in (("dense", dense), ("target_ids", target_ids), ("history_ids", history_ids)):
             torch._check(x.shape[0] == batch_size, lambda: f"{name} has another batch size than static_ids")
         batch = Batch(
-            static_features=self._static_kjt(static_ids),
+            static_features=self._static_kjt(static_ids, history_ids),
             sequence_features=self._sequence_kjt(target_ids, history_ids),
             dense_features=dense,
             labels=dense.new_zeros(batch_size),  # labels, user_index, row_index: not read by score()
@@ -170,16 +187,23 @@ class ServingModule(nn.Module):
         gate = out.gate if out.gate is not None else out.logit.new_zeros(batch_size, 1)
         return torch.sigmoid(out.logit), gate
 
-    def _static_kjt(self, static_ids: torch.Tensor) -> KeyedJaggedTensor:
-        """``[B, F]`` -> KJT with one id per sample and key (key-major values)."""
+    def _static_kjt(self, static_ids: torch.Tensor, history_ids: torch.Tensor) -> KeyedJaggedTensor:
+        """``[B, F]`` -> KJT with one id per sample and key (key-major values), then, with pooled histories,
+        each id space's padded history ``[B, L]`` (``L`` ids per sample)."""
         batch_size, num_keys = static_ids.shape
+        num_histories = len(self.pooled_history_keys)
+        values = [static_ids.t().reshape(-1)] + [history_ids[:, p, :].reshape(-1) for p in range(num_histories)]
+        per_key = [batch_size] * num_keys + [batch_size * self.max_history] * num_histories
         return KeyedJaggedTensor(
-            keys=self.static_keys,
-            values=static_ids.t().reshape(-1),
-            lengths=torch.ones(num_keys * batch_size, dtype=torch.int32),
+            keys=self.static_keys + self.pooled_history_keys,
+            values=torch.cat(values),
+            lengths=torch.cat([
+                torch.ones(num_keys * batch_size, dtype=torch.int32),
+                torch.full((num_histories * batch_size,), self.max_history, dtype=torch.int32),
+            ]),
             stride=batch_size,
-            length_per_key=[batch_size] * num_keys,
-            offset_per_key=[batch_size * k for k in range(num_keys + 1)],
+            length_per_key=per_key,
+            offset_per_key=[sum(per_key[:k]) for k in range(len(per_key) + 1)],
         )
 
     def _sequence_kjt(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> KeyedJaggedTensor:
@@ -357,4 +381,5 @@ def spec_from_json(doc: Dict[str, Any]) -> FeatureSpec:
         static_dim=doc["static_dim"],
         sequence_dim=doc["sequence_dim"],
         max_history=doc["max_history"],
+        pooled_history=doc.get("pooled_history", False),
     )

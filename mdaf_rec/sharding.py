@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 import torch
 import torch.distributed as dist
 from torch import nn
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -74,7 +75,11 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
     if cfg.sparse != "sgd":
         kwargs["eps"] = cfg.sparse_eps
     if cfg.sparse_weight_decay:
-        kwargs["weight_decay"] = cfg.sparse_weight_decay
+        kwargs["weight_decay"] = cfg.sparse_weight_decay  # FBGEMM's Adam: decoupled
+        if cfg.sparse == "rowwise_adagrad":
+            # FBGEMM's row-wise Adagrad ignores weight_decay unless a mode is named: L2 adds weight_decay * w to
+            # each looked-up row's gradient (rows a batch does not touch are not decayed).
+            kwargs["weight_decay_mode"] = WeightDecayMode.L2
     _apply_optimizer_in_backward(
         optimizer_class=SPARSE_OPTIMIZER_CLASSES[cfg.sparse], params=table_parameters(model), optimizer_kwargs=kwargs
     )

@@ -295,7 +295,11 @@ def _fit(session: Session, state: TrainState) -> Dict[str, Any]:
 
 def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[str, Any]:
     cfg, env, run = session.cfg, session.env, RunDir(session.run_dir)
+    # The configured learning rates (a resumed optimizer keeps the config's param_groups); state.lr_scale scales them.
+    base_lrs = [group["lr"] for group in session.optimizer.param_groups]
     for epoch in range(state.epochs_done, cfg.train.epochs):
+        for group, lr in zip(session.optimizer.param_groups, base_lrs):
+            group["lr"] = lr * state.lr_scale  # fused table optimizers read it at their next step()
         epoch_loss = _train_epoch(session, epoch, state, board)
         rate = state.epoch_samples / max(state.epoch_seconds, 1e-9)  # training only, evaluation excluded
         val = evaluate(session, "val")
@@ -307,8 +311,10 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
             state.best_auc, state.best_epoch, state.bad_epochs = val["auc"], epoch + 1, 0
         else:
             state.bad_epochs += 1
+            if cfg.train.lr_decay_on_plateau is not None:
+                state.lr_scale *= cfg.train.lr_decay_on_plateau
         record = {"epoch": epoch + 1, "step": state.step, "train_loss": epoch_loss, "samples_per_sec": rate,
-                  "val": _headline(val)}
+                  "lr_scale": state.lr_scale, "val": _headline(val)}
         if env.is_main:
             with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")

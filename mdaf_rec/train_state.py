@@ -23,6 +23,8 @@ class TrainState:
         best_auc: best validation AUC so far.
         best_epoch: epoch of ``best_auc``.
         bad_epochs: epochs since ``best_auc`` improved (early stopping).
+        lr_scale: factor on every configured learning rate (dense and tables), lowered by
+            ``train.lr_decay_on_plateau`` after each epoch without a better validation AUC.
         train_seconds: training seconds of finished epochs (evaluation excluded).
         train_samples: global samples of finished epochs.
         vocab_fingerprint: fingerprint of the vocabularies the tables are indexed by.
@@ -38,6 +40,7 @@ class TrainState:
     best_auc: float = -math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
+    lr_scale: float = 1.0
     train_seconds: float = 0.0
     train_samples: int = 0
     vocab_fingerprint: Optional[str] = None

@@ -44,7 +44,8 @@ TINY = [
     "train.max_steps_per_epoch=5",
     "train.threads=1",
 ]
-MODELS = {"mdaf_mamba": "configs/mdaf_mamba.yaml", "mdaf_bst": "configs/mdaf_bst.yaml"}
+# dnn: the static branch with pooled histories (configs/dnn.yaml), served by StaticLookup's padded mean
+MODELS = {"mdaf_mamba": "configs/mdaf_mamba.yaml", "mdaf_bst": "configs/mdaf_bst.yaml", "dnn": "configs/dnn.yaml"}
 
 # Scores of the test split with each run's best checkpoint under DMP (1 process, gloo): RUN OUT [RUN OUT ...].
 REFERENCE = """

@@ -1,77 +1,211 @@
-"""Trains all five models on one dataset with the same budget and prints a markdown results table.
+"""Trains models on one dataset with several seeds and writes a results table (mean ± std over seeds).
 
 Usage::
 
-    python tools/run_results.py --data data/synth --out runs/results/synth --epochs 3 [--set key=value ...]
+    python tools/run_results.py --data data/ml --out runs/results/ml --seeds 1 2 3 \\
+        [--models dnn dcnv3 bst mamba4rec mdaf_bst mdaf_mamba] [--set key=value ...] \\
+        [--variant "NAME: key=value key=value" ...] [--peers runs/peers/ml/summary.json] [--jobs 2]
 
-Each model runs ``mdaf-rec train --config configs/<model>.yaml`` with the same overrides (so the same
-epochs, batch size, dims and optimizer), one after another, and its ``metrics.json`` is collected. With
-``--ceiling`` the dataset's Bayes-optimal AUC (synthetic data) is shown, and the fraction of the gap
-between the best single-branch model and the ceiling that each MDAF variant closes.
+Every run is ``mdaf-rec train --config configs/<model>.yaml --data DATA --out OUT/<row>/seed_<s>
+--set train.seed=<s>`` plus the common ``--set`` overrides (and the row's variant overrides), so the rows
+differ only in what the table says. A row is a model, or a model with a named variant (``--variant``:
+the recipe-ablation tables). Runs already finished (their ``metrics.json`` exists) are read, not retrained.
+
+Written: ``OUT/results.json`` (every run's metrics and the aggregates) and ``OUT/results.md``: per row the
+mean ± sample std (ddof 1) of validation / test AUC and test logloss over the seeds, the epochs run, the best
+epoch and the training speed; FuxiCTR peers from ``tools/peers`` (``--peers``, their ``summary.json``) as
+extra rows; for each MDAF row, which rows it is *ahead* of: a mean test-AUC gap larger than the larger of the
+two rows' seed stds. On the synthetic data the Bayes-optimal ceiling and the share of the gap between the best
+single-branch row and the ceiling that each MDAF row closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-MODELS = ["dcnv3", "mamba4rec", "bst", "mdaf_mamba", "mdaf_bst"]
-BASELINES = ["dcnv3", "mamba4rec", "bst"]
+MODELS = ["dnn", "dcnv3", "bst", "mamba4rec", "mdaf_bst", "mdaf_mamba"]
+FUSED = ("mdaf_bst", "mdaf_mamba")
+REPO = Path(__file__).resolve().parent.parent
 
 
-def run(model: str, data: str, out: Path, epochs: int, overrides: List[str], reuse: bool) -> Dict:
-    if reuse and (out / model / "metrics.json").exists():
-        return json.loads((out / model / "metrics.json").read_text())
-    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", f"configs/{model}.yaml", "--data", data,
-           "--out", str(out / model), "--epochs", str(epochs)]
-    for o in overrides:
+class Row:
+    """One table row: a model (and variant) trained with every seed."""
+
+    def __init__(self, model: str, variant: Optional[str], overrides: Sequence[str]) -> None:
+        self.model, self.variant, self.overrides = model, variant, list(overrides)
+
+    @property
+    def name(self) -> str:
+        return self.model if self.variant is None else f"{self.model} [{self.variant}]"
+
+    @property
+    def folder(self) -> str:
+        return self.model if self.variant is None else f"{self.model}+{self.variant}"
+
+
+def parse_variant(text: str) -> Tuple[str, List[str]]:
+    """``"NAME: k=v k=v"`` -> (NAME, [k=v, k=v])."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name.strip() or any("=" not in o for o in rest.split()):
+        raise SystemExit(f"--variant {text!r}: expected 'NAME: key=value key=value ...'")
+    return name.strip(), rest.split()
+
+
+def train_one(row: Row, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
+    out = args.out / row.folder / f"seed_{seed}"
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", str(REPO / "configs" / f"{row.model}.yaml"),
+           "--data", args.data, "--out", str(out), "--set", f"train.seed={seed}", "--set", f"train.threads={args.threads}"]
+    if args.epochs is not None:
+        cmd += ["--epochs", str(args.epochs)]
+    for o in args.overrides + row.overrides:
         cmd += ["--set", o]
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    metrics = json.loads((out / model / "metrics.json").read_text())
-    metrics["wall_seconds"] = time.perf_counter() - started
+    log = args.out / row.folder / f"seed_{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if done.returncode != 0:
+        raise SystemExit(f"{row.name} seed {seed} failed (exit {done.returncode}); see {log}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"{row.name:<32} seed {seed}: test AUC {metrics['test']['auc']:.4f}, best epoch {metrics['best_epoch']}, "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     return metrics
 
 
-def table(results: Dict[str, Dict], ceiling: Dict | None) -> str:
-    lines = ["| model | val AUC | test AUC | test GAUC | test logloss | calibration | best epoch | train samples/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for model, m in results.items():
-        lines.append(
-            f"| {model} | {m['val']['auc']:.4f} | {m['test']['auc']:.4f} | {m['test']['gauc']:.4f} | "
-            f"{m['test']['logloss']:.4f} | {m['test']['calibration']:.3f} | {m['best_epoch']} | {m['samples_per_sec']:,.0f} |"
-        )
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def pick(path: str) -> List[float]:
+        split, key = path.split(".")
+        return [r[split][key] for r in runs]
+
+    agg = {k: mean_std(pick(k)) for k in ("val.auc", "test.auc", "test.logloss", "test.gauc")}
+    agg["epochs_run"] = [r.get("epochs_run", "?") for r in runs]
+    agg["best_epoch"] = [r["best_epoch"] for r in runs]
+    agg["samples_per_sec"] = statistics.fmean(r["samples_per_sec"] for r in runs)
+    return agg
+
+
+def _pm(ms: Tuple[float, float], digits: int = 4) -> str:
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def table(rows: Dict[str, Dict[str, Any]], peers: Dict[str, Dict[str, Any]], ceiling: Optional[Dict[str, Any]]) -> str:
+    lines = ["| model | library | val AUC | test AUC | test logloss | best / run epochs (per seed) | train samples/s |",
+             "|---|---|---:|---:|---:|---|---:|"]
+
+    def epochs(a: Dict[str, Any]) -> str:
+        return ", ".join(f"{b}/{r}" for b, r in zip(a["best_epoch"], a["epochs_run"]))
+
+    for name, a in rows.items():
+        lines.append(f"| {name} | mdaf_rec | {_pm(a['val.auc'])} | {_pm(a['test.auc'])} | {_pm(a['test.logloss'])} | "
+                     f"{epochs(a)} | {a['samples_per_sec']:,.0f} |")
+    for name, a in peers.items():
+        lines.append(f"| {name} | FuxiCTR | {_pm(a['val.auc'])} | {_pm(a['test.auc'])} | {_pm(a['test.logloss'])} | "
+                     f"{epochs(a)} | |")
     if ceiling:
-        lines.append(f"| *Bayes-optimal* | {ceiling['val']['bayes_auc']:.4f} | {ceiling['test']['bayes_auc']:.4f} | | "
-                     f"{ceiling['test']['bayes_logloss']:.4f} | | | |")
-        best_single = max(results[b]["test"]["auc"] for b in BASELINES if b in results)
-        gap = ceiling["test"]["bayes_auc"] - best_single
-        for model in ("mdaf_mamba", "mdaf_bst"):
-            if model in results and gap > 0:
-                closed = (results[model]["test"]["auc"] - best_single) / gap
-                lines.append(f"\n{model}: closes {closed:.0%} of the test-AUC gap between the best single-branch "
-                             f"model ({best_single:.4f}) and the ceiling ({ceiling['test']['bayes_auc']:.4f}).")
-    return "\n".join(lines)
+        lines.append(f"| *Bayes-optimal* | | {ceiling['val']['bayes_auc']:.4f} | {ceiling['test']['bayes_auc']:.4f} | "
+                     f"{ceiling['test']['bayes_logloss']:.4f} | | |")
+    everyone = {**{n: a for n, a in rows.items()}, **{f"{n} (FuxiCTR)": a for n, a in peers.items()}}
+    notes = []
+    for name, a in rows.items():
+        if not name.startswith(FUSED):
+            continue
+        ahead, behind = [], []
+        for other, b in everyone.items():
+            if other == name or other.startswith(FUSED):
+                continue
+            gap = a["test.auc"][0] - b["test.auc"][0]
+            (ahead if gap > max(a["test.auc"][1], b["test.auc"][1]) else behind).append(f"{other} ({gap:+.4f})")
+        notes.append(f"- **{name}** ahead of: {', '.join(ahead) or 'none'}; not ahead of: {', '.join(behind) or 'none'}.")
+        if ceiling:
+            singles = [b["test.auc"][0] for o, b in everyone.items() if not o.startswith(FUSED)]
+            best = max(singles)
+            gap = ceiling["test"]["bayes_auc"] - best
+            notes.append(f"  Closes {(a['test.auc'][0] - best) / gap:.0%} of the test-AUC gap between the best "
+                         f"single-branch row ({best:.4f}) and the ceiling ({ceiling['test']['bayes_auc']:.4f}).")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def read_peers(path: Optional[Path]) -> Dict[str, Dict[str, Any]]:
+    """FuxiCTR rows from ``tools/peers``'s ``summary.json`` (per model: its seeds' metrics)."""
+    if path is None:
+        return {}
+    summary = json.loads(path.read_text())
+    out = {}
+    for model, runs in summary["runs"].items():
+        out[model] = aggregate([{"samples_per_sec": 0.0, "best_epoch": "?", **r} for r in runs])
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--reuse", action="store_true", help="take a model's existing metrics.json instead of training")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs of every run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every run")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="'NAME: key=value ...': also train each model with these overrides (a row per variant)")
+    parser.add_argument("--no-plain", action="store_true", help="with --variant: skip the rows without a variant")
+    parser.add_argument("--peers", type=Path, default=None, help="tools/peers summary.json to show beside")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one torch thread each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
-    results = {m: run(m, args.data, args.out, args.epochs, args.overrides, args.reuse) for m in args.models}
-    ceiling = next(iter(results.values())).get("bayes_ceiling")
-    text = table(results, ceiling)
+
+    variants = [parse_variant(v) for v in args.variant]
+    rows: List[Row] = []
+    for model in args.models:
+        if not (variants and args.no_plain):
+            rows.append(Row(model, None, []))
+        rows += [Row(model, name, o) for name, o in variants]
+    jobs = [(row, seed) for row in rows for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: train_one(job[0], job[1], args), jobs))
+    per_row: Dict[str, List[Dict[str, Any]]] = {}
+    for (row, _), metrics in zip(jobs, results):
+        per_row.setdefault(row.name, []).append(metrics)
+    aggregates = {name: aggregate(runs) for name, runs in per_row.items()}
+    ceiling = results[0].get("bayes_ceiling")
+    header = (f"Data `{args.data}`; seeds {' '.join(map(str, args.seeds))}; "
+              f"overrides `{' '.join(args.overrides) or 'none'}`"
+              f"{f'; epochs {args.epochs}' if args.epochs else ''}; {args.threads} thread(s) per run; {machine()}; "
+              f"{time.strftime('%Y-%m-%d')}. Mean ± sample std over seeds; test metrics of the best-validation-AUC "
+              f"epoch.\n\n`python tools/run_results.py {' '.join(sys.argv[1:])}`\n")
+    text = header + "\n" + table(aggregates, read_peers(args.peers), ceiling)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {"args": sys.argv[1:], "machine": machine(), "rows": aggregates, "runs": per_row}, indent=1, default=str))
     print(text)
 
 

@@ -36,8 +36,10 @@ class Batch(Pipelineable):
     Ids are vocabulary indices (0 = padding, 1 = out-of-vocabulary), never raw ids.
 
     Attributes:
-        static_features: pooled (one id per sample) lookups for the static branch, one key per
-            static field (``user``, ``item``, ``category``, ``hour``, ``dayofweek``, extras). Batch B.
+        static_features: pooled lookups for the static branch, one key per static field (``user``,
+            ``item``, ``category``, ``hour``, ``dayofweek``, extras; one id per sample), then, with
+            ``features.pooled_history``, each history (key ``item_history``, 0..max_history ids, mean-pooled
+            in the id space's static table). Batch B.
         sequence_features: unpooled lookups for the sequential branch: for each id space with a
             history, its target (key ``item``, length 1) and its history (key ``item_history``,
             length 0..max_history, most recent last). Target and history share one table.

@@ -233,19 +233,22 @@ class BatchConverter:
         n = len(rows.row_index)
         ones = torch.ones(n, dtype=torch.int32)
         static = self.static_indices(rows)
+        static_values = [torch.from_numpy(static[k]) for k in self.spec.static_keys]
+        static_lengths = [ones] * len(static_values)
         seq_values: List[torch.Tensor] = []
         seq_lengths: List[torch.Tensor] = []
         for space in self.spec.sequence_spaces:
             lengths, raw = rows.histories[space.history_key]
-            seq_values += [torch.from_numpy(static[space.name]), torch.from_numpy(self.vocabs.lookup(space.name, raw))]
+            history = torch.from_numpy(self.vocabs.lookup(space.name, raw))
+            seq_values += [torch.from_numpy(static[space.name]), history]
             seq_lengths += [ones, torch.from_numpy(lengths)]
+            if self.spec.pooled_history:
+                static_values.append(history)
+                static_lengths.append(torch.from_numpy(lengths))
         dense = [rows.columns[c] for c in self.spec.dense_features]
         user = static.get(USER_SPACE)
         return Batch(
-            static_features=build_kjt(
-                self.spec.static_keys, [torch.from_numpy(static[k]) for k in self.spec.static_keys],
-                [ones] * len(self.spec.static_keys),
-            ),
+            static_features=build_kjt(self.spec.static_input_keys, static_values, static_lengths),
             sequence_features=build_kjt(self.spec.sequence_keys, seq_values, seq_lengths),
             dense_features=torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(n, 0),
             labels=torch.from_numpy(rows.columns[LABEL].astype(np.float32)),

@@ -8,6 +8,7 @@ from mdaf_rec.config import ModelConfig
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.ctr import CTRModel, CTROutput
+from mdaf_rec.models.embeddings import StaticEmbeddingArch
 from mdaf_rec.models.head import PredictionHead
 from mdaf_rec.models.sequence_branch import SequenceBranch
 from mdaf_rec.models.static_branch import StaticBranch
@@ -29,6 +30,26 @@ class DCNv3CTR(CTRModel):
     def score(self, batch: Batch) -> CTROutput:
         out = self.static_branch(batch)
         return CTROutput(logit=out.logit, lcn_logit=out.lcn_logit, ecn_logit=out.ecn_logit)
+
+
+class DNNCTR(CTRModel):
+    """The plain DNN baseline: the static field embeddings, concatenated, through an MLP
+    (``Linear → ReLU → Dropout`` per hidden size, then ``Linear → 1``), as FuxiCTR's DNN.
+
+    Args:
+        spec: feature spec (static fields, pooled histories, dense fields).
+        cfg: model config (``cfg.dnn``).
+        table_device: device of the embedding tables.
+    """
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, table_device: torch.device | None = None) -> None:
+        super().__init__()
+        self.embeddings = StaticEmbeddingArch(spec, device=table_device)
+        self.mlp = PredictionHead(spec.num_static_fields * spec.static_dim, cfg.dnn.hidden, cfg.dnn.dropout)
+
+    def score(self, batch: Batch) -> CTROutput:
+        fields = self.embeddings(batch.static_features, batch.dense_features)  # [B, F, d]
+        return CTROutput(logit=self.mlp(fields.flatten(start_dim=1)))  # [B]
 
 
 class SequenceCTR(CTRModel):

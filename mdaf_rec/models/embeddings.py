@@ -59,15 +59,25 @@ def check_id_ranges(features: KeyedJaggedTensor, sizes: List[int], kind: str) ->
 
 
 def check_static_features(features: KeyedJaggedTensor, spec: FeatureSpec) -> None:
-    """Validates the static KJT of a batch: keys in spec order, one in-range id per sample and key.
+    """Validates the static KJT of a batch: keys in spec order (``spec.static_input_keys``), one in-range id per
+    sample and static field, at most ``max_history`` in-range ids per pooled history.
 
     Raises:
         InputIdError: naming the feature (host syncs: call it where data enters, not in a forward).
     """
-    _check_keys(features, spec.static_keys, "static")
-    if not bool((features.lengths() == 1).all()):
-        raise InputIdError("static features: every sample needs exactly one id per static field")
-    check_id_ranges(features, [f.num_embeddings for f in spec.static_fields], "static")
+    _check_keys(features, spec.static_input_keys, "static")
+    per_key = features.to_dict()
+    for key in spec.static_keys:
+        if not bool((per_key[key].lengths() == 1).all()):
+            raise InputIdError(f"static feature {key!r}: every sample needs exactly one id")
+    for key in spec.pooled_history_keys:
+        lengths = per_key[key].lengths()
+        if lengths.numel() and int(lengths.max()) > spec.max_history:
+            raise InputIdError(
+                f"static feature {key!r}: a history has {int(lengths.max())} entries, more than "
+                f"max_history={spec.max_history}"
+            )
+    check_id_ranges(features, [spec.static_table_rows(k) for k in spec.static_input_keys], "static")
 
 
 def check_sequence_features(features: KeyedJaggedTensor, spec: FeatureSpec) -> None:
@@ -150,17 +160,20 @@ class DenseFieldEmbedding(nn.Module):
 
 
 class StaticEmbeddingArch(nn.Module):
-    """Pooled static-field embeddings for the DCNv3 branch.
+    """Pooled static-field embeddings for the static branch (DCNv3, DNN).
+
+    With ``spec.pooled_history`` each history is one more field: the mean of its ids' rows in the id space's
+    static table (zeros for an empty history), after the static fields.
 
     Args:
-        spec: the feature spec (its ``static_fields`` give the tables and the field order).
+        spec: the feature spec (its ``static_fields`` give the tables, ``static_input_keys`` the field order).
         device: device of the tables (``meta`` to let DMP materialise them). Dense-field parameters
             go to the current default device.
     """
 
     def __init__(self, spec: FeatureSpec, device: torch.device | None = None) -> None:
         super().__init__()
-        self._keys: List[str] = spec.static_keys
+        self._keys: List[str] = spec.static_input_keys
         self.embedding_bag_collection = EmbeddingBagCollection(tables=spec.embedding_bag_configs(), device=device)
         self.dense_fields = (
             DenseFieldEmbedding(len(spec.dense_features), spec.static_dim, spec.dense_log1p)
@@ -171,11 +184,11 @@ class StaticEmbeddingArch(nn.Module):
     def forward(self, static_features: KeyedJaggedTensor, dense_features: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            static_features: one id per sample for each static key, in range
+            static_features: one id per sample for each static key, then the pooled histories, in range
                 (:func:`check_static_features`).
             dense_features: ``[B, N_dense]`` float (ignored when no dense features are configured).
         Returns:
-            ``[B, F, static_dim]`` field embeddings, static keys in spec order, then dense fields.
+            ``[B, F, static_dim]`` field embeddings, ``static_input_keys`` in spec order, then dense fields.
         """
         pooled = self.embedding_bag_collection(static_features).to_dict()  # key -> [B, d]
         fields = torch.stack([pooled[key] for key in self._keys], dim=1)  # [B, F_sparse, d]

@@ -8,7 +8,7 @@ import torch
 
 from mdaf_rec.config import ModelConfig
 from mdaf_rec.features import FeatureSpec
-from mdaf_rec.models.baselines import DCNv3CTR, SequenceCTR
+from mdaf_rec.models.baselines import DCNv3CTR, DNNCTR, SequenceCTR
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.mdaf import MDAF
 from mdaf_rec.registry import MODEL_NAMES
@@ -20,6 +20,7 @@ MODEL_BUILDERS: Dict[str, ModelBuilder] = {
     "mdaf_mamba": lambda spec, cfg, tables: MDAF(spec, cfg, branch="mamba", table_device=tables),
     "mdaf_bst": lambda spec, cfg, tables: MDAF(spec, cfg, branch="bst", table_device=tables),
     "dcnv3": lambda spec, cfg, tables: DCNv3CTR(spec, cfg, table_device=tables),
+    "dnn": lambda spec, cfg, tables: DNNCTR(spec, cfg, table_device=tables),
     "mamba4rec": lambda spec, cfg, tables: SequenceCTR(spec, cfg, encoder="mamba", table_device=tables),
     "bst": lambda spec, cfg, tables: SequenceCTR(spec, cfg, encoder="bst", table_device=tables),
 }
@@ -40,7 +41,7 @@ def build_model(
             and shard.
         dense_device: device of every other parameter.
     Returns:
-        ``MDAF`` (``mdaf_mamba``, ``mdaf_bst``), ``DCNv3CTR`` (``dcnv3``) or ``SequenceCTR``
+        ``MDAF`` (``mdaf_mamba``, ``mdaf_bst``), ``DCNv3CTR`` (``dcnv3``), ``DNNCTR`` (``dnn``) or ``SequenceCTR``
         (``mamba4rec``, ``bst``).
     """
     if cfg.name not in MODEL_BUILDERS:
