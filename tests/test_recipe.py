@@ -142,3 +142,29 @@ def test_lr_decay_on_plateau_is_recorded_per_epoch(dataset: Path, tmp_path: Path
             bad += 1
         assert e["lr_scale"] == 0.5 ** bad, epochs
     assert bad >= 1, "these learning rates overfit this tiny set within 5 epochs (val AUC falls from epoch 4 on)"
+
+
+def _run_results_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_results", REPO / "tools" / "run_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table_says_ahead_only_beyond_the_seed_spread() -> None:
+    rr = _run_results_module()
+
+    def runs(*aucs: float):
+        return rr.aggregate([{"val": {"auc": a, "logloss": 0.6, "gauc": a}, "test": {"auc": a, "logloss": 0.6, "gauc": a},
+                              "best_epoch": 1, "epochs_run": 2, "samples_per_sec": 100.0} for a in aucs])
+
+    rows = {"dnn": runs(0.680, 0.690, 0.700), "bst": runs(0.700, 0.701, 0.702), "mdaf_bst": runs(0.712, 0.713, 0.714)}
+    assert rows["dnn"]["test.auc"] == pytest.approx((0.690, 0.010))  # sample std (ddof 1)
+    text = rr.table(rows, {}, None)
+    # +0.023 over dnn beats dnn's std 0.010; +0.012 over bst beats both stds (0.001)
+    assert "**mdaf_bst** ahead of: dnn (+0.0230), bst (+0.0120); not ahead of: none." in text
+    rows["mdaf_bst"] = runs(0.695, 0.700, 0.705)  # +0.010 over dnn is within dnn's std; -0.001 vs bst
+    text = rr.table(rows, {}, None)
+    assert "**mdaf_bst** ahead of: none; not ahead of: dnn (+0.0100), bst (-0.0010)." in text

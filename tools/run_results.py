@@ -4,11 +4,12 @@ Usage::
 
     python tools/run_results.py --data data/ml --out runs/results/ml --seeds 1 2 3 \\
         [--models dnn dcnv3 bst mamba4rec mdaf_bst mdaf_mamba] [--set key=value ...] \\
-        [--variant "NAME: key=value key=value" ...] [--peers runs/peers/ml/summary.json] [--jobs 2]
+        [--model-set MODEL:key=value ...] [--variant "NAME: key=value key=value" ...] \\
+        [--peers runs/peers/ml/summary.json] [--jobs 2]
 
 Every run is ``mdaf-rec train --config configs/<model>.yaml --data DATA --out OUT/<row>/seed_<s>
---set train.seed=<s>`` plus the common ``--set`` overrides (and the row's variant overrides), so the rows
-differ only in what the table says. A row is a model, or a model with a named variant (``--variant``:
+--set train.seed=<s>`` plus the common ``--set`` overrides (then the model's ``--model-set`` ones and the
+row's variant overrides), so the rows differ only in what the table says. A row is a model, or a model with a named variant (``--variant``:
 the recipe-ablation tables). Runs already finished (their ``metrics.json`` exists) are read, not retrained.
 
 Written: ``OUT/results.json`` (every run's metrics and the aggregates) and ``OUT/results.md``: per row the
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -69,7 +71,7 @@ def train_one(row: Row, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
            "--data", args.data, "--out", str(out), "--set", f"train.seed={seed}", "--set", f"train.threads={args.threads}"]
     if args.epochs is not None:
         cmd += ["--epochs", str(args.epochs)]
-    for o in args.overrides + row.overrides:
+    for o in args.overrides + args.model_overrides.get(row.model, []) + row.overrides:
         cmd += ["--set", o]
     started = time.perf_counter()
     log = args.out / row.folder / f"seed_{seed}.log"
@@ -142,13 +144,18 @@ def table(rows: Dict[str, Dict[str, Any]], peers: Dict[str, Dict[str, Any]], cei
 
 
 def read_peers(path: Optional[Path]) -> Dict[str, Dict[str, Any]]:
-    """FuxiCTR rows from ``tools/peers``'s ``summary.json`` (per model: its seeds' metrics)."""
+    """FuxiCTR rows from ``tools/peers/run_fuxictr.py``'s ``summary.json`` (mean and std per model)."""
     if path is None:
         return {}
-    summary = json.loads(path.read_text())
     out = {}
-    for model, runs in summary["runs"].items():
-        out[model] = aggregate([{"samples_per_sec": 0.0, "best_epoch": "?", **r} for r in runs])
+    for model, m in json.loads(path.read_text())["models"].items():
+        out[model] = {
+            "val.auc": (m["val_auc"]["mean"], m["val_auc"]["std"] or 0.0),
+            "test.auc": (m["test_auc"]["mean"], m["test_auc"]["std"] or 0.0),
+            "test.logloss": (m["test_logloss"]["mean"], m["test_logloss"]["std"] or 0.0),
+            "best_epoch": m.get("best_epoch") or ["?"] * m["n"],
+            "epochs_run": m.get("epochs_run") or ["?"] * m["n"],
+        }
     return out
 
 
@@ -174,6 +181,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs of every run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every run")
+    parser.add_argument("--model-set", action="append", default=[], metavar="MODEL:key=value",
+                        help="override for one model's runs only")
     parser.add_argument("--variant", action="append", default=[],
                         help="'NAME: key=value ...': also train each model with these overrides (a row per variant)")
     parser.add_argument("--no-plain", action="store_true", help="with --variant: skip the rows without a variant")
@@ -183,6 +192,12 @@ def main() -> None:
     args = parser.parse_args()
 
     variants = [parse_variant(v) for v in args.variant]
+    args.model_overrides = {}
+    for item in args.model_set:
+        model, sep, override = item.partition(":")
+        if not sep or model not in MODELS or "=" not in override:
+            raise SystemExit(f"--model-set {item!r}: expected MODEL:key=value with MODEL one of {MODELS}")
+        args.model_overrides.setdefault(model, []).append(override)
     rows: List[Row] = []
     for model in args.models:
         if not (variants and args.no_plain):
@@ -196,11 +211,12 @@ def main() -> None:
         per_row.setdefault(row.name, []).append(metrics)
     aggregates = {name: aggregate(runs) for name, runs in per_row.items()}
     ceiling = results[0].get("bayes_ceiling")
+    per_model = "".join(f"; for {m} only `{' '.join(o)}`" for m, o in args.model_overrides.items())
     header = (f"Data `{args.data}`; seeds {' '.join(map(str, args.seeds))}; "
-              f"overrides `{' '.join(args.overrides) or 'none'}`"
+              f"overrides `{' '.join(args.overrides) or 'none'}`{per_model}"
               f"{f'; epochs {args.epochs}' if args.epochs else ''}; {args.threads} thread(s) per run; {machine()}; "
               f"{time.strftime('%Y-%m-%d')}. Mean ± sample std over seeds; test metrics of the best-validation-AUC "
-              f"epoch.\n\n`python tools/run_results.py {' '.join(sys.argv[1:])}`\n")
+              f"epoch.\n\n`python tools/run_results.py {shlex.join(sys.argv[1:])}`\n")
     text = header + "\n" + table(aggregates, read_peers(args.peers), ceiling)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
