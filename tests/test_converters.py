@@ -261,6 +261,66 @@ def test_behavior_seed(tmp_path):
     assert np.array_equal(a[LABEL].to_numpy(), c[LABEL].to_numpy())
 
 
+def negatives_by(table: pa.Table) -> Dict:
+    """(user, local day index from SHANGHAI_DAY0) -> [(item, category)] of the negatives."""
+    out: Dict = {}
+    for r in rows_of(table):
+        if r[LABEL] == 0:
+            out.setdefault((r[USER_ID], (r[TIMESTAMP] - SHANGHAI_DAY0) // DAY), []).append((r[ITEM_ID], r[CATEGORY_ID]))
+    return out
+
+
+def test_behavior_negatives_from_same_day(tmp_path):
+    """Negatives are drawn with the click counts of their click's local day only: item 9, clicked
+    20 times on the test day alone, is never a negative before it (whole-file counts made it most
+    of the train negatives); a negative's category is the item's category that day."""
+    at = lambda day, s: SHANGHAI_DAY0 + day * DAY + s  # noqa: E731
+    lines = [f"8,3,31,pv,{at(2, 100)}"]  # item 3 re-categorised on day 2, first in the file
+    lines += [f"1,1,10,pv,{at(0, 1)}", f"2,2,20,pv,{at(0, 2)}"]
+    lines += [f"3,3,30,pv,{at(0, 3 + k)}" for k in range(3)]
+    lines += [f"4,4,40,pv,{at(1, 1)}", f"5,5,50,pv,{at(1, 2)}"]
+    lines += [f"6,9,90,pv,{at(2, k)}" for k in range(20)] + [f"7,8,80,pv,{at(2, 50)}"]
+    raw = write(tmp_path / "UserBehavior.csv", lines)
+    n = 2000
+    meta = convert("taobao-behavior", raw, tmp_path / "out", "--negatives", str(n))
+    assert meta["rows"] == 29 * (1 + n)
+    assert meta["split"]["train"] == "..2017-11-25" and meta["split"]["test"] == "2017-11-27..2017-11-27"
+    neg = negatives_by(load(tmp_path / "out"))
+    assert sorted(neg) == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (6, 2), (7, 2), (8, 2)]
+    assert not any(item == 9 for key, pairs in neg.items() if key[1] < 2 for item, _ in pairs)
+    # day 0 weights: item 1 x1, item 2 x1, item 3 x3 (its day-2 click does not count), category 30
+    for user, other in ((1, 2), (2, 1)):
+        items = np.array([i for i, _ in neg[(user, 0)]])
+        assert set(items) == {other, 3} and abs((items == 3).mean() - 0.75) < 0.04
+        assert {c for i, c in neg[(user, 0)] if i == 3} == {30}
+    items = np.array([i for i, _ in neg[(3, 0)]])
+    assert len(items) == 3 * n and set(items) == {1, 2} and abs((items == 1).mean() - 0.5) < 0.03
+    assert neg[(4, 1)] == [(5, 50)] * n and neg[(5, 1)] == [(4, 40)] * n
+    # day 2 weights: item 9 x20, item 3 x1 (category 31 that day), item 8 x1
+    items = np.array([i for i, _ in neg[(7, 2)]])
+    assert set(neg[(7, 2)]) == {(9, 90), (3, 31)} and abs((items == 9).mean() - 20 / 21) < 0.02
+    assert set(neg[(6, 2)]) == {(3, 31), (8, 80)} and set(neg[(8, 2)]) == {(9, 90), (8, 80)}
+    assert "same local day" in meta["protocol"]
+
+
+def test_behavior_negatives_fallback_pools(tmp_path):
+    """A user who touched every item clicked on their day (a near-empty day) draws from the clicks
+    of all days up to it, then from the whole file; a user who touched every clicked item is an
+    error."""
+    at = lambda day, s: SHANGHAI_DAY0 + day * DAY + s  # noqa: E731
+    lines = [f"1,1,10,pv,{at(0, 1)}", f"2,2,20,pv,{at(1, 1)}"]
+    lines += [f"{u},{u},{u}0,pv,{at(day, u)}" for day in (2, 3, 4) for u in (3, 4)]
+    raw = write(tmp_path / "UserBehavior.csv", lines)
+    convert("taobao-behavior", raw, tmp_path / "out", "--negatives", "50")
+    neg = negatives_by(load(tmp_path / "out"))
+    assert neg[(2, 1)] == [(1, 10)] * 50  # day 1 is user 2's alone: days 0..1 hold only item 1 untouched
+    assert {i for i, _ in neg[(1, 0)]} == {2, 3, 4}  # day 0 is the first day: the whole file
+    assert all(neg[(3, d)] == [(4, 40)] * 50 and neg[(4, d)] == [(3, 30)] * 50 for d in (2, 3, 4))
+    raw = write(tmp_path / "one.csv", [f"1,{i},1,pv,{at(d, i)}" for d in range(3) for i in (1, 2)])
+    with pytest.raises(ConversionError, match="user 1: touched every clicked item"):
+        convert("taobao-behavior", raw, tmp_path / "one")
+
+
 # --------------------------------------------------------------------------------------------------
 # Taobao ad (raw Alimama files)
 # --------------------------------------------------------------------------------------------------
