@@ -31,7 +31,7 @@ def test_implementations_cover_exactly_the_registered_names() -> None:
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
 def test_every_registered_model_builds(name: str) -> None:
-    assert type(build_model(small_spec(), ModelConfig(name=name))).__name__ in {"MDAF", "DCNv3CTR", "SequenceCTR"}
+    assert type(build_model(small_spec(), ModelConfig(name=name))).__name__ in {"MDAF", "DCNv3CTR", "DNNCTR", "SequenceCTR"}
 
 
 @pytest.mark.parametrize(
