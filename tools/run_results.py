@@ -12,7 +12,8 @@ Every run is ``mdaf-rec train --config configs/<model>.yaml --data DATA --out OU
 row's variant overrides), so the rows differ only in what the table says. A row is a model, or a model with a named variant (``--variant``:
 the recipe-ablation tables). Runs already finished (their ``metrics.json`` exists) are read, not retrained.
 
-Written: ``OUT/results.json`` (every run's metrics and the aggregates) and ``OUT/results.md``: per row the
+Written: ``OUT/results.json`` (every run's metrics and the aggregates) and ``OUT/results.md`` (``--table``
+names them otherwise, so several tables can share one OUT and its finished runs): per row the
 mean ± sample std (ddof 1) of validation / test AUC and test logloss over the seeds, the epochs run, the best
 epoch and the training speed; FuxiCTR peers from ``tools/peers`` (``--peers``, their ``summary.json``) as
 extra rows; for each MDAF row, which rows it is *ahead* of: a mean test-AUC gap larger than the larger of the
@@ -187,6 +188,8 @@ def main() -> None:
                         help="'NAME: key=value ...': also train each model with these overrides (a row per variant)")
     parser.add_argument("--no-plain", action="store_true", help="with --variant: skip the rows without a variant")
     parser.add_argument("--peers", type=Path, default=None, help="tools/peers summary.json to show beside")
+    parser.add_argument("--table", default="results",
+                        help="write OUT/TABLE.md and OUT/TABLE.json (several tables can share OUT's finished runs)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one torch thread each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
@@ -219,8 +222,8 @@ def main() -> None:
               f"epoch.\n\n`python tools/run_results.py {shlex.join(sys.argv[1:])}`\n")
     text = header + "\n" + table(aggregates, read_peers(args.peers), ceiling)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(text + "\n")
-    (args.out / "results.json").write_text(json.dumps(
+    (args.out / f"{args.table}.md").write_text(text + "\n")
+    (args.out / f"{args.table}.json").write_text(json.dumps(
         {"args": sys.argv[1:], "machine": machine(), "rows": aggregates, "runs": per_row}, indent=1, default=str))
     print(text)
 
