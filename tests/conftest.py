@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mdaf_rec.config import FeaturesConfig
-from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.data.batch import Batch, build_batch
 from mdaf_rec.data.synth import generate
 from mdaf_rec.features import FeatureSpec
 
@@ -62,22 +62,16 @@ def random_batch(
 ) -> Batch:
     """A batch of random in-range ids; history lengths uniform in [0, max_history] unless given."""
     g = torch.Generator().manual_seed(seed)
-    ones = torch.ones(batch_size, dtype=torch.long)
     static_values = [torch.randint(0, f.num_embeddings, (batch_size,), generator=g) for f in spec.static_fields]
     if lengths is None:
         lengths = torch.randint(0, spec.max_history + 1, (batch_size,), generator=g)
-    seq_values, seq_lengths = [], []
+    targets, histories = [], []
     for space in spec.sequence_spaces:
-        seq_values += [
-            torch.randint(2, space.num_embeddings, (batch_size,), generator=g),
-            torch.randint(2, space.num_embeddings, (int(lengths.sum()),), generator=g),
-        ]
-        seq_lengths += [ones, lengths]
-    return Batch(
-        static_features=build_kjt(spec.static_keys, static_values, [ones] * len(static_values)),
-        sequence_features=build_kjt(spec.sequence_keys, seq_values, seq_lengths),
+        targets.append(torch.randint(2, space.num_embeddings, (batch_size,), generator=g))
+        histories.append(torch.randint(2, space.num_embeddings, (int(lengths.sum()),), generator=g))
+    return build_batch(
+        spec, static_values, targets, histories, lengths,
         dense_features=torch.randn(batch_size, len(spec.dense_features), generator=g),
         labels=torch.randint(0, 2, (batch_size,), generator=g).float(),
-        user_index=static_values[0],
         row_index=torch.arange(batch_size),
     )

@@ -3,7 +3,6 @@ learning-rate decay on plateau and the table initialisation range."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdaf_rec.config import FeaturesConfig, ModelConfig, load_config
+from mdaf_rec.config import FeaturesConfig, ModelConfig
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import Vocabularies

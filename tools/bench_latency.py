@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from benchdoc import machine, write_section  # noqa: E402
 from mdaf_rec.config import load_config  # noqa: E402
-from mdaf_rec.data.batch import Batch, build_kjt  # noqa: E402
+from mdaf_rec.data.batch import Batch, build_batch  # noqa: E402
 from mdaf_rec.data.synth import SynthParams  # noqa: E402
 from mdaf_rec.features import NUM_RESERVED_INDICES, FeatureSpec  # noqa: E402
 from mdaf_rec.models.ctr import CTRModel  # noqa: E402
@@ -72,18 +72,14 @@ def random_inputs(spec: FeatureSpec, batch_size: int, seed: int) -> Tuple[Inputs
     valid = torch.arange(n_hist)[None, :] < lengths[:, None]  # [B, L]
     history = torch.stack([ids(s.num_embeddings, [batch_size, n_hist]) * valid for s in spec.sequence_spaces], dim=1)
     dense = torch.rand(batch_size, len(spec.dense_features), generator=g)
-    ones = torch.ones(batch_size, dtype=torch.int32)
-    seq_values: List[torch.Tensor] = []
-    seq_lengths: List[torch.Tensor] = []
-    for s in range(len(spec.sequence_spaces)):
-        seq_values += [targets[:, s], history[:, s][valid]]
-        seq_lengths += [ones, lengths.int()]
-    batch = Batch(
-        static_features=build_kjt(spec.static_keys, list(static.t()), [ones] * len(spec.static_keys)),
-        sequence_features=build_kjt(spec.sequence_keys, seq_values, seq_lengths),
+    batch = build_batch(
+        spec,
+        static_ids=list(static.t()),
+        target_ids=list(targets.t()),
+        history_ids=[history[:, s][valid] for s in range(len(spec.sequence_spaces))],
+        history_lengths=lengths,
         dense_features=dense,
         labels=torch.zeros(batch_size),
-        user_index=static[:, 0],
         row_index=torch.arange(batch_size),
     )
     return (static, dense, targets, history), batch

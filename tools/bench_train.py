@@ -39,7 +39,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from benchdoc import machine, write_section
 from mdaf_rec.config import ModelConfig, OptimizerConfig, load_config
-from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.data.batch import Batch, build_batch
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.data.synth import SynthParams
@@ -81,22 +81,14 @@ Step = Callable[[Batch], Tuple[float, float, float]]
 def random_batch(spec: FeatureSpec, batch_size: int, seed: int) -> Batch:
     """Uniform ids over the full tables; history lengths uniform in [0, max_history]."""
     g = torch.Generator().manual_seed(seed)
-    ones = torch.ones(batch_size, dtype=torch.long)
     static = [torch.randint(2, f.num_embeddings, (batch_size,), generator=g) for f in spec.static_fields]
     lengths = torch.randint(0, spec.max_history + 1, (batch_size,), generator=g)
-    values, lens = [], []
+    targets, histories = [], []
     for s in spec.sequence_spaces:
-        values += [torch.randint(2, s.num_embeddings, (batch_size,), generator=g),
-                   torch.randint(2, s.num_embeddings, (int(lengths.sum()),), generator=g)]
-        lens += [ones, lengths]
-    return Batch(
-        static_features=build_kjt(spec.static_keys, static, [ones] * len(static)),
-        sequence_features=build_kjt(spec.sequence_keys, values, lens),
-        dense_features=torch.zeros(batch_size, 0),
-        labels=torch.randint(0, 2, (batch_size,), generator=g).float(),
-        user_index=static[0],
-        row_index=torch.arange(batch_size),
-    )
+        targets.append(torch.randint(2, s.num_embeddings, (batch_size,), generator=g))
+        histories.append(torch.randint(2, s.num_embeddings, (int(lengths.sum()),), generator=g))
+    return build_batch(spec, static, targets, histories, lengths, dense_features=torch.zeros(batch_size, 0),
+                       labels=torch.randint(0, 2, (batch_size,), generator=g).float(), row_index=torch.arange(batch_size))
 
 
 def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer | List[torch.optim.Optimizer]) -> Step:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List
+from typing import TYPE_CHECKING, List, Sequence
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+if TYPE_CHECKING:
+    from mdaf_rec.features import FeatureSpec
 
 _IS_FX_TRACING_NOTICE = "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"
 
@@ -101,4 +104,50 @@ def build_kjt(keys: List[str], values: List[torch.Tensor], lengths: List[torch.T
     """
     return KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.cat(values).long(), lengths=torch.cat(lengths).int()
+    )
+
+
+def build_batch(
+    spec: "FeatureSpec",
+    static_ids: Sequence[torch.Tensor],
+    target_ids: Sequence[torch.Tensor],
+    history_ids: Sequence[torch.Tensor],
+    history_lengths: torch.Tensor,
+    dense_features: torch.Tensor,
+    labels: torch.Tensor,
+    row_index: torch.Tensor,
+) -> Batch:
+    """A :class:`Batch` from vocabulary indices: the one place the feature KJTs are laid out.
+
+    Args:
+        spec: the feature spec (keys, ``pooled_history``).
+        static_ids: per static field (``spec.static_fields`` order), ``[B]`` indices.
+        target_ids: per sequence id space (``spec.sequence_spaces`` order), ``[B]`` target indices.
+        history_ids: per sequence id space, the histories of all samples concatenated (most recent last).
+        history_lengths: ``[B]`` history length of each sample (shared by the id spaces).
+        dense_features: ``[B, N_dense]`` float32.
+        labels: ``[B]`` float32.
+        row_index: ``[B]`` int64 row numbers.
+    Returns:
+        The batch: static KJT (one id per field, then the pooled histories when ``spec.pooled_history``),
+        sequence KJT (target, history per id space), ``user_index`` = the user field (zeros without one).
+    """
+    ones = torch.ones_like(history_lengths)
+    static_values, static_lengths = list(static_ids), [ones] * len(static_ids)
+    if spec.pooled_history:
+        static_values += list(history_ids)
+        static_lengths += [history_lengths] * len(history_ids)
+    sequence_values: List[torch.Tensor] = []
+    sequence_lengths: List[torch.Tensor] = []
+    for target, history in zip(target_ids, history_ids):
+        sequence_values += [target, history]
+        sequence_lengths += [ones, history_lengths]
+    user = spec.user_field
+    return Batch(
+        static_features=build_kjt(spec.static_input_keys, static_values, static_lengths),
+        sequence_features=build_kjt(spec.sequence_keys, sequence_values, sequence_lengths),
+        dense_features=dense_features,
+        labels=labels,
+        user_index=static_ids[user].long() if user is not None else torch.zeros_like(row_index),
+        row_index=row_index,
     )

@@ -35,13 +35,13 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.data.batch import Batch, build_batch
 from mdaf_rec.data.dataset import Dataset, ParquetFile, open_parquet
 from mdaf_rec.data.schema import LABEL, TIMESTAMP
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
-from mdaf_rec.features import TIME_FIELDS, USER_SPACE, FeatureSpec
+from mdaf_rec.features import TIME_FIELDS, FeatureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -231,28 +231,18 @@ class BatchConverter:
 
     def __call__(self, rows: Rows) -> Batch:
         n = len(rows.row_index)
-        ones = torch.ones(n, dtype=torch.int32)
         static = self.static_indices(rows)
-        static_values = [torch.from_numpy(static[k]) for k in self.spec.static_keys]
-        static_lengths = [ones] * len(static_values)
-        seq_values: List[torch.Tensor] = []
-        seq_lengths: List[torch.Tensor] = []
-        for space in self.spec.sequence_spaces:
-            lengths, raw = rows.histories[space.history_key]
-            history = torch.from_numpy(self.vocabs.lookup(space.name, raw))
-            seq_values += [torch.from_numpy(static[space.name]), history]
-            seq_lengths += [ones, torch.from_numpy(lengths)]
-            if self.spec.pooled_history:
-                static_values.append(history)
-                static_lengths.append(torch.from_numpy(lengths))
+        spaces = self.spec.sequence_spaces
+        histories = [rows.histories[space.history_key] for space in spaces]  # (lengths, raw ids) per space
         dense = [rows.columns[c] for c in self.spec.dense_features]
-        user = static.get(USER_SPACE)
-        return Batch(
-            static_features=build_kjt(self.spec.static_input_keys, static_values, static_lengths),
-            sequence_features=build_kjt(self.spec.sequence_keys, seq_values, seq_lengths),
+        return build_batch(
+            self.spec,
+            static_ids=[torch.from_numpy(static[k]) for k in self.spec.static_keys],
+            target_ids=[torch.from_numpy(static[space.name]) for space in spaces],
+            history_ids=[torch.from_numpy(self.vocabs.lookup(space.name, raw)) for space, (_, raw) in zip(spaces, histories)],
+            history_lengths=torch.from_numpy(histories[0][0]) if histories else torch.zeros(n, dtype=torch.int32),
             dense_features=torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(n, 0),
             labels=torch.from_numpy(rows.columns[LABEL].astype(np.float32)),
-            user_index=torch.from_numpy(user) if user is not None else torch.zeros(n, dtype=torch.int64),
             row_index=torch.from_numpy(rows.row_index.astype(np.int64)),
         )
 

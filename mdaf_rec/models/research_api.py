@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mdaf_rec.config import BSTConfig, DCNv3Config, FeaturesConfig, MambaConfig, ModelConfig
-from mdaf_rec.data.batch import Batch, build_kjt
+from mdaf_rec.data.batch import Batch, build_batch
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.embeddings import check_sequence_features, check_static_features
 from mdaf_rec.models.mdaf import MDAF
@@ -143,26 +143,20 @@ class _ResearchMDAF(nn.Module):
             "hour": other_features["hour"],
             "dayofweek": other_features["dayofweek"],
         }
-        ones = torch.ones_like(target_item)
-        static_kjt = build_kjt(
-            self.spec.static_keys, [static[k].long() for k in self.spec.static_keys], [ones] * len(static)
-        )
-        sequence_kjt = build_kjt(
-            self.spec.sequence_keys,
-            [target_item.long(), item_history[keep].long(), target_category.long(), category_history[keep].long()],
-            [ones, lengths, ones, lengths],
-        )
-        check_static_features(static_kjt, self.spec)
-        check_sequence_features(sequence_kjt, self.spec)
         batch_size, device = target_item.shape[0], target_item.device
-        return Batch(
-            static_features=static_kjt,
-            sequence_features=sequence_kjt,
+        batch = build_batch(
+            self.spec,
+            static_ids=[static[k].long() for k in self.spec.static_keys],
+            target_ids=[target_item.long(), target_category.long()],
+            history_ids=[item_history[keep].long(), category_history[keep].long()],
+            history_lengths=lengths,
             dense_features=torch.zeros(batch_size, 0, device=device),
             labels=torch.zeros(batch_size, device=device),
-            user_index=other_features["user_id"].long(),
             row_index=torch.arange(batch_size, device=device),
         )
+        check_static_features(batch.static_features, self.spec)
+        check_sequence_features(batch.sequence_features, self.spec)
+        return batch
 
 
 class MDAF_Mamba(_ResearchMDAF):  # noqa: N801 - the research code's name
