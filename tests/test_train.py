@@ -88,7 +88,10 @@ def _free_port() -> int:
 
 def test_full_short_training_run(dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = train(dataset, run, "--epochs", "3")
+    # Three full epochs (patience 3), with the research code's static fields: on these 2.2k training rows the
+    # shipped pooled histories overfit at TINY's table learning rate (test NE 1.006, calibration 0.70 at the best
+    # epoch); pooled histories are trained, checked and served in test_recipe.py and test_export.py.
+    proc = train(dataset, run, "--epochs", "3", "--set", "train.patience=3", "--set", "features.pooled_history=false")
     metrics = json.loads((run / "metrics.json").read_text())
     for split in ("val", "test"):
         for key in ("auc", "logloss", "gauc", "calibration"):
