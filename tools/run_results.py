@@ -124,20 +124,18 @@ def table(rows: Dict[str, Dict[str, Any]], peers: Dict[str, Dict[str, Any]], cei
         lines.append(f"| *Bayes-optimal* | | {ceiling['val']['bayes_auc']:.4f} | {ceiling['test']['bayes_auc']:.4f} | "
                      f"{ceiling['test']['bayes_logloss']:.4f} | | |")
     everyone = {**{n: a for n, a in rows.items()}, **{f"{n} (FuxiCTR)": a for n, a in peers.items()}}
+    singles = {o: b for o, b in everyone.items() if not o.startswith(FUSED)}  # single-branch rows and peers
     notes = []
     for name, a in rows.items():
-        if not name.startswith(FUSED):
+        if not name.startswith(FUSED) or not singles:
             continue
         ahead, behind = [], []
-        for other, b in everyone.items():
-            if other == name or other.startswith(FUSED):
-                continue
+        for other, b in singles.items():
             gap = a["test.auc"][0] - b["test.auc"][0]
             (ahead if gap > max(a["test.auc"][1], b["test.auc"][1]) else behind).append(f"{other} ({gap:+.4f})")
         notes.append(f"- **{name}** ahead of: {', '.join(ahead) or 'none'}; not ahead of: {', '.join(behind) or 'none'}.")
         if ceiling:
-            singles = [b["test.auc"][0] for o, b in everyone.items() if not o.startswith(FUSED)]
-            best = max(singles)
+            best = max(b["test.auc"][0] for b in singles.values())
             gap = ceiling["test"]["bayes_auc"] - best
             notes.append(f"  Closes {(a['test.auc'][0] - best) / gap:.0%} of the test-AUC gap between the best "
                          f"single-branch row ({best:.4f}) and the ceiling ({ceiling['test']['bayes_auc']:.4f}).")
