@@ -144,9 +144,18 @@ class FeatureSpec:
         return keys
 
     @property
+    def pooled_history_fields(self) -> List[Tuple[str, StaticField]]:
+        """``(history key, the static field whose table mean-pools it)`` per id space with a history, in
+        ``Batch.static_features`` order (empty unless ``pooled_history``)."""
+        if not self.pooled_history:
+            return []
+        fields = {f.name: f for f in self.static_fields}
+        return [(s.history_key, fields[s.name]) for s in self.sequence_spaces]
+
+    @property
     def pooled_history_keys(self) -> List[str]:
         """Keys of the mean-pooled histories in ``Batch.static_features`` (empty unless ``pooled_history``)."""
-        return [s.history_key for s in self.sequence_spaces] if self.pooled_history else []
+        return [key for key, _ in self.pooled_history_fields]
 
     @property
     def static_input_keys(self) -> List[str]:
@@ -161,13 +170,8 @@ class FeatureSpec:
 
     def static_table_rows(self, key: str) -> int:
         """Rows of the static table that ``key`` (a static field or a pooled history) reads."""
-        for f in self.static_fields:
-            if key == f.name:
-                return f.num_embeddings
-        for s in self.sequence_spaces:
-            if key == s.history_key and self.pooled_history:
-                return self.static_table_rows(s.name)
-        raise KeyError(key)
+        fields = [(f.name, f) for f in self.static_fields] + self.pooled_history_fields
+        return {name: f.num_embeddings for name, f in fields}[key]
 
     @property
     def user_field(self) -> Optional[int]:
@@ -181,7 +185,7 @@ class FeatureSpec:
         """One pooled table per static field. With ``pooled_history`` the table of an id space with a history
         also serves that history (features ``[item, item_history]``, mean pooling: the bag of the single
         target id is its row, the history's bag the mean of its rows)."""
-        histories = {s.name: s.history_key for s in self.sequence_spaces} if self.pooled_history else {}
+        histories = {f.name: key for key, f in self.pooled_history_fields}
         init = {}
         if self.table_init_scale is not None:
             init = {"weight_init_min": -self.table_init_scale, "weight_init_max": self.table_init_scale}

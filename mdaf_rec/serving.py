@@ -66,10 +66,7 @@ class StaticLookup(nn.Module):
         super().__init__()
         self.tables = nn.ModuleDict({name: _shared_embedding(bag.weight) for name, bag in ebc.embedding_bags.items()})
         self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
-        table_of = {f.name: f.table_name for f in spec.static_fields}
-        self._history_keys: List[Tuple[str, str]] = [
-            (s.history_key, table_of[s.name]) for s in spec.sequence_spaces if spec.pooled_history
-        ]
+        self._history_keys: List[Tuple[str, str]] = [(key, f.table_name) for key, f in spec.pooled_history_fields]
         self.max_history = spec.max_history
         self.dim = spec.static_dim
 
