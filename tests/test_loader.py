@@ -21,6 +21,7 @@ from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 
 MAX_HISTORY = 8  # synth histories go up to 50: exercises truncation
@@ -286,16 +287,43 @@ def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
     assert torch.equal(a.static_features.values(), b.static_features.values()) and torch.equal(a.labels, b.labels)
 
 
-def test_tiny_last_batch_gives_empty_slices(tmp_path: Path) -> None:
-    dataset = _write(tmp_path, {s: _tiny(list(range(1000, 1013))) for s in schema.SPLITS})
+@pytest.mark.parametrize(
+    "rows, batch_size, world_size, drop_last, sizes",
+    [
+        (13, 12, 3, False, [[5, 4, 4]]),  # last batch of 1 row < 3 ranks: joins the batch before it
+        (14, 12, 3, False, [[5, 5, 4]]),
+        (15, 12, 3, False, [[4, 4, 4], [1, 1, 1]]),  # 3 rows for 3 ranks: a batch of its own
+        (25, 8, 2, False, [[4, 4], [4, 4], [5, 4]]),
+        (13, 12, 3, True, [[4, 4, 4]]),  # drop_last drops it
+        (2, 12, 2, False, [[1, 1]]),
+    ],
+)
+def test_no_rank_gets_an_empty_batch_and_every_row_is_read_once(
+    tmp_path: Path, rows: int, batch_size: int, world_size: int, drop_last: bool, sizes: List[List[int]]
+) -> None:
+    dataset = _write(tmp_path, {s: _tiny(list(range(1000, 1000 + rows))) for s in schema.SPLITS}, row_group_size=5)
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
-    ranks = [list(BatchLoader(dataset, "train", spec, vocabs, 12, rank=r, world_size=3)) for r in range(3)]
-    assert [[b.batch_size for b in batches] for batches in ranks] == [[4, 1], [4, 0], [4, 0]]
-    empty = ranks[2][1]
-    assert empty.static_features.values().numel() == 0 and empty.sequence_features.lengths().numel() == 0
-    assert empty.dense_features.shape == (0, 0) and empty.labels.shape == (0,)
+    for shuffle in (False, True):
+        ranks = [
+            list(BatchLoader(dataset, "train", spec, vocabs, batch_size, rank=r, world_size=world_size,
+                             drop_last=drop_last, shuffle=shuffle, shuffle_rows=5))
+            for r in range(world_size)
+        ]
+        assert [[b.batch_size for b in step] for step in zip(*ranks)] == sizes
+        seen = sorted(int(i) for batches in ranks for b in batches for i in b.row_index)
+        assert len(set(seen)) == len(seen) == sum(map(sum, sizes))  # no row twice
+        assert drop_last or seen == list(range(rows))  # every row once
+
+
+def test_split_with_fewer_rows_than_ranks_is_refused(tmp_path: Path) -> None:
+    dataset = _write(tmp_path, {s: _tiny([1000, 1001]) for s in schema.SPLITS})
+    cfg = FeaturesConfig()
+    vocabs = Vocabularies.build(dataset, cfg)
+    spec = FeatureSpec.build(cfg, vocabs.sizes)
+    with pytest.raises(UserError, match=r"the val split has 2 rows, fewer than the 3 ranks.*at most 2 processes"):
+        BatchLoader(dataset, "val", spec, vocabs, 3, rank=0, world_size=3)
 
 
 def test_validate_counts_rows_across_chunks() -> None:

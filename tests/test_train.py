@@ -178,6 +178,19 @@ def test_torchrun_two_processes_trains(dataset: Path, tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 3
 
 
+def test_last_batch_smaller_than_the_world_trains_and_evaluates_every_row(dataset: Path, tmp_path: Path) -> None:
+    """2 ranks, 2255 training rows in batches of 98 (23 full + 1 row) and 391 validation rows in batches of 130
+    (3 full + 1 row): the 1-row batches join the batch before them, so no rank gets a 0-row batch (whose mean loss
+    was NaN, stopping the run); every validation and test row is scored once."""
+    run = tmp_path / "run"
+    train(dataset, run, "--epochs", "1", "--set", "train.batch_size=98", "--set", "train.eval_batch_size=130", nproc=2)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (epoch,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(epoch["train_loss"]) and epoch["step"] == metrics["steps"] == 23
+    assert metrics["val"]["count"] == 391 and metrics["test"]["count"] == 354
+    assert math.isfinite(metrics["val"]["logloss"]) and math.isfinite(metrics["test"]["logloss"])
+
+
 def test_resume_with_other_vocabulary_is_refused(dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(dataset, run, "--epochs", "1", config="configs/dcnv3.yaml")

@@ -12,7 +12,10 @@ Order of one epoch (see ``docs/data.md``, "Vocabularies and loading"):
   read by exactly one rank per epoch.
 * The last partial global batch (``m < batch_size`` rows) is dropped with ``drop_last``; otherwise
   it is split as evenly as possible (the first ``m % W`` ranks get one row more), so every rank
-  has the same number of batches (a rank may get a 0-row batch when ``m < W``).
+  has the same number of batches. No rank ever gets a 0-row batch (its mean loss would be NaN, and
+  mamba-ssm's CUDA kernels refuse an empty grid): a last batch of fewer rows than ranks
+  (``0 < m < W``) joins the batch before it (one global batch of ``batch_size + m`` rows, one step
+  fewer), and a split of fewer rows than ranks is refused (:class:`~mdaf_rec.errors.UserError`).
 * With ``num_workers = K > 0`` worker ``k`` builds global batches ``start_batch + k``,
   ``start_batch + k + K``, ...; torch's DataLoader returns them round-robin, i.e. in exactly the
   order of ``num_workers = 0``. Each worker reads the blocks its batches touch.
@@ -92,7 +95,8 @@ class EpochPlan:
         shuffle: permute blocks and rows (else split order).
         seed, epoch: seed the permutations.
         shuffle_rows: minimum rows of a shuffle window.
-        drop_last: drop the last partial global batch.
+        drop_last: drop the last partial global batch (else: its own batch, or, with fewer rows than
+            ranks, part of the batch before it).
     """
 
     def __init__(
@@ -128,6 +132,9 @@ class EpochPlan:
         self.window_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.num_rows = int(self.window_start[-1])
         self.num_full, self.remainder = divmod(self.num_rows, batch_size)
+        if self.num_full and 0 < self.remainder < world_size and not drop_last:
+            # A last batch of fewer rows than ranks would leave ranks without a row: it joins the batch before it.
+            self.num_full, self.remainder = self.num_full - 1, self.remainder + batch_size
         self.num_batches = self.num_full + int(self.remainder > 0 and not drop_last)
 
     def window_order(self, w: int) -> np.ndarray:
@@ -330,6 +337,12 @@ class BatchLoader:
             self.blocks, self.batch_size, self.world_size, self.shuffle, self.seed, epoch,
             self.shuffle_rows, self.drop_last,
         )
+        if self.plan.num_batches and self.plan.num_rows < self.world_size:
+            raise UserError(
+                f"{self.dataset.root}: the {self.split} split has {self.plan.num_rows} rows, fewer than the "
+                f"{self.world_size} ranks: every rank needs at least one row per batch; run with at most "
+                f"{self.plan.num_rows} processes"
+            )
         if not 0 <= start_batch <= self.plan.num_batches:
             raise ValueError(f"start_batch {start_batch} is outside [0, {self.plan.num_batches}]")
         self.start_batch = start_batch
