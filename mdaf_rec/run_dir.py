@@ -13,7 +13,7 @@ Layout (every name is defined here, except ``vocab/``: the vocabularies' own fol
       checkpoints/       index.json + epoch_K/ and step_S/ DCP folders (see mdaf_rec.checkpoint)
       tensorboard/       TensorBoard event files (loss, AUC, logloss, NE, gate mean, samples/s)
       train.log, training_curves.png, gate_histogram.png
-      .lock              host + pid of the job that holds the run (while it runs)
+      .lock              host, pid and job (run id, restart) of the job that holds the run (while it runs)
 
 The tool deletes only what it wrote: the names above, and inside ``checkpoints/`` only its own
 ``epoch_K`` / ``step_S`` folders.
@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from mdaf_rec.data.vocab import VOCAB_DIR
 from mdaf_rec.errors import UserError
@@ -179,11 +179,34 @@ class RunDir:
 # --------------------------------------------------------------------------------------------------
 
 
-class RunLock:
-    """An exclusive lock on a run directory: a ``.lock`` file holding the holder's host and pid.
+# Linux's largest pid_max (2**22): a lock naming a larger pid was not written by this tool.
+_PID_MAX = 4_194_304
 
-    A lock left by a process that no longer runs on this host (``kill -9``, a launcher restart) is
-    reclaimed with a message; a live holder, or one on another host, makes :meth:`acquire` fail at once.
+
+def job_identity() -> Tuple[Optional[str], int]:
+    """This process's job: torchrun's ``TORCHELASTIC_RUN_ID`` (TorchX passes its app id as ``--rdzv_id``;
+    ``None`` outside torchrun and for torchrun's default ``none``, which unrelated jobs share) and
+    ``TORCHELASTIC_RESTART_COUNT`` (0 outside torchrun)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return (None if run_id == "none" else run_id), (int(restart) if restart.isdigit() else 0)
+
+
+class RunLock:
+    """An exclusive lock on a run directory: a ``.lock`` file naming its holder (JSON: ``host``, ``pid``,
+    ``since``, and the job: ``run_id``, ``restart``, see :func:`job_identity`).
+
+    Takeover rule (``docs/launch.md``, "One job per run directory"): an existing lock is taken over, with a
+    message, when
+
+    * it was written by the same job (same ``run_id``) at the same or an earlier restart, from any host:
+      one job runs one rank 0 at a time, and torchrun's restarts and a TorchX ``--max_retries`` retry (same
+      app id, torchrun's count back at 0, maybe another host) start only after the attempt before them
+      stopped; or
+    * its holder is a process of this host that no longer runs (``kill -9``, a replaced worker).
+
+    Any other holder makes :meth:`acquire` fail at once naming it; a file that is not such a lock (bad JSON,
+    no host, a pid that is not one) fails naming the file, with what to do.
     """
 
     def __init__(self, run: RunDir) -> None:
@@ -191,23 +214,23 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        run_id, restart = job_identity()
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "run_id": run_id, "restart": restart}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if not self._stale(holder):
-                    raise RunDirError(
-                        f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                        f"(since {holder.get('since')}); wait for it to finish, or delete {self.path} if that "
-                        "process is gone"
-                    ) from None
-                logger.warning(
-                    "reclaiming the lock of %s left by pid %s on %s, which no longer runs",
-                    self.path.parent, holder.get("pid"), holder.get("host"),
-                )
-                self.path.unlink(missing_ok=True)
+                if holder is not None:
+                    reason = self._takeover_reason(holder, run_id, restart)
+                    if reason is None:
+                        raise RunDirError(
+                            f"{self.path.parent} is in use by {_describe(holder)}; wait for it to finish, or delete "
+                            f"{self.path} if that process is gone"
+                        ) from None
+                    logger.warning("reclaiming the lock of %s left by %s: %s", self.path.parent, _describe(holder), reason)
+                    self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
@@ -220,29 +243,49 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def _holder(self) -> Dict[str, Any]:
+    def _holder(self) -> Optional[Dict[str, Any]]:
+        """The lock's contents; ``None`` if it vanished meanwhile. Anything but a lock this tool writes is refused."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+            text = self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot read the run lock ({e.strerror})") from None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        if (not isinstance(holder, dict) or not isinstance(holder.get("host"), str) or type(pid) is not int
+                or not 0 < pid <= _PID_MAX or type(holder.get("restart", 0)) is not int):
+            raise RunDirError(
+                f"{self.path}: not a run lock (JSON with a host and a pid) but {text[:80]!r}; delete it if no "
+                f"training job is using {self.path.parent}"
+            )
+        return holder
 
     @staticmethod
-    def _stale(holder: Dict[str, Any]) -> bool:
-        """True if the holder is a process of this host that no longer runs (or the file is unreadable)."""
-        if not holder:
-            return True
-        if holder.get("host") != socket.gethostname():
-            return False  # cannot tell: another host's process may be alive
-        pid = int(holder.get("pid", -1))
+    def _takeover_reason(holder: Dict[str, Any], run_id: Optional[str], restart: int) -> Optional[str]:
+        """Why ``holder``'s lock may be taken over (the rule in the class docstring), or ``None``."""
+        if run_id is not None and holder.get("run_id") == run_id and holder.get("restart", 0) <= restart:
+            return f"an earlier attempt of this job (run id {run_id}, now restart {restart})"
+        if holder["host"] != socket.gethostname():
+            return None  # cannot tell: another host's process may be alive
+        pid = holder["pid"]
         if pid == os.getpid():
-            return True
+            return "this process"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
+            return "it no longer runs"
         except PermissionError:
-            return False
-        return _is_zombie(pid)
+            return None
+        return "it no longer runs" if _is_zombie(pid) else None
+
+
+def _describe(holder: Dict[str, Any]) -> str:
+    job = f", job {holder['run_id']} restart {holder.get('restart', 0)}" if holder.get("run_id") else ""
+    return f"pid {holder['pid']} on {holder['host']} (since {holder.get('since')}{job})"
 
 
 def _is_zombie(pid: int) -> bool:
