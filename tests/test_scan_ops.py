@@ -161,6 +161,35 @@ def test_scan_half_inputs_compute_in_float32(impl):
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)  # bf16 ulps
 
 
+@pytest.mark.parametrize("bc", ["const", "grouped"])
+def test_torch_scan_accumulates_in_float32_under_bf16_autocast(monkeypatch, bc):
+    """The GPU scan's contractions (``torch.mv`` forward, ``torch.matmul`` backward) are on autocast's
+    lower-precision lists (``mv`` on CUDA's): autocast must be off around them. Checked on CPU autocast,
+    which runs the same code: every contraction sees autocast off and float32 operands, and forward and
+    backward (called inside the autocast block) equal the float32 run."""
+    seen = []
+    for name in ("mv", "matmul"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append((torch.is_autocast_enabled("cpu"), {a.dtype for a in args if isinstance(a, torch.Tensor)}))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    x = make_scan_inputs(bc, torch.float32)
+    gy = torch.randn(3, 6, 11, generator=torch.Generator().manual_seed(1))
+    scan = BACKENDS["torch_gpu"]
+    y32 = scan(**x, delta_softplus=True)
+    g32 = grads(y32, x, gy)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = scan(**x, delta_softplus=True)
+        g = grads(y, x, gy)
+    assert seen and all(not enabled and dtypes == {torch.float32} for enabled, dtypes in seen), seen
+    assert y.dtype == torch.float32 and max_err(y, y32) == 0
+    assert all(max_err(g[k], g32[k]) == 0 for k in g32)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_scan_large_steps_stay_finite(impl):
     """Large step sizes (dt A << 0) only ever exponentiate non-positive numbers."""

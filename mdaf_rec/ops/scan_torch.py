@@ -25,15 +25,19 @@ every state ``n`` (``A`` has a state axis here), i.e. ``chunk / 2`` times more e
 * contractions over ``d_state`` as an elementwise product + matrix-vector product with ones
   (several times faster on CPU than ``bmm`` with a trailing dim of 1);
 * ``exp(delta A)`` computed as ``exp2(delta * (A log2 e))``: ``torch.exp2`` is ~2.7x faster
-  than ``torch.exp`` on CPU, for a few ulps of extra rounding.
+  than ``torch.exp`` on CPU, for a few ulps of extra rounding;
+* autocast off inside (forward and backward): the compute dtype is float32 (float64 for float64
+  inputs) even under ``torch.autocast(dtype=torch.bfloat16)``, where ``torch.mv`` / ``torch.matmul``
+  would otherwise run in bfloat16 (they are on autocast's lower-precision lists).
 
 It is exact up to floating-point rounding against
 :func:`mdaf_rec.ops.scan_reference.selective_scan_reference` (same recurrence, step by step; with
 ``delta >= 0`` and ``A <= 0``, as in Mamba, only non-positive numbers are exponentiated).
 """
 
+import functools
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +65,18 @@ def cpu_blocks(batch: int, dim: int, length: int, d_state: int) -> Tuple[int, in
 def gpu_blocks(batch: int, dim: int, length: int, d_state: int) -> Tuple[int, int]:
     """``(batch, block_l)``: every time step is one op over the whole batch."""
     return max(batch, 1), min(length, max(1, _GPU_BLOCK_ELEMS // (max(batch, 1) * dim * d_state)))
+
+
+def _without_autocast(fn: Callable) -> Callable:
+    """``fn(ctx, first_tensor, ...)`` with autocast off on ``first_tensor``'s device (the scan's accumulation
+    stays in its compute dtype)."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, first: torch.Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(ctx, first, *args)
+
+    return wrapper
 
 
 def _view(buf: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
@@ -192,6 +208,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(  # type: ignore[override]
         ctx,
         u: torch.Tensor,
@@ -254,6 +271,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         return out, last_state
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, dout: torch.Tensor, _dlast: Optional[torch.Tensor]):  # type: ignore[override]
         u, delta, A, B, C, D, z, delta_bias, chunk_states, y_pre = ctx.saved_tensors
         delta_softplus, block_b, block_l = ctx.config
