@@ -82,7 +82,8 @@ class Session:
 
     def loader(self, split: str, *, epoch: int = 0, train: bool = False, start_batch: int = 0) -> BatchLoader:
         """This rank's batches of ``split``: training batches (``train.batch_size``, shuffled per ``epoch``,
-        from global batch ``start_batch`` on) or evaluation batches (``train.eval_batch_size``, in order)."""
+        from global batch ``start_batch`` on) or evaluation batches (``train.eval_batch_size``, in order);
+        in pinned memory on a CUDA device."""
         cfg = self.cfg
         return BatchLoader(
             self.dataset,
@@ -99,6 +100,7 @@ class Session:
             num_workers=cfg.data.num_workers,
             start_batch=start_batch,
             timezone=cfg.features.timezone,
+            pin_memory=self.env.device.type == "cuda",
         )
 
 

@@ -337,3 +337,26 @@ def test_validate_counts_rows_across_chunks() -> None:
         validate(table, ColumnRules.build(), "x.parquet", row_offset=100)
     checked = validate(first, ColumnRules.build(), "x.parquet")
     assert checked.schema.field(schema.LABEL).type == pa.int8()
+
+
+def test_a_cuda_session_loads_batches_into_pinned_memory(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``non_blocking`` host-to-device copies overlap compute only from page-locked memory: a session on CUDA pins
+    every batch it loads (checked by recording :meth:`Batch.pin_memory`, which needs CUDA itself), one on CPU none."""
+    import types
+
+    from mdaf_rec.config import Config
+    from mdaf_rec.distributed import DistEnv
+    from mdaf_rec.train import Session
+
+    pinned: List[Batch] = []
+    monkeypatch.setattr(Batch, "pin_memory", lambda self: pinned.append(self) or self)
+    dataset, spec, vocabs = world
+    cfg = Config()
+    cfg.train.batch_size = cfg.train.eval_batch_size = 1024
+    for device, workers, expected in (("cuda", 0, True), ("cuda", 1, True), ("cpu", 0, False)):
+        cfg.data.num_workers = workers
+        env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device(device), backend="gloo")
+        session = types.SimpleNamespace(cfg=cfg, env=env, dataset=dataset, spec=spec, vocabs=vocabs)
+        pinned.clear()
+        batches = list(Session.loader(session, "val"))
+        assert len(batches) == 1 and (pinned == batches) is expected, (device, workers)

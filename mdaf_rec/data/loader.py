@@ -291,6 +291,8 @@ class BatchLoader:
         start_batch: first global batch of the epoch to produce (resume); reset by :meth:`set_epoch`.
         timezone: for hour / day of week; default: the dataset's ``meta.json``, else UTC.
         shuffle_rows: minimum rows of a shuffle window (the shuffle buffer).
+        pin_memory: return batches in page-locked memory (for a CUDA device: ``batch.to(device,
+            non_blocking=True)`` then copies while the device computes).
     """
 
     def __init__(
@@ -311,6 +313,7 @@ class BatchLoader:
         start_batch: int = 0,
         timezone: Optional[str] = None,
         shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
+        pin_memory: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -328,6 +331,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.num_workers = num_workers
         self.shuffle_rows = shuffle_rows
+        self.pin_memory = pin_memory
         self.set_epoch(epoch, start_batch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -358,8 +362,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
-            return self.worker_batches(0, 1)
-        return _raise_user_errors(DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers))
+            batches = self.worker_batches(0, 1)
+        else:
+            batches = _raise_user_errors(DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers))
+        return map(Batch.pin_memory, batches) if self.pin_memory else batches
 
     def worker_batches(self, worker: int, num_workers: int) -> Iterator[Batch]:
         """This rank's slices of global batches ``start_batch + worker + j * num_workers``."""
