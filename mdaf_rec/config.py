@@ -260,14 +260,21 @@ def _taobao_vocab_sizes() -> Dict[str, int]:
 
 @dataclass
 class PlanningConfig:
-    """Table sizes for planning without data (``mdaf-rec plan``, ``tools/bench_train.py``).
+    """Table sizes for planning without data (``mdaf-rec plan``, ``tools/bench_train.py``), and the memory the
+    planner of ``mdaf-rec train`` may fill.
 
     Args:
         vocab_sizes: id space -> table rows (default: the Taobao set-up of the research code). Time
             fields have fixed sizes; every other id space and extra sparse field needs an entry.
+        hbm_gb: device memory per rank in GiB for ``mdaf-rec train``'s planner (``null``: the GPU's
+            total memory, ``torch.cuda.get_device_properties``; unused on CPU).
+        ddr_gb: host memory per rank in GiB for ``mdaf-rec train``'s planner (``null``: this host's
+            physical memory divided by its ranks).
     """
 
     vocab_sizes: Dict[str, int] = field(default_factory=_taobao_vocab_sizes)
+    hbm_gb: Optional[float] = None
+    ddr_gb: Optional[float] = None
 
 
 @dataclass
@@ -360,7 +367,21 @@ def validate(cfg: Config) -> Config:
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     for name, size in cfg.planning.vocab_sizes.items():
         _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")
+    for key in ("hbm_gb", "ddr_gb"):
+        _require(getattr(cfg.planning, key) is None or getattr(cfg.planning, key) > 0, f"planning.{key}",
+                 "must be > 0 (or null: this machine's)")
     return cfg
+
+
+# Convolution widths causal-conv1d's CUDA kernel (the Mamba block's fast path) accepts.
+CUDA_CONV_WIDTHS = (2, 3, 4)
+
+
+def check_mamba_conv(cfg: ModelConfig, device_type: str) -> None:
+    """Refuses a Mamba ``d_conv`` causal-conv1d's CUDA kernel cannot run when a Mamba model is to run on CUDA."""
+    if device_type == "cuda" and "mamba" in cfg.name:
+        _require(cfg.mamba.d_conv in CUDA_CONV_WIDTHS, "model.mamba.d_conv",
+                 f"{cfg.mamba.d_conv} is not supported on CUDA: causal-conv1d's kernel takes widths 2 to 4")
 
 
 def check_sparse_optimizer(cfg: OptimizerConfig, device_type: str) -> None:

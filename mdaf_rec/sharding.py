@@ -16,6 +16,7 @@ The optimizer names are those of :mod:`mdaf_rec.registry`; the classes they stan
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
@@ -88,6 +89,31 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
 def sharders() -> List[ModuleSharder[nn.Module]]:
     """The sharders DMP and the planner use (TorchRec's defaults: EBC, EC and friends)."""
     return get_default_sharders()
+
+
+_GIB = 1024**3
+
+
+def planner_memory(device: torch.device, local_world_size: int, hbm_gb: Optional[float] = None,
+                   ddr_gb: Optional[float] = None) -> Tuple[Optional[int], int]:
+    """Per-rank ``(hbm_cap, ddr_cap)`` in bytes for :func:`plan_sharding` (not TorchRec's defaults of 32 GiB
+    HBM and 128 GiB DDR): ``hbm_gb`` / ``ddr_gb`` when given, else this machine's: the GPU's total memory
+    (``None`` on CPU, where the planner uses no HBM) and the host's physical memory divided by its
+    ``local_world_size`` ranks. Logs the caps and where they come from."""
+    if hbm_gb is not None:
+        hbm, hbm_from = int(hbm_gb * _GIB), "planning.hbm_gb"
+    elif device.type == "cuda":
+        hbm, hbm_from = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+    else:
+        hbm, hbm_from = None, "none on CPU"
+    if ddr_gb is not None:
+        ddr, ddr_from = int(ddr_gb * _GIB), "planning.ddr_gb"
+    else:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ddr, ddr_from = host // local_world_size, f"host memory {host / _GIB:.1f} GiB / {local_world_size} ranks"
+    logger.info("planner topology per rank: HBM %s (%s), DDR %.1f GiB (%s)",
+                "-" if hbm is None else f"{hbm / _GIB:.1f} GiB", hbm_from, ddr / _GIB, ddr_from)
+    return hbm, ddr
 
 
 def plan_sharding(

@@ -54,7 +54,7 @@ from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
-from mdaf_rec.sharding import build_optimizer, plan_sharding, shard_model, table_parameters
+from mdaf_rec.sharding import build_optimizer, plan_sharding, planner_memory, shard_model, table_parameters
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
 
@@ -125,7 +125,8 @@ def open_session(
         run_dir: run directory.
         env: this process's place in the job.
         vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise.
-        plan: sharding plan; planned by the TorchRec planner for this topology when ``None``.
+        plan: sharding plan; planned by the TorchRec planner for this topology when ``None`` (per-rank memory:
+            ``planning.hbm_gb`` / ``planning.ddr_gb``, else this machine's, :func:`~mdaf_rec.sharding.planner_memory`).
         training: attach the fused table optimizer and build the dense one; an evaluation session
             (``False``) has neither, so no optimizer state is allocated.
     """
@@ -138,12 +139,15 @@ def open_session(
     params = _count_params(train_module)
     per_rank_batch = max(1, cfg.train.batch_size // env.world_size)
     if plan is None:
+        hbm_cap, ddr_cap = planner_memory(env.device, env.local_world_size, cfg.planning.hbm_gb, cfg.planning.ddr_gb)
         plan = plan_sharding(
             train_module,
             world_size=env.world_size,
             local_world_size=env.local_world_size,
             compute_device=env.device.type,
             batch_size=per_rank_batch,
+            hbm_cap=hbm_cap,
+            ddr_cap=ddr_cap,
             process_group=dist.group.WORLD,
         )
     dmp = shard_model(train_module, env.device, plan)

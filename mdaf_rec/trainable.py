@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple, Union
 
 import torch
 
-from mdaf_rec.config import Config
+from mdaf_rec.config import Config, check_mamba_conv
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
@@ -51,12 +51,14 @@ def build_train_module(
         table_device: device of the TorchRec tables; ``meta`` to leave them for DMP (or the planner).
         dense_device: device of every other parameter (``meta`` for planning).
         compute_device: the device the module will run on: autocast's device type, and the device the
-            sparse optimizer is checked against (FBGEMM on CPU has no ``adam``).
+            sparse optimizer (FBGEMM on CPU has no ``adam``) and Mamba's ``d_conv`` (2 to 4 on CUDA) are
+            checked against.
         with_sparse_optimizer: attach ``cfg.optimizer.sparse`` to every table (training, planning). Without
             it DMP still shards the tables with FBGEMM's fused kernels, whose optimizer is then plain SGD
             with no state (evaluation and export: no row-wise/Adagrad/Adam state is allocated).
     """
     compute_device = torch.device(compute_device)
+    check_mamba_conv(cfg.model, compute_device.type)
     spec = FeatureSpec.build(cfg.features, vocab_sizes)
     model = build_model(spec, cfg.model, table_device=table_device, dense_device=dense_device)
     module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce, precision=cfg.train.precision,

@@ -106,3 +106,59 @@ def test_dense_optimizer_decays_weight_matrices_only(process_group) -> None:
         dense.step()
         moved = {n for n in before if not torch.equal(params[n].detach(), before[n])}
         assert moved == decayed
+
+
+def test_the_planner_at_train_time_gets_this_machines_memory(monkeypatch, caplog, tmp_path) -> None:
+    """``open_session`` plans with this machine's memory per rank (host memory / local ranks; on CUDA the GPU's,
+    below) or ``planning.hbm_gb`` / ``planning.ddr_gb``, never TorchRec's 32 GiB HBM / 128 GiB DDR defaults."""
+    import logging
+    import os
+
+    from mdaf_rec import train as train_mod
+    from mdaf_rec.config import Config
+    from mdaf_rec.data.dataset import Dataset
+    from mdaf_rec.data.synth import generate
+    from mdaf_rec.data.vocab import Vocabularies
+    from mdaf_rec.distributed import DistEnv
+
+    gib = 1024**3
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    class Planned(Exception):
+        pass
+
+    def planner(module, **kwargs):
+        raise Planned(kwargs)
+
+    monkeypatch.setattr(train_mod, "plan_sharding", planner)
+    generate(tmp_path, rows=400, users=30, items=60, categories=5, max_history=5, seed=0)
+    cfg = Config()
+    cfg.data.path = str(tmp_path)
+    cfg.model.name = "dcnv3"
+    vocabs = Vocabularies.load_or_build(Dataset.open(tmp_path), cfg.features)
+    env = DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"), backend="gloo")
+    for hbm_gb, ddr_gb, hbm, ddr in ((None, None, None, host // 2), (40.0, 64.0, 40 * gib, 64 * gib)):
+        cfg.planning.hbm_gb, cfg.planning.ddr_gb = hbm_gb, ddr_gb
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mdaf_rec.sharding"), pytest.raises(Planned) as planned:
+            train_mod.open_session(cfg, tmp_path / "run", env, vocabs=vocabs)
+        kwargs = planned.value.args[0]
+        assert (kwargs["hbm_cap"], kwargs["ddr_cap"]) == (hbm, ddr)
+        assert f"planner topology per rank: HBM {'-' if hbm is None else '40.0 GiB'}" in caplog.text
+
+
+def test_planner_memory_reads_the_gpu(monkeypatch, caplog) -> None:
+    import logging
+    import os
+    import types
+
+    from mdaf_rec.sharding import planner_memory
+
+    gib = 1024**3
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=141 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    with caplog.at_level(logging.INFO, logger="mdaf_rec.sharding"):
+        assert planner_memory(torch.device("cuda", 3), 8) == (141 * gib, host // 8)
+    assert "HBM 141.0 GiB (NVIDIA H200)" in caplog.text and f"/ 8 ranks" in caplog.text
+    assert planner_memory(torch.device("cuda", 3), 8, hbm_gb=70.5) == (int(70.5 * gib), host // 8)

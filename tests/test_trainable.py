@@ -78,3 +78,20 @@ def test_evaluation_module_shards_with_fused_kernels_and_holds_no_optimizer_stat
     assert fused_weights == 60 * 4 + 300 * 4 + 25 * 4 + 300 * 8 + 25 * 8
     assert _state_elements(trained.fused_optimizer) == fused_weights
     assert _state_elements(evaluated.fused_optimizer) == 0
+
+
+@pytest.mark.parametrize("d_conv, device, ok", [(5, "cuda", False), (1, "cuda", False), (4, "cuda", True),
+                                                (2, "cuda", True), (5, "cpu", True)])
+def test_mamba_d_conv_outside_2_to_4_is_refused_for_cuda(d_conv: int, device: str, ok: bool) -> None:
+    """causal-conv1d's CUDA kernel takes widths 2..4: a config that would fail there is refused naming the key
+    (checked on the meta device, nothing is allocated); the CPU path runs any width."""
+    from mdaf_rec.config import ConfigError
+
+    cfg = load_config("configs/mdaf_mamba.yaml", [f"model.mamba.d_conv={d_conv}"])
+    build = lambda: build_train_module(cfg, {"user": 10, "item": 10, "category": 5}, table_device="meta",  # noqa: E731
+                                       dense_device="meta", compute_device=device, with_sparse_optimizer=False)
+    if ok:
+        build()
+    else:
+        with pytest.raises(ConfigError, match=rf"model.mamba.d_conv.*{d_conv} is not supported on CUDA.*2 to 4"):
+            build()
