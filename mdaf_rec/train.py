@@ -45,13 +45,14 @@ from mdaf_rec.data.dataset import Dataset, open_parquet
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
-from mdaf_rec.distributed import DistEnv, init_distributed
+from mdaf_rec.distributed import DistEnv, check_gpu_request, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.logs import attach_log_file, setup_logging
 from mdaf_rec.metrics import MetricAccumulator
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
+from mdaf_rec.ops.cuda_kernels import log_mamba_backend
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
 from mdaf_rec.sharding import build_optimizer, plan_sharding, planner_memory, shard_model, table_parameters
@@ -162,6 +163,8 @@ def open_session(
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)
     optimizer = build_optimizer(dmp, cfg.optimizer) if training else None
     logger.info("sharding plan:\n%s", plan)
+    if "mamba" in cfg.model.name:
+        log_mamba_backend(env.device.type)
     return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params, plan)
 
 
@@ -246,6 +249,7 @@ def train(
         overwrite: start afresh, deleting the run's own files (never other files) first.
         verbose: also show third-party log lines and warnings.
     """
+    check_gpu_request()
     env = init_distributed()
     _set_threads(cfg, env)
     _allow_tf32(env)

@@ -183,7 +183,9 @@ def test_last_batch_smaller_than_the_world_trains_and_evaluates_every_row(datase
     (3 full + 1 row): the 1-row batches join the batch before them, so no rank gets a 0-row batch (whose mean loss
     was NaN, stopping the run); every validation and test row is scored once."""
     run = tmp_path / "run"
-    train(dataset, run, "--epochs", "1", "--set", "train.batch_size=98", "--set", "train.eval_batch_size=130", nproc=2)
+    proc = train(dataset, run, "--epochs", "1", "--set", "train.batch_size=98", "--set", "train.eval_batch_size=130",
+                 nproc=2)
+    assert "Mamba blocks run the " in proc.stdout + proc.stderr  # the scan backend, named per run
     metrics = json.loads((run / "metrics.json").read_text())
     (epoch,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(epoch["train_loss"]) and epoch["step"] == metrics["steps"] == 23

@@ -24,22 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdaf_rec.ops import causal_conv1d_silu, selective_scan_fn
+from mdaf_rec.ops import causal_conv1d_silu, cuda_kernels, selective_scan_fn
 from mdaf_rec.ops.dropout import Dropout
 
-try:  # CUDA fast path of the whole block; not installable on CPU-only machines.
-    from mamba_ssm.ops.selective_scan_interface import (  # type: ignore[import-not-found]
-        mamba_inner_fn as _mamba_inner_fn,
-    )
-except ImportError:  # pragma: no cover - depends on the environment
-    _mamba_inner_fn = None
-
-try:
-    from causal_conv1d import (  # type: ignore[import-not-found]
-        causal_conv1d_fn as _causal_conv1d_fn,
-    )
-except ImportError:  # pragma: no cover - depends on the environment
-    _causal_conv1d_fn = None
+# CUDA fast path of the whole block; None where the kernels do not import (see mdaf_rec.ops.cuda_kernels).
+_mamba_inner_fn = cuda_kernels.mamba_inner_fn
+_causal_conv1d_fn = cuda_kernels.causal_conv1d_fn
 
 __all__ = ["MambaBlock", "FeedForward", "Mamba4RecLayer", "Mamba4RecEncoder"]
 

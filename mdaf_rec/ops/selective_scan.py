@@ -6,7 +6,8 @@ backend                 used when
 ``"export"``            under ``torch.export`` / fx tracing / TorchScript: plain aten ops, few and
                         large (:mod:`~mdaf_rec.ops.scan_export`; the exported program loads with
                         torch alone and keeps a dynamic batch size)
-``"mamba_ssm"``         CUDA tensors and ``mamba_ssm`` importable: its fused CUDA kernel
+``"mamba_ssm"``         CUDA tensors and ``mamba_ssm`` importable (:mod:`~mdaf_rec.ops.cuda_kernels`):
+                        its fused CUDA kernel
 ``"torch_gpu"``         other non-CPU tensors: the pure PyTorch scan, whole batch per time step
                         (:func:`~mdaf_rec.ops.scan_torch.gpu_blocks`)
 ``"cpp"``               CPU tensors and the compiled kernel built (:mod:`~mdaf_rec.ops.scan_cpu`)
@@ -24,17 +25,13 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from mdaf_rec.ops import scan_cpu
+from mdaf_rec.ops import cuda_kernels, scan_cpu
 from mdaf_rec.ops.scan_export import selective_scan_unrolled
 from mdaf_rec.ops.scan_reference import ScanOutput, check_scan_args, selective_scan_reference
 from mdaf_rec.ops.scan_torch import selective_scan_torch, selective_scan_torch_gpu
 
-try:  # CUDA kernels; not installable on CPU-only machines.
-    from mamba_ssm.ops.selective_scan_interface import (  # type: ignore[import-not-found]
-        selective_scan_fn as mamba_ssm_selective_scan_fn,
-    )
-except ImportError:  # pragma: no cover - depends on the environment
-    mamba_ssm_selective_scan_fn = None
+# mamba-ssm's CUDA kernel; None where it does not import (CPU machines, a broken build: see cuda_kernels).
+mamba_ssm_selective_scan_fn = cuda_kernels.selective_scan_fn
 
 __all__ = ["BACKENDS", "exporting", "forced_backend", "keep_compiled_ops", "scan_backend", "selective_scan_fn"]
 
