@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 import torchx.specs as specs
 from torchx.components.dist import ddp
 
+from mdaf_rec.distributed import NO_GPU_REQUESTED
+
 
 def train(
     *overrides: str,
@@ -30,6 +32,7 @@ def train(
     h: Optional[str] = None,
     cpu: int = 2,
     gpu: int = 0,
+    cpu_only: bool = False,
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     rdzv_port: int = 29500,
@@ -55,7 +58,10 @@ def train(
         name: ``{experiment}/{run}`` job name.
         h: a registered named resource (e.g. ``aws_p4d.24xlarge``); takes precedence over cpu/gpu/memMB.
         cpu: CPUs per host.
-        gpu: GPUs per host (set it to ``nproc_per_node`` on GPU hosts).
+        gpu: GPUs per host (set it to ``nproc_per_node`` on GPU hosts). A job given none (the default) refuses
+            to start on Slurm or Kubernetes unless ``cpu_only`` (it would train on CPU with gloo); ``local_cwd`` and
+            ``local_docker`` run it on CPU as asked.
+        cpu_only: allow a job without GPUs on Slurm / Kubernetes.
         memMB: host memory in MB.
         env: extra environment variables (``KEY=VALUE,KEY2=VALUE2`` on the command line).
         rdzv_port: port of the c10d rendezvous store on rank 0's host (multi-node only).
@@ -78,6 +84,8 @@ def train(
             raise ValueError(f"override {override!r} is not of the form key=value")
         args += ["--set", override]
     job_env = {"PYTHONUNBUFFERED": "1", **(env or {})}
+    if gpu == 0 and h is None and not cpu_only:
+        job_env[NO_GPU_REQUESTED] = "1"  # checked by the workers (mdaf_rec.distributed.check_gpu_request)
     return ddp(
         *args,
         m="mdaf_rec.cli",

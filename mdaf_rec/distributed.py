@@ -21,10 +21,16 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from mdaf_rec.errors import UserError
+
 
 CPU_BACKEND = "gloo"
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
 _BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+# Set to "1" by launch/components.py:train in a job that asked for no GPU (``--gpu 0``) without ``--cpu_only``.
+NO_GPU_REQUESTED = "MDAF_NO_GPU_REQUESTED"
+# Environment variables that say a process runs under a cluster scheduler, and the scheduler's name.
+_SCHEDULER_MARKERS = {"SLURM_JOB_ID": "Slurm", "KUBERNETES_SERVICE_HOST": "Kubernetes"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,21 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"mdaf_rec/attempt_{restart}", store),
                                     rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, local_world_size, device, str(dist.get_backend()))
+
+
+def check_gpu_request() -> None:
+    """Refuses to train on CPU a job of the TorchX component that, on Slurm or Kubernetes, asked for no GPU
+    (``--gpu`` defaults to 0, so the scheduler gives it none and it would train with gloo on CPUs for hours
+    without a word); ``--cpu_only`` allows it."""
+    if os.environ.get(NO_GPU_REQUESTED) != "1" or torch.cuda.is_available():
+        return
+    for marker, scheduler in _SCHEDULER_MARKERS.items():
+        if marker in os.environ:
+            raise UserError(
+                f"this job runs on {scheduler} without a GPU: launch/components.py:train was given no --gpu (default 0), "
+                "so it would train on CPU with gloo; pass --gpu N (N = --nproc_per_node) to train on GPUs, or "
+                "--cpu_only True to train on CPUs"
+            )
 
 
 def default_backend() -> str:

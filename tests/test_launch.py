@@ -105,3 +105,32 @@ def test_torchx_local_cwd_two_processes_trains(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_run"] == 1 and 0.0 < metrics["val"]["auc"] <= 1.0
+
+
+def test_a_job_without_gpus_is_refused_on_a_gpu_scheduler_unless_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--gpu`` defaults to 0: on Slurm / Kubernetes such a job used to train on CPU with gloo without a word.
+    The component marks it; the workers refuse when they run under a scheduler and see no GPU."""
+    import torch
+
+    from mdaf_rec.distributed import NO_GPU_REQUESTED, check_gpu_request
+    from mdaf_rec.errors import UserError
+
+    assert train().roles[0].env[NO_GPU_REQUESTED] == "1"
+    for app in (train(gpu=8, nproc_per_node=8), train(cpu_only=True), train(h="aws_p4d.24xlarge")):
+        assert NO_GPU_REQUESTED not in app.roles[0].env
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for marker in ("SLURM_JOB_ID", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(marker, raising=False)
+    monkeypatch.setenv(NO_GPU_REQUESTED, "1")
+    check_gpu_request()  # local_cwd / local_docker: CPU as asked
+    for marker, scheduler in (("SLURM_JOB_ID", "Slurm"), ("KUBERNETES_SERVICE_HOST", "Kubernetes")):
+        monkeypatch.setenv(marker, "4711")
+        with pytest.raises(UserError, match=f"runs on {scheduler} without a GPU.*--gpu N .*--cpu_only True"):
+            check_gpu_request()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        check_gpu_request()  # the GPUs came anyway (e.g. a named resource)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.delenv(NO_GPU_REQUESTED)
+        check_gpu_request()  # --gpu N or --cpu_only True
+        monkeypatch.setenv(NO_GPU_REQUESTED, "1")
+        monkeypatch.delenv(marker)
