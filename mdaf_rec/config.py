@@ -133,7 +133,7 @@ class DNNConfig:
 class MambaConfig:
     num_layers: int = 2
     d_state: int = 16
-    d_conv: int = 4
+    d_conv: int = 4  # causal convolution width; 2 to 4 on CUDA (causal-conv1d's kernel, check_mamba_conv)
     expand: int = 2
     dropout: float = 0.2
 
