@@ -81,7 +81,16 @@ def test_the_backend_is_logged_loudly_when_a_cuda_run_falls_back(monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="mdaf_rec.ops.cuda_kernels"):
         cuda_kernels.log_mamba_backend("cuda")
     (record,) = caplog.records
-    assert record.levelno == logging.INFO and "mamba-ssm's fused CUDA kernels" in record.getMessage()
+    assert record.levelno == logging.INFO and "mamba-ssm's CUDA kernels (the fused mamba_inner_fn" in record.getMessage()
+    # mamba-ssm without causal-conv1d: its scan kernel, not the fused block; said so, loudly.
+    monkeypatch.setattr(cuda_kernels, "IMPORT_ERRORS", {"causal_conv1d": "ModuleNotFoundError: no causal_conv1d"})
+    monkeypatch.setattr(cuda_kernels, "causal_conv1d_fn", None)
+    monkeypatch.setattr(cuda_kernels, "selective_scan_fn", lambda *a: None)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mdaf_rec.ops.cuda_kernels"):
+        cuda_kernels.log_mamba_backend("cuda")
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "selective scan kernel without the fused block" in record.getMessage()
 
 
 def test_gpu_check_fails_when_the_kernels_do_not_import(tmp_path: Path) -> None:

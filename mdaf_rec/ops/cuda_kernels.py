@@ -57,7 +57,10 @@ def mamba_backend(device_type: str) -> str:
     (on CPU this builds the compiled kernels if they are not yet, as the first forward would)."""
     if device_type == "cuda":
         if fast_path_available():
-            return "mamba-ssm's fused CUDA kernels (mamba_inner_fn with causal-conv1d)"
+            return ("mamba-ssm's CUDA kernels (the fused mamba_inner_fn with causal-conv1d; its selective_scan_fn "
+                    "where outputs are read at given positions)")
+        if selective_scan_fn is not None:
+            return f"mamba-ssm's selective scan kernel without the fused block, slower: {_reasons()}"
         return f"the pure PyTorch scan on CUDA, several times slower: {_reasons()}"
     if device_type == "cpu":
         from mdaf_rec.ops import scan_cpu
