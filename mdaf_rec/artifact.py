@@ -162,7 +162,9 @@ def earlier_export(out: Path) -> List[str]:
     for name in files:
         link = _link_on_path(out, name)
         if link is not None:
-            raise ArtifactError(f"--out {out}: {link} is a symbolic link; an export never deletes through one; {refused}")
+            raise ArtifactError(
+                f"--out {out}: {link} is a symbolic link; an export never deletes through one; {refused}"
+            )
     bad = manifest.first_mismatch(out, files)
     if bad is not None:
         file, problem = bad

@@ -190,8 +190,9 @@ class RunDir:
         the earlier run wrote (never another file, never through a link: a link is removed, its target kept)."""
         if not self.is_marked():
             fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            doc = {**format_marker(RUN_KIND, RUN_FORMAT_VERSION), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
             with os.fdopen(fd, "w") as fh:
-                json.dump({**format_marker(RUN_KIND, RUN_FORMAT_VERSION), "created": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+                json.dump(doc, fh)
             return
         for p in self.own_files():
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -340,9 +341,10 @@ def decide_start(run: RunDir, config: Dict[str, Any], resume: bool, overwrite: b
         return Start.FRESH
     what = "a model folder written by `mdaf-rec export`" if has_model_marker(run.path) else \
         f"not a run directory (no {MARKER_FILE})"
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise RunDirError(
-        f"--out {run.path} exists and is {what}: it holds {', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}; "
-        "a run is written only into a new or empty folder: choose one (nothing was written or deleted)"
+        f"--out {run.path} exists and is {what}: it holds {shown}; a run is written only into a new or empty "
+        "folder: choose one (nothing was written or deleted)"
     )
 
 

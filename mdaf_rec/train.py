@@ -238,7 +238,8 @@ def train(
         resume: insist on resuming (an error if there is nothing to resume).
         plan_file: a sharding plan written by ``mdaf-rec plan --json``; planned here when ``None``.
         overwrite: start afresh in a run directory this project marked, deleting the run's own files (never
-            other files, never through a link) first; refused for any other folder (:func:`mdaf_rec.run_dir.decide_start`).
+            other files, never through a link) first; refused for any other folder
+            (:func:`mdaf_rec.run_dir.decide_start`).
         verbose: also show third-party log lines and warnings.
     """
     env = init_distributed()

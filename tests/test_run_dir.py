@@ -34,14 +34,12 @@ def _refusal(run: RunDir, **flags: bool) -> str:
 
 
 def _marked_run(path: Path) -> RunDir:
-    """A marked run of CONFIG with a checkpoint, as `mdaf-rec train` leaves it."""
-    path.mkdir()
-    run = RunDir(path)
-    run.start_fresh()
-    _write(path, {"config.yaml": yaml.safe_dump(CONFIG), "metrics.jsonl": "{}\n", "vocab/vocab.json": "{}",
+    """A marked run of CONFIG with a checkpoint, as `mdaf-rec train` leaves it (the marker as documented)."""
+    marker = {"project": "mdaf_rec", "kind": "run", "format_version": 1, "created": "2026-01-01 00:00:00"}
+    _write(path, {MARKER_FILE: json.dumps(marker), "config.yaml": yaml.safe_dump(CONFIG), "metrics.jsonl": "{}\n", "vocab/vocab.json": "{}",
                   "tensorboard/events.out.tfevents.1": "e", "checkpoints/index.json": '{"last": "epoch_1"}',
                   "checkpoints/epoch_1/manifest.json": "{}"})
-    return run
+    return RunDir(path)
 
 
 def test_a_new_run_is_marked_first_and_only_its_own_files_are_replaced(tmp_path: Path) -> None:
@@ -97,12 +95,12 @@ def test_a_run_of_an_earlier_version_resumes_but_is_never_overwritten(tmp_path: 
     _write(path, {"config.yaml": yaml.safe_dump(CONFIG), "checkpoints/index.json": '{"last": "epoch_1"}',
                   "checkpoints/epoch_1/manifest.json": "{}", "metrics.jsonl": "{}\n"})
     run = RunDir(path)
-    assert run.is_legacy_run() and run.is_run() and not run.is_marked()
-    assert decide_start(run, CONFIG, resume=False, overwrite=False) is Start.RESUME
     before = _snapshot(path)
     message = _refusal(run, overwrite=True)
     assert f"{path} holds a run of an earlier version (it has no {MARKER_FILE}), which is never overwritten" in message
     assert "--overwrite" not in message, message
+    assert decide_start(run, CONFIG, resume=False, overwrite=False) is Start.RESUME
+    assert run.is_legacy_run() and run.is_run() and not run.is_marked()
     other = {**CONFIG, "model": {"name": "mdaf_bst"}}
     with pytest.raises(RunDirError, match="holds a run of another config") as e:
         decide_start(run, other, resume=False, overwrite=False)
