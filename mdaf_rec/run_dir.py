@@ -339,8 +339,8 @@ def decide_start(run: RunDir, config: Dict[str, Any], resume: bool, overwrite: b
         raise RunDirError(f"--resume: {run.path} is not a run directory (it has no {MARKER_FILE})")
     if not entries:
         return Start.FRESH
-    what = "a model folder written by `mdaf-rec export`" if has_model_marker(run.path) else \
-        f"not a run directory (no {MARKER_FILE})"
+    what = ("a model folder written by `mdaf-rec export`" if has_model_marker(run.path)
+            else f"not a run directory (no {MARKER_FILE})")
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise RunDirError(
         f"--out {run.path} exists and is {what}: it holds {shown}; a run is written only into a new or empty "

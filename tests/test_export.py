@@ -338,7 +338,7 @@ def test_export_never_writes_into_a_run_or_a_dataset(runs, dataset: Path, tmp_pa
     run, legacy, data = tmp_path / "run", tmp_path / "legacy", tmp_path / "data"
     shutil.copytree(runs["dnn"], run)
     shutil.copytree(runs["dnn"], legacy)
-    (legacy / MARKER_FILE).unlink()  # a run written before runs were marked
+    (legacy / MARKER_FILE).unlink(missing_ok=True)  # a run written before runs were marked
     shutil.copytree(dataset, data)
     before = {folder: _tree(folder) for folder in (run, legacy, data)}
     for out, where in [(run / "checkpoints" / "epoch_1", f"the --run directory {run}"),
