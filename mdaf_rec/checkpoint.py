@@ -200,7 +200,8 @@ def save_checkpoint(
         _write_json_atomic(run.checkpoints / INDEX_FILE, index)
         kept = {index["last"], index.get("best"), *index["steps"]}
         for child in run.checkpoints.iterdir():
-            if child.is_dir() and CHECKPOINT_NAME.match(child.name) and child.name not in kept:
+            obsolete = CHECKPOINT_NAME.match(child.name) and child.name not in kept
+            if obsolete and child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
     if dist.is_initialized():
         dist.barrier()

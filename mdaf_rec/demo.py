@@ -26,7 +26,8 @@ def ensure_synthetic_data(path: Path) -> None:
 
 def run_demo(cfg: Config, out: Path, verbose: bool = False) -> None:
     """Makes the data if missing, trains ``cfg`` afresh (an earlier demo run in ``out`` is replaced, other
-    files are never touched), prints validation/test AUC next to the Bayes-optimal AUC."""
+    files are never touched; a folder that is not a run of this version is refused), prints validation/test
+    AUC next to the Bayes-optimal AUC."""
     ensure_synthetic_data(Path(cfg.data.path))
     final = train(cfg, out, overwrite=True, verbose=verbose)
     if not is_main_process():

@@ -17,7 +17,8 @@ row-wise int8, ``torch.export`` it with a dynamic batch dimension, and write::
       manifest.json       sha256 and size of every file above; its own sha256 is printed
 
 The files are written beside MODEL_DIR first and moved in at the end (:class:`mdaf_rec.artifact.ArtifactWriter`):
-an earlier export's files are replaced, nothing else in MODEL_DIR is touched.
+an earlier export's files are replaced, nothing else in MODEL_DIR is touched. MODEL_DIR is never a run
+directory or a dataset folder, nor inside one (:func:`check_out`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from mdaf_rec.artifact import (
     OPS_LIBRARY_FILE,
     PROGRAM_FILE,
     SPEC_FILE,
+    ArtifactError,
     ArtifactWriter,
 )
 from mdaf_rec.config import Config, load_config
-from mdaf_rec.data.dataset import Dataset, DatasetError
+from mdaf_rec.data.dataset import Dataset, DatasetError, is_dataset_folder
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.models.ctr import CTRModel
@@ -82,7 +84,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
     Args:
         run_dir: the trained run.
         out: MODEL_DIR (created; an earlier export's files there are replaced, other files kept; a
-            non-empty folder without an earlier export is refused before anything is done).
+            non-empty folder that is not an earlier export, or a run or dataset folder or one inside it, is
+            refused before anything is done).
         which: checkpoint, ``best`` or ``last``.
         quantize: ``none`` (fp32 tables) or ``int8`` (row-wise 8-bit tables).
         compile: also write the AOTInductor form for this CPU (``model.cpu.pt2``; needs a C++ compiler,
@@ -92,6 +95,7 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    check_out(out, run_dir)
     with ArtifactWriter(out) as artifact:
         model, cfg, spec, vocabs, path = load_trained_model(run_dir, which)
         timezone = _timezone(cfg)
@@ -112,6 +116,18 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
     logger.info("exported %s (%s, %s tables) to %s; sha256 of %s: %s",
                 cfg.model.name, path.name, quantize, out, MANIFEST_FILE, artifact.sha256)
     return artifact.sha256
+
+
+def check_out(out: Path, run_dir: Path) -> None:
+    """Refuses an ``out`` that is, or lies inside, ``run_dir``, another run directory, or a dataset folder: an
+    export never writes into a run (whose checkpoint folders hold manifests too) or into data."""
+    target = out.resolve()
+    if target.is_relative_to(run_dir.resolve()):
+        raise ArtifactError(f"--out {out}: is or lies inside the --run directory {run_dir}; export the model elsewhere")
+    for folder in (target, *target.parents):
+        what = "run directory" if RunDir(folder).is_run() else "dataset folder" if is_dataset_folder(folder) else None
+        if what is not None:
+            raise ArtifactError(f"--out {out}: is or lies inside the {what} {folder}; export the model elsewhere")
 
 
 def _write_cpu_program(module: ServingModule, spec: FeatureSpec, folder: Path) -> Optional[Dict[str, Any]]:

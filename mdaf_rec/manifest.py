@@ -1,7 +1,8 @@
 """Manifests: the size and sha256 of every file of a folder (a checkpoint, an exported model), written after
 the files and checked before anything in the folder is read.
 
-``FOLDER/manifest.json`` is ``{"files": {relative path: {"sha256": hex, "size": bytes}}}``. The callers raise
+``FOLDER/manifest.json`` is ``{"files": {relative path: {"sha256": hex, "size": bytes}}}``, plus a ``"format"``
+marker (:mod:`mdaf_rec.marker`) where the caller gives one (an exported model). The callers raise
 their own errors (:class:`~mdaf_rec.checkpoint.CheckpointError`, :class:`~mdaf_rec.artifact.ArtifactError`)
 with messages that name the file.
 """
@@ -28,14 +29,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> str:
-    """Writes ``manifest.json`` over every file below ``folder``; returns the manifest's sha256."""
+def write_manifest(folder: Path, format_marker: Optional[Dict[str, Any]] = None) -> str:
+    """Writes ``manifest.json`` over every file below ``folder`` (with ``format_marker`` as its ``"format"``, if
+    given); returns the manifest's sha256."""
     files = {
         p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE
     }
-    data = json.dumps({"files": files}, indent=2).encode()
+    doc: Dict[str, Any] = {"files": files} if format_marker is None else {"format": format_marker, "files": files}
+    data = json.dumps(doc, indent=2).encode()
     (folder / MANIFEST_FILE).write_bytes(data)
     return hashlib.sha256(data).hexdigest()
 
@@ -73,6 +76,19 @@ def read_manifest(
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise error(f"{path}: lists {name!r}, a path outside {folder}")
     return files
+
+
+def read_format(folder: Path) -> Any:
+    """The ``"format"`` entry of ``folder``'s manifest; ``None`` if there is none, or no readable manifest (a
+    symbolic link is not read)."""
+    path = folder / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc.get("format") if isinstance(doc, dict) else None
 
 
 def first_mismatch(folder: Path, files: Dict[str, Dict[str, Any]]) -> Optional[Tuple[Path, str]]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -114,7 +116,9 @@ def predict(
         model_dir: MODEL_DIR written by ``mdaf-rec export``.
         data: a Parquet file or a folder of them (canonical schema, raw ids).
         out: output Parquet file; refused if it is an input (``data``, a file in it, a file of
-            ``model_dir``). Written under a temporary name and renamed when complete.
+            ``model_dir``) or exists as anything but a regular file (a folder, a link, a device, a pipe).
+            Written into a new file of an unpredictable name beside it (:func:`_new_partial`) and renamed
+            when complete.
         keys: input columns copied to the output.
         with_gate: also write the fusion gate.
         batch_size: rows scored per program call.
@@ -130,34 +134,54 @@ def predict(
     model = ExportedModel(model_dir, manifest_sha256)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    writer: Optional[pq.ParquetWriter] = None
+    fd, partial = _new_partial(out)
     total = 0
     try:
-        for table in _scored_tables(model, files, keys, with_gate, batch_size):
-            writer = writer or pq.ParquetWriter(partial, table.schema)
-            writer.write_table(table)
-            total += table.num_rows
-        if writer is None:
-            raise DataError(f"{data}: no rows to score")
-        writer.close()
+        with os.fdopen(fd, "wb") as sink:
+            writer: Optional[pq.ParquetWriter] = None
+            for table in _scored_tables(model, files, keys, with_gate, batch_size):
+                writer = writer or pq.ParquetWriter(sink, table.schema)
+                writer.write_table(table)
+                total += table.num_rows
+            if writer is None:
+                raise DataError(f"{data}: no rows to score")
+            writer.close()
+        check_output_path(out, {})  # again: what is there now is replaced
         os.replace(partial, out)
-    finally:
+    except BaseException:
         partial.unlink(missing_ok=True)
+        raise
     logger.info("scored %d rows in %.1f s -> %s", total, time.perf_counter() - started, out)
     return total
 
 
 def check_output_path(out: Path, inputs: Dict[str, Path]) -> None:
-    """Refuses an output file that is a folder, or is (or lies inside) one of the ``inputs`` (flag -> path)."""
+    """Refuses an output file that exists as anything but a regular file (a folder, a symbolic link, a device,
+    a pipe, a socket), or is (or lies inside) one of the ``inputs`` (flag -> path)."""
+    if out.is_symlink():
+        raise DataError(f"--out {out}: is a symbolic link; give the path of the output file itself (neither the "
+                        "link nor its target is replaced)")
     if out.is_dir():
         raise DataError(f"--out {out}: is a folder; give the path of the output Parquet file")
+    if out.exists() and not stat.S_ISREG(out.stat().st_mode):
+        raise DataError(f"--out {out}: is not a regular file (a device, pipe or socket); refusing to replace it")
     target = out.resolve()
     for flag, source in inputs.items():
         if target == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source)):
             raise DataError(f"--out {out}: is the {flag} input itself; refusing to overwrite it")
         if target.is_relative_to(source.resolve()):
             raise DataError(f"--out {out}: lies inside the {flag} folder {source}; write the scores elsewhere")
+
+
+def _new_partial(out: Path) -> tuple[int, Path]:
+    """A new file beside ``out`` for the scores until they are complete: an unpredictable name, created
+    exclusively (``O_EXCL``: never an existing file, never through a planted link), mode 0666 less the umask.
+
+    Returns:
+        its open file descriptor (write only) and its path.
+    """
+    path = out.with_name(f".{out.name}.{secrets.token_hex(8)}.partial")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666), path
 
 
 def _scored_tables(

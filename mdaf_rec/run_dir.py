@@ -5,6 +5,7 @@ Layout (every name is defined here, except ``vocab/``: the vocabularies' own fol
 :data:`mdaf_rec.data.vocab.VOCAB_DIR`, also used in a dataset's cache and a serving folder)::
 
     RUN_DIR/
+      mdaf_rec_run.json  the marker: {"project": "mdaf_rec", "kind": "run", "format_version": 1}, written first
       config.yaml        the resolved config (loadable with --config)
       plan.json          the sharding plan used
       vocab/             the vocabularies the tables are indexed by
@@ -15,8 +16,11 @@ Layout (every name is defined here, except ``vocab/``: the vocabularies' own fol
       train.log, training_curves.png, gate_histogram.png
       .lock              host, pid and job (run id, restart) of the job that holds the run (while it runs)
 
-The tool deletes only what it wrote: the names above, and inside ``checkpoints/`` only its own
-``epoch_K`` / ``step_S`` folders.
+A folder is a run directory when it carries the marker, which ``mdaf-rec train`` writes into a new or empty
+folder before any other file; only such a folder is ever overwritten, and then only the names above (inside
+``checkpoints/`` only its own ``epoch_K`` / ``step_S`` folders and index), never through a symbolic link.
+A run written by an earlier version has no marker: it is recognised by its ``config.yaml`` and
+``checkpoints/index.json`` and may be resumed or read (eval, export), never overwritten.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from mdaf_rec.artifact import has_model_marker
 from mdaf_rec.data.vocab import VOCAB_DIR
 from mdaf_rec.errors import UserError
+from mdaf_rec.marker import format_marker, is_format_marker
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ LOG_FILE = "train.log"
 CURVES_FILE = "training_curves.png"
 GATE_HISTOGRAM_FILE = "gate_histogram.png"
 LOCK_FILE = ".lock"
+MARKER_FILE = "mdaf_rec_run.json"
+RUN_KIND = "run"
+RUN_FORMAT_VERSION = 1
 
 #: Checkpoint folder names the tool writes (and may delete).
 CHECKPOINT_NAME = re.compile(r"^(epoch|step)_\d+$")
@@ -82,6 +91,10 @@ class RunDir:
     """The paths of one run directory."""
 
     path: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER_FILE
 
     @property
     def config(self) -> Path:
@@ -127,42 +140,68 @@ class RunDir:
     def lock(self) -> Path:
         return self.path / LOCK_FILE
 
+    def is_marked(self) -> bool:
+        """True if the folder carries the run marker (a regular file, not a link) that ``mdaf-rec train`` wrote."""
+        if self.marker.is_symlink() or not self.marker.is_file():
+            return False
+        try:
+            return is_format_marker(json.loads(self.marker.read_text()), RUN_KIND, RUN_FORMAT_VERSION)
+        except (OSError, ValueError):
+            return False
+
+    def is_legacy_run(self) -> bool:
+        """True if the folder holds an unmarked run of an earlier version: a ``config.yaml`` and a checkpoint index."""
+        return not self.is_marked() and self.config.is_file() and _has_checkpoint(self)
+
     def is_run(self) -> bool:
-        """True if the folder holds a run's ``config.yaml``."""
-        return self.config.is_file()
+        """True if the folder is a run directory: marked, or a run of an earlier version."""
+        return self.is_marked() or self.is_legacy_run()
 
     def require(self) -> "RunDir":
         """This run directory, if it holds a run written by ``mdaf-rec train``; a one-line error otherwise."""
         if not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} does not exist")
         if not self.is_run():
-            raise RunDirError(f"{self.path} is not a run directory of `mdaf-rec train` (it has no {CONFIG_FILE})")
+            raise RunDirError(
+                f"{self.path} is not a run directory of `mdaf-rec train` (it has no {MARKER_FILE}, nor the "
+                f"{CONFIG_FILE} and {CHECKPOINTS_DIR}/index.json of an earlier version's run)"
+            )
         return self
 
     def own_files(self) -> List[Path]:
-        """The files and folders of this run that the tool wrote and that exist."""
+        """The files, folders and links of this run that the tool wrote and that exist (``checkpoints/`` itself
+        when it is a link, else its checkpoint folders and index); the marker is not among them."""
         names = (self.config, self.plan, self.vocab, self.metrics_log, self.metrics, self.tensorboard, self.log,
                  self.curves, self.gate_histogram)
-        own = [p for p in names if p.exists()]
-        if self.checkpoints.is_dir():
+        own = [p for p in names if os.path.lexists(p)]
+        if self.checkpoints.is_symlink():
+            own.append(self.checkpoints)
+        elif self.checkpoints.is_dir():
             own += [p for p in self.checkpoints.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)]
-            own += [p for p in (self.checkpoints / "index.json", self.checkpoints / "index.tmp") if p.exists()]
+            own += [p for p in (self.checkpoints / "index.json", self.checkpoints / "index.tmp") if os.path.lexists(p)]
         return own
 
-    def clear(self) -> None:
-        """Deletes what a previous run wrote here (never a file it did not write)."""
+    def links(self) -> List[Path]:
+        """The run's own entries that are symbolic links (``--overwrite`` refuses to delete through them)."""
+        return [p for p in self.own_files() if p.is_symlink()]
+
+    def start_fresh(self) -> None:
+        """Makes the folder a new run: the marker first into a new or empty folder; in a marked one, deletes what
+        the earlier run wrote (never another file, never through a link: a link is removed, its target kept)."""
+        if not self.is_marked():
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            doc = {**format_marker(RUN_KIND, RUN_FORMAT_VERSION), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh)
+            return
         for p in self.own_files():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if self.checkpoints.is_dir() and not any(self.checkpoints.iterdir()):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if self.checkpoints.is_dir() and not self.checkpoints.is_symlink() and not any(self.checkpoints.iterdir()):
             self.checkpoints.rmdir()
 
-    def foreign_entries(self) -> List[str]:
-        """Names in the folder that are not this tool's."""
-        if not self.path.is_dir():
-            return []
-        own = {CONFIG_FILE, PLAN_FILE, VOCAB_DIR, METRICS_LOG_FILE, METRICS_FILE, CHECKPOINTS_DIR, TENSORBOARD_DIR,
-               LOG_FILE, CURVES_FILE, GATE_HISTOGRAM_FILE, LOCK_FILE}
-        return sorted(p.name for p in self.path.iterdir() if p.name not in own)
+    def entries(self) -> List[str]:
+        """The names in the folder, but for the lock."""
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
 
     def truncate_metrics_log(self, epochs_done: int) -> None:
         """Keeps the ``metrics.jsonl`` lines of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
@@ -314,42 +353,69 @@ def decide_start(run: RunDir, config: Dict[str, Any], resume: bool, overwrite: b
         run: the run directory, an existing folder (the caller created it to take the run lock in it).
         config: the new run's resolved config as a nested dict.
         resume: ``--resume`` (the run must exist and have a checkpoint).
-        overwrite: ``--overwrite`` (replace the run's own files; other files are never touched).
+        overwrite: ``--overwrite`` (replace the own files of the marked run there; other files are never
+            touched, and an unmarked folder is never overwritten).
     Raises:
-        RunDirError: the folder holds files that are not a run's, a run of another config, or (with
-            ``resume``) no checkpoint.
+        RunDirError: the folder is not empty and not a run directory (an export folder, a user's folder),
+            holds a run of another config, a run of an earlier version with ``overwrite``, a run whose own
+            files include a symbolic link when they would be deleted, or (with ``resume``) no checkpoint.
     """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: choose one")
-    if not run.is_run():
-        foreign = run.foreign_entries()
-        own = [p.name for p in run.own_files()]
-        if resume:
-            raise RunDirError(f"--resume: {run.path} is not a run directory (no {CONFIG_FILE})")
-        if not foreign and not own:
-            return Start.FRESH
-        if overwrite and not own:
-            return Start.FRESH  # files of the user's stay as they are; ours go beside them
-        raise RunDirError(
-            f"--out {run.path} exists and is not a run directory (it holds {', '.join((foreign + own)[:5])}"
-            f"{', ...' if len(foreign + own) > 5 else ''}); choose an empty or new folder"
-            + ("" if overwrite else ", or pass --overwrite to write the run's files beside them")
-            + (f" ({', '.join(own)} would be replaced: remove them first)" if own else "")
-        )
-    if overwrite:
+    if run.is_marked():
+        if overwrite:
+            return _fresh(run)
+        if not run.config.is_file():  # a marked folder without a config: a run stopped before writing it
+            if resume:
+                raise RunDirError(f"--resume: {run.path} has no run to resume yet (no {CONFIG_FILE})")
+            return _fresh(run)
+        return _same_run(run, config, resume, "use another --out, or --overwrite to replace that run")
+    if run.is_legacy_run():
+        if overwrite:
+            raise RunDirError(
+                f"{run.path} holds a run of an earlier version (it has no {MARKER_FILE}), which is never overwritten: "
+                "use another --out, or delete that run yourself"
+            )
+        return _same_run(run, config, resume, "use another --out")
+    entries = run.entries()
+    if resume:
+        raise RunDirError(f"--resume: {run.path} is not a run directory (it has no {MARKER_FILE})")
+    if not entries:
         return Start.FRESH
+    what = ("a model folder written by `mdaf-rec export`" if has_model_marker(run.path)
+            else f"not a run directory (no {MARKER_FILE})")
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise RunDirError(
+        f"--out {run.path} exists and is {what}: it holds {shown}; a run is written only into a new or empty "
+        "folder: choose one (nothing was written or deleted)"
+    )
+
+
+def _fresh(run: RunDir) -> Start:
+    """Start afresh in the marked ``run`` (its own files will be deleted), unless one of them is a link."""
+    links = run.links()
+    if links:
+        raise RunDirError(
+            f"{links[0]} is a symbolic link: starting afresh would delete the run's files, and never through a link; "
+            "remove the link yourself (its target is kept) or use another --out (nothing was deleted)"
+        )
+    return Start.FRESH
+
+
+def _same_run(run: RunDir, config: Dict[str, Any], resume: bool, elsewhere: str) -> Start:
+    """Resume ``run`` if it is a run of ``config`` with a checkpoint, start afresh if it has none yet; refuse a
+    run of another config (``elsewhere`` says what to do instead)."""
     diffs = config_differences(load_run_config(run), config)
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:6])
         raise RunDirError(
-            f"{run.path} holds a run of another config ({shown}{'; ...' if len(diffs) > 6 else ''}); "
-            "use another --out, or --overwrite to replace that run"
+            f"{run.path} holds a run of another config ({shown}{'; ...' if len(diffs) > 6 else ''}); {elsewhere}"
         )
     if _has_checkpoint(run):
         return Start.RESUME
     if resume:
         raise RunDirError(f"--resume: {run.path} has no checkpoint yet (index {run.checkpoints / 'index.json'} is missing)")
-    return Start.FRESH
+    return _fresh(run)
 
 
 def load_run_config(run: RunDir) -> Dict[str, Any]:

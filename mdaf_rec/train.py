@@ -246,7 +246,9 @@ def train(
             refused before a file is written.
         resume: insist on resuming (an error if there is nothing to resume).
         plan_file: a sharding plan written by ``mdaf-rec plan --json``; planned here when ``None``.
-        overwrite: start afresh, deleting the run's own files (never other files) first.
+        overwrite: start afresh in a run directory this project marked, deleting the run's own files (never
+            other files, never through a link) first; refused for any other folder
+            (:func:`mdaf_rec.run_dir.decide_start`).
         verbose: also show third-party log lines and warnings.
     """
     check_gpu_request()
@@ -272,7 +274,7 @@ def train(
         state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
         if env.is_main:  # the run is now committed: write (resume: rewrite) its files
             if start is Start.FRESH:
-                run.clear()
+                run.start_fresh()  # the marker, before any other file of the run
             attach_log_file(buffered, run.log)
             if start is Start.RESUME:
                 logger.info("resuming %s from its checkpoint %s (epoch %d, step %d)", run_dir,
@@ -375,7 +377,8 @@ def _lock_and_decide(run: RunDir, cfg: Config, lock: RunLock, resume: bool, over
             run.path.rmdir()
         raise
     if start is Start.RESUME and not resume:
-        logger.info("%s holds a checkpoint of this run: resuming it (pass --overwrite to start afresh)", run.path)
+        logger.info("%s holds a checkpoint of this run: resuming it%s", run.path,
+                    " (pass --overwrite to start afresh)" if run.is_marked() else " (a run of an earlier version)")
     return start
 
 

@@ -1,4 +1,5 @@
-"""ArtifactWriter: an export into a folder replaces only the earlier export's files (no model needed)."""
+"""ArtifactWriter: an export into a folder replaces only the earlier export's files, and only an intact export of
+this project (no model needed)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mdaf_rec import manifest
 from mdaf_rec.artifact import ArtifactError, ArtifactWriter, verify_artifact
 
 
@@ -74,3 +76,48 @@ def test_refuses_a_file_or_a_folder_without_an_earlier_export(tmp_path: Path) ->
     with pytest.raises(ArtifactError, match="folder is not empty and holds no earlier export"):
         ArtifactWriter(tmp_path / "mine")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+
+
+@pytest.mark.parametrize("how", ["hand_written_manifest", "checkpoint_manifest", "edited_export"])
+def test_only_an_intact_export_of_this_project_is_replaced(tmp_path: Path, how: str) -> None:
+    """A folder is an earlier export only by the manifest's format marker AND every listed file matching its
+    hash: a user's hand-written manifest, a checkpoint's, or an export edited since are refused untouched."""
+    out = tmp_path / "mine"
+    if how == "edited_export":
+        with ArtifactWriter(out) as first:
+            _write(first.folder, {"model.pt2": "v1", "config.yaml": "the run's"})
+        (out / "config.yaml").write_text("edited by hand")
+        expected = "config.yaml is modified (listed in manifest.json)"
+    else:
+        _write(out, {"data.csv": "a,b\n1,2\n", "images/a.png": "png"})
+        if how == "hand_written_manifest":  # the same shape and correct hashes, but another tool's
+            files = {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in _snapshot(out).items()}
+            (out / "manifest.json").write_text(json.dumps({"files": files}))
+        else:
+            manifest.write_manifest(out)  # what every checkpoint folder holds
+        expected = "manifest.json is not one `mdaf-rec export` wrote (no mdaf_rec model format 2 marker"
+    before = _snapshot(out)
+    with pytest.raises(ArtifactError) as e:
+        with ArtifactWriter(out) as second:
+            _write(second.folder, {"model.pt2": "v2"})
+    assert f"--out {out}: " in str(e.value) and expected in str(e.value), str(e.value)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_an_export_never_deletes_through_a_link(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    with ArtifactWriter(out) as first:
+        _write(first.folder, {"model.pt2": "v1", "vocab/vocab.json": "{}", "vocab/item.npy": "ids"})
+    elsewhere = tmp_path / "elsewhere"
+    (out / "vocab").rename(elsewhere)  # the same files, now reached through a link
+    (out / "vocab").symlink_to(elsewhere, target_is_directory=True)
+    kept = _snapshot(elsewhere)
+    with pytest.raises(ArtifactError, match=f"{out / 'vocab'} is a symbolic link"):
+        with ArtifactWriter(out) as second:
+            _write(second.folder, {"model.pt2": "v2", "vocab/vocab.json": "{}"})
+    assert _snapshot(elsewhere) == kept and (out / "vocab").is_symlink() and (out / "model.pt2").read_text() == "v1"
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    with pytest.raises(ArtifactError, match=f"--out {link}: is a symbolic link"):
+        ArtifactWriter(link)

@@ -197,7 +197,8 @@ def test_eval_on_a_missing_run_names_it(tmp_path: Path, capsys) -> None:
     line = error_line(capsys, ["eval", "--run", str(tmp_path / "nope")])
     assert line == f"mdaf-rec: error: run directory {tmp_path / 'nope'} does not exist"
     line = error_line(capsys, ["eval", "--run", str(tmp_path)])
-    assert line == f"mdaf-rec: error: {tmp_path} is not a run directory of `mdaf-rec train` (it has no config.yaml)"
+    assert line == (f"mdaf-rec: error: {tmp_path} is not a run directory of `mdaf-rec train` (it has no "
+                    "mdaf_rec_run.json, nor the config.yaml and checkpoints/index.json of an earlier version's run)")
 
 
 @pytest.mark.parametrize("flag, value, message", [

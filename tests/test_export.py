@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ from mdaf_rec.ops import scan_cpu
 from mdaf_rec.cli.predict import main as predict_main
 from mdaf_rec.metrics import auc_score
 from mdaf_rec.predict import ExportedModel
+from mdaf_rec.run_dir import MARKER_FILE
 from mdaf_rec.serving import INPUT_NAMES
 from test_train import REPO, _env, mdaf
 
@@ -320,6 +323,63 @@ def test_export_refuses_a_folder_that_is_not_an_export(runs, tmp_path: Path, cap
     assert f"--out {folder}: folder is not empty and holds no earlier export" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert sorted(p.name for p in folder.iterdir()) == ["feature_spec.json", "notes.txt"]
+
+
+def _tree(folder: Path) -> Dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_writes_into_a_run_or_a_dataset(runs, dataset: Path, tmp_path: Path, capsys) -> None:
+    """Issue 20: a checkpoint folder's manifest made ``--out RUN/checkpoints/epoch_1`` look like an earlier export,
+    so the run's only checkpoint was deleted; a run (marked or of an earlier version) or a dataset folder, and
+    every folder inside one, is refused before anything is done."""
+    run, legacy, data = tmp_path / "run", tmp_path / "legacy", tmp_path / "data"
+    shutil.copytree(runs["dnn"], run)
+    shutil.copytree(runs["dnn"], legacy)
+    (legacy / MARKER_FILE).unlink(missing_ok=True)  # a run written before runs were marked
+    shutil.copytree(dataset, data)
+    before = {folder: _tree(folder) for folder in (run, legacy, data)}
+    for out, where in [(run / "checkpoints" / "epoch_1", f"the --run directory {run}"),
+                       (run, f"the --run directory {run}"),
+                       (run / "model", f"the --run directory {run}"),
+                       (legacy / "checkpoints" / "epoch_1", f"the run directory {legacy}"),
+                       (legacy / "model", f"the run directory {legacy}"),
+                       (data / "model", f"the dataset folder {data}")]:
+        err = _one_line_error(export_main, ["--run", str(run), "--out", str(out), "--no-compile"], capsys)
+        assert f"--out {out}: is or lies inside {where}; export the model elsewhere" in err, err
+    assert {folder: _tree(folder) for folder in (run, legacy, data)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "legacy", "run"]
+
+
+def test_predict_replaces_only_a_regular_file_and_never_follows_a_link(
+    dataset: Path, exports, tmp_path: Path, capsys
+) -> None:
+    """Issue 20: ``--out`` a device or pipe was replaced by a regular file, and the temporary file had a fixed
+    name (``.NAME.partial``) through which a planted link was followed, overwriting the link's target."""
+    rows = tmp_path / "rows.parquet"
+    pq.write_table(pq.read_table(dataset / "test.parquet").slice(0, 20), rows)
+    model = str(exports["mdaf_mamba_none"])
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    err = _one_line_error(predict_main, ["--model", model, "--data", str(rows), "--out", str(pipe)], capsys)
+    assert f"--out {pipe}: is not a regular file (a device, pipe or socket); refusing to replace it" in err, err
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    link = tmp_path / "link.parquet"
+    link.symlink_to(victim)
+    err = _one_line_error(predict_main, ["--model", model, "--data", str(rows), "--out", str(link)], capsys)
+    assert f"--out {link}: is a symbolic link" in err, err
+    planted = tmp_path / ".scores.parquet.partial"  # the earlier version's temporary name
+    planted.symlink_to(victim)
+    out = tmp_path / "scores.parquet"
+    assert _predict(Path(model), rows, out).num_rows == 20
+    assert victim.read_text() == "precious" and link.is_symlink() and planted.is_symlink()
+    assert stat.S_ISREG(os.lstat(out).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".scores.parquet.partial", "link.parquet", "pipe", "rows.parquet", "scores.parquet", "victim.txt"])
 
 
 def test_predict_refuses_to_overwrite_its_input(dataset: Path, exports, tmp_path: Path, capsys) -> None:

@@ -1,5 +1,6 @@
 """Issue 9: checkpoints never run code and are verified before use; a run directory never loses or mixes
-data; in-epoch checkpoints and launcher restarts continue exactly; a normal run is quiet.
+data; in-epoch checkpoints and launcher restarts continue exactly; a normal run is quiet. Issue 20: only a
+folder the project marked as a run is ever overwritten.
 
 Every command is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it.
 """
@@ -24,6 +25,7 @@ import torch
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.data.synth import generate
+from mdaf_rec.run_dir import MARKER_FILE
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 
 DCN = "configs/dcnv3.yaml"
@@ -188,19 +190,18 @@ def test_corrupt_checkpoints_end_with_one_line(trained: Path, tmp_path: Path, da
 
 
 def test_out_on_a_folder_that_is_not_a_run_is_refused_untouched(dataset: Path, tmp_path: Path) -> None:
+    """With or without --overwrite (issue 20: it wrote the run beside the user's files, and a folder that holds
+    a config.yaml lost its run-like names: tests/test_run_dir.py)."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "keep.txt").write_text("mine too")
     before = _snapshot(out)
-    line = _one_line_error(train(dataset, out, "--epochs", "1", config=DCN, check=False))
-    assert "not a run directory" in line and "--overwrite" in line, line
-    assert _snapshot(out) == before and not (out / ".lock").exists()
-    # --overwrite writes the run beside the user's files and deletes none of them.
-    train(dataset, out, "--epochs", "1", "--overwrite", config=DCN)
-    assert (out / "notes.txt").read_text() == "my notes" and (out / "checkpoints" / "keep.txt").exists()
-    assert (out / "metrics.json").exists()
+    for extra in ([], ["--overwrite"]):  # --overwrite is no way around it, and the refusal does not suggest it
+        line = _one_line_error(train(dataset, out, "--epochs", "1", *extra, config=DCN, check=False))
+        assert f"exists and is not a run directory (no {MARKER_FILE})" in line and "--overwrite" not in line, line
+        assert _snapshot(out) == before and not (out / ".lock").exists()
 
 
 def test_overwrite_deletes_only_the_runs_own_files(dataset: Path, trained: Path, tmp_path: Path) -> None:
@@ -212,6 +213,38 @@ def test_overwrite_deletes_only_the_runs_own_files(dataset: Path, trained: Path,
     assert (run / "checkpoints" / "my_folder" / "w.pt").exists() and (run / "README.txt").exists()
     lines = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines == [1, 2]  # the old run's epoch 1 line went with the old run
+
+
+def test_a_run_of_an_earlier_version_resumes_but_is_never_overwritten(
+    dataset: Path, trained: Path, tmp_path: Path
+) -> None:
+    """A run written before run directories were marked (no marker file) is resumed by the same command and
+    refused by --overwrite (one line that does not suggest it), byte for byte."""
+    run = _copy(trained, tmp_path)
+    (run / MARKER_FILE).unlink(missing_ok=True)
+    before = _snapshot(run)
+    line = _one_line_error(train(dataset, run, "--epochs", "2", "--overwrite", config=DCN, check=False))
+    assert f"holds a run of an earlier version (it has no {MARKER_FILE})" in line and "--overwrite" not in line, line
+    assert _snapshot(run) == before
+    proc = train(dataset, run, "--epochs", "2", config=DCN)
+    assert "holds a checkpoint of this run: resuming it (a run of an earlier version)" in proc.stderr
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (run / MARKER_FILE).exists()
+    assert json.loads((trained / MARKER_FILE).read_text())["project"] == "mdaf_rec"  # what this version writes
+
+
+def test_overwrite_with_a_linked_folder_is_refused_before_deleting_anything(
+    dataset: Path, trained: Path, tmp_path: Path
+) -> None:
+    """Issue 20: a symlinked tensorboard/ and --overwrite left the run half-deleted with a traceback."""
+    run = _copy(trained, tmp_path)
+    elsewhere = tmp_path / "shared_tensorboard"
+    (run / "tensorboard").rename(elsewhere)
+    (run / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    before, kept = _snapshot(run), _snapshot(elsewhere)
+    line = _one_line_error(train(dataset, run, "--epochs", "1", "--overwrite", config=DCN, check=False))
+    assert f"{run / 'tensorboard'} is a symbolic link" in line and "nothing was deleted" in line, line
+    assert _snapshot(run) == before and _snapshot(elsewhere) == kept
 
 
 @pytest.mark.parametrize(

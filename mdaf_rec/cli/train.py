@@ -39,7 +39,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="insist on continuing from the run directory's last checkpoint (a re-run of the same command "
                    "on a run directory with a checkpoint of that run resumes without it)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run directory that holds a run (its own files are deleted, no other file)")
+                   help="start afresh in a run directory written by `mdaf-rec train` (it has mdaf_rec_run.json): "
+                   "its own files are deleted, no other file; any other non-empty folder is refused")
     p.add_argument("--plan", type=Path, help="sharding plan JSON written by `mdaf-rec plan --json`")
     _add_verbose(p)
 

@@ -95,6 +95,12 @@ class Dataset:
         return configured or self.meta.get("timezone") or DEFAULT_TIMEZONE
 
 
+def is_dataset_folder(path: Path) -> bool:
+    """True if ``path`` has a dataset folder's layout: every split as ``<split>.parquet`` or a ``<split>/`` of
+    ``.parquet`` files (nothing is opened)."""
+    return all((path / f"{s}.parquet").is_file() or any((path / s).glob("*.parquet")) for s in SPLITS)
+
+
 class ParquetFile:
     """A Parquet file opened by :func:`open_parquet`: pyarrow's reader whose errors name the file."""
 
