@@ -24,7 +24,7 @@ This module holds the three pieces the project adds to that stack (``docs/archit
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -76,7 +76,12 @@ def hash_ids(ids: torch.Tensor, input_hash_size: int = INPUT_HASH_SIZE) -> torch
 
 
 def managed_collision_module(
-    rows: int, eviction: str, eviction_interval: int, device: torch.device, name: Optional[str] = None
+    rows: int,
+    eviction: str,
+    eviction_interval: int,
+    device: torch.device,
+    name: Optional[str] = None,
+    buckets: int = 1,
 ) -> MCHManagedCollisionModule:
     """An MCH module over hashed raw ids for a table of ``rows`` rows (the last one is the miss row).
 
@@ -86,6 +91,8 @@ def managed_collision_module(
         eviction_interval: training steps between admission/eviction rounds.
         device: device of its buffers.
         name: the table it maps for.
+        buckets: equal blocks of the hashed input range that row-wise sharding hands to the ranks; TorchRec's
+            planner refuses to shard the table over a world size that does not divide it.
     """
     if eviction not in EVICTION_POLICIES:
         raise ValueError(f"eviction policy {eviction!r} is not one of {sorted(EVICTION_POLICIES)}")
@@ -98,6 +105,7 @@ def managed_collision_module(
         input_hash_size=INPUT_HASH_SIZE,
         input_hash_func=hash_ids,
         name=name,
+        buckets=buckets,
     )
 
 
@@ -161,20 +169,33 @@ class ManagedEmbeddingCollectionSharder(ManagedCollisionEmbeddingCollectionShard
 class FrozenIdMap(nn.Module):
     """The remapping of an MCH module frozen for serving: raw ids -> table rows, no admission, no eviction.
 
-    Built from the module's (unsharded) state: the hashed ids that own a row and their rows. Maps exactly as the
-    MCH module does in ``eval()``; an id without a row (new, or evicted) gets ``miss_row``, the table's last row.
+    Built from the module's (unsharded) state: the hashed ids that own a row and their rows. An id with a row maps
+    to it; an id without one (new, or evicted) maps to the miss row it had in training: the last row of the shard
+    that owns its hashed id (row-wise sharding hands shard ``k`` of ``W`` the ``k``-th ``W``-th of the buckets,
+    bucket ``h // ceil(INPUT_HASH_SIZE / buckets)``). Unsharded (``segments = [0, rows]``) that is the table's
+    last row, exactly what the MCH module does in ``eval()``.
 
     Args:
-        mch: the trained module (its ``_mch_sorted_raw_ids`` / ``_mch_remapped_ids_mapping`` are copied).
+        mch: the trained module, unsharded (its ``_mch_sorted_raw_ids`` / ``_mch_remapped_ids_mapping`` are
+            copied; a state loaded from ``W`` shards is the shards' arrays one after the other).
+        segments: the row boundaries of the ``W`` shards it was trained in, ``[0, ..., rows]`` (the
+            checkpoint's ``_output_segments_tensor`` up to its ``-1`` padding); default: unsharded.
     """
 
-    def __init__(self, mch: MCHManagedCollisionModule) -> None:
+    def __init__(self, mch: MCHManagedCollisionModule, segments: Optional[Sequence[int]] = None) -> None:
         super().__init__()
+        rows = mch.output_size()
+        segments = list(segments) if segments is not None else [0, rows]
+        shards = len(segments) - 1
+        if segments[0] != 0 or segments[-1] != rows or mch.buckets() % shards:
+            raise ValueError(f"shard boundaries {segments} do not split {rows} rows in {mch.buckets()} buckets")
         ids = mch._mch_sorted_raw_ids.detach().cpu()
         order = torch.argsort(ids, stable=True)  # a state loaded from shards is sorted per shard only
         self.register_buffer("sorted_ids", ids[order].clone())  # [R] hashed ids, int64 max = empty slot
         self.register_buffer("rows", mch._mch_remapped_ids_mapping.detach().cpu()[order].clone())  # [R]
-        self.miss_row = mch.output_size() - 1
+        self.register_buffer("miss_rows", torch.tensor(segments[1:], dtype=torch.int64) - 1)  # [W]
+        self.bucket_size = -(-INPUT_HASH_SIZE // mch.buckets())
+        self.buckets_per_shard = mch.buckets() // shards
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """
@@ -186,4 +207,5 @@ class FrozenIdMap(nn.Module):
         hashed = hash_ids(ids)
         position = torch.searchsorted(self.sorted_ids[:-1], hashed)  # as TorchRec's _mch_remap
         found = self.sorted_ids[position] == hashed
-        return torch.where(found, self.rows[position], torch.full_like(hashed, self.miss_row))
+        miss = self.miss_rows[torch.div(hashed, self.bucket_size, rounding_mode="floor") // self.buckets_per_shard]
+        return torch.where(found, self.rows[position], miss)
