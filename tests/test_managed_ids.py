@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -21,6 +25,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from mdaf_rec.data.vocab import stable_hash
+from test_train import REPO, _env, _free_port
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
     INPUT_HASH_SIZE,
@@ -125,3 +130,25 @@ def test_sharded_mc_ec_evicts_on_cpu(process_group) -> None:
     assert momentum.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     bound = (1 / ROWS) ** 0.5  # TorchRec's default init: uniform in [-sqrt(1/rows), sqrt(1/rows)]
     assert bool((weight[[2, 5]].abs() <= bound).all()) and bool((weight[[0, 1, 3, 4, 6, 7]] == 5.0).all())
+
+
+def _probe(*args: str, nproc: int = 0) -> dict:
+    """Runs ``tools/probe_managed_ids.py`` (under torchrun with ``nproc`` processes); its JSON line."""
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    cmd = [*launcher, "tools/probe_managed_ids.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-5000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_two_rank_mapping_resumes_and_serves_exactly(tmp_path: Path) -> None:
+    """Sharded over 2 ranks (each owns half the hashed ids and half the rows), trained with evictions, saved by
+    DCP: reloaded on 2 ranks it maps every probe id to the same row, and so does the frozen serving map built
+    from the unsharded state, misses included (each to its shard's miss row)."""
+    saved = _probe("--save", str(tmp_path), "--steps", "8", nproc=2)
+    assert saved["distinct_rows"] == 128  # all 126 own rows in use, and both shards' miss rows
+    assert saved["reloaded_same_row"] == saved["probe_ids"]
+    frozen = _probe("--frozen", str(tmp_path))
+    assert frozen["segments"] == [0, 64, 128] and frozen["same_row"] == saved["probe_ids"]

@@ -4,9 +4,9 @@ Run under torchrun (gloo, CPU). ``--save DIR`` trains an ``ManagedCollisionEmbed
 ``--rows`` rows in 2 buckets, LFU eviction, hashed raw ids, :class:`~mdaf_rec.managed_ids.ManagedEmbeddingCollectionSharder`,
 fused row-wise Adagrad) for ``--steps`` global batches of skewed raw 63-bit ids, each rank taking its slice,
 writes the model's state with DCP to ``DIR/ckpt`` and the eval-mode rows of a fixed probe set of ids to
-``DIR/rows.json``. ``--load DIR`` builds the same model on this world size, loads ``DIR/ckpt`` with DCP and
-compares its rows for the probe ids with ``DIR/rows.json`` (same world size: the exact-resume check; another
-world size: the resharding check). ``--frozen DIR`` (plain ``python``, no torchrun) loads ``DIR/ckpt`` into the
+``DIR/rows.json``, then reloads the checkpoint into a fresh sharded model and counts the probe ids it maps to the
+same row (the exact-resume check). ``--load DIR`` builds the same model on this world size, loads ``DIR/ckpt`` with DCP and
+compares its rows for the probe ids with ``DIR/rows.json`` (another world size: the resharding check). ``--frozen DIR`` (plain ``python``, no torchrun) loads ``DIR/ckpt`` into the
 unsharded model and compares :class:`~mdaf_rec.managed_ids.FrozenIdMap` (the serving remap) with ``DIR/rows.json``.
 One line of JSON per run on rank 0.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,36 @@ def frozen_check(folder: Path, rows: int) -> None:
                       "same_row": sum(a == b for a, b in zip(saved["rows"], got))}))
 
 
+def sharded(rows: int, world: int) -> DistributedModelParallel:
+    """A fresh model (seeded), planned and sharded by DMP with the project's MC-EC sharder."""
+    torch.manual_seed(0)
+    model = Lookup(rows, torch.device("meta"))
+    _apply_optimizer_in_backward(RowWiseAdagrad, list(model.mc_ec._embedding_module.parameters()), {"lr": 0.1})
+    sharder = ManagedEmbeddingCollectionSharder()
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), batch_size=BATCH)
+    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
+    return DistributedModelParallel(model, device=CPU, plan=plan, sharders=[sharder])
+
+
+def load(dmp: DistributedModelParallel, folder: Path) -> None:
+    state = dmp.state_dict()
+    dcp.load(state, checkpoint_id=str(folder / "ckpt"))
+    dmp.load_state_dict(state)
+
+
+def probe_rows(dmp: DistributedModelParallel, rank: int, world: int) -> Tuple[List[int], List[int]]:
+    """The probe ids (those seen in training, and some not) and their rows in ``eval()``, all ranks together."""
+    dmp.eval()
+    probe = torch.unique(raw_ids(10_000, 4096))
+    probe = probe[: len(probe) // world * world]
+    mine = probe[rank * (len(probe) // world) : (rank + 1) * (len(probe) // world)]
+    with torch.no_grad():
+        _, remapped = dmp(kjt(mine))
+    rows = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(rows, remapped.values())
+    return probe.tolist(), torch.cat(rows).tolist()
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--save", type=Path)
@@ -98,40 +128,28 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = Lookup(args.rows, torch.device("meta"))
-    _apply_optimizer_in_backward(RowWiseAdagrad, list(model.mc_ec._embedding_module.parameters()), {"lr": 0.1})
-    sharder = ManagedEmbeddingCollectionSharder()
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), batch_size=BATCH)
-    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-    dmp = DistributedModelParallel(model, device=CPU, plan=plan, sharders=[sharder])
-    per_rank = BATCH // world
+    dmp = sharded(args.rows, world)
     if args.save:
+        per_rank = BATCH // world
         for step in range(args.steps):
             loss, _ = dmp(kjt(raw_ids(step, BATCH)[rank * per_rank : (rank + 1) * per_rank]))
             loss.backward()
         dcp.save(dmp.state_dict(), checkpoint_id=str(args.save / "ckpt"))
+        ids, rows = probe_rows(dmp, rank, world)
+        reloaded = sharded(args.rows, world)
+        load(reloaded, args.save)
+        _, rows_reloaded = probe_rows(reloaded, rank, world)
+        if rank == 0:
+            (args.save / "rows.json").write_text(json.dumps({"ids": ids, "rows": rows, "world": world}))
+            print(json.dumps({"saved_world": world, "probe_ids": len(ids), "distinct_rows": len(set(rows)),
+                              "reloaded_same_row": sum(a == b for a, b in zip(rows, rows_reloaded))}))
     else:
-        state = dmp.state_dict()
-        dcp.load(state, checkpoint_id=str(args.load / "ckpt"))
-        dmp.load_state_dict(state)
-    dmp.eval()
-    probe = torch.unique(raw_ids(10_000, 4096))  # the ids seen in training, and some not
-    probe = probe[: len(probe) // world * world]
-    mine = probe[rank * (len(probe) // world) : (rank + 1) * (len(probe) // world)]
-    with torch.no_grad():
-        _, remapped = dmp(kjt(mine))
-    rows = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(rows, remapped.values())
-    rows_all = torch.cat(rows).tolist()
-    if rank == 0:
-        if args.save:
-            (args.save / "rows.json").write_text(json.dumps({"ids": probe.tolist(), "rows": rows_all, "world": world}))
-            print(json.dumps({"saved_world": world, "probe_ids": len(probe), "distinct_rows": len(set(rows_all))}))
-        else:
+        load(dmp, args.load)
+        ids, rows = probe_rows(dmp, rank, world)
+        if rank == 0:
             saved = json.loads((args.load / "rows.json").read_text())
-            same = sum(a == b for a, b in zip(saved["rows"], rows_all)) if saved["ids"] == probe.tolist() else 0
-            print(json.dumps({"saved_world": saved["world"], "loaded_world": world, "probe_ids": len(probe),
+            same = sum(a == b for a, b in zip(saved["rows"], rows)) if saved["ids"] == ids else 0
+            print(json.dumps({"saved_world": saved["world"], "loaded_world": world, "probe_ids": len(ids),
                               "same_row": same}))
     dist.destroy_process_group()
 
