@@ -143,7 +143,8 @@ def test_gauc_groups_new_users_by_raw_id(tmp_path: Path) -> None:
     # labels alternate 0, 1 within each user; the scores rank users 900 and 902 right, 901 and 903 wrong
     probs = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.3, 0.4, 0.6, 0.5])
     assert gauc_score(probs, batch.labels, batch.user_id) == 0.5
-    assert gauc_score(probs, batch.labels, torch.ones(8, dtype=torch.int64)) == 0.5625  # one pooled "user": 9 of 16 pairs
+    pooled = torch.ones(8, dtype=torch.int64)  # grouped by table index: one "user", 9 of 16 pairs ranked right
+    assert gauc_score(probs, batch.labels, pooled) == 0.5625
 
 
 def test_hour_and_day_of_week_in_time_zone(tmp_path: Path) -> None:

@@ -93,7 +93,9 @@ class _Lookup(nn.Module):
 
 
 def _sharded(
-    sharder: ManagedCollisionEmbeddingCollectionSharder, process_group, plan_with: ManagedCollisionEmbeddingCollectionSharder
+    sharder: ManagedCollisionEmbeddingCollectionSharder,
+    process_group,
+    plan_with: ManagedCollisionEmbeddingCollectionSharder,
 ) -> DistributedModelParallel:
     """The model planned with ``plan_with`` and sharded by DMP with ``sharder``."""
     torch.manual_seed(0)
@@ -111,7 +113,8 @@ def _step(dmp: DistributedModelParallel, ids: List[int]) -> None:
 
 def test_sharded_mc_ec_evicts_on_cpu(process_group) -> None:
     ours, stock = ManagedEmbeddingCollectionSharder(), ManagedCollisionEmbeddingCollectionSharder()
-    with pytest.raises(ValueError, match="unsupported compute kernel: fused_uvm"):  # TorchRec's sharder offers GPU kernels on CPU
+    # TorchRec's sharder offers the planner GPU kernels on CPU
+    with pytest.raises(ValueError, match="unsupported compute kernel: fused_uvm"):
         _sharded(stock, process_group, plan_with=stock)
     with pytest.raises(NotImplementedError, match="reset_weight_momentum"):  # fbgemm-gpu-cpu has no CPU kernel
         _step(_sharded(stock, process_group, plan_with=ours), [11, 12, 13])

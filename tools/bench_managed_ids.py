@@ -56,12 +56,15 @@ class Lookup(nn.Module):
 
     def __init__(self, rows: int, managed: bool, eviction_interval: int) -> None:
         super().__init__()
-        tables = [EmbeddingConfig(name="t", embedding_dim=DIM, num_embeddings=rows, feature_names=["item", "history"])]
+        tables = [
+            EmbeddingConfig(name="t", embedding_dim=DIM, num_embeddings=rows, feature_names=["item", "history"])
+        ]
         ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
         self.managed = managed
         self.ec: nn.Module = ec
         if managed:
-            mcc = ManagedCollisionCollection({"t": managed_collision_module(rows, "lfu", eviction_interval, CPU, "t")}, tables)
+            mch = managed_collision_module(rows, "lfu", eviction_interval, CPU, "t")
+            mcc = ManagedCollisionCollection({"t": mch}, tables)
             self.ec = ManagedCollisionEmbeddingCollection(ec, mcc)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -73,9 +76,11 @@ class Lookup(nn.Module):
 def sharded(rows: int, managed: bool, eviction_interval: int) -> DistributedModelParallel:
     torch.manual_seed(0)
     model = Lookup(rows, managed, eviction_interval)
-    _apply_optimizer_in_backward(RowWiseAdagrad, [p for n, p in model.named_parameters() if "embeddings" in n], {"lr": 0.05})
+    tables = [p for n, p in model.named_parameters() if "embeddings" in n]
+    _apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": 0.05})
     sharders = [ManagedEmbeddingCollectionSharder()] if managed else get_default_sharders()
-    plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), batch_size=1024).plan(model, sharders)
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), batch_size=1024)
+    plan = planner.plan(model, sharders)
     return DistributedModelParallel(model, device=CPU, plan=plan, sharders=sharders)
 
 

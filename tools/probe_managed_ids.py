@@ -1,14 +1,15 @@
 """What of TorchRec's managed-collision stack runs here: a DMP-sharded MC-EC trained, saved and reloaded by DCP.
 
-Run under torchrun (gloo, CPU). ``--save DIR`` trains an ``ManagedCollisionEmbeddingCollection`` (one table of
-``--rows`` rows in 2 buckets, LFU eviction, hashed raw ids, :class:`~mdaf_rec.managed_ids.ManagedEmbeddingCollectionSharder`,
-fused row-wise Adagrad) for ``--steps`` global batches of skewed raw 63-bit ids, each rank taking its slice,
-writes the model's state with DCP to ``DIR/ckpt`` and the eval-mode rows of a fixed probe set of ids to
-``DIR/rows.json``, then reloads the checkpoint into a fresh sharded model and counts the probe ids it maps to the
-same row (the exact-resume check). ``--load DIR`` builds the same model on this world size, loads ``DIR/ckpt`` with DCP and
-compares its rows for the probe ids with ``DIR/rows.json`` (another world size: the resharding check). ``--frozen DIR`` (plain ``python``, no torchrun) loads ``DIR/ckpt`` into the
-unsharded model and compares :class:`~mdaf_rec.managed_ids.FrozenIdMap` (the serving remap) with ``DIR/rows.json``.
-One line of JSON per run on rank 0.
+Run under torchrun (gloo, CPU). ``--save DIR`` trains a ``ManagedCollisionEmbeddingCollection`` (one table of
+``--rows`` rows in 2 buckets, LFU eviction, hashed raw ids,
+:class:`~mdaf_rec.managed_ids.ManagedEmbeddingCollectionSharder`, fused row-wise Adagrad) for ``--steps`` global
+batches of skewed raw 63-bit ids, each rank taking its slice, writes the model's state with DCP to ``DIR/ckpt``
+and the eval-mode rows of a fixed probe set of ids to ``DIR/rows.json``, then reloads the checkpoint into a fresh
+sharded model and counts the probe ids it maps to the same row (the exact-resume check). ``--load DIR`` builds
+the same model on this world size, loads ``DIR/ckpt`` with DCP and compares its rows for the probe ids with
+``DIR/rows.json`` (another world size: the resharding check). ``--frozen DIR`` (plain ``python``, no torchrun)
+loads ``DIR/ckpt`` into the unsharded model and compares :class:`~mdaf_rec.managed_ids.FrozenIdMap` (the
+serving remap) with ``DIR/rows.json``. One line of JSON per run on rank 0.
 
 ``torchrun --nproc_per_node=1 tools/probe_managed_ids.py --save /tmp/p1``, then
 ``torchrun --nproc_per_node=2 tools/probe_managed_ids.py --load /tmp/p1``.
