@@ -10,7 +10,7 @@ table (each rank owns the ids whose hash falls in its range and the rows of its 
 
 This module holds the three pieces the project adds to that stack (``docs/architecture.md``, "Managed ids"):
 
-* :func:`hash_ids` — the input hash: splitmix64 of the raw id (the function ``vocab.stable_hash`` uses),
+* :func:`hash_ids` — the input hash: splitmix64 of the raw id (the bits of ``vocab.stable_hash``),
   so that row-wise sharding, which splits the input range ``[0, 2**63 - 1)`` into equal blocks, gets an even
   share of ids on every rank whatever the raw ids look like (unhashed, ids below ``2**62`` all land on rank
   0 of 2);
@@ -19,7 +19,8 @@ This module holds the three pieces the project adds to that stack (``docs/archit
   fbgemm-gpu-cpu 1.8 (``NotImplementedError`` at the first eviction with ``rowwise_adagrad``), and offers the
   planner GPU-only kernels;
 * :class:`FrozenIdMap` — the remapping frozen for serving: the admitted ids and their rows as constant
-  buffers, a binary search per id, misses to the miss row; no admission, no eviction.
+  buffers, a binary search per id, a miss to the miss row of the shard that owned it in training; no admission,
+  no eviction.
 """
 
 from __future__ import annotations
