@@ -24,7 +24,7 @@ from mdaf_rec.config import ConfigError, FeaturesConfig
 # Fields derived from ``timestamp`` and their fixed table sizes.
 TIME_FIELDS: Dict[str, int] = {"hour": 24, "dayofweek": 7}
 
-#: The id space whose index groups rows into users (GAUC's groups, ``Batch.user_index``).
+#: The id space whose raw ids group rows into users (GAUC's groups, ``Batch.user_id``).
 USER_SPACE = "user"
 
 PADDING_INDEX = 0
@@ -178,6 +178,12 @@ class FeatureSpec:
         """Position of the :data:`USER_SPACE` field in :attr:`static_keys`, ``None`` when there is none."""
         keys = self.static_keys
         return keys.index(USER_SPACE) if USER_SPACE in keys else None
+
+    @property
+    def user_column(self) -> Optional[str]:
+        """Column of the :data:`USER_SPACE` field (its raw ids are ``Batch.user_id``), ``None`` when there is none."""
+        position = self.user_field
+        return self.static_fields[position].column if position is not None else None
 
     # -- TorchRec tables -------------------------------------------------------------------------
 

@@ -176,8 +176,8 @@ class ServingModule(nn.Module):
             static_features=self._static_kjt(static_ids, history_ids),
             sequence_features=self._sequence_kjt(target_ids, history_ids),
             dense_features=dense,
-            labels=dense.new_zeros(batch_size),  # labels, user_index, row_index: not read by score()
-            user_index=user,
+            labels=dense.new_zeros(batch_size),  # labels, user_id, row_index: not read by score()
+            user_id=user,
             row_index=user,
         )
         out = self.model.score(batch)

@@ -220,7 +220,7 @@ def evaluate(session: Session, split: str) -> Dict[str, Any]:
     """
     acc = MetricAccumulator()  # keeps the rows on the device until compute()
     for batch, out in predictions(session, split):
-        acc.update(torch.sigmoid(out.logit), batch.labels, batch.user_index, out.gate)
+        acc.update(torch.sigmoid(out.logit), batch.labels, batch.user_id, out.gate)
     return acc.compute(dist.group.WORLD)
 
 

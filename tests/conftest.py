@@ -74,4 +74,5 @@ def random_batch(
         dense_features=torch.randn(batch_size, len(spec.dense_features), generator=g),
         labels=torch.randint(0, 2, (batch_size,), generator=g).float(),
         row_index=torch.arange(batch_size),
+        user_ids=static_values[spec.user_field] if spec.user_field is not None else torch.zeros(batch_size).long(),
     )

@@ -48,7 +48,7 @@ def test_serving_reads_the_user_column_wherever_it_is() -> None:
     static_ids, dense, target_ids, history_ids = example_inputs(spec, 3)
     static_ids = torch.tensor([[5, 1, 31, 7], [6, 2, 32, 8], [7, 3, 33, 9]])
     module(static_ids, dense, target_ids, history_ids)
-    assert seen[0].user_index.tolist() == [31, 32, 33]
+    assert seen[0].user_id.tolist() == [31, 32, 33]
 
     no_user = _spec(["item", "category", "hour"])
     module = ServingModule(build_model(no_user, ModelConfig(name="dcnv3")), no_user)

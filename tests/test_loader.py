@@ -23,6 +23,7 @@ from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.metrics import gauc_score
 
 MAX_HISTORY = 8  # synth histories go up to 50: exercises truncation
 Decoded = Dict[str, List[List[int]]]
@@ -79,6 +80,7 @@ def test_batches_match_per_row_reference(world) -> None:
     dataset, spec, vocabs = world
     reference = _reference(dataset, "train", spec, vocabs, "Asia/Shanghai")
     labels = pq.read_table(dataset.split_files("train")[0], columns=[schema.LABEL]).column(0).to_numpy()
+    users = pq.read_table(dataset.split_files("train")[0], columns=[schema.USER_ID]).column(0).to_numpy()
     batches = list(_loader(world, shuffle=True, seed=5))
     assert sorted(_rows_of(batches)) == list(range(len(reference)))
     for batch in batches:
@@ -86,7 +88,7 @@ def test_batches_match_per_row_reference(world) -> None:
         assert list(static) == spec.static_keys and list(sequence) == spec.sequence_keys
         assert batch.labels.dtype == torch.float32
         assert batch.labels.tolist() == labels[batch.row_index.numpy()].tolist()
-        assert batch.user_index.tolist() == [ids[0] for ids in static["user"]]
+        assert batch.user_id.tolist() == users[batch.row_index.numpy()].tolist()
         assert batch.dense_features.shape == (batch.batch_size, 0)
         for i, row in enumerate(batch.row_index.tolist()):
             expected = reference[row]
@@ -124,6 +126,26 @@ def _tiny(timestamps: List[int]) -> pa.Table:
             schema.CATEGORY_HISTORY: pa.array([[1] * i for i in range(n)], pa.list_(pa.int64())),
         }
     )
+
+
+def test_gauc_groups_new_users_by_raw_id(tmp_path: Path) -> None:
+    """Users unseen in training all share the OOV row; GAUC must still count each of them as a user."""
+    train = _tiny([1511631000] * 8)
+    val = _tiny([1511631000] * 8).set_column(
+        0, schema.USER_ID, pa.array([900, 900, 901, 901, 902, 902, 903, 903], pa.int64())
+    )
+    dataset = _write(tmp_path, {"train": train, "val": val, "test": val})
+    cfg = FeaturesConfig()
+    vocabs = Vocabularies.build(dataset, cfg)
+    spec = FeatureSpec.build(cfg, vocabs.sizes)
+    (batch,) = list(BatchLoader(dataset, "val", spec, vocabs, 8))
+    assert _decode(batch.static_features)["user"] == [[1]] * 8  # all new: the OOV index
+    assert batch.user_id.tolist() == [900, 900, 901, 901, 902, 902, 903, 903]
+    # labels alternate 0, 1 within each user; the scores rank users 900 and 902 right, 901 and 903 wrong
+    probs = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.3, 0.4, 0.6, 0.5])
+    assert gauc_score(probs, batch.labels, batch.user_id) == 0.5
+    pooled = torch.ones(8, dtype=torch.int64)  # grouped by table index: one "user", 9 of 16 pairs ranked right
+    assert gauc_score(probs, batch.labels, pooled) == 0.5625
 
 
 def test_hour_and_day_of_week_in_time_zone(tmp_path: Path) -> None:

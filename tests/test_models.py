@@ -110,7 +110,7 @@ def _take(batch, i: int):
         sequence_features=one(batch.sequence_features),
         dense_features=batch.dense_features[i : i + 1],
         labels=batch.labels[i : i + 1],
-        user_index=batch.user_index[i : i + 1],
+        user_id=batch.user_id[i : i + 1],
         row_index=batch.row_index[i : i + 1],
     )
 
@@ -306,7 +306,7 @@ def test_research_code_wrapper_validates_ids_and_builds_on_the_input_device() ->
     with torch.device("meta"):
         batch = model.to_batch(target, target_cat, hist, cats, other)
     kjts = (batch.static_features, batch.sequence_features)
-    tensors = [batch.dense_features, batch.labels, batch.user_index, batch.row_index]
+    tensors = [batch.dense_features, batch.labels, batch.user_id, batch.row_index]
     tensors += [t for kjt in kjts for t in (kjt.values(), kjt.lengths(), kjt.offsets())]
     assert {t.device for t in tensors} == {torch.device("cpu")}
     bad = hist.clone()

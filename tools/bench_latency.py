@@ -81,6 +81,7 @@ def random_inputs(spec: FeatureSpec, batch_size: int, seed: int) -> Tuple[Inputs
         dense_features=dense,
         labels=torch.zeros(batch_size),
         row_index=torch.arange(batch_size),
+        user_ids=torch.zeros(batch_size, dtype=torch.int64),
     )
     return (static, dense, targets, history), batch
 

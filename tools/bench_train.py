@@ -88,7 +88,8 @@ def random_batch(spec: FeatureSpec, batch_size: int, seed: int) -> Batch:
         targets.append(torch.randint(2, s.num_embeddings, (batch_size,), generator=g))
         histories.append(torch.randint(2, s.num_embeddings, (int(lengths.sum()),), generator=g))
     return build_batch(spec, static, targets, histories, lengths, dense_features=torch.zeros(batch_size, 0),
-                       labels=torch.randint(0, 2, (batch_size,), generator=g).float(), row_index=torch.arange(batch_size))
+                       labels=torch.randint(0, 2, (batch_size,), generator=g).float(), row_index=torch.arange(batch_size),
+                       user_ids=torch.zeros(batch_size, dtype=torch.int64))
 
 
 def timed_step(model: nn.Module, optimizer: torch.optim.Optimizer | List[torch.optim.Optimizer]) -> Step:

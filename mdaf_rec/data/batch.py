@@ -48,7 +48,9 @@ class Batch(Pipelineable):
             length 0..max_history, most recent last). Target and history share one table.
         dense_features: ``[B, num_dense]`` float32 (``num_dense`` may be 0).
         labels: ``[B]`` float32 in {0, 1}.
-        user_index: ``[B]`` int64 user index, the group of per-user metrics (GAUC).
+        user_id: ``[B]`` int64 RAW user id (the ``user`` column, not its table index; zeros without a
+            ``user`` space), the group of per-user metrics (GAUC): ids that share a table row (unseen,
+            out-of-vocabulary, hashed or evicted users) stay apart.
         row_index: ``[B]`` int64 row number within the split, to join predictions back.
     """
 
@@ -56,7 +58,7 @@ class Batch(Pipelineable):
     sequence_features: KeyedJaggedTensor
     dense_features: torch.Tensor
     labels: torch.Tensor
-    user_index: torch.Tensor
+    user_id: torch.Tensor
     row_index: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -65,7 +67,7 @@ class Batch(Pipelineable):
             sequence_features=self.sequence_features.to(device=device, non_blocking=non_blocking),
             dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
-            user_index=self.user_index.to(device=device, non_blocking=non_blocking),
+            user_id=self.user_id.to(device=device, non_blocking=non_blocking),
             row_index=self.row_index.to(device=device, non_blocking=non_blocking),
         )
 
@@ -74,7 +76,7 @@ class Batch(Pipelineable):
         self.sequence_features.record_stream(stream)
         self.dense_features.record_stream(stream)
         self.labels.record_stream(stream)
-        self.user_index.record_stream(stream)
+        self.user_id.record_stream(stream)
         self.row_index.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
@@ -83,7 +85,7 @@ class Batch(Pipelineable):
             sequence_features=self.sequence_features.pin_memory(),
             dense_features=self.dense_features.pin_memory(),
             labels=self.labels.pin_memory(),
-            user_index=self.user_index.pin_memory(),
+            user_id=self.user_id.pin_memory(),
             row_index=self.row_index.pin_memory(),
         )
 
@@ -116,6 +118,7 @@ def build_batch(
     dense_features: torch.Tensor,
     labels: torch.Tensor,
     row_index: torch.Tensor,
+    user_ids: torch.Tensor,
 ) -> Batch:
     """A :class:`Batch` from vocabulary indices: the one place the feature KJTs are laid out.
 
@@ -128,9 +131,10 @@ def build_batch(
         dense_features: ``[B, N_dense]`` float32.
         labels: ``[B]`` float32.
         row_index: ``[B]`` int64 row numbers.
+        user_ids: ``[B]`` int64 raw user ids (``Batch.user_id``; zeros without a ``user`` space).
     Returns:
         The batch: static KJT (one id per field, then the pooled histories when ``spec.pooled_history``),
-        sequence KJT (target, history per id space), ``user_index`` = the user field (zeros without one).
+        sequence KJT (target, history per id space), ``user_id`` = ``user_ids``.
     """
     ones = torch.ones_like(history_lengths)
     static_values, static_lengths = list(static_ids), [ones] * len(static_ids)
@@ -142,12 +146,11 @@ def build_batch(
     for target, history in zip(target_ids, history_ids):
         sequence_values += [target, history]
         sequence_lengths += [ones, history_lengths]
-    user = spec.user_field
     return Batch(
         static_features=build_kjt(spec.static_input_keys, static_values, static_lengths),
         sequence_features=build_kjt(spec.sequence_keys, sequence_values, sequence_lengths),
         dense_features=dense_features,
         labels=labels,
-        user_index=static_ids[user].long() if user is not None else torch.zeros_like(row_index),
+        user_id=user_ids.long(),
         row_index=row_index,
     )

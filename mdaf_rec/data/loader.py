@@ -242,6 +242,8 @@ class BatchConverter:
         spaces = self.spec.sequence_spaces
         histories = [rows.histories[space.history_key] for space in spaces]  # (lengths, raw ids) per space
         dense = [rows.columns[c] for c in self.spec.dense_features]
+        user = self.spec.user_column
+        user_ids = torch.from_numpy(rows.columns[user]) if user is not None else torch.zeros(n, dtype=torch.int64)
         return build_batch(
             self.spec,
             static_ids=[torch.from_numpy(static[k]) for k in self.spec.static_keys],
@@ -251,6 +253,7 @@ class BatchConverter:
             dense_features=torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(n, 0),
             labels=torch.from_numpy(rows.columns[LABEL].astype(np.float32)),
             row_index=torch.from_numpy(rows.row_index.astype(np.int64)),
+            user_ids=user_ids,
         )
 
     def static_indices(self, rows: Rows) -> Dict[str, np.ndarray]:

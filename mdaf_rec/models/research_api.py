@@ -153,6 +153,7 @@ class _ResearchMDAF(nn.Module):
             dense_features=torch.zeros(batch_size, 0, device=device),
             labels=torch.zeros(batch_size, device=device),
             row_index=torch.arange(batch_size, device=device),
+            user_ids=other_features["user_id"].long(),
         )
         check_static_features(batch.static_features, self.spec)
         check_sequence_features(batch.sequence_features, self.spec)

@@ -1,0 +1,212 @@
+"""Managed ids: raw 64-bit ids remapped to table rows inside the model by TorchRec's managed-collision stack.
+
+TorchRec's ``MCHManagedCollisionModule`` keeps, per table, a sorted array of the (hashed) raw ids that own a
+row, the row of each, and the eviction policy's counters (LRU: last access step, LFU: counts,
+distance-LFU: both); ids it has not admitted map to its last row (the "miss" row). Training batches update it
+(admission and eviction every ``eviction_interval`` steps); in ``eval()`` it only remaps. Inside a
+``ManagedCollisionEmbeddingCollection`` the remapping is part of the model: DMP shards it row-wise with the
+table (each rank owns the ids whose hash falls in its range and the rows of its shard), its buffers are in the
+``state_dict`` (``ShardedTensor`` s under DMP) and so in the DCP checkpoint.
+
+This module holds the three pieces the project adds to that stack (``docs/architecture.md``, "Managed ids"):
+
+* :func:`hash_ids` — the input hash: splitmix64 of the raw id (the bits of ``vocab.stable_hash``),
+  so that row-wise sharding, which splits the input range ``[0, 2**63 - 1)`` into equal blocks, gets an even
+  share of ids on every rank whatever the raw ids look like (unhashed, ids below ``2**62`` all land on rank
+  0 of 2);
+* :class:`ManagedEmbeddingCollectionSharder` — TorchRec's MC-EC sharder made to run on CPU: TorchRec resets
+  the evicted rows' optimizer state with ``fbgemm::reset_weight_momentum``, which has no CPU kernel in
+  fbgemm-gpu-cpu 1.8 (``NotImplementedError`` at the first eviction with ``rowwise_adagrad``), and offers the
+  planner GPU-only kernels;
+* :class:`FrozenIdMap` — the remapping frozen for serving: the admitted ids and their rows as constant
+  buffers, a binary search per id, a miss to the miss row of the shard that owned it in training; no admission,
+  no eviction.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.distributed.mc_embedding import (
+    ManagedCollisionEmbeddingCollectionSharder,
+    ShardedManagedCollisionEmbeddingCollection,
+)
+from torchrec.distributed.types import ParameterSharding, ShardingEnv
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
+from torchrec.modules.mc_modules import (
+    DistanceLFU_EvictionPolicy,
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    MCHEvictionPolicy,
+    MCHManagedCollisionModule,
+)
+
+#: Eviction policy names -> TorchRec's MCH policies.
+EVICTION_POLICIES = {
+    "lru": LRU_EvictionPolicy,
+    "lfu": LFU_EvictionPolicy,
+    "distance_lfu": DistanceLFU_EvictionPolicy,
+}
+
+#: The hashed ids' range ``[0, INPUT_HASH_SIZE)``; ``INPUT_HASH_SIZE`` itself (int64 max) marks an empty slot.
+INPUT_HASH_SIZE = (1 << 63) - 1
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 ``x``."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def hash_ids(ids: torch.Tensor, input_hash_size: int = INPUT_HASH_SIZE) -> torch.Tensor:
+    """splitmix64 of int64 ids reduced to ``[0, input_hash_size)``: ``[N] -> [N]`` int64.
+
+    Bit-identical to ``mdaf_rec.data.vocab.stable_hash`` (int64 arithmetic wraps around like uint64), then the
+    sign bit dropped and the remainder taken. The signature is TorchRec's ``input_hash_func``.
+    """
+    x = ids.long() + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return (x & INPUT_HASH_SIZE) % input_hash_size
+
+
+def managed_collision_module(
+    rows: int,
+    eviction: str,
+    eviction_interval: int,
+    device: torch.device,
+    name: Optional[str] = None,
+    buckets: int = 1,
+) -> MCHManagedCollisionModule:
+    """An MCH module over hashed raw ids for a table of ``rows`` rows (the last one is the miss row).
+
+    Args:
+        rows: table rows (``rows - 1`` ids can own a row).
+        eviction: a key of :data:`EVICTION_POLICIES`.
+        eviction_interval: training steps between admission/eviction rounds.
+        device: device of its buffers.
+        name: the table it maps for.
+        buckets: equal blocks of the hashed input range that row-wise sharding hands to the ranks; TorchRec's
+            planner refuses to shard the table over a world size that does not divide it.
+    """
+    if eviction not in EVICTION_POLICIES:
+        raise ValueError(f"eviction policy {eviction!r} is not one of {sorted(EVICTION_POLICIES)}")
+    policy: MCHEvictionPolicy = EVICTION_POLICIES[eviction]()
+    return MCHManagedCollisionModule(
+        zch_size=rows,
+        device=device,
+        eviction_policy=policy,
+        eviction_interval=eviction_interval,
+        input_hash_size=INPUT_HASH_SIZE,
+        input_hash_func=hash_ids,
+        name=name,
+        buckets=buckets,
+    )
+
+
+class _HostResetShardedMCEC(ShardedManagedCollisionEmbeddingCollection):
+    """TorchRec's sharded MC-EC; on CPU, evicted rows are reset here instead of by ``reset_weight_momentum``.
+
+    An evicted row gets its table's initial values again (as TorchRec does) and zero optimizer state (what
+    ``fbgemm::reset_weight_momentum`` does on GPU), through the views FBGEMM's ``split_embedding_weights`` and
+    ``split_optimizer_states`` give of the host buffers.
+    """
+
+    def _evict(self, evictions_per_table: Dict[str, Optional[torch.Tensor]]) -> None:
+        if self._device.type != "cpu":
+            super()._evict(evictions_per_table)
+            return
+        for table, rows in evictions_per_table.items():
+            if rows is None or rows.numel() == 0:
+                continue
+            rows = rows.long()
+            tbe, table_index = self._table_to_tbe_and_index[table]
+            index = int(table_index)
+            with torch.no_grad():
+                for state in tbe.split_optimizer_states()[index]:
+                    state[rows] = 0
+                weight = tbe.split_embedding_weights()[index]
+                init_fn = self._embedding_module._table_name_to_config[table].init_fn
+                weight[rows] = init_fn(weight[rows].clone())
+
+
+class ManagedEmbeddingCollectionSharder(ManagedCollisionEmbeddingCollectionSharder):
+    """TorchRec's ``ManagedCollisionEmbeddingCollectionSharder`` (row-wise only) made to work on CPU.
+
+    * Its sharded module also evicts on CPU (see :class:`_HostResetShardedMCEC`).
+    * It offers the planner only the compute kernels the embedding sharder has on the device: TorchRec's lists
+      ``fused_uvm_caching`` / ``fused_uvm`` / ``key_value`` on every device, and the planner's CPU estimator
+      stops on them ("Unrecognized or unsupported compute kernel: fused_uvm").
+    """
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        available = set(self._e_sharder.compute_kernels(sharding_type, compute_device_type))
+        return [k for k in super().compute_kernels(sharding_type, compute_device_type) if k in available]
+
+    def shard(
+        self,
+        module: ManagedCollisionEmbeddingCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedManagedCollisionEmbeddingCollection:
+        return _HostResetShardedMCEC(
+            module,
+            params,
+            ec_sharder=self._e_sharder,  # type: ignore[arg-type]
+            mc_sharder=self._mc_sharder,
+            env=env,
+            device=device or torch.device("cuda"),
+        )
+
+
+class FrozenIdMap(nn.Module):
+    """The remapping of an MCH module frozen for serving: raw ids -> table rows, no admission, no eviction.
+
+    Built from the module's (unsharded) state: the hashed ids that own a row and their rows. An id with a row maps
+    to it; an id without one (new, or evicted) maps to the miss row it had in training: the last row of the shard
+    that owns its hashed id (row-wise sharding hands shard ``k`` of ``W`` the ``k``-th ``W``-th of the buckets,
+    bucket ``h // ceil(INPUT_HASH_SIZE / buckets)``). Unsharded (``segments = [0, rows]``) that is the table's
+    last row, exactly what the MCH module does in ``eval()``.
+
+    Args:
+        mch: the trained module, unsharded (its ``_mch_sorted_raw_ids`` / ``_mch_remapped_ids_mapping`` are
+            copied; a state loaded from ``W`` shards is the shards' arrays one after the other).
+        segments: the row boundaries of the ``W`` shards it was trained in, ``[0, ..., rows]`` (the
+            checkpoint's ``_output_segments_tensor`` up to its ``-1`` padding); default: unsharded.
+    """
+
+    def __init__(self, mch: MCHManagedCollisionModule, segments: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        rows = mch.output_size()
+        segments = list(segments) if segments is not None else [0, rows]
+        shards = len(segments) - 1
+        if segments[0] != 0 or segments[-1] != rows or mch.buckets() % shards:
+            raise ValueError(f"shard boundaries {segments} do not split {rows} rows in {mch.buckets()} buckets")
+        ids = mch._mch_sorted_raw_ids.detach().cpu()
+        order = torch.argsort(ids, stable=True)  # a state loaded from shards is sorted per shard only
+        self.register_buffer("sorted_ids", ids[order].clone())  # [R] hashed ids, int64 max = empty slot
+        self.register_buffer("rows", mch._mch_remapped_ids_mapping.detach().cpu()[order].clone())  # [R]
+        self.register_buffer("miss_rows", torch.tensor(segments[1:], dtype=torch.int64) - 1)  # [W]
+        self.bucket_size = -(-INPUT_HASH_SIZE // mch.buckets())
+        self.buckets_per_shard = mch.buckets() // shards
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            ids: raw int64 ids, any shape.
+        Returns:
+            int64 rows, the shape of ``ids``.
+        """
+        hashed = hash_ids(ids)
+        position = torch.searchsorted(self.sorted_ids[:-1], hashed)  # as TorchRec's _mch_remap
+        found = self.sorted_ids[position] == hashed
+        miss = self.miss_rows[torch.div(hashed, self.bucket_size, rounding_mode="floor") // self.buckets_per_shard]
+        return torch.where(found, self.rows[position], miss)
