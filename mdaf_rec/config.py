@@ -24,6 +24,7 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.registry import (
     CPU_SPARSE_OPTIMIZERS,
     DENSE_OPTIMIZERS,
+    DENSE_TABLES,
     GATE_MODES,
     MODEL_NAMES,
     PRECISIONS,
@@ -180,11 +181,13 @@ class OptimizerConfig:
         lr: dense learning rate.
         weight_decay: dense weight decay (L2 for ``adam``, decoupled for ``adamw``).
         sparse: fused table optimizer: ``sgd``, ``adagrad``, ``rowwise_adagrad`` (FBGEMM on CPU supports
-            only these three) or ``adam`` (GPU only).
+            only these three) or ``adam`` (GPU only); or ``dense``: the tables are ``data_parallel`` with the
+            dense kernel and trained by the ``dense`` optimizer (every row, every step, as FuxiCTR does).
         sparse_lr: table learning rate.
         sparse_eps: epsilon of the Adagrad / Adam table optimizers.
         sparse_weight_decay: table weight decay on the rows a batch looks up (``rowwise_adagrad``: L2,
-            ``adam``: decoupled; FBGEMM's ``sgd`` and ``adagrad`` have none).
+            ``adam``: decoupled; FBGEMM's ``sgd`` and ``adagrad`` have none); ``dense``: the dense
+            optimizer's weight decay on every row.
     """
 
     dense: str = "adam"
@@ -345,7 +348,8 @@ def validate(cfg: Config) -> Config:
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _require(o.sparse_eps > 0, "optimizer.sparse_eps", "must be > 0")
     _require(o.sparse_weight_decay >= 0, "optimizer.sparse_weight_decay", "must be >= 0")
-    _require(o.sparse_weight_decay == 0 or o.sparse in ("rowwise_adagrad", "adam"), "optimizer.sparse_weight_decay",
+    _require(o.sparse_weight_decay == 0 or o.sparse in ("rowwise_adagrad", "adam", DENSE_TABLES),
+             "optimizer.sparse_weight_decay",
              f"FBGEMM's {o.sparse!r} table optimizer has no weight decay (rowwise_adagrad: L2; adam: decoupled)")
     t = cfg.train
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
@@ -387,7 +391,7 @@ def check_mamba_conv(cfg: ModelConfig, device_type: str) -> None:
 def check_sparse_optimizer(cfg: OptimizerConfig, device_type: str) -> None:
     """Refuses a table optimizer FBGEMM cannot run on ``device_type`` (``cpu`` or ``cuda``)."""
     _require(device_type != "cpu" or cfg.sparse in CPU_SPARSE_OPTIMIZERS, "optimizer.sparse",
-             f"FBGEMM on CPU supports {', '.join(CPU_SPARSE_OPTIMIZERS)}; {cfg.sparse!r} needs a GPU "
+             f"on CPU the tables support {', '.join(CPU_SPARSE_OPTIMIZERS)}; {cfg.sparse!r} needs a GPU "
              "(CUDA is not available here)")
 
 

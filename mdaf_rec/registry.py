@@ -3,7 +3,7 @@
 Config validation (:mod:`mdaf_rec.config`), the command line's choices and every error message read
 these tuples; the modules that implement the names map them to what they build and are tested to cover
 exactly these keys (``tests/test_registry.py``): models → :data:`mdaf_rec.models.factory.MODEL_BUILDERS`,
-table optimizers → :data:`mdaf_rec.sharding.SPARSE_OPTIMIZER_CLASSES`, dense optimizers →
+fused table optimizers → :data:`mdaf_rec.sharding.SPARSE_OPTIMIZER_CLASSES`, dense optimizers →
 :data:`mdaf_rec.sharding.DENSE_OPTIMIZER_CLASSES`, gate modes → :class:`mdaf_rec.models.fusion.GatedFusion`,
 precisions → :class:`mdaf_rec.models.ctr.CTRTrain`.
 
@@ -23,11 +23,19 @@ GATE_MODES: Tuple[str, ...] = ("scalar", "vector")
 DENSE_OPTIMIZERS: Tuple[str, ...] = ("adam", "adamw")
 """``optimizer.dense``: the optimizer of every non-table parameter."""
 
-SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-"""``optimizer.sparse``: the fused (FBGEMM) optimizers of the embedding tables."""
+FUSED_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+"""The fused (FBGEMM, applied in backward) optimizers of the embedding tables."""
 
-CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
-"""The table optimizers FBGEMM runs on CPU (``adam`` needs a GPU)."""
+DENSE_TABLES = "dense"
+"""``optimizer.sparse: dense``: no fused optimizer; every table is ``data_parallel`` with the dense compute
+kernel and is trained by ``optimizer.dense`` (its own parameter group: ``sparse_lr``, ``sparse_eps``,
+``sparse_weight_decay``), as FuxiCTR trains its tables with Adam."""
+
+SPARSE_OPTIMIZERS: Tuple[str, ...] = FUSED_SPARSE_OPTIMIZERS + (DENSE_TABLES,)
+"""``optimizer.sparse``: the fused optimizers, or the dense one (:data:`DENSE_TABLES`)."""
+
+CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", DENSE_TABLES)
+"""The table optimizers that run on CPU (FBGEMM's fused ``adam`` needs a GPU)."""
 
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 """``train.precision``: float32, or bfloat16 autocast of the dense branches."""

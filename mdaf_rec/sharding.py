@@ -10,6 +10,10 @@ The recipe (as in TorchRec's DLRM example):
 5. :func:`build_optimizer` combines DMP's fused optimizer with a dense Adam/AdamW (weight decay on weight
    matrices only, see :func:`dense_parameter_groups`).
 
+With ``optimizer.sparse: dense`` (:data:`mdaf_rec.registry.DENSE_TABLES`) step 2 attaches nothing, the
+planner is held to ``data_parallel`` tables with the dense kernel (:func:`table_constraints`) and the dense
+optimizer trains the tables in a group of their own (``sparse_lr``, ``sparse_eps``, ``sparse_weight_decay``).
+
 The optimizer names are those of :mod:`mdaf_rec.registry`; the classes they stand for are here.
 """
 
@@ -24,21 +28,23 @@ import torch.distributed as dist
 from torch import nn
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, ShardedEmbeddingModule
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, Stats
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from mdaf_rec.config import OptimizerConfig, check_sparse_optimizer
+from mdaf_rec.config import ConfigError, OptimizerConfig, check_sparse_optimizer
+from mdaf_rec.registry import DENSE_TABLES
 
 logger = logging.getLogger(__name__)
 
-# optimizer.sparse -> the class TorchRec's fused tables map onto FBGEMM; keys = registry.SPARSE_OPTIMIZERS.
+# optimizer.sparse -> the class TorchRec's fused tables map onto FBGEMM; keys = registry.FUSED_SPARSE_OPTIMIZERS.
 SPARSE_OPTIMIZER_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
@@ -70,8 +76,12 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
         model: the unsharded model (tables may be on ``meta``).
         cfg: optimizer config (``sparse``, ``sparse_lr``, ``sparse_eps``, ``sparse_weight_decay``).
         device: the training device; ``adam`` is refused on CPU, where FBGEMM cannot run it.
+
+    With ``cfg.sparse == "dense"`` nothing is attached: the dense optimizer trains the tables.
     """
     check_sparse_optimizer(cfg, device.type)
+    if cfg.sparse == DENSE_TABLES:
+        return
     kwargs: Dict[str, Any] = {"lr": cfg.sparse_lr}
     if cfg.sparse != "sgd":
         kwargs["eps"] = cfg.sparse_eps
@@ -89,6 +99,37 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
 def sharders() -> List[ModuleSharder[nn.Module]]:
     """The sharders DMP and the planner use (TorchRec's defaults: EBC, EC and friends)."""
     return get_default_sharders()
+
+
+def table_constraints(model: nn.Module, cfg: OptimizerConfig) -> Optional[Dict[str, ParameterConstraints]]:
+    """Planner constraints the table optimizer needs: with ``optimizer.sparse: dense`` every table of
+    ``model`` (unsharded) is ``data_parallel`` with the dense kernel, whose plain weight and dense gradient
+    the dense optimizer updates; ``None`` (the planner chooses) for the fused optimizers."""
+    if cfg.sparse != DENSE_TABLES:
+        return None
+    only = ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value],
+                                compute_kernels=[EmbeddingComputeKernel.DENSE.value])
+    names: List[str] = []
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            names += [c.name for c in module.embedding_bag_configs()]
+        elif isinstance(module, EmbeddingCollection):
+            names += [c.name for c in module.embedding_configs()]
+    return {name: only for name in names}
+
+
+def check_plan(plan: ShardingPlan, cfg: OptimizerConfig, source: str) -> None:
+    """Refuses a given plan (``source``: its file) that places a table where ``cfg``'s table optimizer
+    cannot train it: with ``optimizer.sparse: dense`` every table must be ``data_parallel`` / ``dense``."""
+    if cfg.sparse != DENSE_TABLES:
+        return
+    wrong = sorted(f"{name} ({p.sharding_type}/{p.compute_kernel})" for module_plan in plan.plan.values()
+                   for name, p in module_plan.items()  # type: ignore[attr-defined]
+                   if (p.sharding_type, p.compute_kernel) != (ShardingType.DATA_PARALLEL.value,
+                                                               EmbeddingComputeKernel.DENSE.value))
+    if wrong:
+        raise ConfigError(f"{source}: optimizer.sparse=dense trains data_parallel tables with the dense kernel "
+                          f"only; the plan has {', '.join(wrong)}")
 
 
 _GIB = 1024**3
@@ -191,15 +232,32 @@ def dense_parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+def sharded_table_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Parameters of every sharded TorchRec embedding module in ``model`` (after DMP)."""
+    chosen: Dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, ShardedEmbeddingModule):
+            chosen.update({id(p): p for p in module.parameters()})
+    return list(chosen.values())
+
+
 def build_optimizer(model: DistributedModelParallel, cfg: OptimizerConfig) -> CombinedOptimizer:
     """DMP's fused table optimizer combined with the dense optimizer over every other parameter, in two
-    parameter groups: weight decay ``cfg.weight_decay`` and none (:func:`no_weight_decay_parameters`)."""
+    parameter groups: weight decay ``cfg.weight_decay`` and none (:func:`no_weight_decay_parameters`).
+    With ``optimizer.sparse: dense`` the tables are a third group: ``lr`` = ``cfg.sparse_lr``, ``eps`` =
+    ``cfg.sparse_eps``, weight decay ``cfg.sparse_weight_decay``."""
     dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
     no_decay = no_weight_decay_parameters(model)
+    tables = {id(p) for p in sharded_table_parameters(model)} if cfg.sparse == DENSE_TABLES else set()
     optimizer_class = DENSE_OPTIMIZER_CLASSES[cfg.dense]
 
     def dense(params: List[nn.Parameter]) -> torch.optim.Optimizer:
-        return optimizer_class(dense_parameter_groups(params, no_decay, cfg.weight_decay), lr=cfg.lr)
+        groups = dense_parameter_groups([p for p in params if id(p) not in tables], no_decay, cfg.weight_decay)
+        table_group = [p for p in params if id(p) in tables]
+        if table_group:
+            groups.append({"params": table_group, "lr": cfg.sparse_lr, "eps": cfg.sparse_eps,
+                           "weight_decay": cfg.sparse_weight_decay})
+        return optimizer_class(groups, lr=cfg.lr)
 
     dense_optimizer: KeyedOptimizer = KeyedOptimizerWrapper(dense_params, dense)
     return CombinedOptimizer([model.fused_optimizer, dense_optimizer])

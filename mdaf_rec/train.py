@@ -55,7 +55,8 @@ from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
-from mdaf_rec.sharding import build_optimizer, plan_sharding, planner_memory, shard_model, table_parameters
+from mdaf_rec.sharding import (build_optimizer, check_plan, plan_sharding, planner_memory, shard_model,
+                               table_constraints, table_parameters)
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
 
@@ -147,6 +148,7 @@ def open_session(
             local_world_size=env.local_world_size,
             compute_device=env.device.type,
             batch_size=per_rank_batch,
+            constraints=table_constraints(train_module, cfg.optimizer),
             hbm_cap=hbm_cap,
             ddr_cap=ddr_cap,
             process_group=dist.group.WORLD,
@@ -269,7 +271,7 @@ def train(
                 ckpt.check_vocabularies(last, vocabs)
             except VocabMismatchError as e:
                 raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
-        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start))
+        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(cfg, run, env, plan_file, start))
         state = _resume(session) if start is Start.RESUME else TrainState()
         state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
         if env.is_main:  # the run is now committed: write (resume: rewrite) its files
@@ -410,12 +412,15 @@ def _set_threads(cfg: Config, env: DistEnv) -> None:
     torch.set_num_threads(cfg.train.threads or max(1, cores // env.local_world_size))
 
 
-def _run_plan(run: RunDir, env: DistEnv, plan_file: Optional[Path], start: Start) -> Optional[ShardingPlan]:
+def _run_plan(cfg: Config, run: RunDir, env: DistEnv, plan_file: Optional[Path],
+              start: Start) -> Optional[ShardingPlan]:
     """The plan to shard with: the given file, else (when resuming with the same world size) the run's
     own ``plan.json``, else ``None`` (the planner decides). A resumed run keeps its sharding so that
     its optimizer state (fused for sharded tables, dense for data-parallel ones) loads as saved."""
     if plan_file is not None:
-        return load_plan(plan_file, env.world_size)
+        plan = load_plan(plan_file, env.world_size)
+        check_plan(plan, cfg.optimizer, str(plan_file))
+        return plan
     if start is Start.RESUME and run.plan.exists() and plan_world_size(run.plan) == env.world_size:
         return load_plan(run.plan, env.world_size)
     return None

@@ -174,7 +174,8 @@ def test_bad_config_value_is_refused_at_load(
 def test_adam_tables_are_refused_on_cpu_at_load(dataset: Path, tmp_path: Path, capsys) -> None:
     line = error_line(capsys, train_argv(dataset, tmp_path, "--set", "optimizer.sparse=adam"))
     assert line == (
-        "mdaf-rec: error: config key 'optimizer.sparse': FBGEMM on CPU supports sgd, adagrad, rowwise_adagrad; "
+        "mdaf-rec: error: config key 'optimizer.sparse': on CPU the tables support sgd, adagrad, rowwise_adagrad, "
+        "dense; "
         "'adam' needs a GPU (CUDA is not available here)"
     )
     assert not (tmp_path / "run").exists()

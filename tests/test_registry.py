@@ -17,7 +17,8 @@ from mdaf_rec.sharding import DENSE_OPTIMIZER_CLASSES, SPARSE_OPTIMIZER_CLASSES
 
 def test_implementations_cover_exactly_the_registered_names() -> None:
     assert tuple(MODEL_BUILDERS) == registry.MODEL_NAMES
-    assert tuple(SPARSE_OPTIMIZER_CLASSES) == registry.SPARSE_OPTIMIZERS
+    assert tuple(SPARSE_OPTIMIZER_CLASSES) == registry.FUSED_SPARSE_OPTIMIZERS
+    assert registry.SPARSE_OPTIMIZERS == registry.FUSED_SPARSE_OPTIMIZERS + (registry.DENSE_TABLES,)
     assert tuple(DENSE_OPTIMIZER_CLASSES) == registry.DENSE_OPTIMIZERS
     assert set(registry.CPU_SPARSE_OPTIMIZERS) < set(registry.SPARSE_OPTIMIZERS)
     gate_widths = {mode: GatedFusion(8, mode).gate.out_features for mode in registry.GATE_MODES}

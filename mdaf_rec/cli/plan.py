@@ -10,6 +10,7 @@ from typing import List, Optional
 from mdaf_rec import planning
 from mdaf_rec.config import ConfigError, load_config
 from mdaf_rec.logs import setup_logging
+from mdaf_rec.sharding import table_constraints
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,8 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.png'}")
         return 0
     model = planning.planning_model(cfg, args.device)
-    constraints = planning.load_constraints(args.constraints, planning.table_sharding_types(model, args.device)) \
-        if args.constraints else None
+    constraints = table_constraints(model, cfg.optimizer)  # optimizer.sparse=dense: data_parallel tables only
+    if args.constraints:
+        if constraints is not None:
+            raise ConfigError(f"--constraints {args.constraints}: optimizer.sparse=dense places every table "
+                              "data_parallel with the dense kernel; it takes no other constraints")
+        constraints = planning.load_constraints(args.constraints, planning.table_sharding_types(model, args.device))
     report = planning.run_planner(model, topo, constraints)
     print(planning.format_report(report))
     if args.json:
