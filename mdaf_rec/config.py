@@ -24,6 +24,7 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.registry import (
     CPU_SPARSE_OPTIMIZERS,
     DENSE_OPTIMIZERS,
+    DENSE_TABLE_MODELS,
     DENSE_TABLES,
     GATE_MODES,
     MODEL_NAMES,
@@ -342,6 +343,9 @@ def validate(cfg: Config) -> Config:
     _require(m.bst.ffn_dim is None or m.bst.ffn_dim >= 1, "model.bst.ffn_dim", "must be >= 1 (or null: sequence_dim)")
     o = cfg.optimizer
     _require(o.sparse in SPARSE_OPTIMIZERS, "optimizer.sparse", f"{o.sparse!r} is not one of {list(SPARSE_OPTIMIZERS)}")
+    _require(o.sparse != DENSE_TABLES or m.name in DENSE_TABLE_MODELS, "optimizer.sparse",
+             f"{DENSE_TABLES!r} tables train with {', '.join(DENSE_TABLE_MODELS)} only, not {m.name!r} (TorchRec's "
+             "data_parallel EmbeddingCollection fails on tables shared by a target and a history feature)")
     _require(o.dense in DENSE_OPTIMIZERS, "optimizer.dense", f"{o.dense!r} is not one of {list(DENSE_OPTIMIZERS)}")
     _require(o.lr > 0, "optimizer.lr", "must be > 0")
     _require(o.sparse_lr > 0, "optimizer.sparse_lr", "must be > 0")

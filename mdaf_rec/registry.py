@@ -31,6 +31,11 @@ DENSE_TABLES = "dense"
 kernel and is trained by ``optimizer.dense`` (its own parameter group: ``sparse_lr``, ``sparse_eps``,
 ``sparse_weight_decay``), as FuxiCTR trains its tables with Adam."""
 
+DENSE_TABLE_MODELS: Tuple[str, ...] = ("dcnv3", "dnn")
+"""The models :data:`DENSE_TABLES` can train: pooled tables only. TorchRec 1.8's ``data_parallel``
+``EmbeddingCollection`` (the sequence models' tables, each shared by a target and a history feature) fails in
+its output step (``construct_jagged_tensors``: split sizes of both features against one feature's rows)."""
+
 SPARSE_OPTIMIZERS: Tuple[str, ...] = FUSED_SPARSE_OPTIMIZERS + (DENSE_TABLES,)
 """``optimizer.sparse``: the fused optimizers, or the dense one (:data:`DENSE_TABLES`)."""
 
