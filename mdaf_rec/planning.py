@@ -36,13 +36,12 @@ from torchrec.distributed.planner.types import (
     StorageReservation,
 )
 from torchrec.distributed.types import ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from mdaf_rec.config import Config, ConfigError
 from mdaf_rec.errors import UserError
 from mdaf_rec.plan_io import save_plan
 from mdaf_rec.plots import plot_sweep
-from mdaf_rec.sharding import plan_sharding, sharders
+from mdaf_rec.sharding import plan_sharding, sharders, table_configs
 from mdaf_rec.trainable import build_train_module
 
 logger = logging.getLogger(__name__)
@@ -114,13 +113,7 @@ def table_sharding_types(model: nn.Module, device: str) -> Dict[str, List[str]]:
     """Table name -> sharding types its module's sharder supports on ``device``."""
     by_type = {s.module_type: s for s in sharders()}
     tables: Dict[str, List[str]] = {}
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            configs: Sequence[Any] = module.embedding_bag_configs()
-        elif isinstance(module, EmbeddingCollection):
-            configs = module.embedding_configs()
-        else:
-            continue
+    for module, configs in table_configs(model):
         allowed = by_type[type(module)].sharding_types(device)
         tables.update({c.name: list(allowed) for c in configs})
     return tables

@@ -34,6 +34,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, Stats
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
@@ -67,6 +68,17 @@ def table_parameters(model: nn.Module) -> List[nn.Parameter]:
         if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
             params += list(module.parameters())
     return params
+
+
+def table_configs(model: nn.Module) -> List[Tuple[nn.Module, List[BaseEmbeddingConfig]]]:
+    """Every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in ``model`` with its table configs."""
+    found: List[Tuple[nn.Module, List[BaseEmbeddingConfig]]] = []
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            found.append((module, list(module.embedding_bag_configs())))
+        elif isinstance(module, EmbeddingCollection):
+            found.append((module, list(module.embedding_configs())))
+    return found
 
 
 def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> None:
@@ -109,13 +121,7 @@ def table_constraints(model: nn.Module, cfg: OptimizerConfig) -> Optional[Dict[s
         return None
     only = ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value],
                                 compute_kernels=[EmbeddingComputeKernel.DENSE.value])
-    names: List[str] = []
-    for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            names += [c.name for c in module.embedding_bag_configs()]
-        elif isinstance(module, EmbeddingCollection):
-            names += [c.name for c in module.embedding_configs()]
-    return {name: only for name in names}
+    return {config.name: only for _, configs in table_configs(model) for config in configs}
 
 
 def check_plan(plan: ShardingPlan, cfg: OptimizerConfig, source: str) -> None:
