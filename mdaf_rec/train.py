@@ -16,6 +16,7 @@ and :func:`evaluate`. Loss, metrics and samples/s also go to TensorBoard (:mod:`
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.data.dataset import Dataset, open_parquet
+from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
@@ -246,6 +247,7 @@ def train(
     buffered = setup_logging(env.rank, verbose, buffer_for_file=True)
     run = RunDir(run_dir)
     dataset = Dataset.open(cfg.data.path)
+    cfg = _resolve_data_settings(cfg, dataset)
     _check_labels(dataset, "val")
     lock = RunLock(run)
     try:
@@ -367,6 +369,16 @@ def _lock_and_decide(run: RunDir, cfg: Config, lock: RunLock, resume: bool, over
     if start is Start.RESUME and not resume:
         logger.info("%s holds a checkpoint of this run: resuming it (pass --overwrite to start afresh)", run.path)
     return start
+
+
+def _resolve_data_settings(cfg: Config, dataset: Dataset) -> Config:
+    """``cfg`` with what the data decides filled in, so that the run's ``config.yaml`` records it and eval and
+    export never re-read it from a ``meta.json`` edited since: the time zone of ``hour`` / ``dayofweek``."""
+    zone = dataset.timezone(cfg.features.timezone)
+    if cfg.features.timezone is None:
+        logger.info("time zone %s (from %s/meta.json, else the default), recorded in the run's config", zone,
+                    dataset.root)
+    return dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, timezone=zone))
 
 
 def _check_labels(dataset: Dataset, split: str) -> None:
@@ -628,6 +640,7 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     cfg = load_config(run.config)
     if data is not None:
         cfg.data.path = data
+    cfg.features.timezone = recorded_timezone(cfg.features.timezone, cfg.data.path)
     _set_threads(cfg, env)
     vocabs = Vocabularies.load(run.vocab)
     session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)
