@@ -45,6 +45,7 @@ from mdaf_rec.data.batch import Batch
 from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.data.validate import check_timestamp_ranges
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed
 from mdaf_rec.errors import UserError
@@ -247,8 +248,9 @@ def train(
     buffered = setup_logging(env.rank, verbose, buffer_for_file=True)
     run = RunDir(run_dir)
     dataset = Dataset.open(cfg.data.path)
-    cfg = _resolve_data_settings(cfg, dataset)
     _check_labels(dataset, "val")
+    check_timestamp_ranges(dataset)
+    cfg = _resolve_data_settings(cfg, dataset)
     lock = RunLock(run)
     try:
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
