@@ -51,7 +51,7 @@ from mdaf_rec.distributed import DistEnv, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.logs import attach_log_file, setup_logging
-from mdaf_rec.metrics import MetricAccumulator
+from mdaf_rec.metrics import MetricAccumulator, format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
@@ -248,7 +248,7 @@ def train(
     buffered = setup_logging(env.rank, verbose, buffer_for_file=True)
     run = RunDir(run_dir)
     dataset = Dataset.open(cfg.data.path)
-    _check_labels(dataset, "val")
+    _check_labels(dataset, env)
     check_timestamp_ranges(dataset)
     cfg = _resolve_data_settings(cfg, dataset)
     lock = RunLock(run)
@@ -323,8 +323,8 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
             with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         logger.info(
-            "epoch %d: train loss %.5f, val auc %.5f gauc %.5f logloss %.5f ne %.5f%s",
-            epoch + 1, epoch_loss, val["auc"], val["gauc"], val["logloss"], val["ne"], " (best)" if improved else "",
+            "epoch %d: train loss %.5f, val auc %s gauc %s logloss %s ne %s%s", epoch + 1, epoch_loss,
+            *(format_metric(val, k, 5) for k in ("auc", "gauc", "logloss", "ne")), " (best)" if improved else "",
         )
         ckpt.save_checkpoint(session.run_dir, f"epoch_{epoch + 1}", _app_state(session), state.to_json(), is_best=improved)
         if state.bad_epochs >= cfg.train.patience:
@@ -383,18 +383,22 @@ def _resolve_data_settings(cfg: Config, dataset: Dataset) -> Config:
     return dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, timezone=zone))
 
 
-def _check_labels(dataset: Dataset, split: str) -> None:
-    """Refuses a split on which AUC is undefined (no rows, or one class only): early stopping reads it."""
-    rows = positives = 0
-    for path in dataset.split_files(split):
-        for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
-            rows += batch.num_rows
-            positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
-    if rows == 0 or positives in (0, rows):
-        raise TrainingError(
-            f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1; "
-            "validation AUC (early stopping, best checkpoint) needs both labels"
-        )
+def _check_labels(dataset: Dataset, env: DistEnv) -> None:
+    """Refuses a validation split on which AUC is undefined (no rows, or one class only): early stopping reads
+    it. Such a test split is only reported: its AUC is recorded as not computable (``null`` and the reason)."""
+    for split in ("val", "test"):
+        rows = positives = 0
+        for path in dataset.split_files(split):
+            for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
+                rows += batch.num_rows
+                positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
+        if rows and 0 < positives < rows:
+            continue
+        counts = f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1"
+        if split == "val":
+            raise TrainingError(f"{counts}; validation AUC (early stopping, best checkpoint) needs both labels")
+        if env.is_main:
+            logger.warning("%s: its AUC, GAUC and NE will be recorded as not computable", counts)
 
 
 def _allow_tf32(env: DistEnv) -> None:
@@ -586,7 +590,7 @@ def _with_param_groups(loaded: Dict[str, Any], current: Dict[str, Any]) -> Dict[
 
 
 def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count")
+    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count", "not_computable")
     return {k: metrics[k] for k in keys if k in metrics}
 
 

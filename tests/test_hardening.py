@@ -334,6 +334,28 @@ def test_eval_and_export_use_the_time_zone_recorded_at_training(dataset: Path, t
     assert warning in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_one_class_test_split_is_recorded_as_not_computable(tmp_path: Path) -> None:
+    """Issue 20: ``auc: NaN`` in metrics.json and ``auc nan`` printed, exit 0. The test split is not refused (training
+    does not read it): a line says so at the start, and its undefined metrics are null with the reason."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    generate(data, rows=1500, users=100, items=300, categories=20, max_history=10, seed=1)
+    test = pq.read_table(data / "test.parquet")
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label",
+                                   pc.multiply(test.column("label"), 0)), data / "test.parquet")
+    proc = train(data, tmp_path / "run", "--epochs", "1", config=DCN)
+    counts = f"the test split has {test.num_rows} rows, 0 of them with label 1"
+    assert f"{counts}: its AUC, GAUC and NE will be recorded as not computable" in proc.stderr, proc.stderr[-2000:]
+    reason = f"one class only: 0 of {test.num_rows} rows have label 1"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]  # strict JSON: no NaN
+    assert metrics["auc"] is None and metrics["gauc"] is None and metrics["ne"] is None
+    assert metrics["not_computable"] == {"auc": reason, "gauc": reason, "ne": reason, "calibration": reason}
+    assert metrics["logloss"] > 0 and metrics["count"] == test.num_rows
+    assert f"test: auc n/a ({reason})" in proc.stdout, proc.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # In-epoch checkpoints, crashes and launcher restarts
 # --------------------------------------------------------------------------------------------------
