@@ -43,7 +43,7 @@ from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
-from mdaf_rec.data.schema import LABEL
+from mdaf_rec.data.schema import LABEL, META_FILE
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.validate import check_timestamp_ranges
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
@@ -378,8 +378,9 @@ def _resolve_data_settings(cfg: Config, dataset: Dataset) -> Config:
     export never re-read it from a ``meta.json`` edited since: the time zone of ``hour`` / ``dayofweek``."""
     zone = dataset.timezone(cfg.features.timezone)
     if cfg.features.timezone is None:
-        logger.info("time zone %s (from %s/meta.json, else the default), recorded in the run's config", zone,
-                    dataset.root)
+        meta = dataset.root / META_FILE
+        source = str(meta) if dataset.meta.get("timezone") else f"the default ({meta} names none)"
+        logger.info("time zone %s from %s, recorded in the run's config", zone, source)
     return dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, timezone=zone))
 
 

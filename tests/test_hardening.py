@@ -193,7 +193,8 @@ def test_an_index_entry_pointing_outside_the_run_is_refused(trained: Path, tmp_p
     index["best"] = "../../other/checkpoints/epoch_1"
     index_path.write_text(json.dumps(index))
     line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
-    assert f"{index_path}: its 'best' entry '../../other/checkpoints/epoch_1' is not a checkpoint of this run" in line, line
+    expected = f"{index_path}: its 'best' entry '../../other/checkpoints/epoch_1' is not a checkpoint of this run"
+    assert expected in line, line
     index.update(best="epoch_7", last="/abs/epoch_1")
     index_path.write_text(json.dumps(index))
     with pytest.raises(ckpt.CheckpointError, match=r"its 'last' entry '/abs/epoch_1' is not a checkpoint of this run"):
@@ -315,7 +316,8 @@ def test_eval_and_export_use_the_time_zone_recorded_at_training(dataset: Path, t
     """Issue 20: with ``features.timezone: null`` the run kept no zone, and eval / export re-read ``meta.json``: an
     edit after training changed eval AUC and the exported model. The zone is resolved at training and recorded."""
     config = yaml.safe_load((trained / "config.yaml").read_text())
-    assert config["features"]["timezone"] == json.loads((dataset / "meta.json").read_text())["timezone"] == "Asia/Shanghai"
+    meta_zone = json.loads((dataset / "meta.json").read_text())["timezone"]
+    assert config["features"]["timezone"] == meta_zone == "Asia/Shanghai"  # resolved when training started
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     meta = json.loads((data / "meta.json").read_text())

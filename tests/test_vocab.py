@@ -109,7 +109,8 @@ def test_reuse_and_rebuild_on_setting_change(dataset: Dataset, caplog: pytest.Lo
     assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == changed.fingerprint
 
 
-def test_a_same_size_rewrite_of_the_train_file_rebuilds_the_cache(dataset: Dataset, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_same_size_rewrite_of_the_train_file_rebuilds_the_cache(dataset: Dataset,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """The cache key is the files' content (Parquet footer hash), not only name and size: a rewrite of the same
     size and mtime holding other ids is noticed, and one line says why the vocabularies are rebuilt."""
     def write(items: List[int]) -> None:

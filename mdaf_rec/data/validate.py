@@ -265,5 +265,7 @@ def _in_range(group: pq.RowGroupMetaData) -> bool:
             if stats is None or not stats.has_min_max or stats.null_count:
                 return False
             low, high = stats.min, stats.max
-            return isinstance(low, int) and isinstance(high, int) and TIMESTAMP_RANGE[0] <= low and high < TIMESTAMP_RANGE[1]
+            if not (isinstance(low, int) and isinstance(high, int)):
+                return False
+            return TIMESTAMP_RANGE[0] <= low and high < TIMESTAMP_RANGE[1]
     return False

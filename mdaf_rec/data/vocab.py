@@ -233,8 +233,9 @@ class Vocabularies:
         Looks in ``DATASET/vocab/``, then in ``cache_dir/<dataset key>/`` (``cache_dir`` given by the
         caller for read-only dataset folders; the key hashes the dataset's absolute path). Saved
         vocabularies whose settings (min_count, columns, hashing) or training files (name, size, mtime,
-        Parquet footer hash) differ are rebuilt and overwritten, with one line saying why. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
-        folder; with neither, it is kept in memory only (a warning says so).
+        Parquet footer hash) differ are rebuilt and overwritten, with one line saying why. A new build
+        is saved to ``DATASET/vocab/`` if writable, else to the cache folder; with neither, it is kept
+        in memory only (a warning says so).
 
         First, from the Parquet footers: a split file lacking a column the features read (ids,
         histories, ``dense``), or an empty training split, is a :class:`DatasetError` naming the file,
@@ -266,7 +267,8 @@ class Vocabularies:
                 logger.warning("saved vocabularies unusable (%s): rebuilding", e)
                 stored = None
             if stored is not None:
-                logger.info("vocabularies in %s %s: rebuilding", folder, _stale_reason(stored.get("settings") or {}, wanted))
+                reason = _stale_reason(stored.get("settings") or {}, wanted)
+                logger.info("vocabularies in %s %s: rebuilding", folder, reason)
         vocabs = Vocabularies.build(dataset, cfg)
         for folder in folders:
             try:
@@ -424,13 +426,17 @@ def _file_list(dataset: Dataset) -> List[List[Any]]:
 
 def _stale_reason(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
     """Why saved vocabulary settings ``stored`` are not the ``wanted`` ones, in a few words."""
-    if {k: v for k, v in stored.items() if k != "train_files"} != {k: v for k, v in wanted.items() if k != "train_files"}:
+    def without_files(settings: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in settings.items() if k != "train_files"}
+
+    if without_files(stored) != without_files(wanted):
         return "were built with other settings (min_count, columns or hashing)"
     old = {f[0]: f[1:] for f in stored.get("train_files", [])}
     new = {f[0]: f[1:] for f in wanted["train_files"]}
     changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
-    return f"were built from other training files ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} " \
-           "added, removed or rewritten since: size, mtime or Parquet footer differ)"
+    names = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+    return (f"were built from other training files ({names} added, removed or rewritten since: size, mtime or "
+            "Parquet footer differ)")
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
