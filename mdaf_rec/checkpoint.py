@@ -31,7 +31,7 @@ import logging
 import pickle
 import shutil
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Dict, Sequence
 
 import torch
@@ -129,10 +129,22 @@ class SafeFileSystemReader(FileSystemReader):
                 raise CheckpointError(f"{path}: not a readable checkpoint metadata file ({type(e).__name__})") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: not a checkpoint metadata file (holds a {type(metadata).__name__})")
+        _check_storage_files(metadata, Path(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_files(metadata: Metadata, path: Path) -> None:
+    """Refuses a ``.metadata`` whose entries are read from a file the checkpoint's manifest does not list (one
+    outside the folder, or planted in it): only files whose hashes :func:`verify_checkpoint` checked are read."""
+    listed = read_manifest(path.parent, CheckpointError, missing="missing (incomplete checkpoint)")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, (str, PurePath)) or PurePath(name).as_posix() not in listed:
+            raise CheckpointError(f"{path}: reads its tensors from {name!r}, a file not in the checkpoint's manifest; "
+                                  "refusing to load it")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -216,6 +228,12 @@ def read_index(run_dir: Path) -> Dict[str, Any]:
     index = _read_json(path)
     if not isinstance(index.get("last"), str):
         raise CheckpointError(f"{path}: not a checkpoint index (no valid 'last' entry)")
+    names = [("last", index["last"])] + ([("best", index["best"])] if "best" in index else [])
+    names += [("steps", name) for name in index.get("steps", [])]
+    for key, name in names:  # a folder of this run's checkpoints/, never a path to another run's
+        if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+            raise CheckpointError(f"{path}: its {key!r} entry {name!r} is not a checkpoint of this run "
+                                  "(expected a name such as 'epoch_3' or 'step_120'); refusing it")
     return index
 
 
@@ -224,7 +242,10 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     index = read_index(run_dir)
     if which not in index:
         raise CheckpointError(f"{RunDir(run_dir).checkpoints / INDEX_FILE}: no {which!r} checkpoint")
-    path = RunDir(run_dir).checkpoints / index[which]
+    checkpoints = RunDir(run_dir).checkpoints
+    path = checkpoints / index[which]
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: a link to {path.resolve()}, not a checkpoint folder of this run; refusing it")
     for required in (MANIFEST_FILE, STATE_FILE, ".metadata"):
         if not (path / required).exists():
             raise CheckpointError(f"{path / required}: missing from checkpoint {index[which]!r} (incomplete checkpoint)")

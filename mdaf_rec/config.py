@@ -88,7 +88,8 @@ class FeaturesConfig:
         max_history: histories are truncated to their most recent ``max_history`` entries.
         min_count: ids seen fewer times than this in the training split map to out-of-vocabulary.
         timezone: IANA time zone for ``hour`` / ``dayofweek``; ``null`` takes the dataset's
-            ``meta.json`` value, else UTC.
+            ``meta.json`` value, else UTC. Training resolves it and records the zone in the run's
+            ``config.yaml``; eval and export use that one (a different ``meta.json`` zone is reported).
         pooled_history: the static branch also sees each history as one more field: the mean of its ids'
             rows in the id space's static table (the table the target id reads; an empty history is a zero
             vector), as FuxiCTR's DNN / DCNv3 see sequence fields. Off: the static branch sees the target,

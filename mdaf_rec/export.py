@@ -43,7 +43,7 @@ from mdaf_rec.artifact import (
     ArtifactWriter,
 )
 from mdaf_rec.config import Config, load_config
-from mdaf_rec.data.dataset import Dataset, DatasetError, is_dataset_folder
+from mdaf_rec.data.dataset import DatasetError, is_dataset_folder, recorded_timezone
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.models.ctr import CTRModel
@@ -151,11 +151,10 @@ def _write_cpu_program(module: ServingModule, spec: FeatureSpec, folder: Path) -
 
 
 def _timezone(cfg: Config) -> str:
-    """The time zone training used: the config's, else the training data's ``meta.json``."""
-    if cfg.features.timezone:
-        return cfg.features.timezone
+    """The time zone training used: the one recorded in the run's config (a run written before it was recorded:
+    the training data's ``meta.json``)."""
     try:
-        return Dataset.open(cfg.data.path).timezone()
+        return recorded_timezone(cfg.features.timezone, cfg.data.path)
     except DatasetError as e:
         raise DatasetError(
             f"{e}; the export needs the training data's time zone: pass it with features.timezone in the run's config"

@@ -21,19 +21,21 @@ order:
   rounded and therefore independent of the summation order;
 * histogram counts are integers.
 
-Metrics (``compute`` returns a dict of plain Python numbers, JSON-serialisable apart from ``nan``):
+Metrics (``compute`` returns a dict of plain Python numbers, JSON-serialisable; a metric that is not
+defined on the rows is ``None``, and ``not_computable`` maps it to the reason, e.g.
+``{"auc": "one class only: 0 of 120 rows have label 1"}``; the functions below return ``nan`` then):
 
 * ``auc``: ROC AUC = Mann-Whitney U / (P * N); a tie between a positive and a negative counts 1/2
-  (the average-rank definition). ``nan`` when all labels are one class.
+  (the average-rank definition). Not computable when all labels are one class.
 * ``gauc``: per-user AUC weighted by the user's impression count, over users having both a positive
-  and a negative (the DIN definition). ``nan`` when no user qualifies.
+  and a negative (the DIN definition). Not computable when no user qualifies.
 * ``logloss``: mean binary cross-entropy with probabilities clipped to ``[1e-7, 1 - 1e-7]`` (so a
   confident mistake costs at most ``-log(1e-7) ~= 16.1``).
 * ``ne``: normalized entropy (TorchRec's headline metric, He et al. 2014) = ``logloss`` / the entropy of
   the observed CTR, ``-(ctr·log ctr + (1-ctr)·log(1-ctr))``: the log loss relative to always predicting
-  the base rate (below 1 = better than that). ``nan`` when all labels are one class.
-* ``ctr`` (observed), ``pred_ctr`` (mean prediction), ``calibration`` = ``pred_ctr / ctr`` (``nan``
-  with no positive), ``count`` (rows).
+  the base rate (below 1 = better than that). Not computable when all labels are one class.
+* ``ctr`` (observed), ``pred_ctr`` (mean prediction), ``calibration`` = ``pred_ctr / ctr`` (not
+  computable with no positive), ``count`` (rows). With no rows, only ``count`` (0) is computable.
 * ``gate`` (only when gates were given): ``mean``, ``std`` (population, ``ddof=0``) and ``histogram``
   (``edges``: 21 edges over ``[0, 1]``, ``counts``: 20 bin counts; values are clipped to ``[0, 1]``).
   A vector gate ``[B, D]`` is summarised by its per-sample mean over the ``D`` dims; 1 = static
@@ -45,7 +47,7 @@ Labels must be binary (0/1) and probabilities finite.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -223,7 +225,31 @@ def compute_metrics(
     }
     if gate_means is not None:
         out["gate"] = gate_summary(gate_means)
+    reasons = {k: _why_not_computable(k, n, int(round(observed))) for k, v in out.items() if _is_nan(v)}
+    if reasons:
+        out.update({k: None for k in reasons}, not_computable=reasons)
     return out
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _why_not_computable(metric: str, rows: int, positives: int) -> str:
+    """Why ``metric`` is undefined on ``rows`` rows with ``positives`` label-1 rows (one short phrase)."""
+    if rows == 0:
+        return "no rows"
+    if positives in (0, rows):
+        return f"one class only: {positives} of {rows} rows have label 1"
+    return "no user has both a positive and a negative"  # gauc: the only other undefined case
+
+
+def format_metric(metrics: Mapping[str, Any], key: str, digits: int = 4) -> str:
+    """``metrics[key]`` with ``digits`` decimals, or ``n/a (reason)`` when it is not computable."""
+    value = metrics.get(key)
+    if value is None:
+        return f"n/a ({metrics.get('not_computable', {}).get(key, 'missing')})"
+    return f"{value:.{digits}f}"
 
 
 class MetricAccumulator:

@@ -16,6 +16,7 @@ and :func:`evaluate`. Loss, metrics and samples/s also go to TensorBoard (:mod:`
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -41,15 +42,16 @@ from tqdm import tqdm
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.data.dataset import Dataset, open_parquet
-from mdaf_rec.data.schema import LABEL
+from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
+from mdaf_rec.data.schema import LABEL, META_FILE
 from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.data.validate import check_timestamp_ranges
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, check_gpu_request, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.logs import attach_log_file, setup_logging
-from mdaf_rec.metrics import MetricAccumulator
+from mdaf_rec.metrics import MetricAccumulator, format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
@@ -258,7 +260,9 @@ def train(
     buffered = setup_logging(env.rank, verbose, buffer_for_file=True)
     run = RunDir(run_dir)
     dataset = Dataset.open(cfg.data.path)
-    _check_labels(dataset, "val")
+    _check_labels(dataset, env)
+    check_timestamp_ranges(dataset)
+    cfg = _resolve_data_settings(cfg, dataset)
     lock = RunLock(run)
     try:
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
@@ -331,8 +335,8 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
             with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         logger.info(
-            "epoch %d: train loss %.5f, val auc %.5f gauc %.5f logloss %.5f ne %.5f%s",
-            epoch + 1, epoch_loss, val["auc"], val["gauc"], val["logloss"], val["ne"], " (best)" if improved else "",
+            "epoch %d: train loss %.5f, val auc %s gauc %s logloss %s ne %s%s", epoch + 1, epoch_loss,
+            *(format_metric(val, k, 5) for k in ("auc", "gauc", "logloss", "ne")), " (best)" if improved else "",
         )
         ckpt.save_checkpoint(session.run_dir, f"epoch_{epoch + 1}", _app_state(session), state.to_json(), is_best=improved)
         if state.bad_epochs >= cfg.train.patience:
@@ -382,18 +386,33 @@ def _lock_and_decide(run: RunDir, cfg: Config, lock: RunLock, resume: bool, over
     return start
 
 
-def _check_labels(dataset: Dataset, split: str) -> None:
-    """Refuses a split on which AUC is undefined (no rows, or one class only): early stopping reads it."""
-    rows = positives = 0
-    for path in dataset.split_files(split):
-        for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
-            rows += batch.num_rows
-            positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
-    if rows == 0 or positives in (0, rows):
-        raise TrainingError(
-            f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1; "
-            "validation AUC (early stopping, best checkpoint) needs both labels"
-        )
+def _resolve_data_settings(cfg: Config, dataset: Dataset) -> Config:
+    """``cfg`` with what the data decides filled in, so that the run's ``config.yaml`` records it and eval and
+    export never re-read it from a ``meta.json`` edited since: the time zone of ``hour`` / ``dayofweek``."""
+    zone = dataset.timezone(cfg.features.timezone)
+    if cfg.features.timezone is None:
+        meta = dataset.root / META_FILE
+        source = str(meta) if dataset.meta.get("timezone") else f"the default ({meta} names none)"
+        logger.info("time zone %s from %s, recorded in the run's config", zone, source)
+    return dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, timezone=zone))
+
+
+def _check_labels(dataset: Dataset, env: DistEnv) -> None:
+    """Refuses a validation split on which AUC is undefined (no rows, or one class only): early stopping reads
+    it. Such a test split is only reported: its AUC is recorded as not computable (``null`` and the reason)."""
+    for split in ("val", "test"):
+        rows = positives = 0
+        for path in dataset.split_files(split):
+            for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
+                rows += batch.num_rows
+                positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
+        if rows and 0 < positives < rows:
+            continue
+        counts = f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1"
+        if split == "val":
+            raise TrainingError(f"{counts}; validation AUC (early stopping, best checkpoint) needs both labels")
+        if env.is_main:
+            logger.warning("%s: its AUC, GAUC and NE will be recorded as not computable", counts)
 
 
 def _allow_tf32(env: DistEnv) -> None:
@@ -585,7 +604,7 @@ def _with_param_groups(loaded: Dict[str, Any], current: Dict[str, Any]) -> Dict[
 
 
 def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count")
+    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count", "not_computable")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -641,6 +660,7 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     cfg = load_config(run.config)
     if data is not None:
         cfg.data.path = data
+    cfg.features.timezone = recorded_timezone(cfg.features.timezone, cfg.data.path)
     _set_threads(cfg, env)
     vocabs = Vocabularies.load(run.vocab)
     session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)

@@ -10,9 +10,12 @@ import importlib
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import List
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,6 +25,7 @@ from mdaf_rec.config import FeaturesConfig, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.synth import generate
+from mdaf_rec.data.validate import DataError, check_timestamp_ranges
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
@@ -131,6 +135,34 @@ def test_empty_train_split_is_named(dataset: Path, tmp_path: Path) -> None:
 def test_configured_column_missing_from_the_data_is_named_before_the_model(dataset: Path) -> None:
     with pytest.raises(DatasetError, match=rf"^{dataset / 'train.parquet'}: missing column\(s\) \['price'\] \(has \["):
         Vocabularies.load_or_build(Dataset.open(dataset), FeaturesConfig(dense=["price"]))
+
+
+def test_a_split_in_milliseconds_is_refused_before_training(dataset: Path, tmp_path: Path, capsys) -> None:
+    """Issue 20: millisecond timestamps were read as seconds (other hours and days of week, exit 0)."""
+    root = copy_dataset(dataset, tmp_path / "d")
+    table = pq.read_table(root / "test.parquet")
+    ms = pc.multiply(table.column("timestamp"), 1000)
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", ms), root / "test.parquet")
+    first = ms[0].as_py()
+    when = datetime.fromtimestamp(first // 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    line = error_line(capsys, train_argv(root, tmp_path))
+    assert line == (f"mdaf-rec: error: {root / 'test.parquet'}: column 'timestamp', row 0: {first} is not unix seconds "
+                    f"of 1990..2099; it looks like milliseconds ({when}): divide the column by 1000"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_implausible_timestamp_is_named_by_row_without_footer_statistics(dataset: Path, tmp_path: Path) -> None:
+    """A row group without statistics is read; the row is counted through the file (row groups of 1000 rows)."""
+    root = copy_dataset(dataset, tmp_path / "d")
+    table = pq.read_table(root / "train.parquet")
+    stamps = table.column("timestamp").to_pylist()
+    stamps[1500] = 86_400  # 1970-01-02: in no unit a date of 1990..2099
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(stamps, pa.int64()))
+    pq.write_table(table, root / "train.parquet", row_group_size=1000, write_statistics=False)
+    with pytest.raises(DataError, match=rf"^{root / 'train.parquet'}: column 'timestamp', row 1500: 86400 is not unix "
+                                        r"seconds of 1990\.\.2099$"):
+        check_timestamp_ranges(Dataset.open(root))
+    check_timestamp_ranges(Dataset.open(dataset))  # the synthetic data is in range
 
 
 # -- Configs ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+import yaml
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.data.synth import generate
@@ -184,6 +185,44 @@ def test_corrupt_checkpoints_end_with_one_line(trained: Path, tmp_path: Path, da
     assert str(named) in line, line
 
 
+def test_an_index_entry_pointing_outside_the_run_is_refused(trained: Path, tmp_path: Path) -> None:
+    """Issue 20: ``best`` naming another run's checkpoint evaluated that run's weights."""
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    run = _copy(trained, tmp_path)
+    index_path = run / "checkpoints" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["best"] = "../../other/checkpoints/epoch_1"
+    index_path.write_text(json.dumps(index))
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    expected = f"{index_path}: its 'best' entry '../../other/checkpoints/epoch_1' is not a checkpoint of this run"
+    assert expected in line, line
+    index.update(best="epoch_7", last="/abs/epoch_1")
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ckpt.CheckpointError, match=r"its 'last' entry '/abs/epoch_1' is not a checkpoint of this run"):
+        ckpt.checkpoint_path(run, "best")
+    index["last"] = "epoch_1"
+    index_path.write_text(json.dumps(index))
+    (run / "checkpoints" / "epoch_7").symlink_to(other / "checkpoints" / "epoch_1")
+    with pytest.raises(ckpt.CheckpointError, match=r"epoch_7: a link to .*other/checkpoints/epoch_1, not a checkpoint"):
+        ckpt.checkpoint_path(run, "best")
+
+
+def test_a_metadata_reading_a_file_outside_its_manifest_is_refused(trained: Path, tmp_path: Path) -> None:
+    """Issue 20: a ``.metadata`` (rehashed into the manifest) could read its tensors from another run's files."""
+    shutil.copytree(trained, tmp_path / "other")
+    run = _copy(trained, tmp_path)
+    folder = run / "checkpoints" / "epoch_1"
+    with open(folder / ".metadata", "rb") as fh:
+        metadata = pickle.load(fh)  # our own test file: a plain unpickler is fine here
+    for info in metadata.storage_data.values():
+        info.relative_path = f"../../../other/checkpoints/epoch_1/{info.relative_path}"
+    _replace_and_rehash(folder / ".metadata", pickle.dumps(metadata, protocol=4))
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    assert f"{folder / '.metadata'}: reads its tensors from '../../../other/checkpoints/epoch_1/" in line, line
+    assert "a file not in the checkpoint's manifest" in line, line
+
+
 # --------------------------------------------------------------------------------------------------
 # No lost or mixed data
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +343,52 @@ def test_a_one_class_validation_split_is_refused_at_start(tmp_path: Path) -> Non
     line = _one_line_error(train(data, tmp_path / "run", "--epochs", "1", config=DCN, check=False))
     assert f"the val split has {val.num_rows} rows, 0 of them with label 1" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_export_use_the_time_zone_recorded_at_training(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    """Issue 20: with ``features.timezone: null`` the run kept no zone, and eval / export re-read ``meta.json``: an
+    edit after training changed eval AUC and the exported model. The zone is resolved at training and recorded."""
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    meta_zone = json.loads((dataset / "meta.json").read_text())["timezone"]
+    assert config["features"]["timezone"] == meta_zone == "Asia/Shanghai"  # resolved when training started
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "timezone": "America/New_York"}))
+    run = _copy(trained, tmp_path)
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "data": {**config["data"], "path": str(data)}},
+                                                    sort_keys=False))
+    warning = (f"{data / 'meta.json'} says time zone 'America/New_York', but the run was trained with 'Asia/Shanghai' "
+               "(its config.yaml): using 'Asia/Shanghai'")
+    proc = mdaf("eval", "--run", str(run))
+    trained_auc = json.loads((trained / "metrics.json").read_text())["test"]["auc"]
+    assert json.loads(proc.stdout)["auc"] == pytest.approx(trained_auc, abs=1e-9)
+    assert warning in proc.stderr, proc.stderr[-2000:]
+    proc = mdaf("export", "--run", str(run), "--out", str(tmp_path / "model"), "--no-compile")
+    assert json.loads((tmp_path / "model" / "feature_spec.json").read_text())["timezone"] == "Asia/Shanghai"
+    assert warning in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_one_class_test_split_is_recorded_as_not_computable(tmp_path: Path) -> None:
+    """Issue 20: ``auc: NaN`` in metrics.json and ``auc nan`` printed, exit 0. The test split is not refused (training
+    does not read it): a line says so at the start, and its undefined metrics are null with the reason."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    generate(data, rows=1500, users=100, items=300, categories=20, max_history=10, seed=1)
+    test = pq.read_table(data / "test.parquet")
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label",
+                                   pc.multiply(test.column("label"), 0)), data / "test.parquet")
+    proc = train(data, tmp_path / "run", "--epochs", "1", config=DCN)
+    counts = f"the test split has {test.num_rows} rows, 0 of them with label 1"
+    assert f"{counts}: its AUC, GAUC and NE will be recorded as not computable" in proc.stderr, proc.stderr[-2000:]
+    reason = f"one class only: 0 of {test.num_rows} rows have label 1"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]  # strict JSON: no NaN
+    assert metrics["auc"] is None and metrics["gauc"] is None and metrics["ne"] is None
+    assert metrics["not_computable"] == {"auc": reason, "gauc": reason, "ne": reason, "calibration": reason}
+    assert metrics["logloss"] > 0 and metrics["count"] == test.num_rows
+    assert f"test: auc n/a ({reason})" in proc.stdout, proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------

@@ -113,6 +113,9 @@ def _write(root: Path, tables: Dict[str, pa.Table], row_group_size: int = 1000) 
     return Dataset.open(root)
 
 
+T0 = 1511631000  # 2017-11-25T17:30:00Z
+
+
 def _tiny(timestamps: List[int]) -> pa.Table:
     n = len(timestamps)
     return pa.table(
@@ -150,7 +153,7 @@ def test_gauc_groups_new_users_by_raw_id(tmp_path: Path) -> None:
 
 def test_hour_and_day_of_week_in_time_zone(tmp_path: Path) -> None:
     # 2017-11-25T17:30:00Z is Saturday 17h UTC but Sunday 01h in Asia/Shanghai
-    table = _tiny([1511631000, 1511622000])
+    table = _tiny([T0, 1511622000])
     dataset = _write(tmp_path, {s: table for s in schema.SPLITS})
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
@@ -278,10 +281,13 @@ IDS = list(range(N_BAD))
          schema.CATEGORY_HISTORY, "row 7: history length differs"),
         (_set(schema.ITEM_ID, pa.array([2**63 if i == BAD_ROW else i for i in IDS], pa.uint64())), schema.ITEM_ID,
          "row 7: value does not fit"),
+        (_set(schema.TIMESTAMP, pa.array([(T0 + i) * (1000 if i == BAD_ROW else 1) for i in IDS], pa.int64())),
+         schema.TIMESTAMP, f"row 7: {(T0 + BAD_ROW) * 1000} is not unix seconds of 1990..2099; it looks like "
+         "milliseconds (2017-11-25 17:30:07 UTC): divide the column by 1000"),
     ],
 )
 def test_bad_input_names_file_column_and_row(tmp_path: Path, corrupt, column: str, message: str) -> None:
-    good = _tiny(list(range(1000, 1000 + N_BAD)))
+    good = _tiny([T0 + i for i in range(N_BAD)])
     dataset = _write(tmp_path, {s: good for s in schema.SPLITS}, row_group_size=5)
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
@@ -294,7 +300,7 @@ def test_bad_input_names_file_column_and_row(tmp_path: Path, corrupt, column: st
 
 
 def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
-    good = _tiny(list(range(1000, 1006)))
+    good = _tiny([T0 + i for i in range(6)])
     narrow = good.cast(pa.schema([
         pa.field(f.name, pa.int32() if f.type == pa.int64() else pa.list_(pa.int16()) if pa.types.is_list(f.type)
                  else pa.uint8()) for f in good.schema
@@ -323,7 +329,7 @@ def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
 def test_no_rank_gets_an_empty_batch_and_every_row_is_read_once(
     tmp_path: Path, rows: int, batch_size: int, world_size: int, drop_last: bool, sizes: List[List[int]]
 ) -> None:
-    dataset = _write(tmp_path, {s: _tiny(list(range(1000, 1000 + rows))) for s in schema.SPLITS}, row_group_size=5)
+    dataset = _write(tmp_path, {s: _tiny([T0 + i for i in range(rows)]) for s in schema.SPLITS}, row_group_size=5)
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
@@ -340,7 +346,7 @@ def test_no_rank_gets_an_empty_batch_and_every_row_is_read_once(
 
 
 def test_split_with_fewer_rows_than_ranks_is_refused(tmp_path: Path) -> None:
-    dataset = _write(tmp_path, {s: _tiny([1000, 1001]) for s in schema.SPLITS})
+    dataset = _write(tmp_path, {s: _tiny([T0, T0 + 1]) for s in schema.SPLITS})
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
@@ -349,7 +355,7 @@ def test_split_with_fewer_rows_than_ranks_is_refused(tmp_path: Path) -> None:
 
 
 def test_validate_counts_rows_across_chunks() -> None:
-    first, second = _tiny(list(range(5))), _tiny(list(range(4)))
+    first, second = _tiny([T0 + i for i in range(5)]), _tiny([T0 + i for i in range(4)])
     bad_history = pa.array([[1], [2, -1], [], [3, 4, 5]], pa.list_(pa.int64()))
     second = _set(schema.ITEM_HISTORY, bad_history)(second)
     second = _set(schema.CATEGORY_HISTORY, bad_history)(second)

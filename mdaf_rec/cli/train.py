@@ -12,6 +12,7 @@ import torch
 
 from mdaf_rec.config import Config, check_sparse_optimizer, load_config
 from mdaf_rec.distributed import is_main_process
+from mdaf_rec.metrics import format_metric
 from mdaf_rec.registry import MODEL_NAMES
 
 DEMO_CONFIG = "demo"
@@ -112,4 +113,5 @@ def _print_summary(final: dict) -> None:
         return
     for split in ("val", "test"):
         m = final[split]
-        print(f"{split}: auc {m['auc']:.4f}  gauc {m['gauc']:.4f}  logloss {m['logloss']:.4f}  calibration {m['calibration']:.3f}")
+        print(f"{split}: auc {format_metric(m, 'auc')}  gauc {format_metric(m, 'gauc')}  "
+              f"logloss {format_metric(m, 'logloss')}  calibration {format_metric(m, 'calibration', 3)}")
