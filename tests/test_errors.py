@@ -6,6 +6,7 @@ training); one subprocess checks the train command end to end on a truncated Par
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import subprocess
@@ -25,6 +26,7 @@ from mdaf_rec.data.synth import generate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.output import ArchiveFile, refused_write
 from mdaf_rec.plan_io import PlanFileError, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +248,27 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path: Path, capsys) -> 
     assert line.startswith(f"mdaf-rec: error: {constraints}: cannot read constraints: ")
 
 
+# -- Refused writes --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_full_disk_under_torchs_archive_writer_is_one_named_error() -> None:
+    """torch's C++ writer would fail again in its destructor (an abort, exit 134); ArchiveFile keeps the first
+    failure and raises it, naming the file, once the writer is done."""
+    with pytest.raises(OSError) as caught:
+        with ArchiveFile("/dev/full") as fh:
+            torch.save({"w": torch.zeros(100_000)}, fh)
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, "/dev/full")
+    assert str(refused_write(caught.value, Path("/dev/full/model"))) == (
+        "/dev/full/model: cannot write /dev/full (No space left on device): the disk is full (or a size limit is reached)"
+    )
+    read_only = OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run/config.yaml")
+    assert str(refused_write(read_only, Path("/mnt/ro/run"))) == (
+        "/mnt/ro/run: cannot write /mnt/ro/run/config.yaml (Read-only file system): the location is not writable"
+    )
+    assert refused_write(OSError(errno.EIO, "Input/output error"), Path("x")) is None  # not the user's: a traceback
+
+
 # -- The contract ----------------------------------------------------------------------------------
 
 
@@ -255,6 +278,7 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path: Path, capsys) -> 
     "mdaf_rec.models.embeddings:InputIdError", "mdaf_rec.plan_io:PlanFileError", "mdaf_rec.train:TrainingError",
     "mdaf_rec.artifact:ArtifactError", "mdaf_rec.data.converters.common:ConversionError",
     "mdaf_rec.planning:PlanningError", "mdaf_rec.data.synth:SynthParamsError", "mdaf_rec.data.vocab:VocabFileError",
+    "mdaf_rec.output:OutputError",
 ])
 def test_user_facing_errors_share_one_base(where: str) -> None:
     module, name = where.split(":")

@@ -342,3 +342,54 @@ def test_a_training_run_shows_only_its_own_lines_unless_verbose(dataset: Path, t
     assert noisy == [], noisy
     loud = train(dataset, tmp_path / "loud", "--epochs", "1", "-v", config="configs/mdaf_mamba.yaml")
     assert any("[TBE=" in line for line in loud.stderr.splitlines())  # FBGEMM's INFO dumps, shown with -v
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused writes end with one line (issue 20)
+# --------------------------------------------------------------------------------------------------
+
+
+def _with_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """``mdaf-rec ARGS`` with every file it writes limited to ``limit`` bytes (RLIMIT_FSIZE): a write past it
+    fails at the OS layer (EFBIG; Python ignores SIGXFSZ) as on a full disk, portably and without root."""
+    import resource
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "mdaf_rec.cli", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600, preexec_fn=limit_files)
+
+
+def test_train_onto_a_full_disk_ends_with_one_line_and_no_complete_looking_checkpoint(dataset: Path, trained: Path,
+                                                                                          tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = [item for s in TINY for item in ("--set", s)]
+    # the checkpoint's weights (~250 kB) do not fit; config, plan, vocabularies and logs do
+    proc = _with_file_size_limit(100_000, "train", "--config", DCN, "--data", str(dataset), "--out", str(run),
+                                 "--epochs", "1", *sets)
+    line = _one_line_error(proc)
+    assert line.startswith(f"mdaf-rec: error: {run}: cannot write (") and "disk is full" in line, line
+    assert not (run / "checkpoints" / "index.json").exists()
+    assert not list(run.glob("checkpoints/*/manifest.json"))  # no checkpoint looks complete
+
+
+@pytest.mark.parametrize("limit", [100_000, 1])
+def test_export_onto_a_full_disk_ends_with_one_line_not_an_abort(trained: Path, tmp_path: Path, limit: int) -> None:
+    """model.pt2 (~300 kB) does not fit: torch's C++ archive writer used to abort (exit 134)."""
+    out = tmp_path / "model"
+    proc = _with_file_size_limit(limit, "export", "--run", str(trained), "--out", str(out), "--no-compile")
+    line = _one_line_error(proc)
+    assert line.startswith(f"mdaf-rec export: error: {out}: cannot write ") and "model.pt2" in line, line
+    assert list(tmp_path.iterdir()) == []  # neither MODEL_DIR nor its staging folder
+
+
+def test_predict_onto_a_full_disk_ends_with_one_line_and_no_output(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    mdaf("export", "--run", str(trained), "--out", str(model), "--no-compile")
+    out = tmp_path / "scores" / "s.parquet"
+    proc = _with_file_size_limit(2_000, "predict", "--model", str(model), "--data", str(dataset / "train.parquet"),
+                                 "--out", str(out))
+    line = _one_line_error(proc)
+    assert line.startswith(f"mdaf-rec predict: error: {out}: cannot write (") and "disk is full" in line, line
+    assert list(out.parent.iterdir()) == []

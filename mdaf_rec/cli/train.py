@@ -12,6 +12,7 @@ import torch
 
 from mdaf_rec.config import Config, check_sparse_optimizer, load_config
 from mdaf_rec.distributed import is_main_process
+from mdaf_rec.output import writing_to
 from mdaf_rec.registry import MODEL_NAMES
 
 DEMO_CONFIG = "demo"
@@ -91,8 +92,10 @@ def run_command(args: argparse.Namespace) -> None:
         from mdaf_rec.train import train
 
         cfg = train_config(args)
-        final = train(cfg, args.out or Path("runs") / cfg.model.name, resume=args.resume, plan_file=args.plan,
-                      overwrite=args.overwrite, verbose=args.verbose)
+        out = args.out or Path("runs") / cfg.model.name
+        with writing_to(out):
+            final = train(cfg, out, resume=args.resume, plan_file=args.plan, overwrite=args.overwrite,
+                          verbose=args.verbose)
         _print_summary(final)
     elif args.command == "eval":
         from mdaf_rec.train import eval_run
@@ -103,7 +106,8 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from mdaf_rec.demo import run_demo
 
-        run_demo(training_config(args.config, args.overrides), args.out, verbose=args.verbose)
+        with writing_to(args.out):
+            run_demo(training_config(args.config, args.overrides), args.out, verbose=args.verbose)
 
 
 def _print_summary(final: dict) -> None:
