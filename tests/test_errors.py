@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,6 +26,7 @@ from mdaf_rec.config import FeaturesConfig, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.synth import generate
+from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
@@ -108,6 +112,12 @@ def test_train_on_truncated_parquet_fails_before_building_a_model(dataset: Path,
     assert not (run / "checkpoints").exists() and not (run / "plan.json").exists()
 
 
+def test_predict_threads_0_is_one_line(tmp_path: Path, capsys) -> None:
+    line = error_line(capsys, ["predict", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "in.parquet"),
+                               "--out", str(tmp_path / "scores.parquet"), "--threads", "0"])
+    assert line == "mdaf-rec predict: error: --threads must be >= 1"
+
+
 @pytest.mark.parametrize("how", BAD_PARQUET)
 def test_predict_on_bad_parquet_names_the_file(dataset: Path, tmp_path: Path, capsys, monkeypatch, how: str) -> None:
     predict = importlib.import_module("mdaf_rec.predict")
@@ -133,6 +143,37 @@ def test_empty_train_split_is_named(dataset: Path, tmp_path: Path) -> None:
 def test_configured_column_missing_from_the_data_is_named_before_the_model(dataset: Path) -> None:
     with pytest.raises(DatasetError, match=rf"^{dataset / 'train.parquet'}: missing column\(s\) \['price'\] \(has \["):
         Vocabularies.load_or_build(Dataset.open(dataset), FeaturesConfig(dense=["price"]))
+
+
+@pytest.mark.parametrize("zone", [123, "Mars/Olympus"])
+def test_a_bad_meta_json_time_zone_is_refused_when_the_dataset_is_opened(dataset: Path, tmp_path: Path, zone) -> None:
+    root = copy_dataset(dataset, tmp_path / "d")
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "timezone": zone}))
+    with pytest.raises(DatasetError, match=rf"^{root / 'meta.json'}: field 'timezone': {re.escape(repr(zone))} is not "
+                                           r"an IANA time zone name \(e\.g\. 'Asia/Shanghai', 'UTC'\)$"):
+        Dataset.open(root)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_timestamp_of_2_62_is_refused_when_the_dataset_is_opened(dataset: Path, tmp_path: Path, split: str) -> None:
+    """It overflowed the local-time arithmetic mid-epoch (an index error in a table lookup)."""
+    root = copy_dataset(dataset, tmp_path / "d")
+    path = root / f"{split}.parquet"
+    table = pq.read_table(path)
+    ts = table.column("timestamp").to_pylist()
+    ts[157] = 2**62  # in the second row group: the row number counts across row groups
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(ts, pa.int64())),
+                   path, row_group_size=100)
+    with pytest.raises(DataError, match=rf"^{path}: column 'timestamp', row 157: {2**62} is not Unix seconds in "
+                                        r"1970\.\.2100 \[0, 4102444800\) \(milliseconds\? divide by 1000\)$"):
+        Dataset.open(root)
+
+
+def test_millisecond_timestamps_are_refused_naming_the_row() -> None:
+    table = pa.table({"timestamp": pa.array([1511539200, 1511539200123], pa.int64())})
+    with pytest.raises(DataError, match=r"^f\.parquet: column 'timestamp', row 41: 1511539200123 is not Unix seconds"):
+        validate(table, ColumnRules.build(), "f.parquet", row_offset=40, columns=["timestamp"])
 
 
 # -- Configs ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from mdaf_rec.config import Config, check_sparse_optimizer, load_config
 from mdaf_rec.distributed import is_main_process
+from mdaf_rec.errors import Interrupted
 from mdaf_rec.output import writing_to
 from mdaf_rec.registry import MODEL_NAMES
 
@@ -93,9 +94,13 @@ def run_command(args: argparse.Namespace) -> None:
 
         cfg = train_config(args)
         out = args.out or Path("runs") / cfg.model.name
-        with writing_to(out):
-            final = train(cfg, out, resume=args.resume, plan_file=args.plan, overwrite=args.overwrite,
-                          verbose=args.verbose)
+        try:
+            with writing_to(out):
+                final = train(cfg, out, resume=args.resume, plan_file=args.plan, overwrite=args.overwrite,
+                              verbose=args.verbose)
+        except KeyboardInterrupt:
+            raise Interrupted(f"re-run the same command to continue: it resumes {out} from its last checkpoint "
+                              "(or starts afresh if it has none yet)") from None
         _print_summary(final)
     elif args.command == "eval":
         from mdaf_rec.train import eval_run

@@ -19,7 +19,9 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mdaf_rec.data.schema import META_FILE, SPLITS
+from mdaf_rec.config import is_timezone
+from mdaf_rec.data.schema import META_FILE, SPLITS, TIMESTAMP
+from mdaf_rec.data.validate import TIMESTAMP_RANGE, ColumnRules, validate
 from mdaf_rec.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ class Dataset:
     def open(path: Union[str, Path]) -> "Dataset":
         """Lists the split files of ``path`` and reads ``meta.json`` if present.
 
-        Raises :class:`DatasetError` naming the folder and the missing or empty split, or the split
+        Raises :class:`DatasetError` naming the folder and the missing or empty split, the split
         file that is not readable Parquet (every file's footer is read here, so a truncated or empty
-        file fails before anything is built on the data).
+        file fails before anything is built on the data), or ``meta.json``'s malformed field.
         """
         root = Path(path)
         if not root.is_dir():
@@ -59,7 +61,7 @@ class Dataset:
         files = {split: _split_files(root, split) for split in SPLITS}
         for split_files in files.values():
             for f in split_files:
-                open_parquet(f)
+                _check_timestamps(open_parquet(f))
         meta_path = root / META_FILE
         meta: Dict[str, Any] = {}
         if meta_path.exists():
@@ -67,6 +69,12 @@ class Dataset:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise DatasetError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+            zone = meta.get("timezone")
+            if zone is not None and not is_timezone(zone):  # read by every batch: refuse it here, not mid-epoch
+                raise DatasetError(f"{meta_path}: field 'timezone': {zone!r} is not an IANA time zone name "
+                                   "(e.g. 'Asia/Shanghai', 'UTC')")
         logger.debug("opened dataset %s: %s", root, {s: len(f) for s, f in files.items()})
         return Dataset(root=root, files=files, meta=meta)
 
@@ -137,6 +145,24 @@ def _naming_file(path: Path) -> Iterator[None]:
     except (pa.ArrowException, OSError) as e:
         reason = " ".join(str(e).split())
         raise DatasetError(f"{path}: not a readable Parquet file ({reason})") from None
+
+
+def _check_timestamps(parquet: ParquetFile) -> None:
+    """Refuses an implausible ``timestamp`` when the dataset is opened, not when an epoch reaches it: the
+    footer's min / max of each row group point at the row groups to read, whose values are then validated
+    (:data:`~mdaf_rec.data.validate.TIMESTAMP_RANGE`) to name the row. Without statistics the loader's
+    validation of each batch still refuses it."""
+    meta = parquet.metadata
+    leaf = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == TIMESTAMP), None)
+    if leaf is None:
+        return
+    lo, hi = TIMESTAMP_RANGE
+    offset = 0
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(leaf).statistics
+        if stats is not None and stats.has_min_max and not (lo <= stats.min and stats.max < hi):
+            validate(parquet.read_row_group(i, [TIMESTAMP]), ColumnRules.build(), str(parquet.path), offset, [TIMESTAMP])
+        offset += meta.row_group(i).num_rows
 
 
 def _split_files(root: Path, split: str) -> Tuple[Path, ...]:

@@ -23,6 +23,9 @@ ArrowData = Union[pa.Table, pa.RecordBatch]
 Column = Union[pa.Array, pa.ChunkedArray]
 # Only uint64 values can overflow int64; compare them as uint64.
 _INT64_MAX = pa.scalar(np.iinfo(np.int64).max, pa.uint64())
+#: Plausible ``timestamp`` values, Unix seconds from 1970-01-01 to 2100-01-01 (UTC): a value outside is in other
+#: units (milliseconds: ~1.5e12) or garbage (2**62 overflows the local-time arithmetic of ``hour``/``dayofweek``).
+TIMESTAMP_RANGE = (0, 4_102_444_800)
 
 
 class DataError(UserError, ValueError):
@@ -97,6 +100,8 @@ def validate(
             out[name] = _check_dense(column, name, where)
         elif name == LABEL:
             out[name] = _check_label(column, where)
+        elif name == TIMESTAMP:
+            out[name] = _check_timestamp(column, where)
         else:
             out[name] = _check_integer(column, name, where, non_negative=name in rules.id_columns)
     histories = [out[c] for c in wanted if c in rules.history_columns]
@@ -166,6 +171,17 @@ def _check_label(arr: Column, where: _Where) -> Column:
     elif arr.null_count:
         raise where.error(LABEL, pc.is_null(arr), "null value")
     return arr.cast(pa.int8())
+
+
+def _check_timestamp(arr: Column, where: _Where) -> Column:
+    arr = _check_integer(arr, TIMESTAMP, where, non_negative=False)
+    lo, hi = TIMESTAMP_RANGE
+    if len(arr) and (pc.min(arr).as_py() < lo or pc.max(arr).as_py() >= hi):
+        bad = pc.or_(pc.less(arr, lo), pc.greater_equal(arr, hi))
+        value = arr[int(np.flatnonzero(_bools(bad))[0])].as_py()
+        raise where.error(TIMESTAMP, bad, f"{value} is not Unix seconds in 1970..2100 "
+                          f"[{lo}, {hi}) (milliseconds? divide by 1000)")
+    return arr
 
 
 def _check_history(arr: Column, column: str, where: _Where) -> Column:
