@@ -1,5 +1,6 @@
 """Writing a command's output (a run directory, a MODEL_DIR, a scores file): a write the disk refuses
-(full, over quota, read-only, no permission) ends as one line naming the output, not a traceback.
+(full, over quota, read-only, no permission, a file where a folder is needed) ends as one line naming the
+output, not a traceback.
 
 :func:`writing_to` turns such an ``OSError`` into an :class:`OutputError` (the ``mdaf-rec`` command line
 prints it as one line, exit status 2). :class:`ArchiveFile` is the file to hand torch's archive writers
@@ -18,26 +19,29 @@ from typing import Any, Iterator, Optional, Union
 
 from mdaf_rec.errors import UserError
 
-#: errno values that mean "the disk will not take this write", not a bug.
+#: errno values that mean "the disk will not take this write" (not a bug), and what to tell the user.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+REFUSED = {
+    **dict.fromkeys(NO_SPACE, "the disk is full (or a size limit is reached)"),
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), "the location is not writable"),
+    **dict.fromkeys((errno.ENOTDIR, errno.EEXIST), "a file stands where a folder is needed"),
+}
 
 
-class OutputError(UserError, OSError):
-    """An output could not be written: the disk is full or the folder is not writable (names the path)."""
+class OutputError(UserError):
+    """An output could not be written: the disk is full, the location is not writable, or a file stands where
+    a folder is needed (the message names the output, and the file when known)."""
 
 
 def refused_write(e: OSError, output: Path) -> Optional[OutputError]:
     """The :class:`OutputError` for ``e`` raised while writing ``output``, or ``None`` when ``e`` is not a
     refused write (then it is a bug or another problem, and keeps its traceback)."""
-    if isinstance(e, OutputError):
-        return e
-    if e.errno in NO_SPACE:
-        reason = "the disk is full (or a size limit is reached)"
-    elif e.errno in NOT_WRITABLE:
-        reason = "the location is not writable"
-    else:
+    if e.errno not in REFUSED:
         return None
+    if e.errno not in NO_SPACE and e.filename is not None:  # only a write fails for lack of space; the others
+        if not Path(e.filename).absolute().is_relative_to(output.absolute().parent):  # may be a read elsewhere
+            return None
+    reason = REFUSED[e.errno]
     where = f" {e.filename}" if e.filename and str(e.filename) != str(output) else ""
     return OutputError(f"{output}: cannot write{where} ({e.strerror}): {reason}")
 

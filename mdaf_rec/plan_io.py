@@ -141,6 +141,10 @@ def _check_table(sharding: ParameterSharding, shape: Tuple[int, int], world_size
     if not isinstance(spec, EnumerableShardingSpec):
         return
     rows, dim = shape
+    flat = [s for s in spec.shards if len(s.shard_offsets) != 2 or len(s.shard_sizes) != 2]
+    if flat:
+        raise PlanFileError(f"{where}: shard offsets {flat[0].shard_offsets} / sizes {flat[0].shard_sizes} are not "
+                            "[row, column] pairs")
     extent = max(s.shard_offsets[0] + s.shard_sizes[0] for s in spec.shards)
     if extent != rows:
         raise PlanFileError(f"{where}: the plan's shards cover {extent} rows, this model's table has {rows}: the "

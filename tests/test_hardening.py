@@ -504,3 +504,22 @@ def test_a_bad_feature_spec_is_one_line(dataset: Path, exported: Path, tmp_path:
                 "--out", str(tmp_path / "s.parquet"), check=False)
     line = _one_line_error(proc)
     assert line.startswith(f"mdaf-rec predict: error: {spec}: {message}"), line
+
+
+@pytest.mark.parametrize("command", ["train", "export", "predict"])
+def test_an_out_under_a_file_is_one_line(dataset: Path, trained: Path, exported: Path, tmp_path: Path,
+                                         command: str) -> None:
+    """An --out that cannot be created (as root, permissions do not stop a write; a file in its path does)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    out = blocker / "out"
+    if command == "train":
+        proc = train(dataset, out, "--epochs", "1", config=DCN, check=False)
+    elif command == "export":
+        proc = mdaf("export", "--run", str(trained), "--out", str(out), "--no-compile", check=False)
+    else:
+        proc = mdaf("predict", "--model", str(exported), "--data", str(dataset / "test.parquet"), "--out", str(out),
+                    check=False)
+    line = _one_line_error(proc)
+    assert re.match(rf"mdaf-rec( {command})?: error: {out}: cannot write ", line), line
+    assert "a file stands where a folder is needed" in line and blocker.read_text() == "mine", line
