@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from mdaf_rec import checkpoint as ckpt
+from mdaf_rec import cli
 from mdaf_rec.data.synth import generate
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 
@@ -490,8 +491,10 @@ def test_sigint_prints_one_line_with_the_resume_hint_and_exits_130(dataset: Path
      "key 'timezone': unknown IANA time zone 'Mars/Olympus'"),
     (lambda text: json.dumps({**json.loads(text), "timezone": 123}), "key 'timezone': unknown IANA time zone 123"),
 ])
-def test_a_bad_feature_spec_is_one_line(dataset: Path, exported: Path, tmp_path: Path, damage, message: str) -> None:
-    """A feature_spec.json edited by hand and its manifest entry rehashed (a bad zone used to fail per batch)."""
+def test_a_bad_feature_spec_is_one_line(dataset: Path, exported: Path, tmp_path: Path, capsys, damage,
+                                        message: str) -> None:
+    """A feature_spec.json edited by hand and its manifest entry rehashed (a bad zone used to fail per batch).
+    In this process: the error comes before any program is loaded."""
     model = tmp_path / "model"
     shutil.copytree(exported, model)
     spec = model / "feature_spec.json"
@@ -500,10 +503,12 @@ def test_a_bad_feature_spec_is_one_line(dataset: Path, exported: Path, tmp_path:
     manifest = json.loads((model / "manifest.json").read_text())
     manifest["files"]["feature_spec.json"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     (model / "manifest.json").write_text(json.dumps(manifest))
-    proc = mdaf("predict", "--model", str(model), "--data", str(dataset / "test.parquet"),
-                "--out", str(tmp_path / "s.parquet"), check=False)
-    line = _one_line_error(proc)
-    assert line.startswith(f"mdaf-rec predict: error: {spec}: {message}"), line
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(model), "--data", str(dataset / "test.parquet"),
+                     "--out", str(tmp_path / "s.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"mdaf-rec predict: error: {spec}: {message}"), err
 
 
 @pytest.mark.parametrize("command", ["train", "export", "predict"])
