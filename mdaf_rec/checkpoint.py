@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from mdaf_rec.manifest import MANIFEST_FILE, first_mismatch, read_manifest, write_manifest
 from mdaf_rec.errors import UserError
+from mdaf_rec.output import ArchiveFile
 from mdaf_rec.run_dir import CHECKPOINT_NAME, RunDir
 
 if TYPE_CHECKING:
@@ -197,8 +198,15 @@ def save_checkpoint(
     run = RunDir(run_dir)
     path = run.checkpoints / name
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dcp.save(tensor_state(app_state), checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    try:
+        dcp.save(tensor_state(app_state), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a rank's failed write (disk full) is an OSError inside DCP's BaseException
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, OSError)]
+        if not refused:
+            raise
+        raise refused[0] from None
+    with ArchiveFile(path / f"rng_rank{rank}.pt") as fh:
+        torch.save(_rng_state(), fh)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -347,9 +355,12 @@ def _set_rng_state(path: Path) -> None:
         state = {"cpu": state}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in state.values()):
         raise CheckpointError(f"{path}: not an RNG state file")
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    try:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+    except (KeyError, RuntimeError) as e:  # no "cpu" entry, or a state of the wrong size for this generator
+        raise CheckpointError(f"{path}: not an RNG state of this torch's generators ({_first_line(e)})") from None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

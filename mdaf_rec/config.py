@@ -305,7 +305,7 @@ def validate(cfg: Config) -> Config:
     _require(f.table_init_scale is None or f.table_init_scale > 0, "features.table_init_scale",
              "must be > 0 (or null: TorchRec's ±sqrt(1 / rows))")
     if f.timezone is not None:
-        _require(_is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
+        _require(is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
     for name, space in f.id_spaces.items():
         _require(bool(space.column), f"features.id_spaces.{name}.column", "must name a column")
         if space.hash_buckets is not None:
@@ -397,7 +397,10 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def _is_timezone(name: str) -> bool:
+def is_timezone(name: Any) -> bool:
+    """Whether ``name`` is a string naming a time zone of the IANA database (``Asia/Shanghai``, ``UTC``)."""
+    if not isinstance(name, str):
+        return False
     try:
         ZoneInfo(name)
     except (ValueError, ZoneInfoNotFoundError):

@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import pyarrow.compute as pc
 import torch
@@ -50,12 +50,13 @@ from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.distributed import DistEnv, check_gpu_request, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
 from mdaf_rec.metrics import MetricAccumulator, format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
-from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
+from mdaf_rec.plan_io import check_plan, load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
 from mdaf_rec.sharding import build_optimizer, plan_sharding, planner_memory, shard_model, table_parameters
 from mdaf_rec.train_state import TrainState
@@ -117,7 +118,7 @@ def open_session(
     run_dir: Path,
     env: DistEnv,
     vocabs: Optional[Vocabularies] = None,
-    plan: Optional[ShardingPlan] = None,
+    plan: Union[ShardingPlan, Path, None] = None,
     *,
     training: bool = True,
 ) -> Session:
@@ -128,8 +129,10 @@ def open_session(
         run_dir: run directory.
         env: this process's place in the job.
         vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise.
-        plan: sharding plan; planned by the TorchRec planner for this topology when ``None`` (per-rank memory:
-            ``planning.hbm_gb`` / ``planning.ddr_gb``, else this machine's, :func:`~mdaf_rec.sharding.planner_memory`).
+        plan: sharding plan, or a plan file written by ``mdaf-rec plan --json`` (read and checked against this
+            model's tables and this job); planned by the TorchRec planner for this topology when ``None``
+            (per-rank memory: ``planning.hbm_gb`` / ``planning.ddr_gb``, else this machine's,
+            :func:`~mdaf_rec.sharding.planner_memory`).
         training: attach the fused table optimizer and build the dense one; an evaluation session
             (``False``) has neither, so no optimizer state is allocated.
     """
@@ -141,6 +144,9 @@ def open_session(
                                             compute_device=env.device, with_sparse_optimizer=training)
     params = _count_params(train_module)
     per_rank_batch = max(1, cfg.train.batch_size // env.world_size)
+    if isinstance(plan, Path):
+        source, plan = plan, load_plan(plan, env.world_size)
+        check_plan(plan, train_module, env.world_size, env.device.type, str(source))
     if plan is None:
         hbm_cap, ddr_cap = planner_memory(env.device, env.local_world_size, cfg.planning.hbm_gb, cfg.planning.ddr_gb)
         plan = plan_sharding(
@@ -293,7 +299,8 @@ def train(
             cfg.model.name, f"{session.params['total']:,}", f"{session.params['tables']:,}", env.world_size,
             env.backend, torch.get_num_threads(), cfg.data.path,
         )
-        return _fit(session, state)
+        with stoppable():
+            return _fit(session, state)
     finally:
         lock.release()
 
@@ -429,14 +436,14 @@ def _set_threads(cfg: Config, env: DistEnv) -> None:
     torch.set_num_threads(cfg.train.threads or max(1, cores // env.local_world_size))
 
 
-def _run_plan(run: RunDir, env: DistEnv, plan_file: Optional[Path], start: Start) -> Optional[ShardingPlan]:
-    """The plan to shard with: the given file, else (when resuming with the same world size) the run's
+def _run_plan(run: RunDir, env: DistEnv, plan_file: Optional[Path], start: Start) -> Optional[Path]:
+    """The plan file to shard with: the given file, else (when resuming with the same world size) the run's
     own ``plan.json``, else ``None`` (the planner decides). A resumed run keeps its sharding so that
     its optimizer state (fused for sharded tables, dense for data-parallel ones) loads as saved."""
     if plan_file is not None:
-        return load_plan(plan_file, env.world_size)
+        return plan_file
     if start is Start.RESUME and run.plan.exists() and plan_world_size(run.plan) == env.world_size:
-        return load_plan(run.plan, env.world_size)
+        return run.plan
     return None
 
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mdaf_rec.config import is_timezone
 from mdaf_rec.data.schema import META_FILE, SPLITS
 from mdaf_rec.errors import UserError
 
@@ -51,9 +52,9 @@ class Dataset:
     def open(path: Union[str, Path]) -> "Dataset":
         """Lists the split files of ``path`` and reads ``meta.json`` if present.
 
-        Raises :class:`DatasetError` naming the folder and the missing or empty split, or the split
+        Raises :class:`DatasetError` naming the folder and the missing or empty split, the split
         file that is not readable Parquet (every file's footer is read here, so a truncated or empty
-        file fails before anything is built on the data).
+        file fails before anything is built on the data), or ``meta.json``'s malformed field.
         """
         root = Path(path)
         if not root.is_dir():
@@ -63,6 +64,10 @@ class Dataset:
             for f in split_files:
                 open_parquet(f)
         meta = read_meta(root)
+        zone = meta.get("timezone")
+        if zone is not None and not is_timezone(zone):  # read by every batch: refuse it here, not mid-epoch
+            raise DatasetError(f"{root / META_FILE}: field 'timezone': {zone!r} is not an IANA time zone name "
+                               "(e.g. 'Asia/Shanghai', 'UTC')")
         logger.debug("opened dataset %s: %s", root, {s: len(f) for s, f in files.items()})
         return Dataset(root=root, files=files, meta=meta)
 
@@ -103,9 +108,12 @@ def read_meta(root: Union[str, Path]) -> Dict[str, Any]:
     if not meta_path.exists():
         return {}
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
 
 
 def recorded_timezone(recorded: Optional[str], data: Union[str, Path]) -> str:

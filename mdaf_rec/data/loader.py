@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,7 @@ from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import TIME_FIELDS, FeatureSpec
+from mdaf_rec.interrupts import raise_if_interrupted, workers_ignore_sigint
 
 logger = logging.getLogger(__name__)
 
@@ -365,9 +366,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
-            batches = self.worker_batches(0, 1)
+            batches = _stoppable_batches(self.worker_batches(0, 1))
         else:
-            batches = _raise_user_errors(DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers))
+            batches = _stoppable_batches(_worker_batches(DataLoader(_WorkerShards(self), batch_size=None,
+                                                                    num_workers=self.num_workers)))
         return map(Batch.pin_memory, batches) if self.pin_memory else batches
 
     def worker_batches(self, worker: int, num_workers: int) -> Iterator[Batch]:
@@ -434,8 +436,18 @@ class _WorkerShards(IterableDataset):
             yield e
 
 
-def _raise_user_errors(items: Iterable[Union[Batch, UserError]]) -> Iterator[Batch]:
-    """The batches of the workers; a :class:`UserError` one of them sent is raised here, its message intact."""
+def _stoppable_batches(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches``; a Ctrl-C that was lost on its way is raised before the next one (:mod:`mdaf_rec.interrupts`)."""
+    for batch in batches:
+        raise_if_interrupted()
+        yield batch
+
+
+def _worker_batches(loader: DataLoader) -> Iterator[Batch]:
+    """The batches of the workers; a :class:`UserError` one of them sent is raised here, its message intact.
+    The workers leave Ctrl-C to this process (:func:`~mdaf_rec.interrupts.workers_ignore_sigint`)."""
+    with workers_ignore_sigint():
+        items = iter(loader)  # starts the workers
     for item in items:
         if isinstance(item, UserError):
             raise item

@@ -27,7 +27,8 @@ from mdaf_rec.features import TIME_FIELDS, FeatureSpec
 ArrowData = Union[pa.Table, pa.RecordBatch]
 Column = Union[pa.Array, pa.ChunkedArray]
 #: Plausible ``timestamp`` values, unix seconds: [1990-01-01, 2100-01-01). Any time after 1970-02-17 in
-#: milliseconds (or finer) lies above it, so a column in another unit is never taken for seconds.
+#: milliseconds (or finer) lies above it, so a column in another unit is never taken for seconds; garbage such as
+#: 2**62 (it overflowed the local-time arithmetic of ``hour`` / ``dayofweek`` mid-epoch) is refused too.
 TIMESTAMP_RANGE = (631_152_000, 4_102_444_800)
 # Only uint64 values can overflow int64; compare them as uint64.
 _INT64_MAX = pa.scalar(np.iinfo(np.int64).max, pa.uint64())
