@@ -3,6 +3,7 @@ and the bad-row policy."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -16,8 +17,10 @@ import pytest
 from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
-from mdaf_rec.data.converters.common import ConversionError, build_histories, stable_hash64
+from mdaf_rec.data.converters.common import ConversionError, local_days, stable_hash64
+from mdaf_rec.data.converters.engine import Engine, history_join
 from mdaf_rec.data.converters.movielens import GENRE_IDS
+from converter_digests import CASES, DIGESTS, run_case
 from mdaf_rec.data.schema import (
     CATEGORY_HISTORY,
     CATEGORY_ID,
@@ -119,15 +122,26 @@ def assert_leak_free(table: pa.Table, ev_user, ev_item, ev_time, max_len: int = 
 # --------------------------------------------------------------------------------------------------
 
 
-def test_build_histories_ties_order_and_cap():
+def engine_args(tmp_path: Path, **kw) -> argparse.Namespace:
+    return argparse.Namespace(out=tmp_path, temp_dir=None, memory_limit="256MB", threads=1, **kw)
+
+
+def test_history_join_ties_order_and_cap(tmp_path):
+    """Events at the query's second are excluded, ties keep file (seq) order, the cap keeps the most recent."""
     ev_user = np.array([7, 7, 7, 7, 8, 7])
     ev_time = np.array([30, 10, 20, 20, 5, 40])
     ev_item = np.array([3, 1, 2, 22, 99, 4])
     q_user = np.array([7, 7, 8, 9, 7])
     q_time = np.array([20, 41, 5, 100, 10])
-    offsets, (items,) = build_histories(ev_user, ev_time, [ev_item], q_user, q_time, max_len=3)
-    got = [items[offsets[i]:offsets[i + 1]].tolist() for i in range(len(q_user))]
-    assert got == [[1], [22, 3, 4], [], [], []]
+    with Engine(engine_args(tmp_path)) as engine:
+        engine.stage("ev", [{USER_ID: ev_user, TIMESTAMP: ev_time, ITEM_ID: ev_item}])
+        engine.stage("q", [{USER_ID: q_user, TIMESTAMP: q_time}])
+        got = engine.rows(f"SELECT {ITEM_HISTORY} FROM ({history_join('q', [('ev', {ITEM_HISTORY: ITEM_ID})], 3)}) "
+                          "ORDER BY seq")
+        assert [r[0] for r in got] == [[1], [22, 3, 4], [], [], []]
+        empty = engine.rows(f"SELECT {ITEM_HISTORY} FROM ({history_join('q', [('ev', {ITEM_HISTORY: ITEM_ID})], 0)})")
+        assert [r[0] for r in empty] == [[]] * 5
+    assert not any(tmp_path.glob(".convert-*")), "the engine's temp folder is removed"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +398,61 @@ def test_taobao_ad_cap_and_invariant(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Real samples
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_rows_as_the_numpy_converters(tmp_path, case):
+    """Row by row (every column, histories included) the DuckDB converters write what the in-memory numpy
+    converters wrote (digests captured from them, tests/converter_digests.py); taobao-behavior: the positives
+    and their histories (negatives are random: see test_behavior_negatives_statistics)."""
+    raw = CASES[case][1]
+    shared = shared_data() if not raw.startswith("gen:") else Path("/nonexistent")
+    expected = json.loads(DIGESTS.read_text())[case]
+    got = run_case(case, shared, tmp_path)
+    assert got["digests"] == expected["digests"]
+    assert got["filled"] == expected["filled"]
+    for split in SPLITS:
+        want, have = expected["splits"][split], got["splits"][split]
+        assert {k: have[k] for k in ("rows", "first_timestamp", "last_timestamp")} == \
+            {k: want[k] for k in ("rows", "first_timestamp", "last_timestamp")}
+        assert have["ctr"] == pytest.approx(want["ctr"], abs=1e-12)
+
+
+def test_behavior_negatives_statistics(tmp_path):
+    """The SQL sampler draws other negatives than the numpy one did (another generator), from the same
+    per-day pools with the same weights: per (local day, item) its negatives follow the item's clicks that
+    day as closely as the numpy sampler's did (its numbers: correlation 0.7281, share of negatives on the
+    top 1 % clicked (day, item) pairs 0.0597, 6 draws of 4 (day, item) pairs from the fallback pools)."""
+    raw = shared_data() / "taobao_userbehavior_sample" / "UserBehavior_sample.csv"
+    convert("taobao-behavior", raw, tmp_path / "out", "--negatives", "3")
+    t = load(tmp_path / "out")
+    user, item, ts, pv = behavior_events(raw)
+    label, neg_item = t[LABEL].to_numpy(), t[ITEM_ID].to_numpy()
+    neg = label == 0
+    assert neg.sum() == 3 * pv.sum()
+    click_day = local_days(ts[pv], "Asia/Shanghai")
+    neg_day = local_days(t[TIMESTAMP].to_numpy()[neg], "Asia/Shanghai")
+    click_keys, click_counts = np.unique(click_day * (1 << 40) + item[pv], return_counts=True)
+    neg_keys, neg_counts = np.unique(neg_day * (1 << 40) + neg_item[neg], return_counts=True)
+    pos = np.minimum(np.searchsorted(click_keys, neg_keys), len(click_keys) - 1)
+    same_day = click_keys[pos] == neg_keys
+    assert ((~same_day).sum(), neg_counts[~same_day].sum()) == (4, 6)
+    per_pair = np.zeros(len(click_keys))
+    per_pair[pos[same_day]] = neg_counts[same_day]
+    assert np.corrcoef(per_pair, click_counts)[0, 1] == pytest.approx(0.7281, abs=0.02)
+    top = click_counts >= np.quantile(click_counts, 0.99)
+    assert per_pair[top].sum() / per_pair.sum() == pytest.approx(0.0597, abs=0.005)
+    # never an item the user touched; the category is that of the item's first click of the day
+    touched = np.unique(user * (1 << 32) + item)
+    neg_user = t[USER_ID].to_numpy()[neg]
+    assert not np.isin(neg_user * (1 << 32) + neg_item[neg], touched).any()
+    category = np.genfromtxt(raw, delimiter=",", usecols=2, dtype=np.int64)[pv]
+    first = np.unique(click_day * (1 << 40) + item[pv], return_index=True)[1]
+    neg_category = t[CATEGORY_ID].to_numpy()[neg]
+    keys = neg_day * (1 << 40) + neg_item[neg]
+    at = np.minimum(np.searchsorted(click_keys, keys), len(click_keys) - 1)
+    in_day = click_keys[at] == keys
+    assert np.array_equal(category[first][at[in_day]], neg_category[in_day])
 
 
 def test_movielens_small_sample(tmp_path):
