@@ -18,7 +18,7 @@ from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
 from mdaf_rec.data.converters.common import ConversionError, local_days, stable_hash64
-from mdaf_rec.data.converters.engine import Engine, history_join
+from mdaf_rec.data.converters.engine import Engine, add_histories
 from mdaf_rec.data.converters.movielens import GENRE_IDS
 from converter_digests import CASES, DIGESTS, run_case
 from mdaf_rec.data.schema import (
@@ -79,7 +79,7 @@ def assert_canonical(out: Path) -> Dict:
         assert schema.names[: len(names)] == names
         for name, type_ in REQUIRED_COLUMNS.items():
             assert schema.field(name).type == type_, name
-        assert schema.names[len(names):] == meta["extra_sparse"] + meta["dense"]
+        assert schema.names[len(names):] == meta["extra_sparse"] + meta["dense"] + list(meta.get("extra_histories", {}))
         t = pq.read_table(out / f"{split}.parquet")
         assert t.num_rows == meta["splits"][split]["rows"]
         total += t.num_rows
@@ -136,11 +136,15 @@ def test_history_join_ties_order_and_cap(tmp_path):
     with Engine(engine_args(tmp_path)) as engine:
         engine.stage("ev", [{USER_ID: ev_user, TIMESTAMP: ev_time, ITEM_ID: ev_item}])
         engine.stage("q", [{USER_ID: q_user, TIMESTAMP: q_time}])
-        got = engine.rows(f"SELECT {ITEM_HISTORY} FROM ({history_join('q', [('ev', {ITEM_HISTORY: ITEM_ID})], 3)}) "
-                          "ORDER BY seq")
-        assert [r[0] for r in got] == [[1], [22, 3, 4], [], [], []]
-        empty = engine.rows(f"SELECT {ITEM_HISTORY} FROM ({history_join('q', [('ev', {ITEM_HISTORY: ITEM_ID})], 0)})")
-        assert [r[0] for r in empty] == [[]] * 5
+        add_histories(engine, "h3", "q", [("ev", {ITEM_HISTORY: ITEM_ID})], 3, extra={"twice": "2 * seq"})
+        got = engine.rows(f"SELECT {ITEM_HISTORY}, twice FROM h3 ORDER BY seq")
+        assert got == [([1], 0), ([22, 3, 4], 2), ([], 4), ([], 6), ([], 8)]
+        # the events as their own queries: the history of each event
+        add_histories(engine, "self", "ev", [("ev", {ITEM_HISTORY: ITEM_ID})], 2)
+        got = engine.rows(f"SELECT {ITEM_HISTORY} FROM self ORDER BY seq")
+        assert [r[0] for r in got] == [[2, 22], [], [1], [1], [], [22, 3]]
+        add_histories(engine, "h0", "q", [("ev", {ITEM_HISTORY: ITEM_ID})], 0)
+        assert [r[0] for r in engine.rows(f"SELECT {ITEM_HISTORY} FROM h0")] == [[]] * 5
     assert not any(tmp_path.glob(".convert-*")), "the engine's temp folder is removed"
 
 
@@ -381,6 +385,38 @@ def test_taobao_ad_raw_exact(tmp_path):
     assert rows[(1, 504)]["brand"] == 0 and rows[(2, 500)]["new_user_class_level"] == 5
     missing = rows[(3, 509)]
     assert (missing[CATEGORY_ID], missing["price"], missing["cms_segid"]) == (0, 0.0, 0)
+
+
+def test_taobao_ad_behavior_log(tmp_path):
+    """Per behaviour type, the categories and brands of the user's last N behaviours strictly before the
+    impression: same second excluded, ties in file order, most recent last, NULL brand -> 0."""
+    raw = taobao_ad_raw(tmp_path / "raw")
+    log = write(tmp_path / "behavior_log.csv", [
+        "user,time_stamp,btag,cate,brand",
+        f"1,{T0 + 15},pv,14,114", f"1,{T0 - 100},pv,11,111", f"1,{T0 + 10},pv,12,112", f"1,{T0 + 10},cart,13,NULL",
+        f"1,{T0 + 15},pv,15,115", f"1,{T0 + 3 * DAY},buy,16,116", f"2,{T0 + 1},fav,21,221",
+    ])
+    meta = convert("taobao-ad", raw, tmp_path / "out", "--behavior-log", str(log), "--max-history", "2")
+    assert_canonical(tmp_path / "out")
+    assert list(meta["extra_histories"]) == [f"{b}_{c}_history" for b in ("pv", "cart", "fav", "buy")
+                                             for c in ("cate", "brand")]
+    rows = {(r[USER_ID], r[ITEM_ID]): r for r in rows_of(load(tmp_path / "out"))}
+
+    def histories(key):
+        return {name: rows[key][name] for name in meta["extra_histories"] if rows[key][name]}
+
+    assert histories((1, 500)) == {"pv_cate_history": [11], "pv_brand_history": [111]}
+    later = {"pv_cate_history": [14, 15], "pv_brand_history": [114, 115],
+             "cart_cate_history": [13], "cart_brand_history": [0]}
+    assert histories((1, 501)) == later and histories((1, 504)) == later
+    assert rows[(1, 504)][ITEM_HISTORY] == [500, 501]  # the click history is unchanged
+    assert histories((2, 500)) == {"fav_cate_history": [21], "fav_brand_history": [221]}
+    assert histories((3, 509)) == {}
+    write(log, ["user,time_stamp,btag,cate,brand", f"1,{T0},pv,1,1", f"1,{T0},click,1,1"])
+    with pytest.raises(ConversionError, match=r"behavior_log.csv: line 3: column 'btag': not one of"):
+        convert("taobao-ad", raw, tmp_path / "bad", "--behavior-log", str(log))
+    with pytest.raises(ConversionError, match="--behavior-log: only with the raw Alimama folder"):
+        convert("taobao-ad", tmp_path, tmp_path / "fux", "--behavior-log", str(log))
 
 
 def test_taobao_ad_cap_and_invariant(tmp_path):

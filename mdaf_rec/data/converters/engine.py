@@ -139,38 +139,65 @@ class Engine:
         return rows
 
 
-def history_join(queries: str, groups: Sequence[Tuple[str, Mapping[str, str]]], max_len: int) -> str:
-    """SQL: the rows of ``queries`` with, per group ``(events, columns)``, list columns holding the user's last
-    ``max_len`` events of ``events`` STRICTLY before the row's timestamp, oldest first, most recent last.
+def add_histories(
+    engine: Engine,
+    table: str,
+    queries: str,
+    groups: Sequence[Tuple[str, Mapping[str, str]]],
+    max_len: int,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """Creates ``table``: the rows of ``queries`` with, per group ``(events, columns)``, list columns holding
+    the user's last ``max_len`` events of ``events`` STRICTLY before the row's timestamp, oldest first, most
+    recent last, and the ``extra`` columns (name -> SQL expression over the query's columns).
 
     Events at the same second as each other keep their :data:`SEQ` (file) order. ``queries`` and each
-    ``events`` are relations (table names or parenthesised queries) with ``user_id`` and ``timestamp``;
-    ``events`` also has :data:`SEQ`. ``columns`` maps an output list column to the event expression it
-    gathers (e.g. ``{"item_history": "item_id"}``).
+    ``events`` are relations (table names or parenthesised queries) with ``user_id``, ``timestamp`` and
+    :data:`SEQ`; ``columns`` maps an output list column to the event expression it gathers (e.g.
+    ``{"item_history": "item_id"}``); ``queries`` may also be the events (a click's history of clicks).
 
-    How: a window over each user's events ordered by (timestamp, seq) gives every event the list of the
-    last ``max_len`` events up to it; keeping the last event of each (user, second) and ASOF-joining each
-    query to the latest such second strictly before its own gives the history. Both steps sort and spill
-    under the memory limit.
+    How, with narrow sorts and one list window (lists are what is expensive to move): the queries and all
+    groups' events go into one relation ordered per user by (timestamp, queries first, seq), so the events
+    before a query's position are exactly those strictly earlier. A running count per group numbers the
+    events; a query's history of group g starts at the event numbered (events before it - max_len + 1),
+    whose position an equi-join on (user, number) finds (pure equality keys: a residual condition in the
+    ON clause made DuckDB's join quadratic); ``list(...) FILTER (WHERE the row is a g event)``
+    over the variable frame from that position to the row before the query gathers the history. Each step
+    is a sort, a join or a window that spills under the memory limit, and lists are only built for queries.
     """
+    extra = dict(extra or {})
+    extra_sql = "".join(f", {expr} AS {name}" for name, expr in extra.items())
     if max_len == 0:
-        lists = [f"[]::BIGINT[] AS {c}" for _, columns in groups for c in columns]
-        return f"SELECT q.*, {', '.join(lists)} FROM {queries} q"
-    joins, selects = [], []
+        lists = "".join(f", []::BIGINT[] AS {c}" for _, columns in groups for c in columns)
+        engine.sql(f"CREATE TABLE {table} AS SELECT *{lists}{extra_sql} FROM {queries}")
+        return
+    parts = [f"SELECT *, 0 AS _kind FROM {queries}"]
     for g, (events, columns) in enumerate(groups):
-        window = (f"PARTITION BY user_id ORDER BY timestamp, {SEQ} "
-                  f"ROWS BETWEEN {max_len - 1} PRECEDING AND CURRENT ROW")
-        lists = ", ".join(f"list({expr}) OVER ({window}) AS {c}" for c, expr in columns.items())
-        names = ", ".join(columns)
+        values = ", ".join(f"{expr} AS _v{g}_{i}" for i, expr in enumerate(columns.values()))
+        parts.append(f"SELECT user_id, {TIMESTAMP}, {SEQ}, {g + 1} AS _kind, {values} FROM {events}")
+    order = f"PARTITION BY user_id ORDER BY {TIMESTAMP}, _kind, {SEQ}"
+    counts = "".join(f", sum((_kind = {g + 1})::BIGINT) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND "
+                     f"CURRENT ROW) AS _n{g}" for g in range(len(groups)))
+    engine.sql(f"CREATE TEMP TABLE _numbered AS SELECT *, row_number() OVER ({order}) AS _pos{counts} "
+               f"FROM ({' UNION ALL BY NAME '.join(parts)})")
+    joins, wants, backs, lists, internal = [], [], [], [], ["_kind", "_pos"]
+    for g, (_, columns) in enumerate(groups):
         joins.append(
-            f"ASOF LEFT JOIN (SELECT user_id, timestamp, {names} FROM ("
-            f"SELECT user_id, timestamp, {lists}, "
-            f"lead(timestamp) OVER (PARTITION BY user_id ORDER BY timestamp, {SEQ}) AS _next "
-            f"FROM {events}) WHERE _next IS NULL OR _next <> timestamp) h{g} "
-            f"ON q.user_id = h{g}.user_id AND h{g}.timestamp < q.timestamp"
+            f"LEFT JOIN (SELECT user_id AS _u{g}, _n{g} AS _k{g}, _pos AS _p{g} FROM _numbered WHERE _kind = {g + 1}) "
+            f"s{g} ON s{g}._u{g} = n.user_id AND s{g}._k{g} = n._w{g}"
         )
-        selects += [f"coalesce(h{g}.{c}, []::BIGINT[]) AS {c}" for c in columns]
-    return f"SELECT q.*, {', '.join(selects)} FROM {queries} q {' '.join(joins)}"
+        wants.append(f", CASE WHEN _kind = 0 AND _n{g} > 0 THEN greatest(_n{g} - {max_len - 1}, 1) END AS _w{g}")
+        backs.append(f", coalesce(n._pos - s{g}._p{g}, 0) AS _b{g}")
+        frame = f"OVER ({order} ROWS BETWEEN _b{g} PRECEDING AND 1 PRECEDING)"
+        lists += [f"coalesce(list(_v{g}_{i}) FILTER (WHERE _kind = {g + 1}) {frame}, []::BIGINT[]) AS {c}"
+                  for i, c in enumerate(columns)]
+        internal += [f"_n{g}", f"_w{g}", f"_b{g}", f"_u{g}", f"_k{g}", f"_p{g}"] + [f"_v{g}_{i}" for i in range(len(columns))]
+    engine.sql(
+        f"CREATE TABLE {table} AS SELECT * EXCLUDE ({', '.join(internal)}){extra_sql} FROM ("
+        f"SELECT *, {', '.join(lists)} FROM (SELECT n.*{''.join(backs)}, {', '.join(f's{g}.*' for g in range(len(groups)))} "
+        f"FROM (SELECT *{''.join(wants)} FROM _numbered) n {' '.join(joins)})) WHERE _kind = 0"
+    )
+    engine.sql("DROP TABLE _numbered")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,19 +293,19 @@ def write_dataset(
     )}
     columns = ", ".join(_sql_column(f) for f in schema)
     splits: Dict[str, Any] = {}
+    groups: Dict[str, int] = {}
     total = labels = 0
     for code, split in enumerate(SPLITS):
         n, clicks, first, last = stats.get(code, (0, 0, None, None))
         path = out / f"{split}.parquet"
-        group = rows_per_group(n)
-        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-            if n:
-                reader = engine.con.execute(
-                    f"SELECT {columns} FROM {rows} WHERE split = {code} ORDER BY {order_by}"
-                ).fetch_record_batch(group)
-                _write_groups(writer, reader, schema, group)
-            else:
-                writer.write_table(schema.empty_table())
+        if n:
+            engine.sql(
+                f"COPY (SELECT {columns} FROM {rows} WHERE split = {code} ORDER BY {order_by}) TO '{path}' "
+                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rows_per_group(n)})"
+            )
+        else:
+            pq.write_table(schema.empty_table(), path, compression="zstd")
+        groups[split] = pq.ParquetFile(path).metadata.num_row_groups
         splits[split] = {
             "rows": int(n),
             "ctr": float(clicks) / n if n else None,
@@ -295,7 +322,7 @@ def write_dataset(
         extra_sparse=list(extra_sparse),
         dense=list(dense),
         **({"extra_histories": extra_histories} if extra_histories else {}),
-        row_group_rows={s: rows_per_group(splits[s]["rows"]) for s in SPLITS},
+        row_groups=groups,
         engine=engine.settings,
         dropped=dict(sorted(bad.counts.items())),
         dropped_total=int(sum(bad.counts.values())),
@@ -309,19 +336,3 @@ def _sql_column(f: pa.Field) -> str:
         return f"{f.name}::BIGINT[] AS {f.name}"
     sql_type = {pa.int64(): "BIGINT", pa.int8(): "TINYINT", pa.float32(): "FLOAT"}[f.type]
     return f"{f.name}::{sql_type} AS {f.name}"
-
-
-def _write_groups(writer: pq.ParquetWriter, reader: pa.RecordBatchReader, schema: pa.Schema, group: int) -> None:
-    """Writes the batches of ``reader`` as row groups of exactly ``group`` rows (the last one shorter)."""
-    pending: List[pa.RecordBatch] = []
-    held = 0
-    for batch in reader:
-        pending.append(batch.cast(schema))  # DuckDB names list elements differently
-        held += batch.num_rows
-        while held >= group:
-            table = pa.Table.from_batches(pending, schema=schema)
-            writer.write_table(table.slice(0, group), row_group_size=group)
-            rest = table.slice(group)
-            pending, held = rest.to_batches(), rest.num_rows
-    if held:
-        writer.write_table(pa.Table.from_batches(pending, schema=schema), row_group_size=group)

@@ -32,7 +32,7 @@ from mdaf_rec.data.converters.engine import (
     SEQ,
     Engine,
     add_engine_arguments,
-    history_join,
+    add_histories,
     time_quantile_split,
     write_dataset,
 )
@@ -100,9 +100,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         n, missing, users = engine.one(f"SELECT count(*), count_if(missing), count(DISTINCT {USER_ID}) FROM events")
         logger.info("%d ratings of %d users; building histories", n, users)
         split, rule = time_quantile_split(engine, "events", args.split)
-        history = history_join("events", [("events", {ITEM_HISTORY: ITEM_ID, CATEGORY_HISTORY: CATEGORY_ID})],
-                               args.max_history)
-        engine.sql(f"CREATE TABLE rows AS SELECT *, {split} AS split FROM ({history})")
+        add_histories(engine, "rows", "events", [("events", {ITEM_HISTORY: ITEM_ID, CATEGORY_HISTORY: CATEGORY_ID})],
+                      args.max_history, extra={"split": split})
         meta = {
             "format": "movielens",
             "protocol": (

@@ -51,7 +51,7 @@ from mdaf_rec.data.converters.engine import (
     SEQ,
     Engine,
     add_engine_arguments,
-    history_join,
+    add_histories,
     local_date_split,
     write_dataset,
 )
@@ -183,7 +183,7 @@ def _run_alimama(args: argparse.Namespace) -> Dict[str, Any]:
                 f"'{tag}' behaviours in behavior_log.csv strictly before the impression, most recent last"
                 for name, (tag, column) in BEHAVIOR_HISTORIES.items()
             }
-        engine.sql(f"CREATE TABLE rows AS SELECT *, {split} AS split FROM ({history_join('imp', groups, args.max_history)})")
+        add_histories(engine, "rows", "imp", groups, args.max_history, extra={"split": split})
         protocol = (
             "one row per impression of raw_sample.csv; label = clk; history = the user's last "
             f"{args.max_history} clicked ads strictly before the impression, most recent last"

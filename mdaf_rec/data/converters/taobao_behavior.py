@@ -40,7 +40,7 @@ from mdaf_rec.data.converters.engine import (
     SEQ,
     Engine,
     add_engine_arguments,
-    history_join,
+    add_histories,
     local_date_split,
     write_dataset,
 )
@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     args.negatives)
         split, rule = local_date_split(engine, "clicks", args.val_days, args.test_days)
         _sample_negatives(engine, args)
-        history = history_join("clicks", [("clicks", {ITEM_HISTORY: ITEM_ID, CATEGORY_HISTORY: CATEGORY_ID})],
-                               args.max_history)
-        engine.sql(f"CREATE TABLE positives AS SELECT *, {split} AS split FROM ({history})")
+        add_histories(engine, "positives", "clicks",
+                      [("clicks", {ITEM_HISTORY: ITEM_ID, CATEGORY_HISTORY: CATEGORY_ID})], args.max_history,
+                      extra={"split": split})
         engine.sql(
             f"CREATE VIEW rows AS "
             f"SELECT {SEQ}, -1 AS j, {USER_ID}, {ITEM_ID}, {CATEGORY_ID}, {TIMESTAMP}, 1 AS {LABEL}, "
