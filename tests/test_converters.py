@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
 from mdaf_rec.data.converters.common import ConversionError, local_days, stable_hash64
-from mdaf_rec.data.converters.engine import Engine, add_histories
+from mdaf_rec.data.converters.engine import Engine, add_histories, rows_per_group
 from mdaf_rec.data.converters.movielens import GENRE_IDS
 from converter_digests import CASES, DIGESTS, run_case
 from mdaf_rec.data.schema import (
@@ -146,6 +147,22 @@ def test_history_join_ties_order_and_cap(tmp_path):
         add_histories(engine, "h0", "q", [("ev", {ITEM_HISTORY: ITEM_ID})], 0)
         assert [r[0] for r in engine.rows(f"SELECT {ITEM_HISTORY} FROM h0")] == [[]] * 5
     assert not any(tmp_path.glob(".convert-*")), "the engine's temp folder is removed"
+
+
+def test_engine_options_row_groups_and_temp_folder(tmp_path):
+    """--memory-limit / --threads reach DuckDB (recorded in meta.json), the temp folder is removed, and a split
+    is written in row groups of rows_per_group rows (several per split, for per-rank reading)."""
+    assert (rows_per_group(0), rows_per_group(10**6), rows_per_group(10**8)) == (4096, 15625, 131072)
+    raw = shared_data() / "ml-latest-small"
+    meta = convert("movielens", raw, tmp_path / "out", "--memory-limit", "300MB", "--threads", "1",
+                   "--temp-dir", str(tmp_path / "tmp"))
+    assert meta["engine"] == {"engine": "duckdb", "version": duckdb.__version__, "memory_limit": "300MB", "threads": 1}
+    assert list((tmp_path / "tmp").iterdir()) == [] and not list((tmp_path / "out").glob(".convert-*"))
+    f = pq.ParquetFile(tmp_path / "out" / "train.parquet").metadata
+    assert meta["row_groups"]["train"] == f.num_row_groups == 20  # 80,669 rows
+    assert all(f.row_group(i).num_rows == 4096 for i in range(19))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["movielens", "--raw", str(raw), "--out", str(tmp_path), "--memory-limit", "lots"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,8 +90,9 @@ class Engine:
         except duckdb.Error as e:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise ConversionError(f"--memory-limit {args.memory_limit}: {e}") from None
-        self.settings = {"engine": "duckdb", "version": duckdb.__version__, "memory_limit": args.memory_limit,
-                         "threads": int(self.one("SELECT current_setting('threads')")[0])}
+        self.settings: Dict[str, Any] = {"engine": "duckdb", "version": duckdb.__version__,
+                                         "memory_limit": args.memory_limit}
+        self.settings["threads"] = int(self.one("SELECT current_setting('threads')")[0])
         logger.debug("engine: %s, temp folder %s", self.settings, self.folder)
 
     def __enter__(self) -> "Engine":
@@ -103,15 +104,26 @@ class Engine:
 
     def sql(self, query: str) -> None:
         """Runs ``query`` (a statement without result)."""
-        self.con.execute(query)
+        self._execute(query)
 
     def rows(self, query: str) -> List[Tuple]:
         """All result rows of ``query``."""
-        return self.con.execute(query).fetchall()
+        return self._execute(query).fetchall()
 
     def one(self, query: str) -> Tuple:
         """The single result row of ``query``."""
-        return self.con.execute(query).fetchone()
+        return self._execute(query).fetchone()
+
+    def _execute(self, query: str) -> duckdb.DuckDBPyConnection:
+        """Runs ``query``; running out of memory or of temp-folder disk is a one-line error naming the settings."""
+        try:
+            return self.con.execute(query)
+        except (duckdb.OutOfMemoryException, duckdb.IOException) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConversionError(
+                f"DuckDB: {first} (--memory-limit {self.settings['memory_limit']}, temp folder {self.folder}: "
+                "raise the limit or free disk space there / choose another --temp-dir)"
+            ) from None
 
     def stage(self, name: str, blocks: Iterable[Mapping[str, np.ndarray]]) -> int:
         """Streams ``blocks`` (equal-length named numpy columns) into a Parquet file in the temp folder and
