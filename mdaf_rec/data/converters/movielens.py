@@ -4,6 +4,7 @@ Reads ml-latest / ml-latest-small (``ratings.csv`` + ``movies.csv``) or ml-100k 
 ``u.item``), detected from the files in ``--raw``. label = rating >= ``--threshold``; category = the
 movie's first genre (:data:`GENRE_IDS`); history = the movies the user rated strictly earlier (and
 their categories), most recent last; split by global time quantiles (80/10/10); time zone UTC.
+Joins, histories and the split run out of core as SQL (:mod:`.engine`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ and if the user touched all of those too, from the whole file. A negative's cate
 item's first click (file order) in the pool it was drawn from, so never from a later day.
 History = the user's clicks strictly before the target's timestamp, most recent last. Split by
 local date (Asia/Shanghai): last day test, the day before val, the rest train. Rows = clicks x
-(1 + N); same ``--seed`` -> identical output.
+(1 + N); same ``--seed`` (and DuckDB version) -> identical output. Sampling, histories and splits run
+out of core as SQL (:mod:`.engine`).
 """
+
 from __future__ import annotations
 
 import argparse
