@@ -11,6 +11,7 @@ Usage::
 
     python tools/bench_convert.py behavior --sizes 1000000,4000000,16000000 --limits 1GB,2GB
     python tools/bench_convert.py ad --sizes 1000000,4000000 --log-ratio 4 --limits 1GB,2GB
+    python tools/bench_convert.py behavior --work DIR --report-only   # the results stored in DIR so far
 """
 
 from __future__ import annotations
@@ -78,25 +79,37 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads (default 2)")
     parser.add_argument("--work", type=Path, default=None, help="folder for raw files and outputs (kept)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the results stored in --work by earlier (possibly partial) runs")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_convert-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     limits = args.limits.split(",")
     fmt = "taobao-behavior" if args.dataset == "behavior" else "taobao-ad"
-    results = []
-    for rows in sizes:
+    store = work / f"results-{args.dataset}.json"
+    results = json.loads(store.read_text()) if args.report_only and store.exists() else []
+    for rows in [] if args.report_only else sizes:
         raw = generate(args.dataset, rows, args.log_ratio, work)
         raw_rows = rows + (int(rows * args.log_ratio) if args.dataset == "ad" else 0)
         extra = ["--behavior-log", str(raw / "behavior_log.csv")] if args.dataset == "ad" and args.log_ratio else []
-        if args.dataset == "ad":
-            extra += ["--on-bad-row", "drop"]  # none expected; keeps a stray generated row from stopping the run
         for limit in limits:
-            r = run_once(fmt, raw, work / "out", limit, args.threads, extra)
+            r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra)
             r.update(rows=rows, raw_rows=raw_rows, limit=limit)
             results.append(r)
+            store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
             print(f"{fmt} {raw_rows:>11,} raw rows, --memory-limit {limit}: {r['seconds']:7.1f} s, "
                   f"peak RSS {r['rss_gb']:.2f} GB, {r['rows_out']:,} rows out", flush=True)
+    body = report(results, args, fmt)
+    print(body)
+    if not args.no_write:
+        section = SECTION + (" - Taobao Ad" if args.dataset == "ad" else " - UserBehavior")
+        write_section(DOC, section, body)
+    return 0
+
+
+def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
+    """The markdown table of ``results`` and the extrapolation per memory limit."""
     lines = [
         f"Machine: {machine()}. DuckDB threads {args.threads}, `nice -n 10`; **other jobs shared the 2 cores** "
         "during these runs (load average often 6-12), so wall times are pessimistic and noisy; peak RSS is "
@@ -113,7 +126,7 @@ def main(argv: List[str] | None = None) -> int:
         lines.append(f"| {r['raw_rows']:,} | {r['limit']} | {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} "
                      f"| {r['rss_gb']:.2f} | {r['rows_out']:,} |")
     lines.append("")
-    for limit in limits:
+    for limit in dict.fromkeys(r["limit"] for r in results):
         mine = [r for r in results if r["limit"] == limit]
         if len(mine) >= 2:
             x = np.array([r["raw_rows"] for r in mine], float)
@@ -126,12 +139,7 @@ def main(argv: List[str] | None = None) -> int:
                 f"on this shared 2-core box (an extrapolation, not a run); peak RSS "
                 f"{min(r['rss_gb'] for r in mine):.2f}-{max(r['rss_gb'] for r in mine):.2f} GB across sizes."
             )
-    body = "\n".join(lines)
-    print(body)
-    if not args.no_write:
-        section = SECTION + (" - Taobao Ad" if args.dataset == "ad" else " - UserBehavior")
-        write_section(DOC, section, body)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
