@@ -88,14 +88,17 @@ def main(argv: List[str] | None = None) -> int:
     limits = args.limits.split(",")
     fmt = "taobao-behavior" if args.dataset == "behavior" else "taobao-ad"
     store = work / f"results-{args.dataset}.json"
-    results = json.loads(store.read_text()) if args.report_only and store.exists() else []
+    # earlier runs' results in --work are kept (a run is not repeated): runs can be split and resumed
+    results = json.loads(store.read_text()) if store.exists() else []
     for rows in [] if args.report_only else sizes:
         raw = generate(args.dataset, rows, args.log_ratio, work)
         raw_rows = rows + (int(rows * args.log_ratio) if args.dataset == "ad" else 0)
         extra = ["--behavior-log", str(raw / "behavior_log.csv")] if args.dataset == "ad" and args.log_ratio else []
         for limit in limits:
+            if any(r["rows"] == rows and r["limit"] == limit and r["threads"] == args.threads for r in results):
+                continue
             r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra)
-            r.update(rows=rows, raw_rows=raw_rows, limit=limit)
+            r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads)
             results.append(r)
             store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
             print(f"{fmt} {raw_rows:>11,} raw rows, --memory-limit {limit}: {r['seconds']:7.1f} s, "
@@ -111,7 +114,7 @@ def main(argv: List[str] | None = None) -> int:
 def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
     """The markdown table of ``results`` and the extrapolation per memory limit."""
     lines = [
-        f"Machine: {machine()}. DuckDB threads {args.threads}, `nice -n 10`; **other jobs shared the 2 cores** "
+        f"Machine: {machine()}. `nice -n 10`; **other jobs shared the 2 cores** "
         "during these runs (load average often 6-12), so wall times are pessimistic and noisy; peak RSS is "
         "not affected. Raw files from `tools/gen_raw.py` (real formats, Zipf ids); peak RSS of the whole "
         "converter process by `/usr/bin/time -v`.",
@@ -119,11 +122,11 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
         f"`mdaf-rec data {fmt}`" + (f" with `--behavior-log` ({args.log_ratio:g} log rows per impression)"
                                      if args.dataset == "ad" and args.log_ratio else ""),
         "",
-        "| raw rows read | --memory-limit | wall s | raw rows/s | peak RSS GB | rows out |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| raw rows read | --memory-limit | --threads | wall s | raw rows/s | peak RSS GB | rows out |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(f"| {r['raw_rows']:,} | {r['limit']} | {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} "
+    for r in sorted(results, key=lambda r: (r["limit"], r["raw_rows"])):
+        lines.append(f"| {r['raw_rows']:,} | {r['limit']} | {r['threads']} | {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} "
                      f"| {r['rss_gb']:.2f} | {r['rows_out']:,} |")
     lines.append("")
     for limit in dict.fromkeys(r["limit"] for r in results):
