@@ -166,7 +166,8 @@ def add_histories(
     Events at the same second as each other keep their :data:`SEQ` (file) order. ``queries`` and each
     ``events`` are relations (table names or parenthesised queries) with ``user_id``, ``timestamp`` and
     :data:`SEQ`; ``columns`` maps an output list column to the event expression it gathers (e.g.
-    ``{"item_history": "item_id"}``); ``queries`` may also be the events (a click's history of clicks).
+    ``{"item_history": "item_id"}``); ``queries`` may also be the events (a click's history of clicks), and
+    several queries may share a (user, timestamp, seq) (a click and its negatives).
 
     How, with narrow sorts and one list window (lists are what is expensive to move): the queries and all
     groups' events go into one relation ordered per user by (timestamp, queries first, seq), so the events
@@ -183,16 +184,18 @@ def add_histories(
         lists = "".join(f", []::BIGINT[] AS {c}" for _, columns in groups for c in columns)
         engine.sql(f"CREATE TABLE {table} AS SELECT *{lists}{extra_sql} FROM {queries}")
         return
-    parts = [f"SELECT *, 0 AS _kind FROM {queries}"]
+    # _tie makes the order total where queries share (timestamp, seq) (a click and its negatives): the frames
+    # count physical rows, so the order must not leave ties
+    parts = [f"SELECT *, 0 AS _kind, row_number() OVER () AS _tie FROM {queries}"]
     for g, (events, columns) in enumerate(groups):
         values = ", ".join(f"{expr} AS _v{g}_{i}" for i, expr in enumerate(columns.values()))
-        parts.append(f"SELECT user_id, {TIMESTAMP}, {SEQ}, {g + 1} AS _kind, {values} FROM {events}")
-    order = f"PARTITION BY user_id ORDER BY {TIMESTAMP}, _kind, {SEQ}"
+        parts.append(f"SELECT user_id, {TIMESTAMP}, {SEQ}, {g + 1} AS _kind, 0 AS _tie, {values} FROM {events}")
+    order = f"PARTITION BY user_id ORDER BY {TIMESTAMP}, _kind, {SEQ}, _tie"
     counts = "".join(f", sum((_kind = {g + 1})::BIGINT) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND "
                      f"CURRENT ROW) AS _n{g}" for g in range(len(groups)))
     engine.sql(f"CREATE TEMP TABLE _numbered AS SELECT *, row_number() OVER ({order}) AS _pos{counts} "
                f"FROM ({' UNION ALL BY NAME '.join(parts)})")
-    joins, wants, backs, lists, internal = [], [], [], [], ["_kind", "_pos"]
+    joins, wants, backs, lists, internal = [], [], [], [], ["_kind", "_tie", "_pos"]
     for g, (_, columns) in enumerate(groups):
         joins.append(
             f"LEFT JOIN (SELECT user_id AS _u{g}, _n{g} AS _k{g}, _pos AS _p{g} FROM _numbered WHERE _kind = {g + 1}) "
