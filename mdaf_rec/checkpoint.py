@@ -8,8 +8,11 @@ epoch, after global step S) holding
   loads with another;
 * ``state.json`` — the :class:`~mdaf_rec.train_state.TrainState` (position, early stopping, fingerprint);
 * ``rng_rank{R}.pt`` — each rank's RNG states (CPU, and CUDA on GPU ranks) as uint8 tensors;
-* ``manifest.json`` — size and SHA-256 of every other file, written last; a checkpoint without it is
-  incomplete, and a file that does not match it is refused by name before anything is read.
+* ``manifest.json`` — size and SHA-256 of every other file, written last by rank 0 from the hashes each rank
+  took of its own files while writing them; a checkpoint without it is incomplete. A rank checks each file it
+  reads against it right before reading it (and only those), and a file that does not match, or is not listed,
+  is refused by name before any of its bytes are parsed. A file this process already hashed is not read again
+  unless it changed on disk (:func:`mdaf_rec.manifest.cached_sha256`; trust model in ``docs/launch.md``).
 
 ``RUN_DIR/checkpoints/index.json`` points at the ``last`` and ``best`` checkpoints and the kept in-epoch
 ones (``steps``); the tool's own checkpoint folders that none of these name are deleted after each save.

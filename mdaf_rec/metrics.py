@@ -1,4 +1,5 @@
-"""Exact CTR evaluation metrics, aggregated across ``torch.distributed`` ranks.
+"""Exact CTR evaluation metrics, aggregated across ``torch.distributed`` ranks (``eval.metrics: exact``; the
+streaming ones of :mod:`mdaf_rec.streaming_metrics` return the same dict through :func:`summarize`).
 
 :class:`MetricAccumulator` stores every prediction of an evaluation pass on the device it was scored
 on (``float64`` probabilities, labels and per-sample gate means, ``int64`` user indices: 32 bytes a row,
@@ -34,6 +35,8 @@ Metrics (``compute`` returns a dict of plain Python numbers, JSON-serialisable a
   the base rate (below 1 = better than that). ``nan`` when all labels are one class.
 * ``ctr`` (observed), ``pred_ctr`` (mean prediction), ``calibration`` = ``pred_ctr / ctr`` (``nan``
   with no positive), ``count`` (rows).
+* ``auc_error_bound``: the largest possible difference between ``auc`` and the exact AUC (0 here; the
+  streaming AUC's bound otherwise).
 * ``gate`` (only when gates were given): ``mean``, ``std`` (population, ``ddof=0``) and ``histogram``
   (``edges``: 21 edges over ``[0, 1]``, ``counts``: 20 bin counts; values are clipped to ``[0, 1]``).
   A vector gate ``[B, D]`` is summarised by its per-sample mean over the ``D`` dims; 1 = static

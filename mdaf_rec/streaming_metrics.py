@@ -56,7 +56,7 @@ AUC_BINS = 1 << 18
 """Default number of AUC score bins (``eval.auc_bins``)."""
 AUC_LOGIT_RANGE = 16.0
 """The bins split logits ``[-16, 16]`` (probabilities ``1.1e-7 .. 1 - 1.1e-7``) evenly; beyond are the end bins."""
-GAUC_CHUNK_ROWS = 1 << 22
+GAUC_CHUNK_ROWS = 1 << 20
 """GAUC is computed over at most about this many sorted rows at a time (whole users), bounding its working set."""
 _USER_SHIFT = 31  # word = user << 31 | prob bits (< 2**30 for 0 <= prob <= 1) << 1 | label
 _MAX_USER = (1 << 32) - 1
@@ -138,7 +138,7 @@ class StreamingMetricAccumulator:
         scalars += [((y != 0) & (y != 1)).to(torch.float64), bad_probs.to(torch.float64)]
         sums[:_SCALARS] += torch.stack(scalars, dim=1).sum(dim=0)
         # AUC histograms: positives in [off, off + bins), negatives in [off + bins, off + 2 bins).
-        bin_ = torch.bucketize(p, self._bin_edges(device)[0], right=True)
+        bin_ = self._auc_bin(p.nan_to_num(0.0).clamp(0.0, 1.0), device)
         off = _SCALARS + GATE_HISTOGRAM_BINS
         sums.index_add_(0, off + bin_ + self.auc_bins * (~pos).long(), torch.ones_like(p))
         extremes.scatter_reduce_(0, torch.cat([bin_, bin_ + self.auc_bins]), torch.cat([p, -p]), "amax")
@@ -149,12 +149,27 @@ class StreamingMetricAccumulator:
         self._words.append((user << _USER_SHIFT) | (bits << 1) | pos.long())
 
     def _bin_edges(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The inner edges of the AUC bins and of the gate histogram (:func:`~mdaf_rec.metrics.gate_summary`'s)
-        on ``device``, made once per device."""
+        """On ``device``, made once per device: the AUC bins' edges with ``-inf`` and ``inf`` at the ends (bin
+        ``b`` is ``[edges[b], edges[b + 1])``), and the inner edges of the gate histogram
+        (:func:`~mdaf_rec.metrics.gate_summary`'s)."""
         if device not in self._edges:
+            inf = torch.tensor([math.inf], dtype=torch.float64)
+            auc = torch.cat([-inf, auc_bin_edges(self.auc_bins), inf])
             gate = torch.from_numpy(np.linspace(0.0, 1.0, GATE_HISTOGRAM_BINS + 1)[1:-1])
-            self._edges[device] = (auc_bin_edges(self.auc_bins).to(device), gate.to(device))
+            self._edges[device] = (auc.to(device), gate.to(device))
         return self._edges[device]
+
+    def _auc_bin(self, p: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``[B]`` AUC bin of each probability in ``[0, 1]``: exactly ``torch.bucketize(p, inner edges,
+        right=True)``, found from the logit by arithmetic and then corrected against the edges (the rounding of
+        the arithmetic moves a value by at most one bin; a binary search over 262,144 edges is 5x slower)."""
+        edges = self._bin_edges(device)[0]
+        step = 2 * AUC_LOGIT_RANGE / (self.auc_bins - 2)
+        logit = torch.log(p) - torch.log1p(-p)  # -inf / inf at 0 / 1
+        guess = torch.floor((logit + AUC_LOGIT_RANGE) / step + 1).clamp(0, self.auc_bins - 1).long()
+        guess -= (p < edges[guess]).long()
+        guess += (p >= edges[guess + 1]).long()
+        return guess
 
     def compute(self, process_group: Optional[dist.ProcessGroup] = None) -> Dict[str, Any]:
         """Metrics over the rows of every rank (collective when ``torch.distributed`` is initialised and the
@@ -164,6 +179,7 @@ class StreamingMetricAccumulator:
         extremes = (self._extremes if self._extremes is not None
                     else torch.full((2 * self.auc_bins,), -math.inf, dtype=torch.float64))
         words = torch.cat(self._words) if self._words else torch.zeros(0, dtype=torch.int64, device=sums.device)
+        self._words = [words]  # the batches' pieces are freed (compute may be called again)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
         if distributed:
             words = _route_by_user(words, process_group)
