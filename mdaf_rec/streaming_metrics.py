@@ -85,7 +85,7 @@ class StreamingMetricAccumulator:
 
     def __init__(self, auc_bins: int = AUC_BINS) -> None:
         self.auc_bins = auc_bins
-        self._edges: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # (AUC, gate) inner bin edges
+        self._edges: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # per device: see _bin_edges
         self._sums: Optional[torch.Tensor] = None  # [_SCALARS + gate bins + 2 * auc_bins] float64
         self._extremes: Optional[torch.Tensor] = None  # [2 * auc_bins] float64: per-bin max, then -min
         self._words: List[torch.Tensor] = []

@@ -31,6 +31,19 @@ from mdaf_rec.streaming_metrics import AUC_BINS, make_accumulator  # noqa: E402
 
 BATCH = 8192
 SECTION = "## Evaluation metrics (tools/bench_eval.py)"
+NOTE = (
+    'Peak RSS includes ~220 MB of the process itself (torch imported; "RSS before"). Exact keeps 32 bytes a '
+    'row during the pass and needs ~130 bytes a row at `compute` (the rows sorted twice, n log n), on every '
+    'rank after its all-gather; streaming keeps 8 bytes a row for GAUC (on the rank owning the user, after '
+    'the `all_to_all`) and 4 MB of histograms and sums, and peaks at ~20 bytes a row while `compute` joins '
+    "the batches' GAUC words and sorts them (then works through them 1,048,576 rows at a time). GAUC and the "
+    'sums equal the exact values (the sums to float64 rounding); the AUC differs by far less than its bound, '
+    'which `compute` reports for every pass (`auc_error_bound` in `metrics.json`): the bound counts every '
+    'positive-negative pair sharing a score bin, and is larger when the scores crowd into a narrow logit '
+    'range (an untrained model), which is what the exact default for splits up to 1,000,000 rows is for. '
+    "Streaming's update loop (bin lookups, scatter-adds; GPU work on a GPU) is the part exact does not have; "
+    'its `compute` does not grow with n log n.'
+)
 
 
 def _rss_mb() -> float:
@@ -107,7 +120,7 @@ def main() -> None:
         f"`python tools/bench_eval.py` — {machine()}; load average {load} at the end (the machine is shared "
         "with other jobs: times are indicative, peak RSS is what this table is for). One process (world size 1), "
         f"batches of {BATCH:,}, float32 scores, 10% positives, ~20 rows per user, a scalar gate; "
-        f"streaming with the default {AUC_BINS:,} AUC bins.\n\n{table(results)}\n"
+        f"streaming with the default {AUC_BINS:,} AUC bins.\n\n{table(results)}\n\n{NOTE}\n"
     )
     print(body)
     if not args.no_write:
