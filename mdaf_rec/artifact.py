@@ -36,7 +36,7 @@ class ArtifactError(UserError, RuntimeError):
 def write_manifest(folder: Path) -> str:
     """Writes ``folder``'s ``manifest.json`` under the model format marker (what lets a later export recognise
     the folder as its own); returns the manifest's sha256."""
-    return manifest.write_manifest(folder, format_marker(MODEL_KIND, FORMAT_VERSION))
+    return manifest.write_manifest(folder, format_marker=format_marker(MODEL_KIND, FORMAT_VERSION))
 
 
 def has_model_marker(folder: Path) -> bool:

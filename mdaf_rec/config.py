@@ -25,6 +25,7 @@ from mdaf_rec.registry import (
     CPU_SPARSE_OPTIMIZERS,
     DENSE_OPTIMIZERS,
     GATE_MODES,
+    METRIC_MODES,
     MODEL_NAMES,
     PRECISIONS,
     SPARSE_OPTIMIZERS,
@@ -255,6 +256,22 @@ class TrainConfig:
     precision: str = "fp32"
 
 
+@dataclass
+class EvalConfig:
+    """How the evaluation metrics are computed.
+
+    Args:
+        metrics: ``exact`` (every rank gathers every row: exact AUC and GAUC, ~130 bytes a row per rank),
+            ``streaming`` (fixed-size histograms and sums per rank, GAUC routed by user: AUC within a bound
+            reported as ``auc_error_bound``, the rest exact; :mod:`mdaf_rec.streaming_metrics`), or ``null``:
+            ``exact`` for splits of at most 1,000,000 rows, ``streaming`` above (logged).
+        auc_bins: score bins of the streaming AUC (more: a smaller error bound, a larger all-reduce).
+    """
+
+    metrics: Optional[str] = None
+    auc_bins: int = 262144  # mdaf_rec.streaming_metrics.AUC_BINS
+
+
 def _taobao_vocab_sizes() -> Dict[str, int]:
     return {"user": 577_482, "item": 335_164, "category": 5_480}
 
@@ -287,6 +304,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     planning: PlanningConfig = field(default_factory=PlanningConfig)
 
 
@@ -365,6 +383,10 @@ def validate(cfg: Config) -> Config:
              "must be > 0 (or null: off)")
     _require(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {list(PRECISIONS)}")
+    e = cfg.eval
+    _require(e.metrics is None or e.metrics in METRIC_MODES, "eval.metrics",
+             f"{e.metrics!r} is not one of {list(METRIC_MODES)} (or null: chosen by the split's size)")
+    _require(e.auc_bins >= 2, "eval.auc_bins", "must be >= 2")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     for name, size in cfg.planning.vocab_sizes.items():
         _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")

@@ -31,3 +31,7 @@ CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
 
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 """``train.precision``: float32, or bfloat16 autocast of the dense branches."""
+
+METRIC_MODES: Tuple[str, ...] = ("exact", "streaming")
+"""``eval.metrics``: every row gathered and ranked exactly, or per-rank histograms and sums with GAUC routed by
+user (:mod:`mdaf_rec.streaming_metrics`)."""

@@ -78,6 +78,7 @@ RESUMABLE_KEYS: Tuple[str, ...] = (
     "data.path",  # another copy of the same data: its vocabularies are checked against the checkpoint
     "data.num_workers",
     "data.vocab_dir",
+    "eval.",
     "planning.",
 )
 

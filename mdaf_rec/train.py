@@ -52,13 +52,14 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
-from mdaf_rec.metrics import MetricAccumulator, format_metric
+from mdaf_rec.metrics import format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
 from mdaf_rec.plan_io import check_plan, load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
 from mdaf_rec.sharding import build_optimizer, plan_sharding, planner_memory, shard_model, table_parameters
+from mdaf_rec.streaming_metrics import make_accumulator, metrics_mode
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
 
@@ -218,7 +219,8 @@ def predictions(session: Session, split: str) -> Iterator[Tuple[Batch, CTRTrainO
 
 
 def evaluate(session: Session, split: str) -> Dict[str, Any]:
-    """Scores ``split`` with the current weights; metrics are aggregated over all ranks.
+    """Scores ``split`` with the current weights; metrics are aggregated over all ranks, exactly or streaming
+    (``eval.metrics``; ``null``: by the split's size, :func:`mdaf_rec.streaming_metrics.metrics_mode`).
 
     Args:
         session: the session.
@@ -226,7 +228,11 @@ def evaluate(session: Session, split: str) -> Dict[str, Any]:
     Returns:
         ``auc``, ``logloss``, ``ne``, ``gauc``, ``calibration``, ... and ``gate`` for MDAF models.
     """
-    acc = MetricAccumulator()  # keeps the rows on the device until compute()
+    rows = session.dataset.num_rows(split)
+    mode = metrics_mode(session.cfg.eval.metrics, rows)
+    logger.info("evaluating %s (%s rows): %s metrics%s", split, f"{rows:,}", mode,
+                "" if session.cfg.eval.metrics else " (eval.metrics: null chooses by the split's size)")
+    acc = make_accumulator(mode, session.cfg.eval.auc_bins)  # update() leaves everything on the device
     for batch, out in predictions(session, split):
         acc.update(torch.sigmoid(out.logit), batch.labels, batch.user_id, out.gate)
     return acc.compute(dist.group.WORLD)
@@ -611,7 +617,8 @@ def _with_param_groups(loaded: Dict[str, Any], current: Dict[str, Any]) -> Dict[
 
 
 def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count", "not_computable")
+    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count", "auc_error_bound",
+            "not_computable")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
