@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Dict, List
@@ -108,6 +109,29 @@ def test_reuse_and_rebuild_on_setting_change(dataset: Dataset, caplog: pytest.Lo
     assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == changed.fingerprint
 
 
+def test_a_same_size_rewrite_of_the_train_file_rebuilds_the_cache(dataset: Dataset, caplog: pytest.LogCaptureFixture) -> None:
+    """The cache key is the files' content (Parquet footer hash), not only name and size: a rewrite of the same
+    size and mtime holding other ids is noticed, and one line says why the vocabularies are rebuilt."""
+    def write(items: List[int]) -> None:
+        table = _rows([5, 5, 9], items, [[11, 12], [10], [500]])
+        pq.write_table(table, path, compression="none", use_dictionary=False)
+
+    path = dataset.root / "train.parquet"
+    write([10, 11, 10])
+    first = Vocabularies.load_or_build(dataset, FeaturesConfig())
+    assert first.spaces["item"].ids.tolist() == [10, 11, 12, 500]
+    before = path.stat()
+    write([20, 21, 20])  # other ids, same widths: the same bytes count
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    with caplog.at_level("INFO"):
+        again = Vocabularies.load_or_build(Dataset.open(dataset.root), FeaturesConfig())
+    assert again.spaces["item"].ids.tolist() == [10, 11, 12, 20, 21, 500]
+    (line,) = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert "were built from other training files (train.parquet added, removed or rewritten since" in line, line
+    assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == again.fingerprint
+
+
 def test_fingerprint_detects_mismatch(dataset: Dataset, tmp_path: Path) -> None:
     vocabs = Vocabularies.build(dataset, FeaturesConfig())
     other = Vocabularies.build(dataset, FeaturesConfig(min_count=2))
@@ -182,10 +206,10 @@ def test_vocabularies_are_immutable_and_the_fingerprint_is_computed_once(dataset
 
     import mdaf_rec.data.vocab as vocab_module
 
+    fresh = Vocabularies.build(dataset, FeaturesConfig(min_count=1))  # (hashes the training files' footers)
     calls = []
     real = vocab_module.hashlib.sha256
     monkeypatch.setattr(vocab_module.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
-    fresh = Vocabularies.build(dataset, FeaturesConfig(min_count=1))
     assert [fresh.fingerprint for _ in range(3)] == [vocabs.fingerprint] * 3 and len(calls) == 1
     assert loaded.fingerprint == vocabs.fingerprint and len(calls) == 1  # computed (and checked) at load
     copy = pickle.loads(pickle.dumps(loaded))  # DataLoader workers started with spawn get a pickled copy

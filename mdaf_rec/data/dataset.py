@@ -9,8 +9,10 @@ Every Parquet file is read through :func:`open_parquet`, so a truncated, corrupt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +62,7 @@ class Dataset:
         for split_files in files.values():
             for f in split_files:
                 open_parquet(f)
-        meta_path = root / META_FILE
-        meta: Dict[str, Any] = {}
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_meta(root)
         logger.debug("opened dataset %s: %s", root, {s: len(f) for s, f in files.items()})
         return Dataset(root=root, files=files, meta=meta)
 
@@ -93,6 +89,55 @@ class Dataset:
     def timezone(self, configured: Optional[str] = None) -> str:
         """The IANA time zone for ``hour`` / ``dayofweek``: ``configured``, else meta's, else UTC."""
         return configured or self.meta.get("timezone") or DEFAULT_TIMEZONE
+
+
+def read_meta(root: Union[str, Path]) -> Dict[str, Any]:
+    """The parsed ``meta.json`` of dataset folder ``root`` ({} if there is none)."""
+    meta_path = Path(root) / META_FILE
+    if not meta_path.exists():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+def recorded_timezone(recorded: Optional[str], data: Union[str, Path]) -> str:
+    """The time zone a run was trained with, for re-scoring or exporting it.
+
+    Args:
+        recorded: the run's ``features.timezone`` (training resolves it and writes it to the run's
+            ``config.yaml``); ``None`` only in runs written before the zone was recorded.
+        data: the dataset folder being scored (or the run's training data).
+    Returns:
+        ``recorded``; a different zone in ``data``'s ``meta.json`` is reported in one line, never followed.
+        A run without a recorded zone takes the dataset's (meta.json, else UTC) and says so.
+    """
+    meta_path = Path(data) / META_FILE
+    if recorded is None:
+        zone = Dataset.open(data).timezone()
+        logger.warning("the run does not record its time zone (trained by an older version): using %r from %s",
+                       zone, meta_path if meta_path.exists() else "the default")
+        return zone
+    current = read_meta(data).get("timezone")
+    if current is not None and current != recorded:
+        logger.warning("%s says time zone %r, but the run was trained with %r (its config.yaml): using %r",
+                       meta_path, current, recorded, recorded)
+    return recorded
+
+
+def footer_sha256(path: Union[str, Path]) -> str:
+    """sha256 (hex) of a Parquet file's footer: the schema, and per row group and column the sizes, offsets and
+    statistics (min / max / null count) — what changes when the file's contents change, read without the data."""
+    path = Path(path)
+    with _naming_file(path), open(path, "rb") as fh:
+        fh.seek(-8, os.SEEK_END)
+        tail = fh.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length + 12 > fh.tell():
+            raise OSError("no Parquet footer at the end")
+        fh.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(fh.read(length)).hexdigest()
 
 
 class ParquetFile:

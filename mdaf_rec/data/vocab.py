@@ -9,7 +9,8 @@ processes and runs), table size ``K + 2``.
 
 On disk (``DATASET/vocab/`` by default, see :meth:`Vocabularies.load_or_build`): one
 ``<space>.npy`` per enumerated space (sorted int64 raw ids) and ``vocab.json`` with the settings
-(min_count, columns, hashing), the table sizes, the training files they were built from, and a
+(min_count, columns, hashing), the table sizes, the training files they were built from (name, size,
+mtime and the sha256 of the Parquet footer: the cache key, so a rewritten file is noticed), and a
 ``fingerprint`` of settings and contents that checkpoints record to detect a mismatch.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from mdaf_rec.config import FeaturesConfig
-from mdaf_rec.data.dataset import Dataset, DatasetError, open_parquet
+from mdaf_rec.data.dataset import Dataset, DatasetError, footer_sha256, open_parquet
 from mdaf_rec.data.schema import SPLITS
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.errors import UserError
@@ -149,7 +150,7 @@ class Vocabularies:
     Args:
         spaces: space name -> vocabulary, config order.
         min_count: the minimum training count of a known id.
-        train_files: ``[file name, bytes]`` of the training files they were built from.
+        train_files: ``[file name, bytes, mtime_ns, footer sha256]`` of the training files they were built from.
     """
 
     def __init__(self, spaces: Dict[str, Vocabulary], min_count: int, train_files: List[List[Any]]) -> None:
@@ -231,8 +232,8 @@ class Vocabularies:
 
         Looks in ``DATASET/vocab/``, then in ``cache_dir/<dataset key>/`` (``cache_dir`` given by the
         caller for read-only dataset folders; the key hashes the dataset's absolute path). Saved
-        vocabularies whose settings (min_count, columns, hashing, training files) differ are rebuilt
-        and overwritten. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
+        vocabularies whose settings (min_count, columns, hashing) or training files (name, size, mtime,
+        Parquet footer hash) differ are rebuilt and overwritten, with one line saying why. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
         folder; with neither, it is kept in memory only (a warning says so).
 
         First, from the Parquet footers: a split file lacking a column the features read (ids,
@@ -265,7 +266,7 @@ class Vocabularies:
                 logger.warning("saved vocabularies unusable (%s): rebuilding", e)
                 stored = None
             if stored is not None:
-                logger.info("vocabularies in %s were built with other settings: rebuilding", folder)
+                logger.info("vocabularies in %s %s: rebuilding", folder, _stale_reason(stored.get("settings") or {}, wanted))
         vocabs = Vocabularies.build(dataset, cfg)
         for folder in folders:
             try:
@@ -412,7 +413,24 @@ def _read(dataset: Dataset, split: str, spaces: Sequence[SpaceSettings]) -> Iter
 
 
 def _file_list(dataset: Dataset) -> List[List[Any]]:
-    return [[str(p.relative_to(dataset.root)), p.stat().st_size] for p in dataset.split_files("train")]
+    """``[name, bytes, mtime_ns, footer sha256]`` of each training file: the key of the saved vocabularies (a
+    rewritten file changes its footer or its mtime even when its size stays; see docs/data.md)."""
+    files = []
+    for p in dataset.split_files("train"):
+        stat = p.stat()
+        files.append([str(p.relative_to(dataset.root)), stat.st_size, stat.st_mtime_ns, footer_sha256(p)])
+    return files
+
+
+def _stale_reason(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+    """Why saved vocabulary settings ``stored`` are not the ``wanted`` ones, in a few words."""
+    if {k: v for k, v in stored.items() if k != "train_files"} != {k: v for k, v in wanted.items() if k != "train_files"}:
+        return "were built with other settings (min_count, columns or hashing)"
+    old = {f[0]: f[1:] for f in stored.get("train_files", [])}
+    new = {f[0]: f[1:] for f in wanted["train_files"]}
+    changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+    return f"were built from other training files ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} " \
+           "added, removed or rewritten since: size, mtime or Parquet footer differ)"
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
