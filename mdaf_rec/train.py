@@ -44,7 +44,8 @@ from mdaf_rec.data.batch import Batch
 from mdaf_rec.data.dataset import Dataset, open_parquet
 from mdaf_rec.data.schema import LABEL
 from mdaf_rec.data.loader import BatchLoader
-from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
+from mdaf_rec.data.validated import validate_once
+from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies, column_rules, derived_folders
 from mdaf_rec.distributed import DistEnv, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
@@ -99,6 +100,8 @@ class Session:
             num_workers=cfg.data.num_workers,
             start_batch=start_batch,
             timezone=cfg.features.timezone,
+            sharding=cfg.data.sharding,
+            validated=True,  # by open_session
         )
 
 
@@ -128,6 +131,7 @@ def open_session(
             (``False``) has neither, so no optimizer state is allocated.
     """
     dataset = Dataset.open(cfg.data.path)
+    _validated(dataset, cfg, env)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
     torch.manual_seed(cfg.train.seed)
@@ -157,6 +161,14 @@ def open_session(
     optimizer = build_optimizer(dmp, cfg.optimizer) if training else None
     logger.info("sharding plan:\n%s", plan)
     return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params, plan)
+
+
+def _validated(dataset: Dataset, cfg: Config, env: DistEnv) -> None:
+    """Rank 0 validates the split files once (a file whose pass is recorded is not read again); the other ranks
+    wait, and every rank's loaders then only cast (``BatchLoader(validated=True)``)."""
+    if env.rank == 0:
+        validate_once(dataset, column_rules(cfg.features), derived_folders(dataset, cfg.data.vocab_dir))
+    dist.barrier()
 
 
 def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabularies:
