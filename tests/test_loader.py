@@ -337,7 +337,8 @@ def test_bad_input_names_file_column_and_row(tmp_path: Path, corrupt, column: st
     assert "val.parquet" in text and repr(column) in text and message in text, text
 
 
-def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
+@pytest.mark.parametrize("validated", [False, True])
+def test_narrow_integer_columns_are_cast(tmp_path: Path, validated: bool) -> None:
     good = _tiny(list(range(1000, 1006)))
     narrow = good.cast(pa.schema([
         pa.field(f.name, pa.int32() if f.type == pa.int64() else pa.list_(pa.int16()) if pa.types.is_list(f.type)
@@ -348,7 +349,7 @@ def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
     (a,) = list(BatchLoader(dataset, "train", spec, vocabs, 8))
-    (b,) = list(BatchLoader(dataset, "val", spec, vocabs, 8))
+    (b,) = list(BatchLoader(dataset, "val", spec, vocabs, 8, validated=validated))  # validated: only cast
     assert torch.equal(a.sequence_features.values(), b.sequence_features.values())
     assert torch.equal(a.static_features.values(), b.static_features.values()) and torch.equal(a.labels, b.labels)
 
