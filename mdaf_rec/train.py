@@ -564,6 +564,13 @@ def _resume(session: Session) -> TrainState:
             "tables whose sharding type changed (fused <-> data_parallel) restarts",
             state.world_size, session.env.world_size,
         )
+        if state.epoch_batches and session.cfg.data.sharding == "own_share":
+            logger.warning(
+                "data.sharding own_share: the ranks' shares depend on the world size, so the rest of epoch %d (from "
+                "step %d of %d-process shares) follows the %d-process shares: some rows of this epoch are trained "
+                "on twice and others not at all (later epochs are whole; every_rank_reads_all resumes exactly)",
+                state.epochs_done + 1, state.epoch_batches, state.world_size, session.env.world_size,
+            )
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     return state

@@ -12,7 +12,7 @@ Order of one epoch (see ``docs/data.md``, "Vocabularies and loading"):
     gets ``N // W`` rows, one more if ``r < N % W``; a block on a share boundary is cut there), and
     rank ``r`` reads only the blocks its share touches (about ``N / W`` rows). Windows never cross a
     share boundary. Rank r's batch ``j`` is rows ``[j * b, (j + 1) * b)`` of its share
-    (``b = batch_size / W``); the last is smaller. Every row is read by exactly one rank once per epoch.
+    (``b = batch_size / W``); the last is smaller. Every row is trained on by exactly one rank once per epoch.
   - ``every_rank_reads_all`` (exact, for tests and small data): the stream is cut into GLOBAL batches
     of ``batch_size`` rows and rank ``r`` gets the contiguous slice ``[r * b, (r + 1) * b)`` of every
     global batch, so one step of W processes sees exactly the rows of one 1-process step; each rank
@@ -33,7 +33,7 @@ Order of one epoch (see ``docs/data.md``, "Vocabularies and loading"):
 * ``start_batch`` resumes mid-epoch: the skipped positions are neither read nor built.
 
 Every block read is validated (:mod:`mdaf_rec.data.validate`) unless the split was validated already
-(``validated=True``: the training job validates once, see :func:`~mdaf_rec.data.validate.validate_once`;
+(``validated=True``: the training job validates once, see :func:`~mdaf_rec.data.validated.validate_once`;
 columns are then only cast) and raw ids are mapped through the vocabularies; histories are truncated to
 the most recent ``max_history`` ids with vectorised offset arithmetic on the Arrow list offsets.
 """
@@ -172,7 +172,7 @@ class EpochPlan:
         self.num_rows = sum(b.rows for b in blocks)
         self.num_full, self.remainder = divmod(self.num_rows, batch_size)
         self.num_batches = self.num_full + int(self.remainder > 0 and not drop_last)
-        shares = world_size if self.sharded else 1
+        mine = rank if self.sharded else 0
         sizes = [self.share_rows(r) for r in range(world_size)] if self.sharded else [self.num_rows]
         bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         order = np.random.default_rng([seed, epoch]).permutation(len(blocks)) if shuffle else range(len(blocks))
@@ -189,10 +189,10 @@ class EpochPlan:
                 hi = min(block.rows, lo + int(bounds[piece_share + 1]) - position)
                 if piece_share != share or not shuffle or rows >= shuffle_rows:
                     window, rows, share = window + 1, 0, piece_share
-                    if share == (rank if shares > 1 else 0):
+                    if share == mine:
                         self.windows.append([])
                         self._window_ids.append(window)
-                if share == (rank if shares > 1 else 0):
+                if share == mine:
                     self.windows[-1].append(Piece(block, lo, hi))
                 rows += hi - lo
                 position += hi - lo
