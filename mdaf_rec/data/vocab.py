@@ -1,6 +1,7 @@
 """Vocabularies: raw ids -> embedding-table indices, one vocabulary per id space.
 
-Built from the TRAINING split only. An id space with a history counts its target column and its
+Built from the TRAINING split only, counted out of core (a DuckDB ``GROUP BY`` over the Parquet files,
+:func:`count_ids`). An id space with a history counts its target column and its
 history column together (one vocabulary, one table); every extra sparse field is its own space.
 Time fields (``hour``, ``dayofweek``) need none. Index 0 is padding, 1 is out-of-vocabulary (OOV);
 known ids (seen at least ``min_count`` times) get ``2, 3, ...`` in ascending raw-id order. A space
