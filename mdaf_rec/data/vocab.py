@@ -394,7 +394,11 @@ def count_ids(files: Sequence[Path], columns: Sequence[str], min_count: int) -> 
     query = f"SELECT id FROM ({' UNION ALL '.join(parts)}) GROUP BY id HAVING count(*) >= {int(min_count)} ORDER BY id"
     with tempfile.TemporaryDirectory(prefix="mdaf-vocab-") as spill, duckdb.connect() as con:
         con.execute(f"SET temp_directory = {_sql_string(spill)}")
-        ids = con.execute(query).fetch_arrow_table().column("id")
+        try:
+            ids = con.execute(query).fetch_arrow_table().column("id")
+        except duckdb.Error as e:
+            reason = " ".join(str(e).split())
+            raise DatasetError(f"{', '.join(map(str, files))}: counting the ids of {list(columns)} failed ({reason})") from None
     return ids.to_numpy().astype(np.int64, copy=False) if len(ids) else np.zeros(0, np.int64)
 
 
