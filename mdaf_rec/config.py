@@ -365,7 +365,8 @@ def validate(cfg: Config) -> Config:
     _require(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {list(PRECISIONS)}")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _require(cfg.data.sharding in DATA_SHARDING, "data.sharding", f"{cfg.data.sharding!r} is not one of {list(DATA_SHARDING)}")
+    _require(cfg.data.sharding in DATA_SHARDING, "data.sharding",
+             f"{cfg.data.sharding!r} is not one of {list(DATA_SHARDING)}")
     for name, size in cfg.planning.vocab_sizes.items():
         _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")
     return cfg

@@ -9,8 +9,8 @@ of the recipe's own step (:func:`mdaf_rec.train.train_steps`, the training pipel
 training batches of epoch 0 (each rank gets its part, as in training), then writes the
 weights to ``DIR/checkpoints/after``, the last step's dense gradients (DDP-averaged, identical on every
 rank) to ``DIR/dense_grads.pt`` and the plan, rank 0's losses, the training rows (split row numbers) each
-rank stepped on and (``--eval``) validation metrics to ``DIR/result.json``. ``--constraints`` (JSON: table -> sharding type) forces the sharding plan, so
-one run covers several sharding types at once.
+rank stepped on and (``--eval``) validation metrics to ``DIR/result.json``. ``--constraints`` (JSON: table ->
+sharding type) forces the sharding plan, so one run covers several sharding types at once.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                  if p.grad is not None}
         torch.save(grads, args.out / "dense_grads.pt")
         plan = {table: s.sharding_type for m in session.plan.plan.values() for table, s in m.items()}  # type: ignore[union-attr]
-        result = {"plan": plan, "rank0_losses": losses, "rank_rows": rank_rows, "val": {k: val[k] for k in ("auc", "logloss", "count") if k in val}}
+        result = {"plan": plan, "rank0_losses": losses, "rank_rows": rank_rows,
+                  "val": {k: val[k] for k in ("auc", "logloss", "count") if k in val}}
         (args.out / "result.json").write_text(json.dumps(result, indent=2))
     shutdown_distributed()
 

@@ -117,7 +117,8 @@ def cast_canonical(data: ArrowData, rules: ColumnRules) -> pa.Table:
         return pa.int8() if name == LABEL else pa.int64()
 
     columns = set(rules.columns)
-    return pa.table({n: data.column(n).cast(canonical(n)) if n in columns else data.column(n) for n in data.schema.names})
+    return pa.table({n: data.column(n).cast(canonical(n)) if n in columns else data.column(n)
+                     for n in data.schema.names})
 
 
 @dataclass(frozen=True)

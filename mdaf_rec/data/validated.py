@@ -34,7 +34,9 @@ def file_key(dataset: Dataset, path: Path, rules: ColumnRules) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def validate_once(dataset: Dataset, rules: ColumnRules, folders: Sequence[Path], splits: Sequence[str] = SPLITS) -> None:
+def validate_once(
+    dataset: Dataset, rules: ColumnRules, folders: Sequence[Path], splits: Sequence[str] = SPLITS
+) -> None:
     """Validates every file of ``splits`` against ``rules`` unless a record in ``folders`` lists it.
 
     Files are streamed in record batches (bounded memory); the first problem is a

@@ -398,7 +398,8 @@ def count_ids(files: Sequence[Path], columns: Sequence[str], min_count: int) -> 
             ids = con.execute(query).fetch_arrow_table().column("id")
         except duckdb.Error as e:
             reason = " ".join(str(e).split())
-            raise DatasetError(f"{', '.join(map(str, files))}: counting the ids of {list(columns)} failed ({reason})") from None
+            names = ", ".join(map(str, files))
+            raise DatasetError(f"{names}: counting the ids of {list(columns)} failed ({reason})") from None
     return ids.to_numpy().astype(np.int64, copy=False) if len(ids) else np.zeros(0, np.int64)
 
 
