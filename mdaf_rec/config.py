@@ -23,6 +23,7 @@ import yaml
 from mdaf_rec.errors import UserError
 from mdaf_rec.registry import (
     CPU_SPARSE_OPTIMIZERS,
+    DATA_SHARDING,
     DENSE_OPTIMIZERS,
     GATE_MODES,
     METRIC_MODES,
@@ -205,13 +206,19 @@ class DataConfig:
     Args:
         path: canonical dataset folder (``train``, ``val``, ``test`` splits).
         num_workers: DataLoader worker processes per rank (0 = read in the training process).
-        vocab_dir: where vocabularies are built when the dataset folder is read-only (default: the
-            dataset's own ``vocab/`` folder).
+        vocab_dir: where vocabularies (and the validation record) are written when the dataset folder is
+            read-only (default: the dataset's own ``vocab/`` folder).
+        sharding: which rows each rank reads (``docs/data.md``, "Sharding"): ``own_share`` (each rank
+            reads only its ~1/W of every split: every row once per epoch, reads scale with the ranks) or
+            ``every_rank_reads_all`` (every rank reads the whole split and takes its slice of each global
+            batch: one step of W processes sees exactly the rows of one 1-process step; for tests and
+            small data).
     """
 
     path: str = "data/synth"
     num_workers: int = 0
     vocab_dir: Optional[str] = None
+    sharding: str = "own_share"
 
 
 @dataclass
@@ -388,6 +395,8 @@ def validate(cfg: Config) -> Config:
              f"{e.metrics!r} is not one of {list(METRIC_MODES)} (or null: chosen by the split's size)")
     _require(e.auc_bins >= 2, "eval.auc_bins", "must be >= 2")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.sharding in DATA_SHARDING, "data.sharding",
+             f"{cfg.data.sharding!r} is not one of {list(DATA_SHARDING)}")
     for name, size in cfg.planning.vocab_sizes.items():
         _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")
     for key in ("hbm_gb", "ddr_gb"):

@@ -46,7 +46,8 @@ from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
 from mdaf_rec.data.schema import LABEL, META_FILE
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.validate import check_timestamp_ranges
-from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
+from mdaf_rec.data.validated import validate_once
+from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies, column_rules, derived_folders
 from mdaf_rec.distributed import DistEnv, check_gpu_request, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
@@ -106,6 +107,8 @@ class Session:
             start_batch=start_batch,
             timezone=cfg.features.timezone,
             pin_memory=self.env.device.type == "cuda",
+            sharding=cfg.data.sharding,
+            validated=True,  # by open_session
         )
 
 
@@ -138,6 +141,7 @@ def open_session(
             (``False``) has neither, so no optimizer state is allocated.
     """
     dataset = Dataset.open(cfg.data.path)
+    _validated(dataset, cfg, env)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
     torch.manual_seed(cfg.train.seed)
@@ -175,6 +179,14 @@ def open_session(
     if "mamba" in cfg.model.name:
         log_mamba_backend(env.device.type)
     return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params, plan)
+
+
+def _validated(dataset: Dataset, cfg: Config, env: DistEnv) -> None:
+    """Rank 0 validates the split files once (a file whose pass is recorded is not read again); the other ranks
+    wait, and every rank's loaders then only cast (``BatchLoader(validated=True)``)."""
+    if env.rank == 0:
+        validate_once(dataset, column_rules(cfg.features), derived_folders(dataset, cfg.data.vocab_dir))
+    dist.barrier()
 
 
 def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabularies:
@@ -597,6 +609,13 @@ def _resume(session: Session) -> TrainState:
             "tables whose sharding type changed (fused <-> data_parallel) restarts",
             state.world_size, session.env.world_size,
         )
+        if state.epoch_batches and session.cfg.data.sharding == "own_share":
+            logger.warning(
+                "data.sharding own_share: the ranks' shares depend on the world size, so the rest of epoch %d (from "
+                "step %d of %d-process shares) follows the %d-process shares: some rows of this epoch are trained "
+                "on twice and others not at all (later epochs are whole; every_rank_reads_all resumes exactly)",
+                state.epochs_done + 1, state.epoch_batches, state.world_size, session.env.world_size,
+            )
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     return state

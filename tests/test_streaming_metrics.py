@@ -5,7 +5,6 @@ numbers over two ranks, and no host sync per batch."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, List
 

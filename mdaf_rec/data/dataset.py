@@ -28,6 +28,7 @@ from mdaf_rec.errors import UserError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEZONE = "UTC"
+READ_BATCH_ROWS = 65536  # record batch size of streamed passes over a split file
 
 
 class DatasetError(UserError, ValueError):
@@ -214,3 +215,12 @@ def _split_files(root: Path, split: str) -> Tuple[Path, ...]:
             raise DatasetError(f"dataset {root}: split folder {folder} holds no .parquet files")
         return files
     raise DatasetError(f"dataset {root}: split {split!r} is missing (expected {single.name} or {folder.name}/)")
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Writes ``path`` through ``write(binary file handle)`` to a temporary name, then renames it, so concurrent
+    writers of identical contents (one per rank) never leave a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)

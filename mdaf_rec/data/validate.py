@@ -3,7 +3,8 @@
 :func:`validate` checks one table or record batch, casts integer columns of other widths to the
 canonical types (losslessly; an overflowing value is an error) and raises :class:`DataError` naming
 the file, the column and the row (row number within the file) of the first problem. All checks are
-vectorised ``pyarrow.compute`` kernels, cheap enough to run on every batch the loader reads.
+vectorised ``pyarrow.compute`` kernels. A training job validates each file once
+(:mod:`mdaf_rec.data.validated`); its loaders then only cast (:func:`cast_canonical`).
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ def validate(
     _check_equal_lengths(histories, [c for c in wanted if c in rules.history_columns], where)
     names = data.schema.names
     return pa.table({n: out.get(n, data.column(n)) for n in names})
+
+
+def cast_canonical(data: ArrowData, rules: ColumnRules) -> pa.Table:
+    """``data`` with the columns of ``rules`` cast to the canonical types (as :func:`validate` returns them),
+    unchecked: for data that passed :func:`validate` before (see :mod:`mdaf_rec.data.validated`)."""
+    def canonical(name: str) -> pa.DataType:
+        if name in rules.history_columns:
+            return pa.list_(pa.int64())
+        if name in rules.dense_columns:
+            return pa.float32()
+        return pa.int8() if name == LABEL else pa.int64()
+
+    columns = set(rules.columns)
+    return pa.table({n: data.column(n).cast(canonical(n)) if n in columns else data.column(n)
+                     for n in data.schema.names})
 
 
 @dataclass(frozen=True)
