@@ -36,7 +36,7 @@ class ArtifactError(UserError, RuntimeError):
 def write_manifest(folder: Path) -> str:
     """Writes ``folder``'s ``manifest.json`` under the model format marker (what lets a later export recognise
     the folder as its own); returns the manifest's sha256."""
-    return manifest.write_manifest(folder, format_marker(MODEL_KIND, FORMAT_VERSION))
+    return manifest.write_manifest(folder, format_marker=format_marker(MODEL_KIND, FORMAT_VERSION))
 
 
 def has_model_marker(folder: Path) -> bool:
@@ -73,7 +73,12 @@ def read_feature_spec(model_dir: Path, expected_sha256: Optional[str] = None) ->
     path = model_dir / SPEC_FILE
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (not a model folder written by `mdaf-rec export`?)")
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     if doc.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {doc.get('format_version')!r}, expected {FORMAT_VERSION}")
     return doc

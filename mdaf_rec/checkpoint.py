@@ -8,8 +8,11 @@ epoch, after global step S) holding
   loads with another;
 * ``state.json`` — the :class:`~mdaf_rec.train_state.TrainState` (position, early stopping, fingerprint);
 * ``rng_rank{R}.pt`` — each rank's RNG states (CPU, and CUDA on GPU ranks) as uint8 tensors;
-* ``manifest.json`` — size and SHA-256 of every other file, written last; a checkpoint without it is
-  incomplete, and a file that does not match it is refused by name before anything is read.
+* ``manifest.json`` — size and SHA-256 of every other file, written last by rank 0 from the hashes each rank
+  took of its own files while writing them; a checkpoint without it is incomplete. A rank checks each file it
+  reads against it right before reading it (and only those), and a file that does not match, or is not listed,
+  is refused by name before any of its bytes are parsed. A file this process already hashed is not read again
+  unless it changed on disk (:func:`mdaf_rec.manifest.cached_sha256`; trust model in ``docs/launch.md``).
 
 ``RUN_DIR/checkpoints/index.json`` points at the ``last`` and ``best`` checkpoints and the kept in-epoch
 ones (``steps``); the tool's own checkpoint folders that none of these name are deleted after each save.
@@ -24,26 +27,39 @@ hyper-parameters, rebuilt from the config) are not stored in the DCP files.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import json
 import logging
+import os
 import pickle
 import shutil
 import warnings
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
-from mdaf_rec.manifest import MANIFEST_FILE, first_mismatch, read_manifest, write_manifest
+from mdaf_rec.manifest import (
+    MANIFEST_FILE,
+    cached_sha256,
+    first_mismatch,
+    read_manifest,
+    remember_sha256,
+    sha256_file,
+    write_manifest,
+)
 from mdaf_rec.errors import UserError
 from mdaf_rec.run_dir import CHECKPOINT_NAME, RunDir
 
@@ -116,10 +132,26 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`."""
+    """``FileSystemReader`` that checks each file against the checkpoint's manifest right before reading it
+    (only the files this rank reads) and reads the metadata with :class:`_MetadataUnpickler`.
+
+    Args:
+        path: the checkpoint folder.
+        files: its manifest (:func:`checkpoint_manifest`), read here when ``None``.
+    """
+
+    def __init__(self, path: str, files: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+        super().__init__(path)
+        self.files = checkpoint_manifest(Path(path)) if files is None else files
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+        verify_checkpoint(Path(self.path), names, self.files)
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
+        verify_checkpoint(Path(self.path), [Path(path).name], self.files)
         with self.fs.create_stream(path, "rb") as fh:
             try:
                 metadata = _MetadataUnpickler(fh, Path(path)).load()
@@ -129,10 +161,22 @@ class SafeFileSystemReader(FileSystemReader):
                 raise CheckpointError(f"{path}: not a readable checkpoint metadata file ({type(e).__name__})") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: not a checkpoint metadata file (holds a {type(metadata).__name__})")
+        _check_storage_files(metadata, Path(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_files(metadata: Metadata, path: Path) -> None:
+    """Refuses a ``.metadata`` whose entries are read from a file the checkpoint's manifest does not list (one
+    outside the folder, or planted in it): only files whose hashes :func:`verify_checkpoint` checked are read."""
+    listed = read_manifest(path.parent, CheckpointError, missing="missing (incomplete checkpoint)")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, (str, PurePath)) or PurePath(name).as_posix() not in listed:
+            raise CheckpointError(f"{path}: reads its tensors from {name!r}, a file not in the checkpoint's manifest; "
+                                  "refusing to load it")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -140,6 +184,105 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object; refusing to load it")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashing while writing
+# --------------------------------------------------------------------------------------------------
+
+
+class _HashingStream:
+    """A file open for writing that hashes the bytes written through it. A seek (or a short write) makes the
+    hash unknown: the file is then hashed once it is written (:meth:`_HashingWriter.written`)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sequential = True
+        self._sha = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        if not view.c_contiguous:
+            self.sequential = False
+            return self.raw.write(data)
+        view = view.cast("B")
+        n = self.raw.write(view)
+        if n == view.nbytes:
+            self._sha.update(view)
+        else:
+            self.sequential = False
+        return n
+
+    def seek(self, *args: Any) -> int:
+        self.sequential = False
+        return self.raw.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close, ...
+        return getattr(self.raw, name)
+
+    def hexdigest(self) -> Optional[str]:
+        return self._sha.hexdigest() if self.sequential else None
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, hashing every file it writes (``hashes``: path -> sha256, or ``None`` when
+    unknown); a rename (DCP writes ``.metadata`` as a temporary file first) carries the hash along."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hashes: Dict[str, Optional[str]] = {}
+
+    @contextmanager
+    def create_stream(self, path: Union[str, "os.PathLike[str]"], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = _HashingStream(stream)
+            yield hashing
+        self.hashes[os.fspath(path)] = hashing.hexdigest()
+
+    def rename(self, path: Union[str, "os.PathLike[str]"], new_path: Union[str, "os.PathLike[str]"]) -> None:
+        super().rename(path, new_path)
+        self.hashes[os.fspath(new_path)] = self.hashes.pop(os.fspath(path), None)
+
+
+class _HashingWriter(FileSystemWriter):
+    """DCP's ``FileSystemWriter`` (same files, same defaults) that hashes the files of this rank as it writes them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.fs = _HashingFileSystem()
+        self.folder = path
+
+    def written(self) -> Dict[str, Dict[str, Any]]:
+        """``{name: {"sha256", "size"}}`` of the files this rank wrote (those still there)."""
+        out = {}
+        for name, digest in self.fs.hashes.items():
+            file = Path(name)
+            if file.is_file():
+                out[file.relative_to(self.folder).as_posix()] = {"sha256": digest or sha256_file(file),
+                                                                 "size": file.stat().st_size}
+        return out
+
+
+def _write_hashed(path: Path, data: bytes) -> Dict[str, Dict[str, Any]]:
+    """Writes ``data`` to ``path``; returns its manifest entry ``{path.name: {"sha256", "size"}}``."""
+    path.write_bytes(data)
+    return {path.name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+
+
+def _gather_at_rank0(files: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Every rank's manifest entries, merged, on rank 0 (``{}`` elsewhere); one ``gather_object``, which also
+    makes rank 0 wait until every rank has written its files."""
+    if not dist.is_initialized():
+        return dict(files)
+    gathered: Optional[List[Any]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(files, gathered, dst=0)
+    merged: Dict[str, Dict[str, Any]] = {}
+    for part in gathered or []:
+        merged.update(part)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,13 +328,25 @@ def save_checkpoint(
     run = RunDir(run_dir)
     path = run.checkpoints / name
     rank = dist.get_rank() if dist.is_initialized() else 0
-    dcp.save(tensor_state(app_state), checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
+    writer = _HashingWriter(path)
+    try:
+        dcp.save(tensor_state(app_state), storage_writer=writer, no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a rank's failed write (disk full) is an OSError inside DCP's BaseException
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, OSError)]
+        if not refused:
+            raise
+        raise refused[0] from None
+    files = writer.written()  # this rank's DCP files (and rank 0's .metadata), hashed as they were written
+    rng = io.BytesIO()  # torch.save into memory: its archive writer never meets a failing disk (it aborts there)
+    torch.save(_rng_state(), rng)
+    files.update(_write_hashed(path / f"rng_rank{rank}.pt", rng.getvalue()))
     if rank == 0:
-        (path / STATE_FILE).write_text(json.dumps(state, indent=2))
-        write_manifest(path)
+        files.update(_write_hashed(path / STATE_FILE, json.dumps(state, indent=2).encode()))
+    for file, entry in files.items():  # a later load in this process need not read them again
+        remember_sha256(path / file, entry["sha256"])
+    known = _gather_at_rank0(files)
+    if rank == 0:
+        write_manifest(path, known)
         index = read_index(run_dir) if (run.checkpoints / INDEX_FILE).exists() else {}
         index["last"] = name
         if is_best or ("best" not in index and not keep_steps):  # an in-epoch checkpoint is never "best"
@@ -216,6 +371,12 @@ def read_index(run_dir: Path) -> Dict[str, Any]:
     index = _read_json(path)
     if not isinstance(index.get("last"), str):
         raise CheckpointError(f"{path}: not a checkpoint index (no valid 'last' entry)")
+    names = [("last", index["last"])] + ([("best", index["best"])] if "best" in index else [])
+    names += [("steps", name) for name in index.get("steps", [])]
+    for key, name in names:  # a folder of this run's checkpoints/, never a path to another run's
+        if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+            raise CheckpointError(f"{path}: its {key!r} entry {name!r} is not a checkpoint of this run "
+                                  "(expected a name such as 'epoch_3' or 'step_120'); refusing it")
     return index
 
 
@@ -224,26 +385,50 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     index = read_index(run_dir)
     if which not in index:
         raise CheckpointError(f"{RunDir(run_dir).checkpoints / INDEX_FILE}: no {which!r} checkpoint")
-    path = RunDir(run_dir).checkpoints / index[which]
+    checkpoints = RunDir(run_dir).checkpoints
+    path = checkpoints / index[which]
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: a link to {path.resolve()}, not a checkpoint folder of this run; refusing it")
     for required in (MANIFEST_FILE, STATE_FILE, ".metadata"):
         if not (path / required).exists():
             raise CheckpointError(f"{path / required}: missing from checkpoint {index[which]!r} (incomplete checkpoint)")
     return path
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Checks every file of checkpoint ``path`` against its ``manifest.json``; raises naming the first bad file."""
+def checkpoint_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
+    """``{name: {"sha256", "size"}}`` of checkpoint ``path``'s ``manifest.json`` (raises if missing or empty)."""
     files = read_manifest(path, CheckpointError, missing="missing (incomplete checkpoint)")
     if not files:
         raise CheckpointError(f"{path / MANIFEST_FILE}: not a checkpoint manifest (lists no file)")
-    bad = first_mismatch(path, files)
+    return files
+
+
+def verify_checkpoint(
+    path: Path, names: Optional[Sequence[str]] = None, files: Optional[Dict[str, Dict[str, Any]]] = None
+) -> Dict[str, Dict[str, Any]]:
+    """Checks files of checkpoint ``path`` against its manifest: ``names`` (the ones about to be read), or
+    every listed file; raises naming the first bad file. A file this process already hashed (or wrote) is
+    not read again unless it changed on disk (:func:`mdaf_rec.manifest.cached_sha256`).
+
+    Args:
+        path: the checkpoint folder.
+        names: file names relative to ``path`` (default: all in the manifest).
+        files: the manifest (:func:`checkpoint_manifest`), read here when ``None``.
+    Returns:
+        The manifest.
+    """
+    files = checkpoint_manifest(path) if files is None else files
+    bad = first_mismatch(path, files, names, hasher=cached_sha256)
     if bad is not None:
         file, problem = bad
         if problem == "missing":
             raise CheckpointError(f"{file}: missing from checkpoint {path.name!r}")
+        if problem == "unlisted":
+            raise CheckpointError(f"{file}: not listed in the checkpoint's manifest; refusing to read it")
         raise CheckpointError(
             f"{file}: content does not match the checkpoint's manifest (corrupted or modified); refusing to load it"
         )
+    return files
 
 
 def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str] = ()) -> Dict[str, Any]:
@@ -255,15 +440,18 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
         app_state: ``{"model": ..., "optim": ...}`` (any subset of the saved entries).
         partial: entries allowed to be partly missing from the checkpoint (their missing tensors keep
             their current values) — the optimizer state when resuming under another sharding plan.
-    Every rank restores its own RNG states if the checkpoint has them for that rank.
+    Every rank restores its own RNG states if the checkpoint has them for that rank. Each file is checked
+    against the manifest right before it is first read, and only the files this rank reads: its share of the
+    DCP files (all of them when the checkpoint is resharded, e.g. by export or another world size), the
+    metadata, its RNG file and ``state.json``.
     """
-    verify_checkpoint(path)
-    SafeFileSystemReader(str(path)).read_metadata()  # refuses a crafted .metadata here, by name (DCP would wrap it)
+    files = checkpoint_manifest(path)
+    SafeFileSystemReader(str(path), files).read_metadata()  # refuses a crafted .metadata by name (DCP would wrap it)
     for name, value in app_state.items():
         target = tensor_state({name: value})
         planner = SafeLoadPlanner(allow_partial_load=name in partial)
         try:
-            dcp.load(target, storage_reader=SafeFileSystemReader(str(path)), planner=planner,
+            dcp.load(target, storage_reader=SafeFileSystemReader(str(path), files), planner=planner,
                      no_dist=not dist.is_initialized())
         except CheckpointError:
             raise
@@ -280,7 +468,9 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
+        verify_checkpoint(path, [rng.name], files)
         _set_rng_state(rng)
+    verify_checkpoint(path, [STATE_FILE], files)
     return read_state(path)
 
 
@@ -326,9 +516,12 @@ def _set_rng_state(path: Path) -> None:
         state = {"cpu": state}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in state.values()):
         raise CheckpointError(f"{path}: not an RNG state file")
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    try:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+    except (KeyError, RuntimeError) as e:  # no "cpu" entry, or a state of the wrong size for this generator
+        raise CheckpointError(f"{path}: not an RNG state of this torch's generators ({_first_line(e)})") from None
 
 
 def _read_json(path: Path) -> Dict[str, Any]:

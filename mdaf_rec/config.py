@@ -23,10 +23,12 @@ import yaml
 from mdaf_rec.errors import UserError
 from mdaf_rec.registry import (
     CPU_SPARSE_OPTIMIZERS,
+    DATA_SHARDING,
     DENSE_OPTIMIZERS,
     DENSE_TABLE_MODELS,
     DENSE_TABLES,
     GATE_MODES,
+    METRIC_MODES,
     MODEL_NAMES,
     PRECISIONS,
     SPARSE_OPTIMIZERS,
@@ -90,7 +92,8 @@ class FeaturesConfig:
         max_history: histories are truncated to their most recent ``max_history`` entries.
         min_count: ids seen fewer times than this in the training split map to out-of-vocabulary.
         timezone: IANA time zone for ``hour`` / ``dayofweek``; ``null`` takes the dataset's
-            ``meta.json`` value, else UTC.
+            ``meta.json`` value, else UTC. Training resolves it and records the zone in the run's
+            ``config.yaml``; eval and export use that one (a different ``meta.json`` zone is reported).
         pooled_history: the static branch also sees each history as one more field: the mean of its ids'
             rows in the id space's static table (the table the target id reads; an empty history is a zero
             vector), as FuxiCTR's DNN / DCNv3 see sequence fields. Off: the static branch sees the target,
@@ -207,13 +210,19 @@ class DataConfig:
     Args:
         path: canonical dataset folder (``train``, ``val``, ``test`` splits).
         num_workers: DataLoader worker processes per rank (0 = read in the training process).
-        vocab_dir: where vocabularies are built when the dataset folder is read-only (default: the
-            dataset's own ``vocab/`` folder).
+        vocab_dir: where vocabularies (and the validation record) are written when the dataset folder is
+            read-only (default: the dataset's own ``vocab/`` folder).
+        sharding: which rows each rank reads (``docs/data.md``, "Sharding"): ``own_share`` (each rank
+            reads only its ~1/W of every split: every row once per epoch, reads scale with the ranks) or
+            ``every_rank_reads_all`` (every rank reads the whole split and takes its slice of each global
+            batch: one step of W processes sees exactly the rows of one 1-process step; for tests and
+            small data).
     """
 
     path: str = "data/synth"
     num_workers: int = 0
     vocab_dir: Optional[str] = None
+    sharding: str = "own_share"
 
 
 @dataclass
@@ -258,6 +267,22 @@ class TrainConfig:
     precision: str = "fp32"
 
 
+@dataclass
+class EvalConfig:
+    """How the evaluation metrics are computed.
+
+    Args:
+        metrics: ``exact`` (every rank gathers every row: exact AUC and GAUC, ~130 bytes a row per rank),
+            ``streaming`` (fixed-size histograms and sums per rank, GAUC routed by user: AUC within a bound
+            reported as ``auc_error_bound``, the rest exact; :mod:`mdaf_rec.streaming_metrics`), or ``null``:
+            ``exact`` for splits of at most 1,000,000 rows, ``streaming`` above (logged).
+        auc_bins: score bins of the streaming AUC (more: a smaller error bound, a larger all-reduce).
+    """
+
+    metrics: Optional[str] = None
+    auc_bins: int = 262144  # mdaf_rec.streaming_metrics.AUC_BINS
+
+
 def _taobao_vocab_sizes() -> Dict[str, int]:
     return {"user": 577_482, "item": 335_164, "category": 5_480}
 
@@ -290,6 +315,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     planning: PlanningConfig = field(default_factory=PlanningConfig)
 
 
@@ -308,7 +334,7 @@ def validate(cfg: Config) -> Config:
     _require(f.table_init_scale is None or f.table_init_scale > 0, "features.table_init_scale",
              "must be > 0 (or null: TorchRec's ±sqrt(1 / rows))")
     if f.timezone is not None:
-        _require(_is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
+        _require(is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
     for name, space in f.id_spaces.items():
         _require(bool(space.column), f"features.id_spaces.{name}.column", "must name a column")
         if space.hash_buckets is not None:
@@ -372,7 +398,13 @@ def validate(cfg: Config) -> Config:
              "must be > 0 (or null: off)")
     _require(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {list(PRECISIONS)}")
+    e = cfg.eval
+    _require(e.metrics is None or e.metrics in METRIC_MODES, "eval.metrics",
+             f"{e.metrics!r} is not one of {list(METRIC_MODES)} (or null: chosen by the split's size)")
+    _require(e.auc_bins >= 2, "eval.auc_bins", "must be >= 2")
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.sharding in DATA_SHARDING, "data.sharding",
+             f"{cfg.data.sharding!r} is not one of {list(DATA_SHARDING)}")
     for name, size in cfg.planning.vocab_sizes.items():
         _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")
     for key in ("hbm_gb", "ddr_gb"):
@@ -404,7 +436,10 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def _is_timezone(name: str) -> bool:
+def is_timezone(name: Any) -> bool:
+    """Whether ``name`` is a string naming a time zone of the IANA database (``Asia/Shanghai``, ``UTC``)."""
+    if not isinstance(name, str):
+        return False
     try:
         ZoneInfo(name)
     except (ValueError, ZoneInfoNotFoundError):

@@ -10,3 +10,9 @@ class UserError(Exception):
     (``mdaf-rec: error: <message>``, no traceback) and exits with status 2; anything else is a bug and keeps
     its traceback.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a command, with what to do next as its message: the ``mdaf-rec`` command line
+    prints ``mdaf-rec: interrupted: <message>`` (any other ``KeyboardInterrupt``: ``mdaf-rec: interrupted``),
+    no traceback, and exits with status 130."""

@@ -43,10 +43,11 @@ from mdaf_rec.artifact import (
     ArtifactWriter,
 )
 from mdaf_rec.config import Config, load_config
-from mdaf_rec.data.dataset import Dataset, DatasetError, is_dataset_folder
+from mdaf_rec.data.dataset import DatasetError, is_dataset_folder, recorded_timezone
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.models.ctr import CTRModel
+from mdaf_rec.output import ArchiveFile
 from mdaf_rec.run_dir import RunDir
 from mdaf_rec.trainable import build_train_module
 from mdaf_rec.ops import scan_cpu
@@ -105,7 +106,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
             logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
         with torch.no_grad():
             gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
-        torch.export.save(export_program(module, spec), str(artifact.folder / PROGRAM_FILE))
+        with ArchiveFile(artifact.folder / PROGRAM_FILE) as fh:
+            torch.export.save(export_program(module, spec), fh)
         cpu_program = _write_cpu_program(module, spec, artifact.folder) if compile else None
         vocabs.save(artifact.folder / VOCAB_DIR)
         shutil.copyfile(RunDir(run_dir).config, artifact.folder / "config.yaml")
@@ -151,11 +153,10 @@ def _write_cpu_program(module: ServingModule, spec: FeatureSpec, folder: Path) -
 
 
 def _timezone(cfg: Config) -> str:
-    """The time zone training used: the config's, else the training data's ``meta.json``."""
-    if cfg.features.timezone:
-        return cfg.features.timezone
+    """The time zone training used: the one recorded in the run's config (a run written before it was recorded:
+    the training data's ``meta.json``)."""
     try:
-        return Dataset.open(cfg.data.path).timezone()
+        return recorded_timezone(cfg.features.timezone, cfg.data.path)
     except DatasetError as e:
         raise DatasetError(
             f"{e}; the export needs the training data's time zone: pass it with features.timezone in the run's config"

@@ -5,19 +5,29 @@ the files and checked before anything in the folder is read.
 marker (:mod:`mdaf_rec.marker`) where the caller gives one (an exported model). The callers raise
 their own errors (:class:`~mdaf_rec.checkpoint.CheckpointError`, :class:`~mdaf_rec.artifact.ArtifactError`)
 with messages that name the file.
+
+For checkpoints (:mod:`mdaf_rec.checkpoint`), hashes this process computed (or took while writing a file,
+:func:`remember_sha256`) are kept with the file's identity ``(device, inode, size, mtime_ns, ctime_ns)``; :func:`cached_sha256` re-reads a file only when that
+identity changed. ``ctime`` is set by the kernel on every write, rename or ``utime`` and cannot be set back
+from user space, so a file changed after it was hashed is hashed again; the one change that could go unseen
+is one made within the same file-system timestamp tick (milliseconds) as this process's own hash — the same
+window there is anyway between checking a file and reading it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Type
 
 MANIFEST_FILE = "manifest.json"
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_Identity = Tuple[int, int, int, int, int]
+_HASHED: Dict[str, Tuple[_Identity, str]] = {}  # real path -> (identity when hashed, sha256)
 
 
 def sha256_file(path: Path) -> str:
@@ -29,14 +39,52 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, format_marker: Optional[Dict[str, Any]] = None) -> str:
-    """Writes ``manifest.json`` over every file below ``folder`` (with ``format_marker`` as its ``"format"``, if
-    given); returns the manifest's sha256."""
-    files = {
-        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE
-    }
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember_sha256(path: Path, sha256: str) -> None:
+    """Records that ``path``, as it is now on disk, has content hash ``sha256`` (hashed while it was written)."""
+    _HASHED[os.path.realpath(path)] = (_identity(os.stat(path)), sha256)
+
+
+def cached_sha256(path: Path) -> str:
+    """Hex sha256 of ``path``: the one this process already computed or recorded if the file's identity (see
+    the module docstring) is unchanged since, else hashed now (and recorded)."""
+    key = os.path.realpath(path)
+    before = _identity(os.stat(path))
+    known = _HASHED.get(key)
+    if known is not None and known[0] == before:
+        return known[1]
+    digest = sha256_file(path)
+    if _identity(os.stat(path)) == before:  # not changed while it was read
+        _HASHED[key] = (before, digest)
+    return digest
+
+
+def write_manifest(
+    folder: Path,
+    known: Optional[Dict[str, Dict[str, Any]]] = None,
+    format_marker: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Writes ``manifest.json`` over every file below ``folder``; returns the manifest's sha256.
+
+    Args:
+        folder: the folder.
+        known: ``{relative path: {"sha256", "size"}}`` of files already hashed (by the processes that wrote
+            them); a file of the folder that is not in it, or whose size differs, is hashed here.
+        format_marker: the manifest's ``"format"`` entry (:mod:`mdaf_rec.marker`), if any (an exported model).
+    """
+    known = known or {}
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if not p.is_file() or name == MANIFEST_FILE:
+            continue
+        size = p.stat().st_size
+        entry = known.get(name)
+        files[name] = dict(entry) if entry is not None and entry["size"] == size else {"sha256": sha256_file(p),
+                                                                                      "size": size}
     doc: Dict[str, Any] = {"files": files} if format_marker is None else {"format": format_marker, "files": files}
     data = json.dumps(doc, indent=2).encode()
     (folder / MANIFEST_FILE).write_bytes(data)
@@ -91,13 +139,23 @@ def read_format(folder: Path) -> Any:
     return doc.get("format") if isinstance(doc, dict) else None
 
 
-def first_mismatch(folder: Path, files: Dict[str, Dict[str, Any]]) -> Optional[Tuple[Path, str]]:
-    """The first file of ``files`` (a manifest) that is ``"missing"`` or ``"modified"`` below ``folder``, with
-    which; ``None`` when every file matches (same size and sha256)."""
-    for name, entry in files.items():
+def first_mismatch(
+    folder: Path,
+    files: Dict[str, Dict[str, Any]],
+    names: Optional[Iterable[str]] = None,
+    hasher: Callable[[Path], str] = sha256_file,
+) -> Optional[Tuple[Path, str]]:
+    """The first file of ``files`` (a manifest), or of its entries ``names`` only, that is ``"missing"`` or
+    ``"modified"`` below ``folder``, with which; ``None`` when every one matches (same size, and sha256 by
+    ``hasher``: :func:`sha256_file`, or :func:`cached_sha256`). A name the manifest does not list is
+    ``"unlisted"``."""
+    for name in files if names is None else names:
+        entry = files.get(name)
         file = folder / name
+        if entry is None:
+            return file, "unlisted"
         if not file.is_file():
             return file, "missing"
-        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+        if file.stat().st_size != entry["size"] or hasher(file) != entry["sha256"]:
             return file, "modified"
     return None

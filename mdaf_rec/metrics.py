@@ -1,4 +1,5 @@
-"""Exact CTR evaluation metrics, aggregated across ``torch.distributed`` ranks.
+"""Exact CTR evaluation metrics, aggregated across ``torch.distributed`` ranks (``eval.metrics: exact``; the
+streaming ones of :mod:`mdaf_rec.streaming_metrics` return the same dict through :func:`summarize`).
 
 :class:`MetricAccumulator` stores every prediction of an evaluation pass on the device it was scored
 on (``float64`` probabilities, labels and per-sample gate means, ``int64`` user indices: 32 bytes a row,
@@ -21,19 +22,23 @@ order:
   rounded and therefore independent of the summation order;
 * histogram counts are integers.
 
-Metrics (``compute`` returns a dict of plain Python numbers, JSON-serialisable apart from ``nan``):
+Metrics (``compute`` returns a dict of plain Python numbers, JSON-serialisable; a metric that is not
+defined on the rows is ``None``, and ``not_computable`` maps it to the reason, e.g.
+``{"auc": "one class only: 0 of 120 rows have label 1"}``; the functions below return ``nan`` then):
 
 * ``auc``: ROC AUC = Mann-Whitney U / (P * N); a tie between a positive and a negative counts 1/2
-  (the average-rank definition). ``nan`` when all labels are one class.
+  (the average-rank definition). Not computable when all labels are one class.
 * ``gauc``: per-user AUC weighted by the user's impression count, over users having both a positive
-  and a negative (the DIN definition). ``nan`` when no user qualifies.
+  and a negative (the DIN definition). Not computable when no user qualifies.
 * ``logloss``: mean binary cross-entropy with probabilities clipped to ``[1e-7, 1 - 1e-7]`` (so a
   confident mistake costs at most ``-log(1e-7) ~= 16.1``).
 * ``ne``: normalized entropy (TorchRec's headline metric, He et al. 2014) = ``logloss`` / the entropy of
   the observed CTR, ``-(ctr·log ctr + (1-ctr)·log(1-ctr))``: the log loss relative to always predicting
-  the base rate (below 1 = better than that). ``nan`` when all labels are one class.
-* ``ctr`` (observed), ``pred_ctr`` (mean prediction), ``calibration`` = ``pred_ctr / ctr`` (``nan``
-  with no positive), ``count`` (rows).
+  the base rate (below 1 = better than that). Not computable when all labels are one class.
+* ``ctr`` (observed), ``pred_ctr`` (mean prediction), ``calibration`` = ``pred_ctr / ctr`` (not
+  computable with no positive), ``count`` (rows). With no rows, only ``count`` (0) is computable.
+* ``auc_error_bound``: the largest possible difference between ``auc`` and the exact AUC (0 here; the
+  streaming AUC's bound otherwise).
 * ``gate`` (only when gates were given): ``mean``, ``std`` (population, ``ddof=0``) and ``histogram``
   (``edges``: 21 edges over ``[0, 1]``, ``counts``: 20 bin counts; values are clipped to ``[0, 1]``).
   A vector gate ``[B, D]`` is summarised by its per-sample mean over the ``D`` dims; 1 = static
@@ -45,7 +50,8 @@ Labels must be binary (0/1) and probabilities finite.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -107,18 +113,21 @@ def auc_score(probs: ArrayLike, labels: ArrayLike) -> float:
     Returns:
         The AUC, or ``nan`` when there is no positive or no negative.
     """
-    p = _as_numpy(probs, np.float64)
-    is_pos = _positive_mask(_as_numpy(labels, np.float64))
+    u2, pairs2 = _auc_u2(_as_numpy(probs, np.float64), _positive_mask(_as_numpy(labels, np.float64)))
+    return _ratio(u2, pairs2)
+
+
+def _auc_u2(p: np.ndarray, is_pos: np.ndarray) -> Tuple[int, int]:
+    """``(2 U, 2 P N)`` of scores ``p`` ``[n]`` and bool labels ``is_pos`` ``[n]`` (exact integers)."""
     if p.size == 0:
-        return float("nan")
+        return 0, 0
     order = np.argsort(p, kind="stable")
     p, is_pos = p[order], is_pos[order]
     new_run = np.empty(p.size, dtype=bool)
     new_run[0], new_run[1:] = True, p[1:] != p[:-1]
     pos, neg = _run_counts(is_pos, new_run)
     u2, n_pos, n_neg = _auc_from_runs(pos, neg, np.zeros(1, dtype=np.int64))
-    denom = 2 * int(n_pos[0]) * int(n_neg[0])
-    return int(u2[0]) / denom if denom else float("nan")
+    return int(u2[0]), 2 * int(n_pos[0]) * int(n_neg[0])
 
 
 def gauc_score(probs: ArrayLike, labels: ArrayLike, groups: ArrayLike) -> float:
@@ -139,23 +148,32 @@ def gauc_score(probs: ArrayLike, labels: ArrayLike, groups: ArrayLike) -> float:
     p = _as_numpy(probs, np.float64)
     is_pos = _positive_mask(_as_numpy(labels, np.float64))
     g = _as_numpy(groups, np.int64)
-    if p.size == 0:
-        return float("nan")
     order = np.lexsort((p, g))
-    p, is_pos, g = p[order], is_pos[order], g[order]
-    new_group = np.empty(p.size, dtype=bool)
-    new_group[0], new_group[1:] = True, g[1:] != g[:-1]
+    weighted, weight = gauc_sums(g[order], p[order], is_pos[order])
+    return _ratio(weighted, weight)
+
+
+def gauc_sums(groups: np.ndarray, values: np.ndarray, is_pos: np.ndarray) -> Tuple[float, int]:
+    """``(sum of weight x AUC, sum of weight)`` over the groups having both classes (weight: the group's rows).
+
+    Args:
+        groups: ``[n]`` group ids, sorted ascending.
+        values: ``[n]`` scores (any type with ``!=``), ascending within each group.
+        is_pos: ``[n]`` bool labels in the same order.
+    """
+    if groups.size == 0:
+        return 0.0, 0
+    new_group = np.empty(groups.size, dtype=bool)
+    new_group[0], new_group[1:] = True, groups[1:] != groups[:-1]
     new_run = new_group.copy()
-    new_run[1:] |= p[1:] != p[:-1]
+    new_run[1:] |= values[1:] != values[:-1]
     pos, neg = _run_counts(is_pos, new_run)
     starts = np.flatnonzero(new_group[new_run])  # first run of each group
     u2, n_pos, n_neg = _auc_from_runs(pos, neg, starts)
     ok = (n_pos > 0) & (n_neg > 0)
-    if not ok.any():
-        return float("nan")
     weight = (n_pos + n_neg)[ok]
     per_group = u2[ok] / (2.0 * n_pos[ok] * n_neg[ok])
-    return math.fsum(weight * per_group) / int(weight.sum())
+    return math.fsum(weight * per_group), int(weight.sum())
 
 
 def logloss_score(probs: ArrayLike, labels: ArrayLike) -> float:
@@ -165,11 +183,14 @@ def logloss_score(probs: ArrayLike, labels: ArrayLike) -> float:
         probs: ``[n]`` click probabilities.
         labels: ``[n]`` 0/1 labels.
     """
-    p = np.clip(_as_numpy(probs, np.float64), LOGLOSS_EPS, 1.0 - LOGLOSS_EPS)
-    is_pos = _positive_mask(_as_numpy(labels, np.float64))
-    if p.size == 0:
-        return float("nan")
-    return -math.fsum(np.where(is_pos, np.log(p), np.log1p(-p))) / p.size
+    p = _as_numpy(probs, np.float64)
+    return _ratio(_logloss_sum(p, _positive_mask(_as_numpy(labels, np.float64))), p.size)
+
+
+def _logloss_sum(p: np.ndarray, is_pos: np.ndarray) -> float:
+    """Correctly rounded sum of the clipped binary cross-entropies of ``[n]`` probabilities and bool labels."""
+    p = np.clip(p, LOGLOSS_EPS, 1.0 - LOGLOSS_EPS)
+    return -math.fsum(np.where(is_pos, np.log(p), np.log1p(-p)))
 
 
 def normalized_entropy(logloss: float, ctr: float) -> float:
@@ -194,10 +215,61 @@ def gate_summary(gate_means: ArrayLike) -> Dict[str, Any]:
     }
 
 
+def _ratio(num: float, den: float) -> float:
+    """``num / den``, or ``nan`` when ``den`` is 0 (the metric is not computable on these rows)."""
+    return num / den if den else float("nan")
+
+
+@dataclass
+class MetricSums:
+    """What every headline metric is computed from, whichever way it was gathered (exact or streaming).
+
+    ``auc_u2`` / ``auc_pairs2``: twice the Mann-Whitney U and twice ``P * N``; ``gauc_weighted`` /
+    ``gauc_weight``: :func:`gauc_sums` over all users; ``auc_error_bound``: the largest possible
+    ``|auc - exact auc|`` (0 when the AUC is exact).
+    """
+
+    count: int
+    positives: int
+    prob_sum: float
+    logloss_sum: float
+    auc_u2: float
+    auc_pairs2: float
+    gauc_weighted: float
+    gauc_weight: int
+    auc_error_bound: float = 0.0
+
+
+def summarize(sums: MetricSums, gate: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The metrics dict of the module docstring from :class:`MetricSums` (and a :func:`gate_summary`); the
+    one place that decides which metrics are not computable on a set of rows (``None``, with the reason under
+    ``not_computable``)."""
+    n = sums.count
+    ctr = _ratio(sums.positives, n)
+    logloss = _ratio(sums.logloss_sum, n)
+    out: Dict[str, Any] = {
+        "auc": _ratio(sums.auc_u2, sums.auc_pairs2),
+        "gauc": _ratio(sums.gauc_weighted, sums.gauc_weight),
+        "logloss": logloss,
+        "ne": normalized_entropy(logloss, ctr),
+        "calibration": _ratio(sums.prob_sum, sums.positives),
+        "ctr": ctr,
+        "pred_ctr": _ratio(sums.prob_sum, n),
+        "count": n,
+        "auc_error_bound": sums.auc_error_bound,
+    }
+    if gate is not None:
+        out["gate"] = gate
+    reasons = {k: _why_not_computable(k, n, sums.positives) for k, v in out.items() if _is_nan(v)}
+    if reasons:
+        out.update({k: None for k in reasons}, not_computable=reasons)
+    return out
+
+
 def compute_metrics(
     probs: ArrayLike, labels: ArrayLike, groups: ArrayLike, gate_means: Optional[ArrayLike] = None
 ) -> Dict[str, Any]:
-    """All metrics of the module docstring for one full evaluation set (no communication).
+    """All metrics of the module docstring for one full evaluation set (no communication), exactly.
 
     Args:
         probs: ``[n]`` click probabilities.
@@ -207,23 +279,69 @@ def compute_metrics(
     """
     p = _as_numpy(probs, np.float64)
     y = _as_numpy(labels, np.float64)
-    n = int(p.size)
-    observed, predicted = math.fsum(y), math.fsum(p)
-    logloss = logloss_score(p, y)
-    ctr = observed / n if n else float("nan")
-    out: Dict[str, Any] = {
-        "auc": auc_score(p, y),
-        "gauc": gauc_score(p, y, groups),
-        "logloss": logloss,
-        "ne": normalized_entropy(logloss, ctr),
-        "calibration": predicted / observed if observed > 0 else float("nan"),
-        "ctr": ctr,
-        "pred_ctr": predicted / n if n else float("nan"),
-        "count": n,
-    }
-    if gate_means is not None:
-        out["gate"] = gate_summary(gate_means)
-    return out
+    is_pos = _positive_mask(y)
+    g = _as_numpy(groups, np.int64)
+    order = np.lexsort((p, g))
+    weighted, weight = gauc_sums(g[order], p[order], is_pos[order])
+    u2, pairs2 = _auc_u2(p, is_pos)
+    sums = MetricSums(
+        count=int(p.size),
+        positives=int(is_pos.sum()),
+        prob_sum=math.fsum(p),
+        logloss_sum=_logloss_sum(p, is_pos),
+        auc_u2=u2,
+        auc_pairs2=pairs2,
+        gauc_weighted=weighted,
+        gauc_weight=weight,
+    )
+    return summarize(sums, gate_summary(gate_means) if gate_means is not None else None)
+
+
+def check_update(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    *,
+    first: bool,
+    had_gate: bool,
+) -> None:
+    """Raises ``ValueError`` unless one batch's tensors have the shapes and the device an accumulator's
+    ``update`` takes (``first``: no batch yet; ``had_gate``: the earlier batches had gates). No host sync."""
+    b = probs.shape[0]
+    if probs.dim() != 1 or labels.shape != (b,) or groups.shape != (b,):
+        raise ValueError(
+            f"expected probs/labels/groups of shape [B]; got {tuple(probs.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(groups.shape)}"
+        )
+    if not first and (gate is not None) != had_gate:
+        raise ValueError("either every update() passes a gate or none does")
+    if gate is not None and (gate.dim() != 2 or gate.shape[0] != b):
+        raise ValueError(f"expected gate of shape [B, 1] or [B, D]; got {tuple(gate.shape)}")
+    device = probs.device
+    if any(t.device != device for t in (labels, groups, gate) if t is not None):
+        raise ValueError("probs, labels, groups and gate must be on one device")
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _why_not_computable(metric: str, rows: int, positives: int) -> str:
+    """Why ``metric`` is undefined on ``rows`` rows with ``positives`` label-1 rows (one short phrase)."""
+    if rows == 0:
+        return "no rows"
+    if positives in (0, rows):
+        return f"one class only: {positives} of {rows} rows have label 1"
+    return "no user has both a positive and a negative"  # gauc: the only other undefined case
+
+
+def format_metric(metrics: Mapping[str, Any], key: str, digits: int = 4) -> str:
+    """``metrics[key]`` with ``digits`` decimals, or ``n/a (reason)`` when it is not computable."""
+    value = metrics.get(key)
+    if value is None:
+        return f"n/a ({metrics.get('not_computable', {}).get(key, 'missing')})"
+    return f"{value:.{digits}f}"
 
 
 class MetricAccumulator:
@@ -264,19 +382,7 @@ class MetricAccumulator:
             gate: ``[B, 1]`` or ``[B, D]`` fusion gate, or ``None``; a vector gate is stored as its
                 per-sample mean over ``D``. Either every batch has a gate or none has.
         """
-        b = probs.shape[0]
-        if probs.dim() != 1 or labels.shape != (b,) or groups.shape != (b,):
-            raise ValueError(
-                f"expected probs/labels/groups of shape [B]; got {tuple(probs.shape)}, "
-                f"{tuple(labels.shape)}, {tuple(groups.shape)}"
-            )
-        if self._probs and (gate is None) != (not self._gates):
-            raise ValueError("either every update() passes a gate or none does")
-        if gate is not None and (gate.dim() != 2 or gate.shape[0] != b):
-            raise ValueError(f"expected gate of shape [B, 1] or [B, D]; got {tuple(gate.shape)}")
-        device = probs.device
-        if any(t.device != device for t in (labels, groups, gate) if t is not None):
-            raise ValueError("probs, labels, groups and gate must be on one device")
+        check_update(probs, labels, groups, gate, first=not self._probs, had_gate=bool(self._gates))
         self._probs.append(probs.detach().to(torch.float64))
         self._labels.append(labels.detach().to(torch.float64))
         self._groups.append(groups.detach().to(torch.int64))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
+from torch import nn
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from mdaf_rec.errors import UserError
 
@@ -92,6 +94,73 @@ def load_plan(path: Path, world_size: int) -> ShardingPlan:
             f"{path}: the plan is for world size {data['world_size']}, this job has {world_size} processes"
         )
     return plan_from_dict(data, str(path))
+
+
+def check_plan(plan: ShardingPlan, model: nn.Module, world_size: int, device_type: str, source: str) -> None:
+    """Refuses, with a :class:`PlanFileError` naming ``source``, a plan that does not fit ``model``'s tables
+    on ``world_size`` ranks of ``device_type``: an unknown or missing module or table, a rank or placement
+    outside the job, shards that do not tile their table, or tables of other sizes (a plan that
+    ``mdaf-rec plan`` made for other vocabulary sizes)."""
+    tables = _embedding_tables(model)
+    for module_path, module_plan in plan.plan.items():
+        if module_path not in tables:
+            raise PlanFileError(f"{source}: module {module_path!r} is not an embedding module of this model "
+                                f"(it has {sorted(tables)})")
+        for table, sharding in module_plan.items():  # type: ignore[union-attr]
+            if table not in tables[module_path]:
+                raise PlanFileError(f"{source}: table {table!r} is not a table of {module_path!r} "
+                                    f"(it has {sorted(tables[module_path])})")
+            _check_table(sharding, tables[module_path][table], world_size, device_type, f"{source}: table {table!r}")
+    for module_path, module_tables in tables.items():
+        missing = sorted(set(module_tables) - set(plan.plan.get(module_path, {})))
+        if missing:
+            raise PlanFileError(f"{source}: no sharding for table(s) {missing} of {module_path!r}")
+
+
+def _embedding_tables(model: nn.Module) -> Dict[str, Dict[str, Tuple[int, int]]]:
+    """Module path -> table name -> ``(rows, dim)`` of every TorchRec embedding collection in ``model``."""
+    tables: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, EmbeddingBagCollection):
+            configs = module.embedding_bag_configs()
+        elif isinstance(module, EmbeddingCollection):
+            configs = module.embedding_configs()
+        else:
+            continue
+        tables[path] = {c.name: (c.num_embeddings, c.embedding_dim) for c in configs}
+    return tables
+
+
+def _check_table(sharding: ParameterSharding, shape: Tuple[int, int], world_size: int, device_type: str,
+                 where: str) -> None:
+    ranks = sharding.ranks or []
+    outside = [r for r in ranks if not 0 <= r < world_size]
+    if outside:
+        raise PlanFileError(f"{where}: rank {outside[0]} is outside this job's ranks 0..{world_size - 1}")
+    spec = sharding.sharding_spec
+    if not isinstance(spec, EnumerableShardingSpec):
+        return
+    rows, dim = shape
+    flat = [s for s in spec.shards if len(s.shard_offsets) != 2 or len(s.shard_sizes) != 2]
+    if flat:
+        raise PlanFileError(f"{where}: shard offsets {flat[0].shard_offsets} / sizes {flat[0].shard_sizes} are not "
+                            "[row, column] pairs")
+    extent = max(s.shard_offsets[0] + s.shard_sizes[0] for s in spec.shards)
+    if extent != rows:
+        raise PlanFileError(f"{where}: the plan's shards cover {extent} rows, this model's table has {rows}: the "
+                            "plan was made for other vocabulary sizes (re-run `mdaf-rec plan` for this data)")
+    for shard in spec.shards:
+        placement = shard.placement
+        rank, device = placement.rank(), placement.device()
+        if not 0 <= rank < world_size or device.type != device_type:
+            raise PlanFileError(f"{where}: shard placement {str(placement)!r} is not a {device_type} device of "
+                                f"ranks 0..{world_size - 1}")
+        (row, col), (height, width) = shard.shard_offsets, shard.shard_sizes
+        if min(row, col) < 0 or min(height, width) < 1 or row + height > rows or col + width > dim:
+            raise PlanFileError(f"{where}: shard at offsets {[row, col]} of sizes {[height, width]} does not fit "
+                                f"the table's [{rows}, {dim}]")
+    if sum(s.shard_sizes[0] * s.shard_sizes[1] for s in spec.shards) != rows * dim:
+        raise PlanFileError(f"{where}: the shards' sizes do not tile the table's [{rows}, {dim}]")
 
 
 def plan_world_size(path: Path) -> int:

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mdaf_rec.artifact import PROGRAM_FILE, read_feature_spec
+from mdaf_rec.artifact import PROGRAM_FILE, SPEC_FILE, ArtifactError, read_feature_spec
+from mdaf_rec.config import is_timezone
 from mdaf_rec.data.dataset import DatasetError, open_parquet
 from mdaf_rec.data.loader import BatchConverter, WindowColumns
 from mdaf_rec.data.schema import LABEL
@@ -51,8 +52,17 @@ class ExportedModel:
 
     def __init__(self, model_dir: Path, manifest_sha256: Optional[str] = None) -> None:
         self.doc: Dict[str, Any] = read_feature_spec(model_dir, manifest_sha256)
-        self.spec: FeatureSpec = spec_from_json(self.doc)
-        self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), self.doc["timezone"])
+        path = model_dir / SPEC_FILE
+        try:
+            self.spec: FeatureSpec = spec_from_json(self.doc)
+            timezone = self.doc["timezone"]
+        except KeyError as e:
+            raise ArtifactError(f"{path}: missing key {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+        if not is_timezone(timezone):
+            raise ArtifactError(f"{path}: key 'timezone': unknown IANA time zone {timezone!r}")
+        self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), timezone)
         self.rules = ColumnRules.from_spec(self.spec)
         self.program = load_program(model_dir, self.doc)
 

@@ -5,7 +5,7 @@ these tuples; the modules that implement the names map them to what they build a
 exactly these keys (``tests/test_registry.py``): models → :data:`mdaf_rec.models.factory.MODEL_BUILDERS`,
 fused table optimizers → :data:`mdaf_rec.sharding.SPARSE_OPTIMIZER_CLASSES`, dense optimizers →
 :data:`mdaf_rec.sharding.DENSE_OPTIMIZER_CLASSES`, gate modes → :class:`mdaf_rec.models.fusion.GatedFusion`,
-precisions → :class:`mdaf_rec.models.ctr.CTRTrain`.
+precisions → :class:`mdaf_rec.models.ctr.CTRTrain`, data sharding modes → :class:`mdaf_rec.data.loader.EpochPlan`.
 
 Nothing here imports torch, so the config stays loadable without it.
 """
@@ -44,3 +44,11 @@ CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", D
 
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 """``train.precision``: float32, or bfloat16 autocast of the dense branches."""
+
+METRIC_MODES: Tuple[str, ...] = ("exact", "streaming")
+"""``eval.metrics``: every row gathered and ranked exactly, or per-rank histograms and sums with GAUC routed by
+user (:mod:`mdaf_rec.streaming_metrics`)."""
+
+DATA_SHARDING: Tuple[str, ...] = ("own_share", "every_rank_reads_all")
+"""``data.sharding``: each rank reads its own ~1/W share of a split, or every rank reads all of it and takes its
+slice of every global batch (exact 1-vs-W-process equivalence)."""

@@ -78,6 +78,7 @@ RESUMABLE_KEYS: Tuple[str, ...] = (
     "data.path",  # another copy of the same data: its vocabularies are checked against the checkpoint
     "data.num_workers",
     "data.vocab_dir",
+    "eval.",
     "planning.",
 )
 
@@ -204,12 +205,29 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
 
     def truncate_metrics_log(self, epochs_done: int) -> None:
-        """Keeps the ``metrics.jsonl`` lines of the first ``epochs_done`` epochs (a resumed run rewrites the rest)."""
+        """Keeps the ``metrics.jsonl`` lines of the first ``epochs_done`` epochs (a resumed run rewrites the rest).
+
+        A torn last line (a crash while appending it) is dropped with a warning; any other line that is not
+        a JSON object is a :class:`RunDirError` naming the file and line."""
         if not self.metrics_log.exists():
             return
-        lines = [line for line in self.metrics_log.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs_done]
-        if len(kept) != len(lines):
+        text = self.metrics_log.read_text(errors="replace")
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = []
+        for number, line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append((line, record))
+            elif number == lines[-1][0] and not text.endswith("\n"):
+                logger.warning("%s: dropping its torn last line %d (%r), left by an interrupted write",
+                               self.metrics_log, number, line[:80])
+            else:
+                raise RunDirError(f"{self.metrics_log}: line {number} is not a JSON object ({line[:80]!r})")
+        kept = [line for line, record in records if record.get("epoch", 0) <= epochs_done]
+        if len(kept) != len(lines) or not text.endswith("\n"):
             self.metrics_log.write_text("".join(line + "\n" for line in kept))
 
 

@@ -40,6 +40,7 @@ from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
 from mdaf_rec.models.sequence_branch import SequenceBranch
 from mdaf_rec.ops.selective_scan import keep_compiled_ops
+from mdaf_rec.output import ArchiveFile
 
 INPUT_NAMES: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
 
@@ -284,7 +285,9 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> Path:
     """
     from torch._inductor import aoti_compile_and_package
 
-    return Path(aoti_compile_and_package(program, package_path=str(path)))
+    with ArchiveFile(path) as fh:  # a refused write raises here, not in the packager's C++ destructor
+        aoti_compile_and_package(program, package_path=fh)
+    return path
 
 
 def export_cpu_program(module: ServingModule, spec: FeatureSpec, path: Path) -> bool:

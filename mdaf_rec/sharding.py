@@ -124,7 +124,7 @@ def table_constraints(model: nn.Module, cfg: OptimizerConfig) -> Optional[Dict[s
     return {config.name: only for _, configs in table_configs(model) for config in configs}
 
 
-def check_plan(plan: ShardingPlan, cfg: OptimizerConfig, source: str) -> None:
+def check_plan_optimizer(plan: ShardingPlan, cfg: OptimizerConfig, source: str) -> None:
     """Refuses a given plan (``source``: its file) that places a table where ``cfg``'s table optimizer
     cannot train it: with ``optimizer.sparse: dense`` every table must be ``data_parallel`` / ``dense``."""
     if cfg.sparse != DENSE_TABLES:

@@ -16,6 +16,7 @@ and :func:`evaluate`. Loss, metrics and samples/s also go to TensorBoard (:mod:`
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -26,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import pyarrow.compute as pc
 import torch
@@ -41,22 +42,26 @@ from tqdm import tqdm
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.data.dataset import Dataset, open_parquet
-from mdaf_rec.data.schema import LABEL
+from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
+from mdaf_rec.data.schema import LABEL, META_FILE
 from mdaf_rec.data.loader import BatchLoader
-from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
+from mdaf_rec.data.validate import check_timestamp_ranges
+from mdaf_rec.data.validated import validate_once
+from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies, column_rules, derived_folders
 from mdaf_rec.distributed import DistEnv, check_gpu_request, init_distributed
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
-from mdaf_rec.metrics import MetricAccumulator
+from mdaf_rec.metrics import format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
-from mdaf_rec.plan_io import load_plan, plan_world_size, save_plan
+from mdaf_rec.plan_io import check_plan, load_plan, plan_world_size, save_plan
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
-from mdaf_rec.sharding import (build_optimizer, check_plan, plan_sharding, planner_memory, shard_model,
+from mdaf_rec.sharding import (build_optimizer, check_plan_optimizer, plan_sharding, planner_memory, shard_model,
                                table_constraints, table_parameters)
+from mdaf_rec.streaming_metrics import make_accumulator, metrics_mode
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
 
@@ -103,6 +108,8 @@ class Session:
             start_batch=start_batch,
             timezone=cfg.features.timezone,
             pin_memory=self.env.device.type == "cuda",
+            sharding=cfg.data.sharding,
+            validated=True,  # by open_session
         )
 
 
@@ -116,7 +123,7 @@ def open_session(
     run_dir: Path,
     env: DistEnv,
     vocabs: Optional[Vocabularies] = None,
-    plan: Optional[ShardingPlan] = None,
+    plan: Union[ShardingPlan, Path, None] = None,
     *,
     training: bool = True,
 ) -> Session:
@@ -127,12 +134,15 @@ def open_session(
         run_dir: run directory.
         env: this process's place in the job.
         vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise.
-        plan: sharding plan; planned by the TorchRec planner for this topology when ``None`` (per-rank memory:
-            ``planning.hbm_gb`` / ``planning.ddr_gb``, else this machine's, :func:`~mdaf_rec.sharding.planner_memory`).
+        plan: sharding plan, or a plan file written by ``mdaf-rec plan --json`` (read and checked against this
+            model's tables and this job); planned by the TorchRec planner for this topology when ``None``
+            (per-rank memory: ``planning.hbm_gb`` / ``planning.ddr_gb``, else this machine's,
+            :func:`~mdaf_rec.sharding.planner_memory`).
         training: attach the fused table optimizer and build the dense one; an evaluation session
             (``False``) has neither, so no optimizer state is allocated.
     """
     dataset = Dataset.open(cfg.data.path)
+    _validated(dataset, cfg, env)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
     torch.manual_seed(cfg.train.seed)
@@ -140,6 +150,10 @@ def open_session(
                                             compute_device=env.device, with_sparse_optimizer=training)
     params = _count_params(train_module)
     per_rank_batch = max(1, cfg.train.batch_size // env.world_size)
+    if isinstance(plan, Path):
+        source, plan = plan, load_plan(plan, env.world_size)
+        check_plan(plan, train_module, env.world_size, env.device.type, str(source))
+        check_plan_optimizer(plan, cfg.optimizer, str(source))
     if plan is None:
         hbm_cap, ddr_cap = planner_memory(env.device, env.local_world_size, cfg.planning.hbm_gb, cfg.planning.ddr_gb)
         plan = plan_sharding(
@@ -168,6 +182,14 @@ def open_session(
     if "mamba" in cfg.model.name:
         log_mamba_backend(env.device.type)
     return Session(cfg, env, run_dir, dataset, vocabs, spec, dmp, optimizer, params, plan)
+
+
+def _validated(dataset: Dataset, cfg: Config, env: DistEnv) -> None:
+    """Rank 0 validates the split files once (a file whose pass is recorded is not read again); the other ranks
+    wait, and every rank's loaders then only cast (``BatchLoader(validated=True)``)."""
+    if env.rank == 0:
+        validate_once(dataset, column_rules(cfg.features), derived_folders(dataset, cfg.data.vocab_dir))
+    dist.barrier()
 
 
 def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabularies:
@@ -212,7 +234,8 @@ def predictions(session: Session, split: str) -> Iterator[Tuple[Batch, CTRTrainO
 
 
 def evaluate(session: Session, split: str) -> Dict[str, Any]:
-    """Scores ``split`` with the current weights; metrics are aggregated over all ranks.
+    """Scores ``split`` with the current weights; metrics are aggregated over all ranks, exactly or streaming
+    (``eval.metrics``; ``null``: by the split's size, :func:`mdaf_rec.streaming_metrics.metrics_mode`).
 
     Args:
         session: the session.
@@ -220,7 +243,11 @@ def evaluate(session: Session, split: str) -> Dict[str, Any]:
     Returns:
         ``auc``, ``logloss``, ``ne``, ``gauc``, ``calibration``, ... and ``gate`` for MDAF models.
     """
-    acc = MetricAccumulator()  # keeps the rows on the device until compute()
+    rows = session.dataset.num_rows(split)
+    mode = metrics_mode(session.cfg.eval.metrics, rows)
+    logger.info("evaluating %s (%s rows): %s metrics%s", split, f"{rows:,}", mode,
+                "" if session.cfg.eval.metrics else " (eval.metrics: null chooses by the split's size)")
+    acc = make_accumulator(mode, session.cfg.eval.auc_bins)  # update() leaves everything on the device
     for batch, out in predictions(session, split):
         acc.update(torch.sigmoid(out.logit), batch.labels, batch.user_id, out.gate)
     return acc.compute(dist.group.WORLD)
@@ -260,7 +287,9 @@ def train(
     buffered = setup_logging(env.rank, verbose, buffer_for_file=True)
     run = RunDir(run_dir)
     dataset = Dataset.open(cfg.data.path)
-    _check_labels(dataset, "val")
+    _check_labels(dataset, env)
+    check_timestamp_ranges(dataset)
+    cfg = _resolve_data_settings(cfg, dataset)
     lock = RunLock(run)
     try:
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
@@ -271,7 +300,7 @@ def train(
                 ckpt.check_vocabularies(last, vocabs)
             except VocabMismatchError as e:
                 raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
-        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(cfg, run, env, plan_file, start))
+        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start))
         state = _resume(session) if start is Start.RESUME else TrainState()
         state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
         if env.is_main:  # the run is now committed: write (resume: rewrite) its files
@@ -291,7 +320,8 @@ def train(
             cfg.model.name, f"{session.params['total']:,}", f"{session.params['tables']:,}", env.world_size,
             env.backend, torch.get_num_threads(), cfg.data.path,
         )
-        return _fit(session, state)
+        with stoppable():
+            return _fit(session, state)
     finally:
         lock.release()
 
@@ -333,8 +363,8 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
             with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         logger.info(
-            "epoch %d: train loss %.5f, val auc %.5f gauc %.5f logloss %.5f ne %.5f%s",
-            epoch + 1, epoch_loss, val["auc"], val["gauc"], val["logloss"], val["ne"], " (best)" if improved else "",
+            "epoch %d: train loss %.5f, val auc %s gauc %s logloss %s ne %s%s", epoch + 1, epoch_loss,
+            *(format_metric(val, k, 5) for k in ("auc", "gauc", "logloss", "ne")), " (best)" if improved else "",
         )
         ckpt.save_checkpoint(session.run_dir, f"epoch_{epoch + 1}", _app_state(session), state.to_json(), is_best=improved)
         if state.bad_epochs >= cfg.train.patience:
@@ -384,18 +414,33 @@ def _lock_and_decide(run: RunDir, cfg: Config, lock: RunLock, resume: bool, over
     return start
 
 
-def _check_labels(dataset: Dataset, split: str) -> None:
-    """Refuses a split on which AUC is undefined (no rows, or one class only): early stopping reads it."""
-    rows = positives = 0
-    for path in dataset.split_files(split):
-        for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
-            rows += batch.num_rows
-            positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
-    if rows == 0 or positives in (0, rows):
-        raise TrainingError(
-            f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1; "
-            "validation AUC (early stopping, best checkpoint) needs both labels"
-        )
+def _resolve_data_settings(cfg: Config, dataset: Dataset) -> Config:
+    """``cfg`` with what the data decides filled in, so that the run's ``config.yaml`` records it and eval and
+    export never re-read it from a ``meta.json`` edited since: the time zone of ``hour`` / ``dayofweek``."""
+    zone = dataset.timezone(cfg.features.timezone)
+    if cfg.features.timezone is None:
+        meta = dataset.root / META_FILE
+        source = str(meta) if dataset.meta.get("timezone") else f"the default ({meta} names none)"
+        logger.info("time zone %s from %s, recorded in the run's config", zone, source)
+    return dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, timezone=zone))
+
+
+def _check_labels(dataset: Dataset, env: DistEnv) -> None:
+    """Refuses a validation split on which AUC is undefined (no rows, or one class only): early stopping reads
+    it. Such a test split is only reported: its AUC is recorded as not computable (``null`` and the reason)."""
+    for split in ("val", "test"):
+        rows = positives = 0
+        for path in dataset.split_files(split):
+            for batch in open_parquet(path).iter_batches(1 << 20, columns=[LABEL]):
+                rows += batch.num_rows
+                positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
+        if rows and 0 < positives < rows:
+            continue
+        counts = f"dataset {dataset.root}: the {split} split has {rows} rows, {positives} of them with label 1"
+        if split == "val":
+            raise TrainingError(f"{counts}; validation AUC (early stopping, best checkpoint) needs both labels")
+        if env.is_main:
+            logger.warning("%s: its AUC, GAUC and NE will be recorded as not computable", counts)
 
 
 def _allow_tf32(env: DistEnv) -> None:
@@ -412,17 +457,14 @@ def _set_threads(cfg: Config, env: DistEnv) -> None:
     torch.set_num_threads(cfg.train.threads or max(1, cores // env.local_world_size))
 
 
-def _run_plan(cfg: Config, run: RunDir, env: DistEnv, plan_file: Optional[Path],
-              start: Start) -> Optional[ShardingPlan]:
-    """The plan to shard with: the given file, else (when resuming with the same world size) the run's
+def _run_plan(run: RunDir, env: DistEnv, plan_file: Optional[Path], start: Start) -> Optional[Path]:
+    """The plan file to shard with: the given file, else (when resuming with the same world size) the run's
     own ``plan.json``, else ``None`` (the planner decides). A resumed run keeps its sharding so that
     its optimizer state (fused for sharded tables, dense for data-parallel ones) loads as saved."""
     if plan_file is not None:
-        plan = load_plan(plan_file, env.world_size)
-        check_plan(plan, cfg.optimizer, str(plan_file))
-        return plan
+        return plan_file
     if start is Start.RESUME and run.plan.exists() and plan_world_size(run.plan) == env.world_size:
-        return load_plan(run.plan, env.world_size)
+        return run.plan
     return None
 
 
@@ -570,6 +612,13 @@ def _resume(session: Session) -> TrainState:
             "tables whose sharding type changed (fused <-> data_parallel) restarts",
             state.world_size, session.env.world_size,
         )
+        if state.epoch_batches and session.cfg.data.sharding == "own_share":
+            logger.warning(
+                "data.sharding own_share: the ranks' shares depend on the world size, so the rest of epoch %d (from "
+                "step %d of %d-process shares) follows the %d-process shares: some rows of this epoch are trained "
+                "on twice and others not at all (later epochs are whole; every_rank_reads_all resumes exactly)",
+                state.epochs_done + 1, state.epoch_batches, state.world_size, session.env.world_size,
+            )
     session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     return state
@@ -590,7 +639,8 @@ def _with_param_groups(loaded: Dict[str, Any], current: Dict[str, Any]) -> Dict[
 
 
 def _headline(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count")
+    keys = ("auc", "logloss", "ne", "gauc", "calibration", "ctr", "pred_ctr", "count", "auc_error_bound",
+            "not_computable")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -646,6 +696,7 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     cfg = load_config(run.config)
     if data is not None:
         cfg.data.path = data
+    cfg.features.timezone = recorded_timezone(cfg.features.timezone, cfg.data.path)
     _set_threads(cfg, env)
     vocabs = Vocabularies.load(run.vocab)
     session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)

@@ -8,9 +8,9 @@ weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/init`
 of the recipe's own step (:func:`mdaf_rec.train.train_steps`, the training pipeline) on the first global
 training batches of epoch 0 (each rank gets its part, as in training), then writes the
 weights to ``DIR/checkpoints/after``, the last step's dense gradients (DDP-averaged, identical on every
-rank) to ``DIR/dense_grads.pt`` and the plan, rank 0's losses and (``--eval``) validation metrics to
-``DIR/result.json``. ``--constraints`` (JSON: table -> sharding type) forces the sharding plan, so
-one run covers several sharding types at once.
+rank) to ``DIR/dense_grads.pt`` and the plan, rank 0's losses, the training rows (split row numbers) each
+rank stepped on and (``--eval``) validation metrics to ``DIR/result.json``. ``--constraints`` (JSON: table ->
+sharding type) forces the sharding plan, so one run covers several sharding types at once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import itertools
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, load_config
+from mdaf_rec.data.batch import Batch
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.distributed import DistEnv, init_distributed, shutdown_distributed
@@ -72,8 +73,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         ckpt.save_checkpoint(args.out, "init", {"model": model.state_dict()}, {}, is_best=False)
 
+    rows: List[int] = []
+
+    def recorded(batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            rows.extend(batch.row_index.tolist())
+            yield batch
+
     batches = itertools.islice(iter(session.loader("train", epoch=0, train=True)), args.steps)
-    losses: List[float] = [float(out.loss) for out in train_steps(session, batches)]
+    losses: List[float] = [float(out.loss) for out in train_steps(session, recorded(batches))]
+    rank_rows: List[Optional[List[int]]] = [None] * env.world_size
+    dist.all_gather_object(rank_rows, rows)
     val = evaluate(session, "val") if args.eval else {}
 
     ckpt.save_checkpoint(args.out, "after", {"model": model.state_dict()}, {}, is_best=False)
@@ -82,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                  if p.grad is not None}
         torch.save(grads, args.out / "dense_grads.pt")
         plan = {table: s.sharding_type for m in session.plan.plan.values() for table, s in m.items()}  # type: ignore[union-attr]
-        result = {"plan": plan, "rank0_losses": losses, "val": {k: val[k] for k in ("auc", "logloss", "count") if k in val}}
+        result = {"plan": plan, "rank0_losses": losses, "rank_rows": rank_rows,
+                  "val": {k: val[k] for k in ("auc", "logloss", "count") if k in val}}
         (args.out / "result.json").write_text(json.dumps(result, indent=2))
     shutdown_distributed()
 

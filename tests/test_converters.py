@@ -3,11 +3,13 @@ and the bad-row policy."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,8 +18,10 @@ import pytest
 from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
-from mdaf_rec.data.converters.common import ConversionError, build_histories, stable_hash64
+from mdaf_rec.data.converters.common import ConversionError, local_days, stable_hash64
+from mdaf_rec.data.converters.engine import Engine, add_histories, rows_per_group
 from mdaf_rec.data.converters.movielens import GENRE_IDS
+from converter_digests import CASES, DIGESTS, run_case
 from mdaf_rec.data.schema import (
     CATEGORY_HISTORY,
     CATEGORY_ID,
@@ -76,7 +80,7 @@ def assert_canonical(out: Path) -> Dict:
         assert schema.names[: len(names)] == names
         for name, type_ in REQUIRED_COLUMNS.items():
             assert schema.field(name).type == type_, name
-        assert schema.names[len(names):] == meta["extra_sparse"] + meta["dense"]
+        assert schema.names[len(names):] == meta["extra_sparse"] + meta["dense"] + list(meta.get("extra_histories", {}))
         t = pq.read_table(out / f"{split}.parquet")
         assert t.num_rows == meta["splits"][split]["rows"]
         total += t.num_rows
@@ -119,15 +123,46 @@ def assert_leak_free(table: pa.Table, ev_user, ev_item, ev_time, max_len: int = 
 # --------------------------------------------------------------------------------------------------
 
 
-def test_build_histories_ties_order_and_cap():
+def engine_args(tmp_path: Path, **kw) -> argparse.Namespace:
+    return argparse.Namespace(out=tmp_path, temp_dir=None, memory_limit="256MB", threads=1, **kw)
+
+
+def test_history_join_ties_order_and_cap(tmp_path):
+    """Events at the query's second are excluded, ties keep file (seq) order, the cap keeps the most recent."""
     ev_user = np.array([7, 7, 7, 7, 8, 7])
     ev_time = np.array([30, 10, 20, 20, 5, 40])
     ev_item = np.array([3, 1, 2, 22, 99, 4])
     q_user = np.array([7, 7, 8, 9, 7])
     q_time = np.array([20, 41, 5, 100, 10])
-    offsets, (items,) = build_histories(ev_user, ev_time, [ev_item], q_user, q_time, max_len=3)
-    got = [items[offsets[i]:offsets[i + 1]].tolist() for i in range(len(q_user))]
-    assert got == [[1], [22, 3, 4], [], [], []]
+    with Engine(engine_args(tmp_path)) as engine:
+        engine.stage("ev", [{USER_ID: ev_user, TIMESTAMP: ev_time, ITEM_ID: ev_item}])
+        engine.stage("q", [{USER_ID: q_user, TIMESTAMP: q_time}])
+        add_histories(engine, "h3", "q", [("ev", {ITEM_HISTORY: ITEM_ID})], 3, extra={"twice": "2 * seq"})
+        got = engine.rows(f"SELECT {ITEM_HISTORY}, twice FROM h3 ORDER BY seq")
+        assert got == [([1], 0), ([22, 3, 4], 2), ([], 4), ([], 6), ([], 8)]
+        # the events as their own queries: the history of each event
+        add_histories(engine, "self", "ev", [("ev", {ITEM_HISTORY: ITEM_ID})], 2)
+        got = engine.rows(f"SELECT {ITEM_HISTORY} FROM self ORDER BY seq")
+        assert [r[0] for r in got] == [[2, 22], [], [1], [1], [], [22, 3]]
+        add_histories(engine, "h0", "q", [("ev", {ITEM_HISTORY: ITEM_ID})], 0)
+        assert [r[0] for r in engine.rows(f"SELECT {ITEM_HISTORY} FROM h0")] == [[]] * 5
+    assert not any(tmp_path.glob(".convert-*")), "the engine's temp folder is removed"
+
+
+def test_engine_options_row_groups_and_temp_folder(tmp_path):
+    """--memory-limit / --threads reach DuckDB (recorded in meta.json), the temp folder is removed, and a split
+    is written in row groups of rows_per_group rows (several per split, for per-rank reading)."""
+    assert (rows_per_group(0), rows_per_group(10**6), rows_per_group(10**8)) == (4096, 15625, 131072)
+    raw = shared_data() / "ml-latest-small"
+    meta = convert("movielens", raw, tmp_path / "out", "--memory-limit", "300MB", "--threads", "1",
+                   "--temp-dir", str(tmp_path / "tmp"))
+    assert meta["engine"] == {"engine": "duckdb", "version": duckdb.__version__, "memory_limit": "300MB", "threads": 1}
+    assert list((tmp_path / "tmp").iterdir()) == [] and not list((tmp_path / "out").glob(".convert-*"))
+    f = pq.ParquetFile(tmp_path / "out" / "train.parquet").metadata
+    assert meta["row_groups"]["train"] == f.num_row_groups == 20  # 80,669 rows
+    assert all(f.row_group(i).num_rows == 4096 for i in range(19))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["movielens", "--raw", str(raw), "--out", str(tmp_path), "--memory-limit", "lots"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +404,38 @@ def test_taobao_ad_raw_exact(tmp_path):
     assert (missing[CATEGORY_ID], missing["price"], missing["cms_segid"]) == (0, 0.0, 0)
 
 
+def test_taobao_ad_behavior_log(tmp_path):
+    """Per behaviour type, the categories and brands of the user's last N behaviours strictly before the
+    impression: same second excluded, ties in file order, most recent last, NULL brand -> 0."""
+    raw = taobao_ad_raw(tmp_path / "raw")
+    log = write(tmp_path / "behavior_log.csv", [
+        "user,time_stamp,btag,cate,brand",
+        f"1,{T0 + 15},pv,14,114", f"1,{T0 - 100},pv,11,111", f"1,{T0 + 10},pv,12,112", f"1,{T0 + 10},cart,13,NULL",
+        f"1,{T0 + 15},pv,15,115", f"1,{T0 + 3 * DAY},buy,16,116", f"2,{T0 + 1},fav,21,221",
+    ])
+    meta = convert("taobao-ad", raw, tmp_path / "out", "--behavior-log", str(log), "--max-history", "2")
+    assert_canonical(tmp_path / "out")
+    assert list(meta["extra_histories"]) == [f"{b}_{c}_history" for b in ("pv", "cart", "fav", "buy")
+                                             for c in ("cate", "brand")]
+    rows = {(r[USER_ID], r[ITEM_ID]): r for r in rows_of(load(tmp_path / "out"))}
+
+    def histories(key):
+        return {name: rows[key][name] for name in meta["extra_histories"] if rows[key][name]}
+
+    assert histories((1, 500)) == {"pv_cate_history": [11], "pv_brand_history": [111]}
+    later = {"pv_cate_history": [14, 15], "pv_brand_history": [114, 115],
+             "cart_cate_history": [13], "cart_brand_history": [0]}
+    assert histories((1, 501)) == later and histories((1, 504)) == later
+    assert rows[(1, 504)][ITEM_HISTORY] == [500, 501]  # the click history is unchanged
+    assert histories((2, 500)) == {"fav_cate_history": [21], "fav_brand_history": [221]}
+    assert histories((3, 509)) == {}
+    write(log, ["user,time_stamp,btag,cate,brand", f"1,{T0},pv,1,1", f"1,{T0},click,1,1"])
+    with pytest.raises(ConversionError, match=r"behavior_log.csv: line 3: column 'btag': not one of"):
+        convert("taobao-ad", raw, tmp_path / "bad", "--behavior-log", str(log))
+    with pytest.raises(ConversionError, match="--behavior-log: only with the raw Alimama folder"):
+        convert("taobao-ad", tmp_path, tmp_path / "fux", "--behavior-log", str(log))
+
+
 def test_taobao_ad_cap_and_invariant(tmp_path):
     impressions = [f"1,{T0 + i},{600 + i},430548_1007,0,1" for i in range(60)]
     impressions += [f"1,{T0 + 59},{700},430548_1007,1,0", f"1,{T0 + 3 * DAY},{701},430548_1007,1,0"]
@@ -384,6 +451,61 @@ def test_taobao_ad_cap_and_invariant(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Real samples
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_rows_as_the_numpy_converters(tmp_path, case):
+    """Row by row (every column, histories included) the DuckDB converters write what the in-memory numpy
+    converters wrote (digests captured from them, tests/converter_digests.py); taobao-behavior: the positives
+    and their histories (negatives are random: see test_behavior_negatives_statistics)."""
+    raw = CASES[case][1]
+    shared = shared_data() if not raw.startswith("gen:") else Path("/nonexistent")
+    expected = json.loads(DIGESTS.read_text())[case]
+    got = run_case(case, shared, tmp_path)
+    assert got["digests"] == expected["digests"]
+    assert got["filled"] == expected["filled"]
+    for split in SPLITS:
+        want, have = expected["splits"][split], got["splits"][split]
+        assert {k: have[k] for k in ("rows", "first_timestamp", "last_timestamp")} == \
+            {k: want[k] for k in ("rows", "first_timestamp", "last_timestamp")}
+        assert have["ctr"] == pytest.approx(want["ctr"], abs=1e-12)
+
+
+def test_behavior_negatives_statistics(tmp_path):
+    """The SQL sampler draws other negatives than the numpy one did (another generator), from the same
+    per-day pools with the same weights: per (local day, item) its negatives follow the item's clicks that
+    day as closely as the numpy sampler's did (its numbers: correlation 0.7281, share of negatives on the
+    top 1 % clicked (day, item) pairs 0.0597, 6 draws of 4 (day, item) pairs from the fallback pools)."""
+    raw = shared_data() / "taobao_userbehavior_sample" / "UserBehavior_sample.csv"
+    convert("taobao-behavior", raw, tmp_path / "out", "--negatives", "3")
+    t = load(tmp_path / "out")
+    user, item, ts, pv = behavior_events(raw)
+    label, neg_item = t[LABEL].to_numpy(), t[ITEM_ID].to_numpy()
+    neg = label == 0
+    assert neg.sum() == 3 * pv.sum()
+    click_day = local_days(ts[pv], "Asia/Shanghai")
+    neg_day = local_days(t[TIMESTAMP].to_numpy()[neg], "Asia/Shanghai")
+    click_keys, click_counts = np.unique(click_day * (1 << 40) + item[pv], return_counts=True)
+    neg_keys, neg_counts = np.unique(neg_day * (1 << 40) + neg_item[neg], return_counts=True)
+    pos = np.minimum(np.searchsorted(click_keys, neg_keys), len(click_keys) - 1)
+    same_day = click_keys[pos] == neg_keys
+    assert ((~same_day).sum(), neg_counts[~same_day].sum()) == (4, 6)
+    per_pair = np.zeros(len(click_keys))
+    per_pair[pos[same_day]] = neg_counts[same_day]
+    assert np.corrcoef(per_pair, click_counts)[0, 1] == pytest.approx(0.7281, abs=0.02)
+    top = click_counts >= np.quantile(click_counts, 0.99)
+    assert per_pair[top].sum() / per_pair.sum() == pytest.approx(0.0597, abs=0.005)
+    # never an item the user touched; the category is that of the item's first click of the day
+    touched = np.unique(user * (1 << 32) + item)
+    neg_user = t[USER_ID].to_numpy()[neg]
+    assert not np.isin(neg_user * (1 << 32) + neg_item[neg], touched).any()
+    category = np.genfromtxt(raw, delimiter=",", usecols=2, dtype=np.int64)[pv]
+    first = np.unique(click_day * (1 << 40) + item[pv], return_index=True)[1]
+    neg_category = t[CATEGORY_ID].to_numpy()[neg]
+    keys = neg_day * (1 << 40) + neg_item[neg]
+    at = np.minimum(np.searchsorted(click_keys, keys), len(click_keys) - 1)
+    in_day = click_keys[at] == keys
+    assert np.array_equal(category[first][at[in_day]], neg_category[in_day])
 
 
 def test_movielens_small_sample(tmp_path):

@@ -19,7 +19,7 @@ from conftest import small_spec
 from mdaf_rec.config import ConfigError, ModelConfig, OptimizerConfig, load_config
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
-from mdaf_rec.sharding import apply_sparse_optimizer, check_plan, table_constraints
+from mdaf_rec.sharding import apply_sparse_optimizer, check_plan_optimizer, table_constraints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,8 +95,8 @@ def test_dense_tables_constrain_the_planner_and_refuse_other_plans() -> None:
         "static_item": ParameterSharding(sharding_type="data_parallel", compute_kernel="dense", ranks=[0])}})
     with pytest.raises(ConfigError, match=r"plan.json: optimizer.sparse=dense .* the plan has static_user "
                                           r"\(table_wise/fused\)$"):
-        check_plan(plan, dense, "plan.json")
-    check_plan(plan, OptimizerConfig(), "plan.json")  # the fused optimizers take any plan
+        check_plan_optimizer(plan, dense, "plan.json")
+    check_plan_optimizer(plan, OptimizerConfig(), "plan.json")  # the fused optimizers take any plan
 
 
 def test_dense_tables_take_weight_decay_and_static_models_only() -> None:

@@ -6,13 +6,19 @@ training); one subprocess checks the train command end to end on a truncated Par
 
 from __future__ import annotations
 
+import errno
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import List
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,9 +28,11 @@ from mdaf_rec.config import FeaturesConfig, load_config
 from mdaf_rec.data.dataset import Dataset, DatasetError
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.synth import generate
+from mdaf_rec.data.validate import ColumnRules, DataError, check_timestamp_ranges, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.output import ArchiveFile, refused_write
 from mdaf_rec.plan_io import PlanFileError, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +114,12 @@ def test_train_on_truncated_parquet_fails_before_building_a_model(dataset: Path,
     assert not (run / "checkpoints").exists() and not (run / "plan.json").exists()
 
 
+def test_predict_threads_0_is_one_line(tmp_path: Path, capsys) -> None:
+    line = error_line(capsys, ["predict", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "in.parquet"),
+                               "--out", str(tmp_path / "scores.parquet"), "--threads", "0"])
+    assert line == "mdaf-rec predict: error: --threads must be >= 1"
+
+
 @pytest.mark.parametrize("how", BAD_PARQUET)
 def test_predict_on_bad_parquet_names_the_file(dataset: Path, tmp_path: Path, capsys, monkeypatch, how: str) -> None:
     predict = importlib.import_module("mdaf_rec.predict")
@@ -131,6 +145,65 @@ def test_empty_train_split_is_named(dataset: Path, tmp_path: Path) -> None:
 def test_configured_column_missing_from_the_data_is_named_before_the_model(dataset: Path) -> None:
     with pytest.raises(DatasetError, match=rf"^{dataset / 'train.parquet'}: missing column\(s\) \['price'\] \(has \["):
         Vocabularies.load_or_build(Dataset.open(dataset), FeaturesConfig(dense=["price"]))
+
+
+def test_a_split_in_milliseconds_is_refused_before_training(dataset: Path, tmp_path: Path, capsys) -> None:
+    """Issue 20: millisecond timestamps were read as seconds (other hours and days of week, exit 0)."""
+    root = copy_dataset(dataset, tmp_path / "d")
+    table = pq.read_table(root / "test.parquet")
+    ms = pc.multiply(table.column("timestamp"), 1000)
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", ms), root / "test.parquet")
+    first = ms[0].as_py()
+    when = datetime.fromtimestamp(first // 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    line = error_line(capsys, train_argv(root, tmp_path))
+    assert line == (f"mdaf-rec: error: {root / 'test.parquet'}: column 'timestamp', row 0: {first} is not unix seconds "
+                    f"of 1990..2099; it looks like milliseconds ({when}): divide the column by 1000"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_implausible_timestamp_is_named_by_row_without_footer_statistics(dataset: Path, tmp_path: Path) -> None:
+    """A row group without statistics is read; the row is counted through the file (row groups of 1000 rows)."""
+    root = copy_dataset(dataset, tmp_path / "d")
+    table = pq.read_table(root / "train.parquet")
+    stamps = table.column("timestamp").to_pylist()
+    stamps[1500] = 86_400  # 1970-01-02: in no unit a date of 1990..2099
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(stamps, pa.int64()))
+    pq.write_table(table, root / "train.parquet", row_group_size=1000, write_statistics=False)
+    with pytest.raises(DataError, match=rf"^{root / 'train.parquet'}: column 'timestamp', row 1500: 86400 is not unix "
+                                        r"seconds of 1990\.\.2099$"):
+        check_timestamp_ranges(Dataset.open(root))
+    check_timestamp_ranges(Dataset.open(dataset))  # the synthetic data is in range
+
+
+@pytest.mark.parametrize("zone", [123, "Mars/Olympus"])
+def test_a_bad_meta_json_time_zone_is_refused_when_the_dataset_is_opened(dataset: Path, tmp_path: Path, zone) -> None:
+    root = copy_dataset(dataset, tmp_path / "d")
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "timezone": zone}))
+    with pytest.raises(DatasetError, match=rf"^{root / 'meta.json'}: field 'timezone': {re.escape(repr(zone))} is not "
+                                           r"an IANA time zone name \(e\.g\. 'Asia/Shanghai', 'UTC'\)$"):
+        Dataset.open(root)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_timestamp_of_2_62_is_refused_before_training(dataset: Path, tmp_path: Path, split: str) -> None:
+    """It overflowed the local-time arithmetic mid-epoch (an index error in a table lookup)."""
+    root = copy_dataset(dataset, tmp_path / "d")
+    path = root / f"{split}.parquet"
+    table = pq.read_table(path)
+    ts = table.column("timestamp").to_pylist()
+    ts[157] = 2**62  # in the second row group: the row number counts across row groups
+    pq.write_table(table.set_column(table.schema.get_field_index("timestamp"), "timestamp", pa.array(ts, pa.int64())),
+                   path, row_group_size=100)
+    with pytest.raises(DataError, match=rf"^{path}: column 'timestamp', row 157: {2**62} is not unix seconds of "
+                                        r"1990\.\.2099$"):
+        check_timestamp_ranges(Dataset.open(root))
+
+
+def test_millisecond_timestamps_are_refused_naming_the_row() -> None:
+    table = pa.table({"timestamp": pa.array([1511539200, 1511539200123], pa.int64())})
+    with pytest.raises(DataError, match=r"^f\.parquet: column 'timestamp', row 41: 1511539200123 is not unix seconds"):
+        validate(table, ColumnRules.build(), "f.parquet", row_offset=40, columns=["timestamp"])
 
 
 # -- Configs ---------------------------------------------------------------------------------------
@@ -248,6 +321,27 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path: Path, capsys) -> 
     assert line.startswith(f"mdaf-rec: error: {constraints}: cannot read constraints: ")
 
 
+# -- Refused writes --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_full_disk_under_torchs_archive_writer_is_one_named_error() -> None:
+    """torch's C++ writer would fail again in its destructor (an abort, exit 134); ArchiveFile keeps the first
+    failure and raises it, naming the file, once the writer is done."""
+    with pytest.raises(OSError) as caught:
+        with ArchiveFile("/dev/full") as fh:
+            torch.save({"w": torch.zeros(100_000)}, fh)
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, "/dev/full")
+    assert str(refused_write(caught.value, Path("/dev/full/model"))) == (
+        "/dev/full/model: cannot write /dev/full (No space left on device): the disk is full (or a size limit is reached)"
+    )
+    read_only = OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run/config.yaml")
+    assert str(refused_write(read_only, Path("/mnt/ro/run"))) == (
+        "/mnt/ro/run: cannot write /mnt/ro/run/config.yaml (Read-only file system): the location is not writable"
+    )
+    assert refused_write(OSError(errno.EIO, "Input/output error"), Path("x")) is None  # not the user's: a traceback
+
+
 # -- The contract ----------------------------------------------------------------------------------
 
 
@@ -257,6 +351,7 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path: Path, capsys) -> 
     "mdaf_rec.models.embeddings:InputIdError", "mdaf_rec.plan_io:PlanFileError", "mdaf_rec.train:TrainingError",
     "mdaf_rec.artifact:ArtifactError", "mdaf_rec.data.converters.common:ConversionError",
     "mdaf_rec.planning:PlanningError", "mdaf_rec.data.synth:SynthParamsError", "mdaf_rec.data.vocab:VocabFileError",
+    "mdaf_rec.output:OutputError",
 ])
 def test_user_facing_errors_share_one_base(where: str) -> None:
     module, name = where.split(":")

@@ -22,8 +22,10 @@ from typing import Dict, List
 
 import pytest
 import torch
+import yaml
 
 from mdaf_rec import checkpoint as ckpt
+from mdaf_rec import cli
 from mdaf_rec.data.synth import generate
 from mdaf_rec.run_dir import MARKER_FILE
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
@@ -184,6 +186,44 @@ def test_corrupt_checkpoints_end_with_one_line(trained: Path, tmp_path: Path, da
     assert str(named) in line, line
 
 
+def test_an_index_entry_pointing_outside_the_run_is_refused(trained: Path, tmp_path: Path) -> None:
+    """Issue 20: ``best`` naming another run's checkpoint evaluated that run's weights."""
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    run = _copy(trained, tmp_path)
+    index_path = run / "checkpoints" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["best"] = "../../other/checkpoints/epoch_1"
+    index_path.write_text(json.dumps(index))
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    expected = f"{index_path}: its 'best' entry '../../other/checkpoints/epoch_1' is not a checkpoint of this run"
+    assert expected in line, line
+    index.update(best="epoch_7", last="/abs/epoch_1")
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ckpt.CheckpointError, match=r"its 'last' entry '/abs/epoch_1' is not a checkpoint of this run"):
+        ckpt.checkpoint_path(run, "best")
+    index["last"] = "epoch_1"
+    index_path.write_text(json.dumps(index))
+    (run / "checkpoints" / "epoch_7").symlink_to(other / "checkpoints" / "epoch_1")
+    with pytest.raises(ckpt.CheckpointError, match=r"epoch_7: a link to .*other/checkpoints/epoch_1, not a checkpoint"):
+        ckpt.checkpoint_path(run, "best")
+
+
+def test_a_metadata_reading_a_file_outside_its_manifest_is_refused(trained: Path, tmp_path: Path) -> None:
+    """Issue 20: a ``.metadata`` (rehashed into the manifest) could read its tensors from another run's files."""
+    shutil.copytree(trained, tmp_path / "other")
+    run = _copy(trained, tmp_path)
+    folder = run / "checkpoints" / "epoch_1"
+    with open(folder / ".metadata", "rb") as fh:
+        metadata = pickle.load(fh)  # our own test file: a plain unpickler is fine here
+    for info in metadata.storage_data.values():
+        info.relative_path = f"../../../other/checkpoints/epoch_1/{info.relative_path}"
+    _replace_and_rehash(folder / ".metadata", pickle.dumps(metadata, protocol=4))
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    assert f"{folder / '.metadata'}: reads its tensors from '../../../other/checkpoints/epoch_1/" in line, line
+    assert "a file not in the checkpoint's manifest" in line, line
+
+
 # --------------------------------------------------------------------------------------------------
 # No lost or mixed data
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +346,52 @@ def test_a_one_class_validation_split_is_refused_at_start(tmp_path: Path) -> Non
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_and_export_use_the_time_zone_recorded_at_training(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    """Issue 20: with ``features.timezone: null`` the run kept no zone, and eval / export re-read ``meta.json``: an
+    edit after training changed eval AUC and the exported model. The zone is resolved at training and recorded."""
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    meta_zone = json.loads((dataset / "meta.json").read_text())["timezone"]
+    assert config["features"]["timezone"] == meta_zone == "Asia/Shanghai"  # resolved when training started
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "timezone": "America/New_York"}))
+    run = _copy(trained, tmp_path)
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "data": {**config["data"], "path": str(data)}},
+                                                    sort_keys=False))
+    warning = (f"{data / 'meta.json'} says time zone 'America/New_York', but the run was trained with 'Asia/Shanghai' "
+               "(its config.yaml): using 'Asia/Shanghai'")
+    proc = mdaf("eval", "--run", str(run))
+    trained_auc = json.loads((trained / "metrics.json").read_text())["test"]["auc"]
+    assert json.loads(proc.stdout)["auc"] == pytest.approx(trained_auc, abs=1e-9)
+    assert warning in proc.stderr, proc.stderr[-2000:]
+    proc = mdaf("export", "--run", str(run), "--out", str(tmp_path / "model"), "--no-compile")
+    assert json.loads((tmp_path / "model" / "feature_spec.json").read_text())["timezone"] == "Asia/Shanghai"
+    assert warning in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_one_class_test_split_is_recorded_as_not_computable(tmp_path: Path) -> None:
+    """Issue 20: ``auc: NaN`` in metrics.json and ``auc nan`` printed, exit 0. The test split is not refused (training
+    does not read it): a line says so at the start, and its undefined metrics are null with the reason."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    generate(data, rows=1500, users=100, items=300, categories=20, max_history=10, seed=1)
+    test = pq.read_table(data / "test.parquet")
+    pq.write_table(test.set_column(test.schema.get_field_index("label"), "label",
+                                   pc.multiply(test.column("label"), 0)), data / "test.parquet")
+    proc = train(data, tmp_path / "run", "--epochs", "1", config=DCN)
+    counts = f"the test split has {test.num_rows} rows, 0 of them with label 1"
+    assert f"{counts}: its AUC, GAUC and NE will be recorded as not computable" in proc.stderr, proc.stderr[-2000:]
+    reason = f"one class only: 0 of {test.num_rows} rows have label 1"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]  # strict JSON: no NaN
+    assert metrics["auc"] is None and metrics["gauc"] is None and metrics["ne"] is None
+    assert metrics["not_computable"] == {"auc": reason, "gauc": reason, "ne": reason, "calibration": reason}
+    assert metrics["logloss"] > 0 and metrics["count"] == test.num_rows
+    assert f"test: auc n/a ({reason})" in proc.stdout, proc.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # In-epoch checkpoints, crashes and launcher restarts
 # --------------------------------------------------------------------------------------------------
@@ -375,3 +461,188 @@ def test_a_training_run_shows_only_its_own_lines_unless_verbose(dataset: Path, t
     assert noisy == [], noisy
     loud = train(dataset, tmp_path / "loud", "--epochs", "1", "-v", config="configs/mdaf_mamba.yaml")
     assert any("[TBE=" in line for line in loud.stderr.splitlines())  # FBGEMM's INFO dumps, shown with -v
+
+
+# --------------------------------------------------------------------------------------------------
+# Refused writes end with one line (issue 20)
+# --------------------------------------------------------------------------------------------------
+
+
+def _with_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """``mdaf-rec ARGS`` with every file it writes limited to ``limit`` bytes (RLIMIT_FSIZE): a write past it
+    fails at the OS layer (EFBIG; Python ignores SIGXFSZ) as on a full disk, portably and without root."""
+    import resource
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "mdaf_rec.cli", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600, preexec_fn=limit_files)
+
+
+def test_train_onto_a_full_disk_ends_with_one_line_and_no_complete_looking_checkpoint(dataset: Path, trained: Path,
+                                                                                          tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = [item for s in TINY for item in ("--set", s)]
+    # the checkpoint's weights (~250 kB) do not fit; config, plan, vocabularies and logs do
+    proc = _with_file_size_limit(100_000, "train", "--config", DCN, "--data", str(dataset), "--out", str(run),
+                                 "--epochs", "1", *sets)
+    line = _one_line_error(proc)
+    assert line.startswith(f"mdaf-rec: error: {run}: cannot write (") and "disk is full" in line, line
+    assert not (run / "checkpoints" / "index.json").exists()
+    assert not list(run.glob("checkpoints/*/manifest.json"))  # no checkpoint looks complete
+
+
+@pytest.mark.parametrize("limit", [100_000, 1])
+def test_export_onto_a_full_disk_ends_with_one_line_not_an_abort(trained: Path, tmp_path: Path, limit: int) -> None:
+    """model.pt2 (~300 kB) does not fit: torch's C++ archive writer used to abort (exit 134)."""
+    out = tmp_path / "model"
+    proc = _with_file_size_limit(limit, "export", "--run", str(trained), "--out", str(out), "--no-compile")
+    line = _one_line_error(proc)
+    assert line.startswith(f"mdaf-rec export: error: {out}: cannot write ") and "model.pt2" in line, line
+    assert list(tmp_path.iterdir()) == []  # neither MODEL_DIR nor its staging folder
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory) -> Path:
+    """``trained`` exported (portable program only)."""
+    model = tmp_path_factory.mktemp("exported") / "model"
+    mdaf("export", "--run", str(trained), "--out", str(model), "--no-compile")
+    return model
+
+
+def test_predict_onto_a_full_disk_ends_with_one_line_and_no_output(dataset: Path, exported: Path, tmp_path: Path) -> None:
+    model = exported
+    out = tmp_path / "scores" / "s.parquet"
+    proc = _with_file_size_limit(2_000, "predict", "--model", str(model), "--data", str(dataset / "train.parquet"),
+                                 "--out", str(out))
+    line = _one_line_error(proc)
+    assert line.startswith(f"mdaf-rec predict: error: {out}: cannot write (") and "disk is full" in line, line
+    assert list(out.parent.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input found before the work, one line each (issue 20)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_an_rng_file_of_the_wrong_size_is_one_line(trained: Path, tmp_path: Path) -> None:
+    run = _copy(trained, tmp_path)
+    rng = run / "checkpoints" / "epoch_1" / "rng_rank0.pt"
+    buf = tmp_path / "short.pt"
+    torch.save({"cpu": torch.zeros(10, dtype=torch.uint8)}, buf)
+    _replace_and_rehash(rng, buf.read_bytes())
+    line = _one_line_error(mdaf("eval", "--run", str(run), check=False))
+    assert line.startswith(f"mdaf-rec: error: {rng}: not an RNG state of this torch's generators (Expected a "), line
+
+
+def _edit_plan(plan: Path, out: Path, edit) -> Path:
+    data = json.loads(plan.read_text())
+    edit(data["modules"]["model.static_branch.embeddings.embedding_bag_collection"]["static_item"])
+    out.write_text(json.dumps(data))
+    return out
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t["shards"][0].update(placement="rank:3/cpu"),
+     "table 'static_item': shard placement 'rank:3/cpu' is not a cpu device of ranks 0..0"),
+    (lambda t: t["shards"][0]["sizes"].__setitem__(1, 3),
+     "table 'static_item': the shards' sizes do not tile the table's [544, 4]"),
+    (lambda t: t["shards"][0]["sizes"].__setitem__(0, 554),
+     "table 'static_item': the plan's shards cover 554 rows, this model's table has 544: the plan was made for other "
+     "vocabulary sizes"),
+])
+def test_a_plan_that_does_not_fit_the_model_is_one_line(dataset: Path, trained: Path, tmp_path: Path, edit,
+                                                       message: str) -> None:
+    plan = _edit_plan(trained / "plan.json", tmp_path / "plan.json", edit)
+    line = _one_line_error(train(dataset, tmp_path / "run", "--epochs", "1", "--plan", str(plan), config=DCN, check=False))
+    assert line.startswith(f"mdaf-rec: error: {plan}: {message}"), line
+
+
+def test_a_plan_made_for_other_vocabulary_sizes_is_one_line(dataset: Path, tmp_path: Path) -> None:
+    """``mdaf-rec plan`` sizes the tables by planning.vocab_sizes, not by this data's vocabularies."""
+    plan = tmp_path / "plan.json"
+    sets = [item for s in TINY for item in ("--set", s)]
+    mdaf("plan", "--config", DCN, *sets, "--world-size", "1", "--device", "cpu", "--json", str(plan))
+    line = _one_line_error(train(dataset, tmp_path / "run", "--epochs", "1", "--plan", str(plan), config=DCN, check=False))
+    assert line.startswith(f"mdaf-rec: error: {plan}: table 'static_") and "made for other vocabulary sizes" in line
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    """What a crash while appending epoch 2's line leaves: the run resumes and rewrites it."""
+    run = _copy(trained, tmp_path)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 2, "step": 36, "train_lo')
+    proc = train(dataset, run, "--epochs", "2", config=DCN)
+    assert f"{run / 'metrics.jsonl'}: dropping its torn last line 2 " in proc.stderr, proc.stderr[-2000:]
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_sigint_prints_one_line_with_the_resume_hint_and_exits_130(dataset: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal: SIGINT to the whole process group (DataLoader workers included)."""
+    run = tmp_path / "run"
+    sets = [item for s in TINY for item in ("--set", s)]
+    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", DCN, "--data", str(dataset), "--out", str(run),
+           "--epochs", "50", *sets, "--set", "train.patience=50", "--set", "data.num_workers=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "index.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err, [l for l in err.splitlines() if "step/s" not in l][-60:]
+    lines = [line for line in err.splitlines() if line.startswith("mdaf-rec: ")]
+    assert lines == [f"mdaf-rec: interrupted: re-run the same command to continue: it resumes {run} from its last "
+                     "checkpoint (or starts afresh if it has none yet)"], err[-3000:]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: text[: len(text) // 2], "not valid JSON (Expecting "),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "static_dim"}), "missing key 'static_dim'"),
+    (lambda text: json.dumps({**json.loads(text), "timezone": "Mars/Olympus"}),
+     "key 'timezone': unknown IANA time zone 'Mars/Olympus'"),
+    (lambda text: json.dumps({**json.loads(text), "timezone": 123}), "key 'timezone': unknown IANA time zone 123"),
+])
+def test_a_bad_feature_spec_is_one_line(dataset: Path, exported: Path, tmp_path: Path, capsys, damage,
+                                        message: str) -> None:
+    """A feature_spec.json edited by hand and its manifest entry rehashed (a bad zone used to fail per batch).
+    In this process: the error comes before any program is loaded."""
+    model = tmp_path / "model"
+    shutil.copytree(exported, model)
+    spec = model / "feature_spec.json"
+    content = damage(spec.read_text()).encode()
+    spec.write_bytes(content)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["files"]["feature_spec.json"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(model), "--data", str(dataset / "test.parquet"),
+                     "--out", str(tmp_path / "s.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"mdaf-rec predict: error: {spec}: {message}"), err
+
+
+@pytest.mark.parametrize("command", ["train", "export", "predict"])
+def test_an_out_under_a_file_is_one_line(dataset: Path, trained: Path, exported: Path, tmp_path: Path,
+                                         command: str) -> None:
+    """An --out that cannot be created (as root, permissions do not stop a write; a file in its path does)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    out = blocker / "out"
+    if command == "train":
+        proc = train(dataset, out, "--epochs", "1", config=DCN, check=False)
+    elif command == "export":
+        proc = mdaf("export", "--run", str(trained), "--out", str(out), "--no-compile", check=False)
+    else:
+        proc = mdaf("predict", "--model", str(exported), "--data", str(dataset / "test.parquet"), "--out", str(out),
+                    check=False)
+    line = _one_line_error(proc)
+    assert re.match(rf"mdaf-rec( {command})?: error: {out}: cannot write ", line), line
+    assert "a file stands where a folder is needed" in line and blocker.read_text() == "mine", line

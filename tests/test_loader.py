@@ -113,6 +113,9 @@ def _write(root: Path, tables: Dict[str, pa.Table], row_group_size: int = 1000) 
     return Dataset.open(root)
 
 
+T0 = 1511631000  # 2017-11-25T17:30:00Z
+
+
 def _tiny(timestamps: List[int]) -> pa.Table:
     n = len(timestamps)
     return pa.table(
@@ -150,7 +153,7 @@ def test_gauc_groups_new_users_by_raw_id(tmp_path: Path) -> None:
 
 def test_hour_and_day_of_week_in_time_zone(tmp_path: Path) -> None:
     # 2017-11-25T17:30:00Z is Saturday 17h UTC but Sunday 01h in Asia/Shanghai
-    table = _tiny([1511631000, 1511622000])
+    table = _tiny([T0, 1511622000])
     dataset = _write(tmp_path, {s: table for s in schema.SPLITS})
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
@@ -163,7 +166,7 @@ def test_hour_and_day_of_week_in_time_zone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_rank_slices_concatenate_to_global_batches(world, world_size: int) -> None:
-    kwargs = dict(split="val", batch_size=48, shuffle=True, seed=2, epoch=1)
+    kwargs = dict(split="val", batch_size=48, shuffle=True, seed=2, epoch=1, sharding="every_rank_reads_all")
     single = [b.row_index.tolist() for b in _loader(world, **kwargs)]
     ranks = [[b.row_index.tolist() for b in _loader(world, rank=r, world_size=world_size, **kwargs)]
              for r in range(world_size)]
@@ -204,22 +207,89 @@ def test_drop_last(world) -> None:
     assert len(_rows_of(list(dropped))) == n // 64 * 64 and len(_rows_of(list(kept))) == n
 
 
-def test_start_batch_resumes_exactly(world) -> None:
-    kwargs = dict(batch_size=200, shuffle=True, seed=3, world_size=2, rank=1)
+@pytest.mark.parametrize("sharding", ["own_share", "every_rank_reads_all"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_start_batch_resumes_exactly(world, sharding: str, num_workers: int) -> None:
+    kwargs = dict(batch_size=200, shuffle=True, seed=3, world_size=2, rank=1, sharding=sharding, num_workers=num_workers)
     full = [b.row_index.tolist() for b in _loader(world, **kwargs)]
     resumed = [b.row_index.tolist() for b in _loader(world, start_batch=7, **kwargs)]
-    assert resumed == full[7:]
+    assert len(full) == 19 and resumed == full[7:]
 
 
-def test_workers_give_the_same_batches(world) -> None:
-    kwargs = dict(batch_size=300, shuffle=True, seed=4, start_batch=1)
-    serial = list(_loader(world, **kwargs))
-    parallel = list(_loader(world, num_workers=2, **kwargs))
-    assert len(parallel) == len(serial) == len(_loader(world, **kwargs)) - 1
-    for a, b in zip(serial, parallel):
+@pytest.mark.parametrize("sharding", ["own_share", "every_rank_reads_all"])
+def test_workers_give_the_same_batches(world, sharding: str) -> None:
+    """every_rank_reads_all: the order of num_workers = 0. own_share: the same batches, position p being batch
+    p // K of lane p % K (each worker reads its lane only)."""
+    kwargs = dict(batch_size=300, shuffle=True, seed=4, world_size=2, rank=1, sharding=sharding)
+    by_batch = list(_loader(world, **kwargs))
+    loader = _loader(world, num_workers=2, start_batch=1, **kwargs)
+    parallel = list(loader)
+    assert len(parallel) == len(by_batch) - 1 == 12
+    order = [loader.plan.batch_at(p) for p in range(1, len(by_batch))]
+    if sharding == "every_rank_reads_all":
+        assert order == list(range(1, 13))
+    else:  # lanes of batches 0-6 and 7-12, interleaved, from position 1 on
+        assert order == [7, 1, 8, 2, 9, 3, 10, 4, 11, 5, 12, 6]
+    for b, batch in zip(parallel, order):
+        a = by_batch[batch]
         assert torch.equal(a.row_index, b.row_index)
         assert torch.equal(a.sequence_features.values(), b.sequence_features.values())
         assert torch.equal(a.static_features.values(), b.static_features.values())
+
+
+def _own_share(world, world_size: int, **kwargs) -> List[List[List[int]]]:
+    """Rank -> its batches' row numbers (own_share, shuffled)."""
+    return [[b.row_index.tolist() for b in _loader(world, rank=r, world_size=world_size, shuffle=True, **kwargs)]
+            for r in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_own_share_reads_every_row_once_per_epoch(world, world_size: int) -> None:
+    n = world[0].num_rows("train")  # 3737 rows in row groups of 600
+    ranks = _own_share(world, world_size, batch_size=96, seed=7, epoch=2)
+    steps = -(-n // 96)
+    assert [len(r) for r in ranks] == [steps] * world_size  # the same step count everywhere (collectives)
+    rows = [row for r in ranks for batch in r for row in batch]
+    assert len(rows) == n and sorted(rows) == list(range(n))  # no duplicates, no losses
+    for r in ranks:
+        assert all(len(b) == 96 // world_size for b in r[:-1])
+    last = [len(r[-1]) for r in ranks]  # the last global batch's n % 96 rows, split evenly
+    assert sum(last) == n % 96 and max(last) - min(last) <= 1
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_own_share_rank_reads_about_one_wth(world, world_size: int) -> None:
+    n = world[0].num_rows("train")
+    for r in range(world_size):
+        plan = _loader(world, rank=r, world_size=world_size, batch_size=96, shuffle=True).plan
+        pieces = [p for w in plan.windows for p in w]
+        share = sum(p.rows for p in pieces)
+        read = sum(p.block.rows for p in pieces)  # whole row groups are read, cut pieces too
+        assert share in (n // world_size, n // world_size + 1)
+        assert read <= share + 2 * 600  # at most the two row groups its share boundaries cut
+
+
+def test_own_share_is_deterministic_per_seed_and_epoch(world) -> None:
+    base = _own_share(world, 2, batch_size=96, seed=0, epoch=0)
+    assert base == _own_share(world, 2, batch_size=96, seed=0, epoch=0)
+    assert base != _own_share(world, 2, batch_size=96, seed=0, epoch=1)
+    assert base != _own_share(world, 2, batch_size=96, seed=1, epoch=0)
+    # W = 1: both modes give the same batches
+    assert _own_share(world, 1, batch_size=96, seed=5) == [
+        [b.row_index.tolist() for b in _loader(world, batch_size=96, shuffle=True, seed=5, sharding="every_rank_reads_all")]]
+
+
+def test_own_share_unshuffled_shares_are_contiguous(world) -> None:
+    n = world[0].num_rows("val")
+    ranks = [[row for b in _loader(world, "val", batch_size=99, rank=r, world_size=3) for row in b.row_index.tolist()]
+             for r in range(3)]
+    assert sum(ranks, []) == list(range(n))
+    assert [len(r) for r in ranks] == [n // 3 + (r < n % 3) for r in range(3)]
+
+
+def test_sharding_mode_is_checked(world) -> None:
+    with pytest.raises(ValueError, match=r"sharding 'rows' is not one of \['own_share', 'every_rank_reads_all'\]"):
+        _loader(world, sharding="rows")
 
 
 def test_folder_split_without_meta(world, tmp_path: Path) -> None:
@@ -278,10 +348,13 @@ IDS = list(range(N_BAD))
          schema.CATEGORY_HISTORY, "row 7: history length differs"),
         (_set(schema.ITEM_ID, pa.array([2**63 if i == BAD_ROW else i for i in IDS], pa.uint64())), schema.ITEM_ID,
          "row 7: value does not fit"),
+        (_set(schema.TIMESTAMP, pa.array([(T0 + i) * (1000 if i == BAD_ROW else 1) for i in IDS], pa.int64())),
+         schema.TIMESTAMP, f"row 7: {(T0 + BAD_ROW) * 1000} is not unix seconds of 1990..2099; it looks like "
+         "milliseconds (2017-11-25 17:30:07 UTC): divide the column by 1000"),
     ],
 )
 def test_bad_input_names_file_column_and_row(tmp_path: Path, corrupt, column: str, message: str) -> None:
-    good = _tiny(list(range(1000, 1000 + N_BAD)))
+    good = _tiny([T0 + i for i in range(N_BAD)])
     dataset = _write(tmp_path, {s: good for s in schema.SPLITS}, row_group_size=5)
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
@@ -293,8 +366,9 @@ def test_bad_input_names_file_column_and_row(tmp_path: Path, corrupt, column: st
     assert "val.parquet" in text and repr(column) in text and message in text, text
 
 
-def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
-    good = _tiny(list(range(1000, 1006)))
+@pytest.mark.parametrize("validated", [False, True])
+def test_narrow_integer_columns_are_cast(tmp_path: Path, validated: bool) -> None:
+    good = _tiny([T0 + i for i in range(6)])
     narrow = good.cast(pa.schema([
         pa.field(f.name, pa.int32() if f.type == pa.int64() else pa.list_(pa.int16()) if pa.types.is_list(f.type)
                  else pa.uint8()) for f in good.schema
@@ -304,7 +378,7 @@ def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
     (a,) = list(BatchLoader(dataset, "train", spec, vocabs, 8))
-    (b,) = list(BatchLoader(dataset, "val", spec, vocabs, 8))
+    (b,) = list(BatchLoader(dataset, "val", spec, vocabs, 8, validated=validated))  # validated: only cast
     assert torch.equal(a.sequence_features.values(), b.sequence_features.values())
     assert torch.equal(a.static_features.values(), b.static_features.values()) and torch.equal(a.labels, b.labels)
 
@@ -323,7 +397,7 @@ def test_narrow_integer_columns_are_cast(tmp_path: Path) -> None:
 def test_no_rank_gets_an_empty_batch_and_every_row_is_read_once(
     tmp_path: Path, rows: int, batch_size: int, world_size: int, drop_last: bool, sizes: List[List[int]]
 ) -> None:
-    dataset = _write(tmp_path, {s: _tiny(list(range(1000, 1000 + rows))) for s in schema.SPLITS}, row_group_size=5)
+    dataset = _write(tmp_path, {s: _tiny([T0 + i for i in range(rows)]) for s in schema.SPLITS}, row_group_size=5)
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
@@ -340,7 +414,7 @@ def test_no_rank_gets_an_empty_batch_and_every_row_is_read_once(
 
 
 def test_split_with_fewer_rows_than_ranks_is_refused(tmp_path: Path) -> None:
-    dataset = _write(tmp_path, {s: _tiny([1000, 1001]) for s in schema.SPLITS})
+    dataset = _write(tmp_path, {s: _tiny([T0, T0 + 1]) for s in schema.SPLITS})
     cfg = FeaturesConfig()
     vocabs = Vocabularies.build(dataset, cfg)
     spec = FeatureSpec.build(cfg, vocabs.sizes)
@@ -349,7 +423,7 @@ def test_split_with_fewer_rows_than_ranks_is_refused(tmp_path: Path) -> None:
 
 
 def test_validate_counts_rows_across_chunks() -> None:
-    first, second = _tiny(list(range(5))), _tiny(list(range(4)))
+    first, second = _tiny([T0 + i for i in range(5)]), _tiny([T0 + i for i in range(4)])
     bad_history = pa.array([[1], [2, -1], [], [3, 4, 5]], pa.list_(pa.int64()))
     second = _set(schema.ITEM_HISTORY, bad_history)(second)
     second = _set(schema.CATEGORY_HISTORY, bad_history)(second)

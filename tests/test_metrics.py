@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from device_guards import no_host_sync
-from mdaf_rec.metrics import MetricAccumulator, auc_score, gauc_score, normalized_entropy
+from mdaf_rec.metrics import MetricAccumulator, auc_score, format_metric, gauc_score, normalized_entropy
 from mdaf_rec.plots import plot_gate_histogram, plot_training_curves
 
 Data = Dict[str, torch.Tensor]
@@ -96,6 +96,27 @@ def test_logloss_calibration_and_gate_by_hand() -> None:
     assert sum(gate["histogram"]["counts"]) == 4
     acc.reset()
     assert acc.compute()["count"] == 0
+
+
+def test_undefined_metrics_are_none_with_the_reason_never_nan() -> None:
+    """Issue 20: a one-class or empty split gave ``auc: NaN`` in metrics.json (not even valid JSON)."""
+    acc = MetricAccumulator()
+    acc.update(torch.tensor([0.9, 0.2, 0.4]), torch.zeros(3), torch.tensor([0, 1, 1]))
+    out = json.loads(json.dumps(acc.compute(), allow_nan=False))
+    one_class = "one class only: 0 of 3 rows have label 1"
+    assert out["not_computable"] == {"auc": one_class, "gauc": one_class, "ne": one_class, "calibration": one_class}
+    assert out["auc"] is None and out["gauc"] is None and out["ne"] is None and out["calibration"] is None
+    assert out["logloss"] == pytest.approx(-(math.log(0.1) + math.log(0.8) + math.log(0.6)) / 3) and out["ctr"] == 0.0
+    assert format_metric(out, "auc") == f"n/a ({one_class})" and format_metric(out, "logloss", 3) == "1.012"
+    acc.reset()
+    acc.update(torch.tensor([0.9, 0.2]), torch.tensor([1.0, 0.0]), torch.tensor([0, 1]))  # one row per user
+    out = acc.compute()
+    assert out["auc"] == 1.0 and out["not_computable"] == {"gauc": "no user has both a positive and a negative"}
+    acc.reset()
+    out = acc.compute()
+    assert out["count"] == 0 and set(out["not_computable"]) == {"auc", "gauc", "logloss", "ne", "calibration", "ctr",
+                                                                 "pred_ctr"}
+    assert set(out["not_computable"].values()) == {"no rows"} and json.dumps(out, allow_nan=False)
 
 
 def test_vector_gate_uses_per_sample_mean_and_order_does_not_matter() -> None:

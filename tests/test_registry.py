@@ -39,7 +39,7 @@ def test_every_registered_model_builds(name: str) -> None:
     "override, listed",
     [("model.name=mdaf", registry.MODEL_NAMES), ("model.gate=matrix", registry.GATE_MODES),
      ("optimizer.dense=sgd", registry.DENSE_OPTIMIZERS), ("optimizer.sparse=lamb", registry.SPARSE_OPTIMIZERS),
-     ("train.precision=fp16", registry.PRECISIONS)],
+     ("train.precision=fp16", registry.PRECISIONS), ("data.sharding=rows", registry.DATA_SHARDING)],
 )
 def test_config_errors_list_the_registered_names(override: str, listed) -> None:
     key = override.split("=")[0]

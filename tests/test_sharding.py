@@ -160,5 +160,5 @@ def test_planner_memory_reads_the_gpu(monkeypatch, caplog) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
     with caplog.at_level(logging.INFO, logger="mdaf_rec.sharding"):
         assert planner_memory(torch.device("cuda", 3), 8) == (141 * gib, host // 8)
-    assert "HBM 141.0 GiB (NVIDIA H200)" in caplog.text and f"/ 8 ranks" in caplog.text
+    assert "HBM 141.0 GiB (NVIDIA H200)" in caplog.text and "/ 8 ranks" in caplog.text
     assert planner_memory(torch.device("cuda", 3), 8, hbm_gb=70.5) == (int(70.5 * gib), host // 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Dict, List
@@ -33,7 +34,7 @@ def _rows(users: List[int], items: List[int], item_histories: List[List[int]]) -
             schema.USER_ID: pa.array(users, pa.int64()),
             schema.ITEM_ID: pa.array(items, pa.int64()),
             schema.CATEGORY_ID: pa.array([i % 3 for i in items], pa.int64()),
-            schema.TIMESTAMP: pa.array(range(n), pa.int64()),
+            schema.TIMESTAMP: pa.array(range(1_511_631_000, 1_511_631_000 + n), pa.int64()),
             schema.LABEL: pa.array([i % 2 for i in range(n)], pa.int8()),
             schema.ITEM_HISTORY: pa.array(item_histories, pa.list_(pa.int64())),
             schema.CATEGORY_HISTORY: pa.array([[i % 3 for i in h] for h in item_histories], pa.list_(pa.int64())),
@@ -106,6 +107,30 @@ def test_reuse_and_rebuild_on_setting_change(dataset: Dataset, caplog: pytest.Lo
     changed = Vocabularies.load_or_build(dataset, FeaturesConfig(min_count=2))
     assert changed.sizes["item"] == 4 and changed.fingerprint != first.fingerprint
     assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == changed.fingerprint
+
+
+def test_a_same_size_rewrite_of_the_train_file_rebuilds_the_cache(dataset: Dataset,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The cache key is the files' content (Parquet footer hash), not only name and size: a rewrite of the same
+    size and mtime holding other ids is noticed, and one line says why the vocabularies are rebuilt."""
+    def write(items: List[int]) -> None:
+        table = _rows([5, 5, 9], items, [[11, 12], [10], [500]])
+        pq.write_table(table, path, compression="none", use_dictionary=False)
+
+    path = dataset.root / "train.parquet"
+    write([10, 11, 10])
+    first = Vocabularies.load_or_build(dataset, FeaturesConfig())
+    assert first.spaces["item"].ids.tolist() == [10, 11, 12, 500]
+    before = path.stat()
+    write([20, 21, 20])  # other ids, same widths: the same bytes count
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    with caplog.at_level("INFO"):
+        again = Vocabularies.load_or_build(Dataset.open(dataset.root), FeaturesConfig())
+    assert again.spaces["item"].ids.tolist() == [10, 11, 12, 20, 21, 500]
+    (line,) = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert "were built from other training files (train.parquet added, removed or rewritten since" in line, line
+    assert Vocabularies.load(dataset.root / VOCAB_DIR).fingerprint == again.fingerprint
 
 
 def test_fingerprint_detects_mismatch(dataset: Dataset, tmp_path: Path) -> None:
@@ -182,11 +207,49 @@ def test_vocabularies_are_immutable_and_the_fingerprint_is_computed_once(dataset
 
     import mdaf_rec.data.vocab as vocab_module
 
+    fresh = Vocabularies.build(dataset, FeaturesConfig(min_count=1))  # (hashes the training files' footers)
     calls = []
     real = vocab_module.hashlib.sha256
     monkeypatch.setattr(vocab_module.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
-    fresh = Vocabularies.build(dataset, FeaturesConfig(min_count=1))
     assert [fresh.fingerprint for _ in range(3)] == [vocabs.fingerprint] * 3 and len(calls) == 1
     assert loaded.fingerprint == vocabs.fingerprint and len(calls) == 1  # computed (and checked) at load
     copy = pickle.loads(pickle.dumps(loaded))  # DataLoader workers started with spawn get a pickled copy
     assert copy.fingerprint == vocabs.fingerprint and copy.sizes == vocabs.sizes
+
+
+@pytest.mark.parametrize("min_count", [1, 2, 3])
+def test_out_of_core_counts_equal_the_in_memory_counts(tmp_path: Path, min_count: int) -> None:
+    """The DuckDB GROUP BY gives the ids of a plain in-memory count (numpy unique over every file's target and
+    history entries): a split of several files, narrow integer types in one, ids below and above 2^24 and 2^40."""
+    rng = np.random.default_rng(min_count)
+    pools = {"small": np.arange(1, 300), "mid": (1 << 24) + np.arange(300), "big": (1 << 40) + np.arange(300)}
+
+    def ids(n: int) -> np.ndarray:
+        return np.concatenate([rng.zipf(1.5, n // 3) % len(p) + p[0] for p in pools.values()])
+
+    (tmp_path / "train").mkdir()
+    for part in range(3):
+        items, users = ids(600), ids(600)
+        histories = [ids(9)[: rng.integers(0, 6)].tolist() for _ in items]
+        table = _rows(users.tolist(), items.tolist(), histories)
+        if part == 1:  # narrow user ids, as another writer might store them
+            table = table.set_column(0, schema.USER_ID, pa.array(users % 30000, pa.int32()))
+        pq.write_table(table, tmp_path / "train" / f"part-{part}.parquet", row_group_size=250)
+    for split in ("val", "test"):
+        pq.write_table(_rows([1], [2], [[3]]), tmp_path / f"{split}.parquet")
+    dataset = Dataset.open(tmp_path)
+    cfg = FeaturesConfig(min_count=min_count, extra_sparse=["shop"])
+    cfg.id_spaces["category"] = IdSpaceConfig(column=schema.CATEGORY_ID, history_column=schema.CATEGORY_HISTORY,
+                                              hash_buckets=50)
+    built = Vocabularies.build(dataset, cfg)
+    tables = [pq.read_table(f) for f in dataset.split_files("train")]
+    for name, columns in {"user": [schema.USER_ID], "item": [schema.ITEM_ID, schema.ITEM_HISTORY], "shop": ["shop"]}.items():
+        values = [t.column(c).combine_chunks() for t in tables for c in columns]
+        flat = np.concatenate([(v.flatten() if pa.types.is_list(v.type) else v).to_numpy().astype(np.int64) for v in values])
+        unique, counts = np.unique(flat, return_counts=True)
+        expected = unique[counts >= min_count]
+        assert built.spaces[name].ids.dtype == np.int64
+        np.testing.assert_array_equal(built.spaces[name].ids, expected, err_msg=name)
+        assert built.sizes[name] == len(expected) + 2
+    assert built.spaces["item"].ids[-1] > 1 << 40 and len(built.spaces["item"].ids) > 100
+    assert built.spaces["category"].ids is None and built.sizes["category"] == 52

@@ -25,7 +25,7 @@ import os
 import platform
 import tempfile
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch

@@ -82,6 +82,10 @@ def train_one(row: Row, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
     if done.returncode != 0:
         raise SystemExit(f"{row.name} seed {seed} failed (exit {done.returncode}); see {log}")
     metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        if metrics[split].get("auc") is None:  # a one-class or empty split: metrics.json says why under not_computable
+            raise SystemExit(f"{row.name} seed {seed}: {split} AUC is not computable "
+                             f"({metrics[split].get('not_computable', {}).get('auc')}); see {out / 'metrics.json'}")
     print(f"{row.name:<32} seed {seed}: test AUC {metrics['test']['auc']:.4f}, best epoch {metrics['best_epoch']}, "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     return metrics

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 from mdaf_rec.cli.train import add_demo_parser, add_eval_parser, add_train_parser, run_command
 from mdaf_rec.distributed import shutdown_distributed
-from mdaf_rec.errors import UserError
+from mdaf_rec.errors import Interrupted, UserError
 
 # Library modules do the work; this package only parses arguments and prints, one module per command group.
 __all__ = ["main"]
@@ -34,14 +34,21 @@ DELEGATED = {
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``mdaf-rec``: every :class:`~mdaf_rec.errors.UserError` of every sub-command ends as one
-    line on stderr and exit status 2."""
+    line on stderr and exit status 2; Ctrl-C (SIGINT) as one line (:class:`~mdaf_rec.errors.Interrupted`:
+    with what to do next) and exit status 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _run(argv)
     except UserError as e:
-        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"mdaf-rec: error: {one_line}", file=sys.stderr)
+        print(f"mdaf-rec: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"\nmdaf-rec: interrupted{': ' + _one_line(e) if isinstance(e, Interrupted) else ''}", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def _run(argv: List[str]) -> int:

@@ -11,6 +11,7 @@ from mdaf_rec import export
 from mdaf_rec.artifact import MANIFEST_FILE
 from mdaf_rec.errors import UserError
 from mdaf_rec.logs import setup_logging
+from mdaf_rec.output import writing_to
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     try:
-        digest = export.export_run(args.run, args.out, args.checkpoint, args.quantize, compile=args.compile)
+        with writing_to(args.out):
+            digest = export.export_run(args.run, args.out, args.checkpoint, args.quantize, compile=args.compile)
     except (UserError, FileNotFoundError) as e:
         print(f"mdaf-rec export: error: {e}", file=sys.stderr)
         return 2

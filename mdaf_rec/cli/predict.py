@@ -12,6 +12,7 @@ import torch
 from mdaf_rec import predict
 from mdaf_rec.errors import UserError
 from mdaf_rec.logs import setup_logging
+from mdaf_rec.output import writing_to
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,10 +40,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("mdaf-rec predict: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     if args.threads is not None:
+        if args.threads < 1:
+            print("mdaf-rec predict: error: --threads must be >= 1", file=sys.stderr)
+            return 2
         torch.set_num_threads(args.threads)
     try:
-        predict.predict(args.model, args.data, args.out, args.keys, args.with_gate, args.batch_size,
-                        args.manifest_sha256)
+        with writing_to(args.out):
+            predict.predict(args.model, args.data, args.out, args.keys, args.with_gate, args.batch_size,
+                            args.manifest_sha256)
     except (UserError, FileNotFoundError) as e:
         print(f"mdaf-rec predict: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,9 @@ import torch
 
 from mdaf_rec.config import Config, check_sparse_optimizer, load_config
 from mdaf_rec.distributed import is_main_process
+from mdaf_rec.metrics import format_metric
+from mdaf_rec.errors import Interrupted
+from mdaf_rec.output import writing_to
 from mdaf_rec.registry import MODEL_NAMES
 
 DEMO_CONFIG = "demo"
@@ -92,8 +95,14 @@ def run_command(args: argparse.Namespace) -> None:
         from mdaf_rec.train import train
 
         cfg = train_config(args)
-        final = train(cfg, args.out or Path("runs") / cfg.model.name, resume=args.resume, plan_file=args.plan,
-                      overwrite=args.overwrite, verbose=args.verbose)
+        out = args.out or Path("runs") / cfg.model.name
+        try:
+            with writing_to(out):
+                final = train(cfg, out, resume=args.resume, plan_file=args.plan, overwrite=args.overwrite,
+                              verbose=args.verbose)
+        except KeyboardInterrupt:
+            raise Interrupted(f"re-run the same command to continue: it resumes {out} from its last checkpoint "
+                              "(or starts afresh if it has none yet)") from None
         _print_summary(final)
     elif args.command == "eval":
         from mdaf_rec.train import eval_run
@@ -104,7 +113,8 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from mdaf_rec.demo import run_demo
 
-        run_demo(training_config(args.config, args.overrides), args.out, verbose=args.verbose)
+        with writing_to(args.out):
+            run_demo(training_config(args.config, args.overrides), args.out, verbose=args.verbose)
 
 
 def _print_summary(final: dict) -> None:
@@ -112,4 +122,5 @@ def _print_summary(final: dict) -> None:
         return
     for split in ("val", "test"):
         m = final[split]
-        print(f"{split}: auc {m['auc']:.4f}  gauc {m['gauc']:.4f}  logloss {m['logloss']:.4f}  calibration {m['calibration']:.3f}")
+        print(f"{split}: auc {format_metric(m, 'auc')}  gauc {format_metric(m, 'gauc')}  "
+              f"logloss {format_metric(m, 'logloss')}  calibration {format_metric(m, 'calibration', 3)}")

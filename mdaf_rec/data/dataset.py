@@ -9,8 +9,10 @@ Every Parquet file is read through :func:`open_parquet`, so a truncated, corrupt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,14 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mdaf_rec.config import is_timezone
 from mdaf_rec.data.schema import META_FILE, SPLITS
 from mdaf_rec.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEZONE = "UTC"
+READ_BATCH_ROWS = 65536  # record batch size of streamed passes over a split file
 
 
 class DatasetError(UserError, ValueError):
@@ -49,9 +53,9 @@ class Dataset:
     def open(path: Union[str, Path]) -> "Dataset":
         """Lists the split files of ``path`` and reads ``meta.json`` if present.
 
-        Raises :class:`DatasetError` naming the folder and the missing or empty split, or the split
+        Raises :class:`DatasetError` naming the folder and the missing or empty split, the split
         file that is not readable Parquet (every file's footer is read here, so a truncated or empty
-        file fails before anything is built on the data).
+        file fails before anything is built on the data), or ``meta.json``'s malformed field.
         """
         root = Path(path)
         if not root.is_dir():
@@ -60,13 +64,11 @@ class Dataset:
         for split_files in files.values():
             for f in split_files:
                 open_parquet(f)
-        meta_path = root / META_FILE
-        meta: Dict[str, Any] = {}
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = read_meta(root)
+        zone = meta.get("timezone")
+        if zone is not None and not is_timezone(zone):  # read by every batch: refuse it here, not mid-epoch
+            raise DatasetError(f"{root / META_FILE}: field 'timezone': {zone!r} is not an IANA time zone name "
+                               "(e.g. 'Asia/Shanghai', 'UTC')")
         logger.debug("opened dataset %s: %s", root, {s: len(f) for s, f in files.items()})
         return Dataset(root=root, files=files, meta=meta)
 
@@ -99,6 +101,61 @@ def is_dataset_folder(path: Path) -> bool:
     """True if ``path`` has a dataset folder's layout: every split as ``<split>.parquet`` or a ``<split>/`` of
     ``.parquet`` files (nothing is opened)."""
     return all((path / f"{s}.parquet").is_file() or any((path / s).glob("*.parquet")) for s in SPLITS)
+
+
+def read_meta(root: Union[str, Path]) -> Dict[str, Any]:
+    """The parsed ``meta.json`` of dataset folder ``root`` ({} if there is none)."""
+    meta_path = Path(root) / META_FILE
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
+def recorded_timezone(recorded: Optional[str], data: Union[str, Path]) -> str:
+    """The time zone a run was trained with, for re-scoring or exporting it.
+
+    Args:
+        recorded: the run's ``features.timezone`` (training resolves it and writes it to the run's
+            ``config.yaml``); ``None`` only in runs written before the zone was recorded.
+        data: the dataset folder being scored (or the run's training data).
+    Returns:
+        ``recorded``; a different zone in ``data``'s ``meta.json`` is reported in one line, never followed.
+        A run without a recorded zone takes the dataset's (meta.json, else UTC) and says so.
+    """
+    meta_path = Path(data) / META_FILE
+    if recorded is None:
+        zone = Dataset.open(data).timezone()
+        logger.warning("the run does not record its time zone (trained by an older version): using %r from %s",
+                       zone, meta_path if meta_path.exists() else "the default")
+        return zone
+    try:
+        current = read_meta(data).get("timezone")
+    except DatasetError:  # compared only: the recorded zone stands (eval names a bad meta.json when it opens the data)
+        current = None
+    if current is not None and current != recorded:
+        logger.warning("%s says time zone %r, but the run was trained with %r (its config.yaml): using %r",
+                       meta_path, current, recorded, recorded)
+    return recorded
+
+
+def footer_sha256(path: Union[str, Path]) -> str:
+    """sha256 (hex) of a Parquet file's footer: the schema, and per row group and column the sizes, offsets and
+    statistics (min / max / null count) — what changes when the file's contents change, read without the data."""
+    path = Path(path)
+    with _naming_file(path), open(path, "rb") as fh:
+        fh.seek(-8, os.SEEK_END)
+        tail = fh.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length + 12 > fh.tell():
+            raise OSError("no Parquet footer at the end")
+        fh.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(fh.read(length)).hexdigest()
 
 
 class ParquetFile:
@@ -158,3 +215,12 @@ def _split_files(root: Path, split: str) -> Tuple[Path, ...]:
             raise DatasetError(f"dataset {root}: split folder {folder} holds no .parquet files")
         return files
     raise DatasetError(f"dataset {root}: split {split!r} is missing (expected {single.name} or {folder.name}/)")
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Writes ``path`` through ``write(binary file handle)`` to a temporary name, then renames it, so concurrent
+    writers of identical contents (one per rank) never leave a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)

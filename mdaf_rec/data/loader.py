@@ -6,31 +6,46 @@ Order of one epoch (see ``docs/data.md``, "Vocabularies and loading"):
   come in split order (files in name order, rows in file order). With ``shuffle`` the blocks are permuted
   (seeded by ``(seed, epoch)``), grouped in that order into shuffle windows of at least
   ``shuffle_rows`` rows, and the rows of each window permuted (seeded by ``(seed, epoch, window)``).
-* That row stream is cut into GLOBAL batches of ``batch_size`` rows. Rank ``r`` of ``world_size``
-  ``W`` gets the contiguous slice ``[r * b, (r + 1) * b)`` (``b = batch_size / W``) of every global
-  batch, so one step of W processes sees exactly the rows of one 1-process step, and every row is
-  read by exactly one rank per epoch.
-* The last partial global batch (``m < batch_size`` rows) is dropped with ``drop_last``; otherwise
-  it is split as evenly as possible (the first ``m % W`` ranks get one row more), so every rank
-  has the same number of batches. No rank ever gets a 0-row batch (its mean loss would be NaN, and
-  mamba-ssm's CUDA kernels refuse an empty grid): a last batch of fewer rows than ranks
-  (``0 < m < W``) joins the batch before it (one global batch of ``batch_size + m`` rows, one step
-  fewer), and a split of fewer rows than ranks is refused (:class:`~mdaf_rec.errors.UserError`).
-* With ``num_workers = K > 0`` worker ``k`` builds global batches ``start_batch + k``,
-  ``start_batch + k + K``, ...; torch's DataLoader returns them round-robin, i.e. in exactly the
-  order of ``num_workers = 0``. Each worker reads the blocks its batches touch.
-* ``start_batch`` resumes mid-epoch: the skipped batches are neither read nor built.
+* ``sharding`` (:data:`SHARDING_MODES`) decides which rows of that stream a rank reads:
 
-Every block read is validated (:mod:`mdaf_rec.data.validate`) and raw ids are mapped through the
-vocabularies; histories are truncated to the most recent ``max_history`` ids with vectorised
-offset arithmetic on the Arrow list offsets.
+  - ``own_share`` (default, scales): the stream of N rows is cut into W contiguous shares (rank ``r``
+    gets ``N // W`` rows, one more if ``r < N % W``; a block on a share boundary is cut there), and
+    rank ``r`` reads only the blocks its share touches (about ``N / W`` rows). Windows never cross a
+    share boundary. Rank r's batch ``j`` is rows ``[j * b, (j + 1) * b)`` of its share
+    (``b = batch_size / W``); the last is smaller. Every row is trained on by exactly one rank once per epoch.
+  - ``every_rank_reads_all`` (exact, for tests and small data): the stream is cut into GLOBAL batches
+    of ``batch_size`` rows and rank ``r`` gets the contiguous slice ``[r * b, (r + 1) * b)`` of every
+    global batch, so one step of W processes sees exactly the rows of one 1-process step; each rank
+    reads (and every worker reads) the blocks of the whole split.
+
+  With W = 1 both modes give the same batches.
+* Step counts are equal on every rank (collectives): ``ceil(N / batch_size)`` steps, the last one (the last
+  partial GLOBAL batch, ``m = N % batch_size`` rows) dropped with ``drop_last``, else split as evenly as
+  possible (the first ``m % W`` ranks get one row more). No rank ever gets a 0-row batch (its mean loss
+  would be NaN, and mamba-ssm's CUDA kernels refuse an empty grid): a last batch of fewer rows than ranks
+  (``0 < m < W``) joins the batch before it (one global batch of ``batch_size + m`` rows, one step fewer),
+  and a split of fewer rows than ranks is refused (:class:`~mdaf_rec.errors.UserError`). In ``own_share``
+  mode this is exactly what the shares' sizes leave for their last batch, so every row is still trained on
+  once per epoch.
+* With ``num_workers = K > 0`` worker ``k`` builds the batches at positions ``start_batch + k``,
+  ``start_batch + k + K``, ...; torch's DataLoader returns them round-robin. In ``every_rank_reads_all``
+  mode position ``p`` is global batch ``p`` (the order of ``num_workers = 0``; every worker reads the
+  blocks its batches touch, i.e. nearly all). In ``own_share`` mode the rank's batches are cut into
+  ``K`` contiguous lanes and position ``p`` is batch ``p // K`` of lane ``p % K``, so each worker reads
+  only its lane (about ``N / (W K)`` rows); the batches' rows do not depend on ``K``, their order does.
+* ``start_batch`` resumes mid-epoch: the skipped positions are neither read nor built.
+
+Every block read is validated (:mod:`mdaf_rec.data.validate`) unless the split was validated already
+(``validated=True``: the training job validates once, see :func:`~mdaf_rec.data.validated.validate_once`;
+columns are then only cast) and raw ids are mapped through the vocabularies; histories are truncated to
+the most recent ``max_history`` ids with vectorised offset arithmetic on the Arrow list offsets.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -41,14 +56,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mdaf_rec.data.batch import Batch, build_batch
 from mdaf_rec.data.dataset import Dataset, ParquetFile, open_parquet
 from mdaf_rec.data.schema import LABEL, TIMESTAMP
-from mdaf_rec.data.validate import ColumnRules, validate
+from mdaf_rec.data.validate import ColumnRules, cast_canonical, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import TIME_FIELDS, FeatureSpec
+from mdaf_rec.interrupts import raise_if_interrupted, workers_ignore_sigint
+from mdaf_rec.registry import DATA_SHARDING
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHUFFLE_ROWS = 524_288
+SHARDING_MODES = DATA_SHARDING  # see the module docstring; data.sharding
+OWN_SHARE, EVERY_RANK_READS_ALL = SHARDING_MODES
 
 
 @dataclass(frozen=True)
@@ -85,8 +104,28 @@ def split_row_groups(dataset: Dataset, split: str) -> List[RowGroup]:
     return blocks
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[lo, hi)`` of one block: the whole block, unless a share boundary cuts it."""
+
+    block: RowGroup
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+def even_part(total: int, parts: int, part: int) -> Tuple[int, int]:
+    """Start and size of part ``part`` of ``total`` items cut into ``parts`` contiguous parts as evenly as
+    possible (the first ``total % parts`` parts one larger)."""
+    base, extra = divmod(total, parts)
+    return part * base + min(part, extra), base + int(part < extra)
+
+
 class EpochPlan:
-    """The row stream of one epoch (blocks, shuffle windows) and its cut into global batches.
+    """One rank's row stream of one epoch (blocks, shuffle windows) and its cut into batches.
 
     Args:
         blocks: the split's row groups.
@@ -97,6 +136,11 @@ class EpochPlan:
         shuffle_rows: minimum rows of a shuffle window.
         drop_last: drop the last partial global batch (else: its own batch, or, with fewer rows than
             ranks, part of the batch before it).
+        rank: the rank whose stream this is.
+        sharding: one of :data:`SHARDING_MODES`. ``own_share``: the stream is the rank's share of the
+            split; ``every_rank_reads_all``: the stream is the whole split (every rank's plan is the same).
+        lanes: ``own_share`` only: contiguous runs of batches the positions interleave (one per
+            DataLoader worker, see :meth:`batch_at`).
     """
 
     def __init__(
@@ -109,47 +153,92 @@ class EpochPlan:
         epoch: int,
         shuffle_rows: int,
         drop_last: bool,
+        *,
+        rank: int = 0,
+        sharding: str = EVERY_RANK_READS_ALL,
+        lanes: int = 1,
     ) -> None:
         if batch_size < 1 or world_size < 1 or batch_size % world_size:
             raise ValueError(
                 f"global batch_size ({batch_size}) must be a positive multiple of world_size ({world_size})"
             )
+        if sharding not in SHARDING_MODES:
+            raise ValueError(f"sharding {sharding!r} is not one of {list(SHARDING_MODES)}")
+        if lanes < 1 or (lanes > 1 and sharding != OWN_SHARE):
+            raise ValueError(f"lanes ({lanes}) must be >= 1, and 1 unless sharding is {OWN_SHARE!r}")
         self.batch_size = batch_size
         self.world_size = world_size
+        self.rank = rank
+        self.sharded = sharding == OWN_SHARE
+        self.lanes = lanes
         self._shuffle = shuffle
         self._seed = seed
         self._epoch = epoch
-        order = np.random.default_rng([seed, epoch]).permutation(len(blocks)) if shuffle else range(len(blocks))
-        self.windows: List[List[RowGroup]] = []
-        rows = 0
-        for i in order:
-            if not self.windows or not shuffle or rows >= shuffle_rows:
-                self.windows.append([])
-                rows = 0
-            self.windows[-1].append(blocks[i])
-            rows += blocks[i].rows
-        sizes = [sum(b.rows for b in w) for w in self.windows]
-        self.window_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self.num_rows = int(self.window_start[-1])
+        self.num_rows = sum(b.rows for b in blocks)
         self.num_full, self.remainder = divmod(self.num_rows, batch_size)
         if self.num_full and 0 < self.remainder < world_size and not drop_last:
             # A last batch of fewer rows than ranks would leave ranks without a row: it joins the batch before it.
             self.num_full, self.remainder = self.num_full - 1, self.remainder + batch_size
         self.num_batches = self.num_full + int(self.remainder > 0 and not drop_last)
+        mine = rank if self.sharded else 0
+        sizes = [self.share_rows(r) for r in range(world_size)] if self.sharded else [self.num_rows]
+        bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        order = np.random.default_rng([seed, epoch]).permutation(len(blocks)) if shuffle else range(len(blocks))
+        # Windows of the whole stream, cut at share boundaries; this rank keeps its own share's, numbered
+        # as in the whole stream (so the row permutations with W = 1 are the same in both modes).
+        self.windows: List[List[Piece]] = []
+        self._window_ids: List[int] = []
+        window, rows, share, position = -1, 0, -1, 0
+        for i in order:
+            block = blocks[i]
+            lo = 0
+            while lo < block.rows:
+                piece_share = int(np.searchsorted(bounds, position, side="right")) - 1
+                hi = min(block.rows, lo + int(bounds[piece_share + 1]) - position)
+                if piece_share != share or not shuffle or rows >= shuffle_rows:
+                    window, rows, share = window + 1, 0, piece_share
+                    if share == mine:
+                        self.windows.append([])
+                        self._window_ids.append(window)
+                if share == mine:
+                    self.windows[-1].append(Piece(block, lo, hi))
+                rows += hi - lo
+                position += hi - lo
+                lo = hi
+        window_sizes = [sum(p.rows for p in w) for w in self.windows]
+        self.window_start = np.concatenate([[0], np.cumsum(window_sizes, dtype=np.int64)])
+
+    def part_of_batch(self, batch: int, rank: int) -> Tuple[int, int]:
+        """Offset and size of ``rank``'s part of global batch ``batch`` (``batch_size / W`` rows, the last
+        partial global batch split by :func:`even_part`)."""
+        size = self.batch_size if batch < self.num_full else self.remainder
+        return even_part(size, self.world_size, rank)
+
+    def share_rows(self, rank: int) -> int:
+        """Rows of ``rank`` over the epoch: its parts of every global batch (the last one included even
+        with ``drop_last``, so the shares cover the split)."""
+        last = self.part_of_batch(self.num_full, rank)[1] if self.remainder else 0
+        return self.num_full * (self.batch_size // self.world_size) + last
+
+    def rank_span(self, batch: int) -> Tuple[int, int]:
+        """Stream positions ``[lo, hi)`` of this rank's part of global batch ``batch``."""
+        offset, size = self.part_of_batch(batch, self.rank)
+        lo = batch * (self.batch_size // self.world_size) if self.sharded else batch * self.batch_size + offset
+        return lo, lo + size
+
+    def batch_at(self, position: int) -> int:
+        """The batch at output ``position`` of the epoch: batch ``position // lanes`` of lane ``position % lanes``
+        (lane ``k`` is the ``k``-th of ``lanes`` contiguous runs of the batches, :func:`even_part`)."""
+        if self.lanes == 1:
+            return position
+        return even_part(self.num_batches, self.lanes, position % self.lanes)[0] + position // self.lanes
 
     def window_order(self, w: int) -> np.ndarray:
-        """Row permutation ``[rows of window w]``: stream position -> row of the concatenated blocks."""
+        """Row permutation ``[rows of window w]``: stream position -> row of the concatenated pieces."""
         n = int(self.window_start[w + 1] - self.window_start[w])
         if not self._shuffle:
             return np.arange(n)
-        return np.random.default_rng([self._seed, self._epoch, w]).permutation(n)
-
-    def rank_span(self, batch: int, rank: int) -> Tuple[int, int]:
-        """Stream positions ``[lo, hi)`` of ``rank``'s slice of global batch ``batch``."""
-        size = self.batch_size if batch < self.num_full else self.remainder
-        base, extra = divmod(size, self.world_size)
-        lo = batch * self.batch_size + rank * base + min(rank, extra)
-        return lo, lo + base + int(rank < extra)
+        return np.random.default_rng([self._seed, self._epoch, self._window_ids[w]]).permutation(n)
 
     def windows_of(self, lo: int, hi: int) -> range:
         """Windows overlapping stream positions ``[lo, hi)`` (the one holding ``lo`` if empty)."""
@@ -296,6 +385,9 @@ class BatchLoader:
         shuffle_rows: minimum rows of a shuffle window (the shuffle buffer).
         pin_memory: return batches in page-locked memory (for a CUDA device: ``batch.to(device,
             non_blocking=True)`` then copies while the device computes).
+        sharding: which rows this rank reads, one of :data:`SHARDING_MODES` (``data.sharding``).
+        validated: the split's files passed :func:`~mdaf_rec.data.validate.validate_once` for these
+            columns: blocks are only cast to the canonical types, not checked again.
     """
 
     def __init__(
@@ -317,6 +409,8 @@ class BatchLoader:
         timezone: Optional[str] = None,
         shuffle_rows: int = DEFAULT_SHUFFLE_ROWS,
         pin_memory: bool = False,
+        sharding: str = OWN_SHARE,
+        validated: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -335,6 +429,8 @@ class BatchLoader:
         self.num_workers = num_workers
         self.shuffle_rows = shuffle_rows
         self.pin_memory = pin_memory
+        self.sharding = sharding
+        self.validated = validated
         self.set_epoch(epoch, start_batch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -342,7 +438,8 @@ class BatchLoader:
         self.epoch = epoch
         self.plan = EpochPlan(
             self.blocks, self.batch_size, self.world_size, self.shuffle, self.seed, epoch,
-            self.shuffle_rows, self.drop_last,
+            self.shuffle_rows, self.drop_last, rank=self.rank, sharding=self.sharding,
+            lanes=max(self.num_workers, 1) if self.sharding == OWN_SHARE else 1,
         )
         if self.plan.num_batches and self.plan.num_rows < self.world_size:
             raise UserError(
@@ -354,8 +451,8 @@ class BatchLoader:
             raise ValueError(f"start_batch {start_batch} is outside [0, {self.plan.num_batches}]")
         self.start_batch = start_batch
         logger.debug(
-            "%s %s epoch %d: %d rows, %d windows, %d batches of %d (rank %d/%d), starting at %d",
-            self.dataset.root, self.split, epoch, self.plan.num_rows, len(self.plan.windows),
+            "%s %s epoch %d (%s): %d rows, %d windows here, %d batches of %d (rank %d/%d), starting at %d",
+            self.dataset.root, self.split, epoch, self.sharding, self.plan.num_rows, len(self.plan.windows),
             self.plan.num_batches, self.batch_size, self.rank, self.world_size, start_batch,
         )
 
@@ -365,17 +462,18 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
-            batches = self.worker_batches(0, 1)
+            batches = _stoppable_batches(self.worker_batches(0, 1))
         else:
-            batches = _raise_user_errors(DataLoader(_WorkerShards(self), batch_size=None, num_workers=self.num_workers))
+            batches = _stoppable_batches(_worker_batches(DataLoader(_WorkerShards(self), batch_size=None,
+                                                                    num_workers=self.num_workers)))
         return map(Batch.pin_memory, batches) if self.pin_memory else batches
 
     def worker_batches(self, worker: int, num_workers: int) -> Iterator[Batch]:
-        """This rank's slices of global batches ``start_batch + worker + j * num_workers``."""
+        """This rank's parts of the batches at positions ``start_batch + worker + j * num_workers``."""
         reader = _WindowReader(self)
         max_history = self.converter.spec.max_history
-        for batch in range(self.start_batch + worker, self.plan.num_batches, num_workers):
-            lo, hi = self.plan.rank_span(batch, self.rank)
+        for position in range(self.start_batch + worker, self.plan.num_batches, num_workers):
+            lo, hi = self.plan.rank_span(self.plan.batch_at(position))
             parts = []
             for w in self.plan.windows_of(lo, hi):
                 columns, order = reader.window(w)
@@ -395,11 +493,11 @@ class _WindowReader:
         self.cache: Dict[int, Tuple[WindowColumns, np.ndarray]] = {}
 
     def window(self, w: int) -> Tuple[WindowColumns, np.ndarray]:
-        """Window ``w``: its rows (blocks concatenated) and its row order (stream -> row)."""
+        """Window ``w``: its rows (pieces concatenated) and its row order (stream -> row)."""
         if w not in self.cache:
-            blocks = self.loader.plan.windows[w]
-            table = pa.concat_tables([self._read(b) for b in blocks])
-            row_index = np.concatenate([np.arange(b.split_row, b.split_row + b.rows) for b in blocks])
+            pieces = self.loader.plan.windows[w]
+            table = pa.concat_tables([self._read(p) for p in pieces])
+            row_index = np.concatenate([np.arange(p.block.split_row + p.lo, p.block.split_row + p.hi) for p in pieces])
             columns = WindowColumns(table, row_index, self.loader.rules.history_columns)
             self.cache[w] = (columns, self.loader.plan.window_order(w))
         return self.cache[w]
@@ -409,13 +507,18 @@ class _WindowReader:
         for w in [w for w in self.cache if self.loader.plan.window_start[w + 1] <= position]:
             del self.cache[w]
 
-    def _read(self, block: RowGroup) -> pa.Table:
+    def _read(self, piece: Piece) -> pa.Table:
+        block = piece.block
         path = self.loader.files[block.file]
         if block.file not in self.files:
             self.files[block.file] = open_parquet(path)
         columns = list(self.loader.rules.columns)
         table = self.files[block.file].read_row_group(block.row_group, columns=columns)
-        return validate(table, self.loader.rules, str(path), block.file_row)
+        if piece.lo or piece.hi < block.rows:
+            table = table.slice(piece.lo, piece.hi - piece.lo)
+        if self.loader.validated:
+            return cast_canonical(table, self.loader.rules)
+        return validate(table, self.loader.rules, str(path), block.file_row + piece.lo)
 
 
 class _WorkerShards(IterableDataset):
@@ -434,8 +537,18 @@ class _WorkerShards(IterableDataset):
             yield e
 
 
-def _raise_user_errors(items: Iterable[Union[Batch, UserError]]) -> Iterator[Batch]:
-    """The batches of the workers; a :class:`UserError` one of them sent is raised here, its message intact."""
+def _stoppable_batches(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches``; a Ctrl-C that was lost on its way is raised before the next one (:mod:`mdaf_rec.interrupts`)."""
+    for batch in batches:
+        raise_if_interrupted()
+        yield batch
+
+
+def _worker_batches(loader: DataLoader) -> Iterator[Batch]:
+    """The batches of the workers; a :class:`UserError` one of them sent is raised here, its message intact.
+    The workers leave Ctrl-C to this process (:func:`~mdaf_rec.interrupts.workers_ignore_sigint`)."""
+    with workers_ignore_sigint():
+        items = iter(loader)  # starts the workers
     for item in items:
         if isinstance(item, UserError):
             raise item

@@ -3,24 +3,34 @@
 :func:`validate` checks one table or record batch, casts integer columns of other widths to the
 canonical types (losslessly; an overflowing value is an error) and raises :class:`DataError` naming
 the file, the column and the row (row number within the file) of the first problem. All checks are
-vectorised ``pyarrow.compute`` kernels, cheap enough to run on every batch the loader reads.
+vectorised ``pyarrow.compute`` kernels. A training job validates each file once
+(:mod:`mdaf_rec.data.validated`); its loaders then only cast (:func:`cast_canonical`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from mdaf_rec.data.schema import CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
+from mdaf_rec.data.dataset import Dataset, open_parquet
+from mdaf_rec.data.schema import (
+    CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, SPLITS, TIMESTAMP, USER_ID,
+)
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import TIME_FIELDS, FeatureSpec
 
 ArrowData = Union[pa.Table, pa.RecordBatch]
 Column = Union[pa.Array, pa.ChunkedArray]
+#: Plausible ``timestamp`` values, unix seconds: [1990-01-01, 2100-01-01). Any time after 1970-02-17 in
+#: milliseconds (or finer) lies above it, so a column in another unit is never taken for seconds; garbage such as
+#: 2**62 (it overflowed the local-time arithmetic of ``hour`` / ``dayofweek`` mid-epoch) is refused too.
+TIMESTAMP_RANGE = (631_152_000, 4_102_444_800)
 # Only uint64 values can overflow int64; compare them as uint64.
 _INT64_MAX = pa.scalar(np.iinfo(np.int64).max, pa.uint64())
 
@@ -97,12 +107,29 @@ def validate(
             out[name] = _check_dense(column, name, where)
         elif name == LABEL:
             out[name] = _check_label(column, where)
+        elif name == TIMESTAMP:
+            out[name] = _check_timestamp(column, where)
         else:
             out[name] = _check_integer(column, name, where, non_negative=name in rules.id_columns)
     histories = [out[c] for c in wanted if c in rules.history_columns]
     _check_equal_lengths(histories, [c for c in wanted if c in rules.history_columns], where)
     names = data.schema.names
     return pa.table({n: out.get(n, data.column(n)) for n in names})
+
+
+def cast_canonical(data: ArrowData, rules: ColumnRules) -> pa.Table:
+    """``data`` with the columns of ``rules`` cast to the canonical types (as :func:`validate` returns them),
+    unchecked: for data that passed :func:`validate` before (see :mod:`mdaf_rec.data.validated`)."""
+    def canonical(name: str) -> pa.DataType:
+        if name in rules.history_columns:
+            return pa.list_(pa.int64())
+        if name in rules.dense_columns:
+            return pa.float32()
+        return pa.int8() if name == LABEL else pa.int64()
+
+    columns = set(rules.columns)
+    return pa.table({n: data.column(n).cast(canonical(n)) if n in columns else data.column(n)
+                     for n in data.schema.names})
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,30 @@ def _check_integer(arr: Column, column: str, where: _Where, non_negative: bool) 
     return arr
 
 
+def _check_timestamp(arr: Column, where: _Where) -> Column:
+    """Unix seconds within :data:`TIMESTAMP_RANGE`; a value outside is refused, naming the unit it looks like."""
+    arr = _check_integer(arr, TIMESTAMP, where, non_negative=False)
+    if not len(arr):
+        return arr
+    low, high = TIMESTAMP_RANGE
+    bounds = pc.min_max(arr)
+    if bounds["min"].as_py() < low or bounds["max"].as_py() >= high:
+        outside = pc.or_(pc.less(arr, low), pc.greater_equal(arr, high))
+        value = int(pc.filter(arr, outside)[0].as_py())
+        raise where.error(TIMESTAMP, outside, f"{value} is not unix seconds of 1990..2099{_unit_hint(value)}")
+    return arr
+
+
+def _unit_hint(value: int) -> str:
+    """``"; it looks like milliseconds (2017-11-25 ...): divide by 1000"`` when a unit fits, else ``""``."""
+    low, high = TIMESTAMP_RANGE
+    for unit, factor in (("milliseconds", 10**3), ("microseconds", 10**6), ("nanoseconds", 10**9)):
+        if low <= value // factor < high:
+            when = datetime.fromtimestamp(value // factor, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            return f"; it looks like {unit} ({when}): divide the column by {factor}"
+    return ""
+
+
 def _check_label(arr: Column, where: _Where) -> Column:
     if not (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
         raise where.type_error(LABEL, arr, "an integer type holding 0/1")
@@ -203,3 +254,35 @@ def _check_equal_lengths(histories: Sequence[Column], names: Sequence[str], wher
         differs = pc.not_equal(pc.list_value_length(arr), first)
         if pc.any(differs).as_py():
             raise where.error(name, differs, f"history length differs from {names[0]!r}")
+
+
+def check_timestamp_ranges(dataset: Dataset) -> None:
+    """Refuses a dataset whose ``timestamp`` leaves :data:`TIMESTAMP_RANGE` in any split, before anything is built
+    on it: from the Parquet footers' statistics; only a row group without them, or outside the range, is read
+    (and :func:`validate` names the file, the row and the unit the value looks like)."""
+    dataset.require_columns([TIMESTAMP])
+    rules = ColumnRules.build()
+    for split in SPLITS:
+        for path in dataset.split_files(split):
+            file = open_parquet(path)
+            row = 0
+            for g in range(file.metadata.num_row_groups):
+                group = file.metadata.row_group(g)
+                if not _in_range(group):
+                    validate(file.read_row_group(g, columns=[TIMESTAMP]), rules, str(path), row, [TIMESTAMP])
+                row += group.num_rows
+
+
+def _in_range(group: pq.RowGroupMetaData) -> bool:
+    """Whether a row group's ``timestamp`` statistics show integers within :data:`TIMESTAMP_RANGE`."""
+    for c in range(group.num_columns):
+        chunk = group.column(c)
+        if chunk.path_in_schema == TIMESTAMP:
+            stats = chunk.statistics
+            if stats is None or not stats.has_min_max or stats.null_count:
+                return False
+            low, high = stats.min, stats.max
+            if not (isinstance(low, int) and isinstance(high, int)):
+                return False
+            return TIMESTAMP_RANGE[0] <= low and high < TIMESTAMP_RANGE[1]
+    return False

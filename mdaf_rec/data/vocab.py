@@ -1,6 +1,7 @@
 """Vocabularies: raw ids -> embedding-table indices, one vocabulary per id space.
 
-Built from the TRAINING split only. An id space with a history counts its target column and its
+Built from the TRAINING split only, counted out of core (a DuckDB ``GROUP BY`` over the Parquet files,
+:func:`count_ids`). An id space with a history counts its target column and its
 history column together (one vocabulary, one table); every extra sparse field is its own space.
 Time fields (``hour``, ``dayofweek``) need none. Index 0 is padding, 1 is out-of-vocabulary (OOV);
 known ids (seen at least ``min_count`` times) get ``2, 3, ...`` in ascending raw-id order. A space
@@ -9,7 +10,8 @@ processes and runs), table size ``K + 2``.
 
 On disk (``DATASET/vocab/`` by default, see :meth:`Vocabularies.load_or_build`): one
 ``<space>.npy`` per enumerated space (sorted int64 raw ids) and ``vocab.json`` with the settings
-(min_count, columns, hashing), the table sizes, the training files they were built from, and a
+(min_count, columns, hashing), the table sizes, the training files they were built from (name, size,
+mtime and the sha256 of the Parquet footer: the cache key, so a rewritten file is noticed), and a
 ``fingerprint`` of settings and contents that checkpoints record to detect a mismatch.
 """
 
@@ -19,19 +21,21 @@ import functools
 import hashlib
 import json
 import logging
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
 from mdaf_rec.config import FeaturesConfig
-from mdaf_rec.data.dataset import Dataset, DatasetError, open_parquet
+from mdaf_rec.data.dataset import READ_BATCH_ROWS, Dataset, DatasetError, atomic_write, footer_sha256, open_parquet
 from mdaf_rec.data.schema import SPLITS
 from mdaf_rec.data.validate import ColumnRules, validate
+from mdaf_rec.data.validated import validate_once
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, TIME_FIELDS
 
@@ -43,7 +47,6 @@ FORMAT_VERSION = 1
 # Spaces whose largest raw id is below this use a direct-index table (int32, at most 64 MiB)
 # instead of a binary search: ~10x faster lookups (see docs/benchmarks.md).
 DIRECT_LOOKUP_MAX_ID = 1 << 24
-READ_BATCH_ROWS = 65536
 
 
 class VocabMismatchError(UserError, ValueError):
@@ -86,6 +89,27 @@ def space_settings(cfg: FeaturesConfig) -> Tuple[SpaceSettings, ...]:
         if s.column not in TIME_FIELDS
     ]
     return tuple(spaces + [SpaceSettings(name, name, None, None) for name in cfg.extra_sparse])
+
+
+def column_rules(cfg: FeaturesConfig) -> ColumnRules:
+    """The columns the features of ``cfg`` read, and their checks (the loader's
+    :meth:`~mdaf_rec.data.validate.ColumnRules.from_spec` for the spec built on ``cfg``)."""
+    spaces = space_settings(cfg)
+    return ColumnRules.build(
+        extra_ids=[s.column for s in spaces],
+        extra_histories=[s.history_column for s in spaces if s.history_column],
+        dense=cfg.dense,
+    )
+
+
+def derived_folders(dataset: Dataset, cache_dir: Optional[Union[str, Path]] = None) -> List[Path]:
+    """Where data derived from ``dataset`` (vocabularies, the validation record) is kept, first choice first:
+    ``DATASET/vocab/``, then ``cache_dir/<dataset key>/`` (the key hashes the dataset's absolute path)."""
+    folders = [dataset.root / VOCAB_DIR]
+    if cache_dir is not None:
+        key = hashlib.sha1(str(dataset.root.resolve()).encode()).hexdigest()[:16]
+        folders.append(Path(cache_dir) / f"{dataset.root.name}-{key}")
+    return folders
 
 
 def stable_hash(ids: np.ndarray) -> np.ndarray:
@@ -149,7 +173,7 @@ class Vocabularies:
     Args:
         spaces: space name -> vocabulary, config order.
         min_count: the minimum training count of a known id.
-        train_files: ``[file name, bytes]`` of the training files they were built from.
+        train_files: ``[file name, bytes, mtime_ns, footer sha256]`` of the training files they were built from.
     """
 
     def __init__(self, spaces: Dict[str, Vocabulary], min_count: int, train_files: List[List[Any]]) -> None:
@@ -207,16 +231,15 @@ class Vocabularies:
 
     @staticmethod
     def build(dataset: Dataset, cfg: FeaturesConfig) -> "Vocabularies":
-        """Counts the training split's ids (target and history columns of each space together)."""
+        """Counts the training split's ids (target and history columns of each space together), out of core:
+        one ``GROUP BY`` per space on DuckDB over the Parquet files (:func:`count_ids`).
+
+        The files must have passed validation (:meth:`load_or_build` validates them first, once).
+        """
         settings = space_settings(cfg)
-        counted = [s for s in settings if s.hash_buckets is None]
-        counters = {s.name: _Counter() for s in counted}
-        for table in _read(dataset, "train", counted):
-            for s in counted:
-                for column in s.columns:
-                    counters[s.name].add(_flat_values(table.column(column)))
+        files = dataset.split_files("train")
         spaces = {
-            s.name: Vocabulary(s, counters[s.name].ids_at_least(cfg.min_count) if s.name in counters else None)
+            s.name: Vocabulary(s, None if s.hash_buckets is not None else count_ids(files, s.columns, cfg.min_count))
             for s in settings
         }
         vocabs = Vocabularies(spaces, cfg.min_count, _file_list(dataset))
@@ -229,31 +252,24 @@ class Vocabularies:
     ) -> "Vocabularies":
         """Reuses saved vocabularies with the same settings, else builds and saves them.
 
-        Looks in ``DATASET/vocab/``, then in ``cache_dir/<dataset key>/`` (``cache_dir`` given by the
+        A build validates the training files first (:func:`~mdaf_rec.data.validated.validate_once`: a
+        file validated before is not read again). Looks in ``DATASET/vocab/``, then in ``cache_dir/<dataset key>/`` (``cache_dir`` given by the
         caller for read-only dataset folders; the key hashes the dataset's absolute path). Saved
-        vocabularies whose settings (min_count, columns, hashing, training files) differ are rebuilt
-        and overwritten. A new build is saved to ``DATASET/vocab/`` if writable, else to the cache
-        folder; with neither, it is kept in memory only (a warning says so).
+        vocabularies whose settings (min_count, columns, hashing) or training files (name, size, mtime,
+        Parquet footer hash) differ are rebuilt and overwritten, with one line saying why. A new build
+        is saved to ``DATASET/vocab/`` if writable, else to the cache folder; with neither, it is kept
+        in memory only (a warning says so).
 
         First, from the Parquet footers: a split file lacking a column the features read (ids,
         histories, ``dense``), or an empty training split, is a :class:`DatasetError` naming the file,
         so a mismatch of config and data fails before a model is built on them.
         """
-        spaces = space_settings(cfg)
-        rules = ColumnRules.build(
-            extra_ids=[s.column for s in spaces],
-            extra_histories=[s.history_column for s in spaces if s.history_column],
-            dense=cfg.dense,
-        )
-        dataset.require_columns(rules.columns)
+        dataset.require_columns(column_rules(cfg).columns)
         if dataset.num_rows("train") == 0:
             files = ", ".join(str(f) for f in dataset.split_files("train"))
             raise DatasetError(f"dataset {dataset.root}: the train split ({files}) has no rows")
         wanted = Vocabularies._wanted_settings(dataset, cfg)
-        folders = [dataset.root / VOCAB_DIR]
-        if cache_dir is not None:
-            key = hashlib.sha1(str(dataset.root.resolve()).encode()).hexdigest()[:16]
-            folders.append(Path(cache_dir) / f"{dataset.root.name}-{key}")
+        folders = derived_folders(dataset, cache_dir)
         for folder in folders:
             try:
                 stored = _read_json(folder / VOCAB_FILE)
@@ -265,7 +281,9 @@ class Vocabularies:
                 logger.warning("saved vocabularies unusable (%s): rebuilding", e)
                 stored = None
             if stored is not None:
-                logger.info("vocabularies in %s were built with other settings: rebuilding", folder)
+                reason = _stale_reason(stored.get("settings") or {}, wanted)
+                logger.info("vocabularies in %s %s: rebuilding", folder, reason)
+        validate_once(dataset, column_rules(cfg), folders, splits=("train",))
         vocabs = Vocabularies.build(dataset, cfg)
         for folder in folders:
             try:
@@ -300,14 +318,14 @@ class Vocabularies:
         folder.mkdir(parents=True, exist_ok=True)
         for name, v in self.spaces.items():
             if v.ids is not None:
-                _atomic_write(folder / f"{name}.npy", lambda fh, ids=v.ids: np.save(fh, ids))
+                atomic_write(folder / f"{name}.npy", lambda fh, ids=v.ids: np.save(fh, ids))
         doc = {
             "settings": self.settings_json(),
             "sizes": self.sizes,
             "fingerprint": self.fingerprint,
             "files": {name: f"{name}.npy" for name, v in self.spaces.items() if v.ids is not None},
         }
-        _atomic_write(folder / VOCAB_FILE, lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
+        atomic_write(folder / VOCAB_FILE, lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
         logger.info("saved vocabularies to %s (fingerprint %s)", folder, doc["fingerprint"][:12])
 
     @staticmethod
@@ -364,30 +382,36 @@ class Vocabularies:
         return rates
 
 
-class _Counter:
-    """Occurrence counts of non-negative int64 ids, streamed batch by batch."""
+def count_ids(files: Sequence[Path], columns: Sequence[str], min_count: int) -> np.ndarray:
+    """Sorted int64 ids that occur at least ``min_count`` times in ``columns`` of ``files`` together (scalar
+    columns count each row, ``list`` columns each entry): ``GROUP BY id HAVING count(*) >= min_count`` on
+    DuckDB, which streams the Parquet files and spills to a temporary folder beyond its memory limit."""
+    sources = "[" + ", ".join(_sql_string(str(f)) for f in files) + "]"
+    scan = f"read_parquet({sources}, union_by_name = true)"
+    parts = []
+    for column in columns:
+        ident = '"' + column.replace('"', '""') + '"'
+        parts.append(f"SELECT CAST(unnest({ident}) AS BIGINT) AS id FROM {scan}" if _is_list_column(files[0], column)
+                     else f"SELECT CAST({ident} AS BIGINT) AS id FROM {scan}")
+    query = f"SELECT id FROM ({' UNION ALL '.join(parts)}) GROUP BY id HAVING count(*) >= {int(min_count)} ORDER BY id"
+    with tempfile.TemporaryDirectory(prefix="mdaf-vocab-") as spill, duckdb.connect() as con:
+        con.execute(f"SET temp_directory = {_sql_string(spill)}")
+        try:
+            ids = con.execute(query).fetch_arrow_table().column("id")
+        except duckdb.Error as e:
+            reason = " ".join(str(e).split())
+            names = ", ".join(map(str, files))
+            raise DatasetError(f"{names}: counting the ids of {list(columns)} failed ({reason})") from None
+    return ids.to_numpy().astype(np.int64, copy=False) if len(ids) else np.zeros(0, np.int64)
 
-    def __init__(self) -> None:
-        self._dense = np.zeros(0, dtype=np.int64)  # counts of ids < DIRECT_LOOKUP_MAX_ID
-        self._sparse: List[Tuple[np.ndarray, np.ndarray]] = []  # (unique ids, counts) of larger ids
 
-    def add(self, values: np.ndarray) -> None:
-        small = values[values < DIRECT_LOOKUP_MAX_ID]
-        if len(small):
-            counts = np.bincount(small, minlength=len(self._dense))
-            counts[: len(self._dense)] += self._dense
-            self._dense = counts
-        if len(small) < len(values):
-            self._sparse.append(np.unique(values[values >= DIRECT_LOOKUP_MAX_ID], return_counts=True))
+def _is_list_column(path: Path, column: str) -> bool:
+    field = open_parquet(path).schema_arrow.field(column)
+    return pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
 
-    def ids_at_least(self, min_count: int) -> np.ndarray:
-        """Sorted ids counted at least ``min_count`` times."""
-        small = np.flatnonzero(self._dense >= min_count).astype(np.int64)
-        if not self._sparse:
-            return small
-        ids, inverse = np.unique(np.concatenate([u for u, _ in self._sparse]), return_inverse=True)
-        counts = np.bincount(inverse, weights=np.concatenate([c for _, c in self._sparse]))
-        return np.concatenate([small, ids[counts >= min_count]])
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _flat_values(column: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
@@ -412,7 +436,28 @@ def _read(dataset: Dataset, split: str, spaces: Sequence[SpaceSettings]) -> Iter
 
 
 def _file_list(dataset: Dataset) -> List[List[Any]]:
-    return [[str(p.relative_to(dataset.root)), p.stat().st_size] for p in dataset.split_files("train")]
+    """``[name, bytes, mtime_ns, footer sha256]`` of each training file: the key of the saved vocabularies (a
+    rewritten file changes its footer or its mtime even when its size stays; see docs/data.md)."""
+    files = []
+    for p in dataset.split_files("train"):
+        stat = p.stat()
+        files.append([str(p.relative_to(dataset.root)), stat.st_size, stat.st_mtime_ns, footer_sha256(p)])
+    return files
+
+
+def _stale_reason(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+    """Why saved vocabulary settings ``stored`` are not the ``wanted`` ones, in a few words."""
+    def without_files(settings: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in settings.items() if k != "train_files"}
+
+    if without_files(stored) != without_files(wanted):
+        return "were built with other settings (min_count, columns or hashing)"
+    old = {f[0]: f[1:] for f in stored.get("train_files", [])}
+    new = {f[0]: f[1:] for f in wanted["train_files"]}
+    changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+    names = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+    return (f"were built from other training files ({names} added, removed or rewritten since: size, mtime or "
+            "Parquet footer differ)")
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -426,10 +471,3 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     if not isinstance(doc, dict):
         raise VocabFileError(f"{path}: unreadable saved vocabulary (not a JSON object)")
     return doc
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)

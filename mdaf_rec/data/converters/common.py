@@ -1,10 +1,10 @@
-"""Pieces shared by the raw-data converters: CSV reading with a bad-row policy, history building,
-time splits and writing a dataset folder.
+"""Pieces shared by the raw-data converters: the command line, CSV reading with a bad-row policy and
+the per-row parsing helpers.
 
 Every converter reads its raw files block-wise into numpy columns (:func:`read_csv` and
-:class:`Block`), builds leakage-free histories (:func:`build_histories`), assigns splits
-(:func:`split_by_local_date` or :func:`split_by_time_quantiles`) and writes the canonical Parquet
-splits plus ``meta.json`` (:func:`write_dataset`). The layout is documented in ``docs/data.md``.
+:class:`Block`, one block of about 64 MB at a time) and stages them for the out-of-core engine
+(:mod:`.engine`), which joins, splits, builds the histories and negatives in SQL and writes the
+canonical Parquet splits plus ``meta.json``. The layout is documented in ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -12,30 +12,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
-from mdaf_rec.data.schema import (
-    CATEGORY_HISTORY,
-    ITEM_HISTORY,
-    LABEL,
-    META_FILE,
-    REQUIRED_COLUMNS,
-    SPLITS,
-    TIMESTAMP,
-    USER_ID,
-)
 from mdaf_rec.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +31,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_HISTORY = 50
 # Reserved id written where a raw id is missing (blank, ``NULL``, an ad without features...).
 MISSING_ID = 0
-ROWS_PER_GROUP = 1 << 18
 CSV_BLOCK_BYTES = 64 << 20
 _SECONDS_PER_DAY = 86_400
 # Ids are at most 18 digits so that every accepted value fits int64.
@@ -443,18 +430,8 @@ def _physical_lines(kept_index: np.ndarray, first_line: int, skipped: Sequence[i
     return kept_index + first_line + np.searchsorted(kept_before_skip, kept_index, side="right")
 
 
-def concat(parts: Sequence[Sequence[np.ndarray]]) -> List[np.ndarray]:
-    """Concatenates per-block column lists (``parts[block][column]``) into whole columns."""
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-def concat_columns(parts: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Concatenates per-block named columns (``parts[block][name]``) into whole columns."""
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
 # --------------------------------------------------------------------------------------------------
-# Ids and joins
+# Ids
 # --------------------------------------------------------------------------------------------------
 
 
@@ -472,31 +449,8 @@ def stable_hash64(strings: pa.Array) -> np.ndarray:
     return hashes[encoded.indices.to_numpy()] if len(uniques) else np.zeros(len(strings), np.int64)
 
 
-def lookup(
-    keys: np.ndarray, values: np.ndarray, query: np.ndarray, default: Any
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Joins ``query`` against sorted distinct ``keys``.
-
-    Returns:
-        ``(values for query, found mask)``; not-found entries get ``default``.
-    """
-    pos = np.searchsorted(keys, query)
-    pos_clipped = np.minimum(pos, max(len(keys) - 1, 0))
-    found = (pos < len(keys)) & (keys[pos_clipped] == query) if len(keys) else np.zeros(len(query), bool)
-    out = np.full(len(query), default, dtype=values.dtype)
-    out[found] = values[pos_clipped[found]]
-    return out, found
-
-
-def sort_by_user_time(columns: Dict[str, np.ndarray]) -> None:
-    """Sorts all ``columns`` in place by (``user_id``, ``timestamp``), stably."""
-    order = np.lexsort((columns[TIMESTAMP], columns[USER_ID]))
-    for name in columns:
-        columns[name] = columns[name][order]
-
-
 # --------------------------------------------------------------------------------------------------
-# Histories
+# Ranges
 # --------------------------------------------------------------------------------------------------
 
 
@@ -511,51 +465,6 @@ def take_ranges(starts: np.ndarray, ends: np.ndarray) -> Tuple[np.ndarray, np.nd
     np.cumsum(lengths, out=offsets[1:])
     index = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1] - starts, lengths)
     return offsets, index
-
-
-def build_histories(
-    event_user: np.ndarray,
-    event_time: np.ndarray,
-    event_values: Sequence[np.ndarray],
-    query_user: np.ndarray,
-    query_time: np.ndarray,
-    max_len: int,
-) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """For each query (user, time): the user's last ``max_len`` events STRICTLY before ``time``.
-
-    Vectorised: events and queries are sorted together by (user, time, query-before-event), so a
-    cumulative event counter at a query's position is the number of events (of all users) before
-    it; the user's first event comes from a searchsorted. Events at the same second as the query
-    are excluded; events at the same second as each other keep their input order.
-
-    Args:
-        event_user, event_time: ``[m]`` the events (e.g. clicks), in any order.
-        event_values: ``[m]`` arrays gathered into the histories (e.g. item and category ids).
-        query_user, query_time: ``[n]`` the impressions, in any order.
-        max_len: keep the most recent ``max_len`` events.
-
-    Returns:
-        ``(offsets [n + 1], values)``: the history of query ``i`` is
-        ``values[k][offsets[i]:offsets[i + 1]]``, oldest first, most recent last.
-    """
-    n_events = len(event_user)
-    event_order = np.lexsort((event_time, event_user))
-    sorted_user = event_user[event_order]
-    users = np.concatenate([sorted_user, query_user])
-    times = np.concatenate([event_time[event_order], query_time])
-    is_event = np.concatenate([np.ones(n_events, np.int8), np.zeros(len(query_user), np.int8)])
-    order = np.lexsort((is_event, times, users))
-    del users, times
-    is_event = is_event[order]
-    events_before = np.cumsum(is_event, dtype=np.int64) - is_event
-    query_pos = order >= n_events
-    ends = np.empty(len(query_user), dtype=np.int64)
-    ends[order[query_pos] - n_events] = events_before[query_pos]
-    del order, events_before, query_pos
-    starts = np.maximum(np.searchsorted(sorted_user, query_user, side="left"), ends - max_len)
-    offsets, index = take_ranges(starts, ends)
-    source = event_order[index]
-    return offsets, [v[source] for v in event_values]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,36 +489,9 @@ def local_days(seconds: np.ndarray, timezone: str) -> np.ndarray:
     return (seconds + offsets[inverse.reshape(-1)]) // _SECONDS_PER_DAY
 
 
-def _iso(day: int) -> str:
+def iso_day(day: int) -> str:
+    """ISO date of a day number (days since 1970-01-01)."""
     return dt.date.fromordinal(int(day) + _EPOCH_ORDINAL).isoformat()
-
-
-def split_by_local_date(
-    seconds: np.ndarray, timezone: str, val_days: int, test_days: int
-) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Test = the last ``test_days`` local calendar days of the data, val = the ``val_days``
-    before them, train = everything earlier.
-
-    Returns:
-        ``(split code per row (0 train, 1 val, 2 test), description for meta.json)``.
-    """
-    days = local_days(seconds, timezone)
-    last = int(days.max())
-    test_first = last - test_days + 1
-    val_first = test_first - val_days
-    codes = np.where(days >= test_first, 2, np.where(days >= val_first, 1, 0)).astype(np.int8)
-    if not (codes == 0).any():
-        raise ConversionError(
-            f"no training rows: the data spans local dates {_iso(days.min())}..{_iso(last)}, "
-            f"fewer than --val-days {val_days} + --test-days {test_days} + 1 days"
-        )
-    rule = {
-        "rule": "local calendar date",
-        "train": f"..{_iso(val_first - 1)}",
-        "val": f"{_iso(val_first)}..{_iso(test_first - 1)}" if val_days else "empty",
-        "test": f"{_iso(test_first)}..{_iso(last)}",
-    }
-    return codes, rule
 
 
 def parse_fractions(text: str) -> Tuple[float, float, float]:
@@ -623,115 +505,9 @@ def parse_fractions(text: str) -> Tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-def split_by_time_quantiles(
-    seconds: np.ndarray, fractions: Sequence[float]
-) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Global time split: the cut times are the ``fractions`` quantiles of all timestamps.
-
-    Rows at a cut time go to the later split, so one second never spans two splits.
-    """
-    ordered = np.sort(seconds)
-    n = len(ordered)
-    cuts = [int(ordered[min(int(round(n * q)), n - 1)]) for q in np.cumsum(fractions)[:2]]
-    codes = np.searchsorted(np.array(cuts), seconds, side="right").astype(np.int8)
-    rule = {"rule": "global time quantiles", "fractions": list(fractions), "val_from": cuts[0], "test_from": cuts[1]}
-    return codes, rule
-
-
 # --------------------------------------------------------------------------------------------------
-# Writing
+# meta.json
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Impressions:
-    """Converted rows in memory.
-
-    Attributes:
-        columns: canonical scalar columns (``user_id``, ``item_id``, ``category_id``, ``timestamp``,
-            ``label``) and extra columns, each ``[n]``; extra sparse ids int64, dense float.
-        history_offsets: ``[n + 1]`` offsets into the history values.
-        item_history, category_history: the history values (equal lengths per row).
-        split: ``[n]`` split code (index into :data:`SPLITS`).
-    """
-
-    columns: Dict[str, np.ndarray]
-    history_offsets: np.ndarray
-    item_history: np.ndarray
-    category_history: np.ndarray
-    split: np.ndarray
-
-
-def arrow_schema(extra_sparse: Sequence[str], dense: Sequence[str]) -> pa.Schema:
-    """The canonical schema followed by the extra int64 and float32 columns."""
-    fields = [pa.field(name, type_) for name, type_ in REQUIRED_COLUMNS.items()]
-    fields += [pa.field(name, pa.int64()) for name in extra_sparse]
-    fields += [pa.field(name, pa.float32()) for name in dense]
-    return pa.schema(fields)
-
-
-def _table(data: Impressions, rows: np.ndarray, schema: pa.Schema) -> pa.Table:
-    offsets, index = take_ranges(data.history_offsets[rows], data.history_offsets[rows + 1])
-    offsets32 = pa.array(offsets.astype(np.int32))
-    arrays = []
-    for f in schema:
-        if f.name == ITEM_HISTORY:
-            arrays.append(pa.ListArray.from_arrays(offsets32, pa.array(data.item_history[index], pa.int64())))
-        elif f.name == CATEGORY_HISTORY:
-            arrays.append(pa.ListArray.from_arrays(offsets32, pa.array(data.category_history[index], pa.int64())))
-        else:
-            arrays.append(pa.array(data.columns[f.name][rows]).cast(f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def write_dataset(
-    out: Path,
-    data: Impressions,
-    *,
-    extra_sparse: Sequence[str],
-    dense: Sequence[str],
-    meta: Mapping[str, Any],
-    bad: BadRows,
-) -> Dict[str, Any]:
-    """Writes ``train/val/test.parquet`` and ``meta.json`` into ``out`` (created; files replaced).
-
-    Args:
-        meta: converter-specific fields (``format``, ``protocol``, ``timezone``, ``source``,
-            ``split``, ...); row counts, CTRs, column lists and dropped-row counts are added here.
-
-    Returns:
-        The meta written.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    schema = arrow_schema(extra_sparse, dense)
-    labels = data.columns[LABEL]
-    splits: Dict[str, Any] = {}
-    for code, split in enumerate(SPLITS):
-        rows = np.flatnonzero(data.split == code)
-        with pq.ParquetWriter(out / f"{split}.parquet", schema, compression="zstd") as writer:
-            for start in range(0, len(rows), ROWS_PER_GROUP):
-                writer.write_table(_table(data, rows[start:start + ROWS_PER_GROUP], schema))
-            if not len(rows):
-                writer.write_table(schema.empty_table())
-        times = data.columns[TIMESTAMP][rows]
-        splits[split] = {
-            "rows": int(len(rows)),
-            "ctr": float(labels[rows].mean()) if len(rows) else None,
-            "first_timestamp": int(times.min()) if len(rows) else None,
-            "last_timestamp": int(times.max()) if len(rows) else None,
-        }
-        logger.info("wrote %s: %d rows, CTR %s", out / f"{split}.parquet", len(rows), splits[split]["ctr"])
-    full = dict(meta)
-    full.update(
-        rows=int(len(labels)),
-        splits=splits,
-        extra_sparse=list(extra_sparse),
-        dense=list(dense),
-        dropped=dict(sorted(bad.counts.items())),
-        dropped_total=int(sum(bad.counts.values())),
-    )
-    (out / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
-    return full
 
 
 def cli_options(args: argparse.Namespace) -> Dict[str, Any]:

@@ -5,8 +5,11 @@ Two inputs, detected from ``--raw``:
 * the raw Alimama folder: ``raw_sample.csv`` (impressions), ``ad_feature.csv``, ``user_profile.csv``.
   item = adgroup_id, category = its cate_id, label = clk; history = the ads (and categories) the user
   clicked strictly before the impression, most recent last; split by local date (Asia/Shanghai):
-  last day test, the day before val, the rest train. ``raw_sample.csv`` (26M rows) is streamed in
-  blocks into int64 numpy columns; peak memory is about 6 GB (see ``docs/data.md``).
+  last day test, the day before val, the rest train. With ``--behavior-log behavior_log.csv``
+  (``user,time_stamp,btag,cate,brand``, 723M rows in the real data) every row also gets, per
+  behaviour type ``pv`` / ``cart`` / ``fav`` / ``buy``, the categories and brands of the user's last
+  ``--max-history`` such behaviours strictly before the impression (:data:`BEHAVIOR_HISTORIES`).
+  Joins and histories run out of core (:mod:`.engine`).
 * FuxiCTR's preprocessed TaobaoAd CSVs (``train*.csv``, ``valid*.csv``, ``test*.csv`` with a
   ``click_sequence`` column): the files are the splits, ``time_stamp`` is a local date-time, and the
   history is the last ``--max-history`` entries of ``click_sequence`` (times unknown there).
@@ -21,9 +24,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from mdaf_rec.data.converters.common import (
@@ -32,23 +36,26 @@ from mdaf_rec.data.converters.common import (
     BadRows,
     Block,
     ConversionError,
-    Impressions,
     add_common_arguments,
     add_local_date_split_arguments,
-    build_histories,
     cli_options,
-    concat_columns,
-    lookup,
+    local_days,
     read_csv,
     read_header,
-    sort_by_user_time,
+    require_file,
     source_files,
-    split_by_local_date,
     stable_hash64,
     take_ranges,
+)
+from mdaf_rec.data.converters.engine import (
+    SEQ,
+    Engine,
+    add_engine_arguments,
+    add_histories,
+    local_date_split,
     write_dataset,
 )
-from mdaf_rec.data.schema import CATEGORY_ID, ITEM_ID, LABEL, SPLITS, TIMESTAMP, USER_ID
+from mdaf_rec.data.schema import CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, SPLITS, TIMESTAMP, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,11 @@ DENSE = ("price",)
 SEQUENCE_COLUMN = "click_sequence"
 SEQUENCE_SEPARATOR = "^"
 FUXICTR_SPLIT_PREFIXES = ("train", "valid", "test")
+BTAGS = ("pv", "cart", "fav", "buy")
+# --behavior-log: extra list column -> (btag, behavior_log.csv column it gathers)
+BEHAVIOR_HISTORIES: Dict[str, Tuple[str, str]] = {
+    f"{btag}_{column}_history": (btag, column) for btag in BTAGS for column in ("cate", "brand")
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "FuxiCTR's train/valid/test CSVs", timezone="Asia/Shanghai",
     )
     add_local_date_split_arguments(parser)
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--behavior-log", type=Path, default=None, metavar="FILE",
+        help="Alimama behavior_log.csv: add per-behaviour (pv/cart/fav/buy) category and brand histories "
+        "strictly before each impression (raw Alimama folder only)",
+    )
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Converts ``args.raw`` into ``args.out``; returns the meta written."""
     if (args.raw / "raw_sample.csv").is_file():
         return _run_alimama(args)
+    if args.behavior_log is not None:
+        raise ConversionError(f"--behavior-log: only with the raw Alimama folder (no raw_sample.csv in {args.raw})")
     return _run_fuxictr(args, _fuxictr_files(args.raw))
 
 
@@ -104,7 +124,7 @@ def _profile_columns(block: Block) -> Dict[str, np.ndarray]:
 
 
 def _meta(args: argparse.Namespace, protocol: str, sources: List[Path], rule: Dict[str, Any],
-          filled: Dict[str, int]) -> Dict[str, Any]:
+          filled: Mapping[str, int]) -> Dict[str, Any]:
     return {
         "format": "taobao-ad",
         "protocol": protocol,
@@ -126,41 +146,64 @@ def _meta(args: argparse.Namespace, protocol: str, sources: List[Path], rule: Di
 def _run_alimama(args: argparse.Namespace) -> Dict[str, Any]:
     bad = BadRows(args.on_bad_row)
     paths = [args.raw / name for name in ("raw_sample.csv", "ad_feature.csv", "user_profile.csv")]
-    columns = _read_impressions(paths[0], bad, args)
-    sort_by_user_time(columns)
-    n = len(columns[LABEL])
-    ad_table = _read_table(paths[1], "adgroup_id", ("cate_id", *AD_IDS, "price"), _ad_columns, bad)
-    ads, ad_found = _join(columns[ITEM_ID], ad_table)
-    profile_table = _read_table(paths[2], "userid", PROFILE_CODES, _profile_columns, bad)
-    users, user_found = _join(columns[USER_ID], profile_table)
-    columns[CATEGORY_ID] = ads.pop("cate_id")
-    columns.update(ads)
-    columns.update(users)
-    click = columns[LABEL] == 1
-    logger.info("%d impressions, %d clicks; building histories", n, int(click.sum()))
-    offsets, (items, categories) = build_histories(
-        columns[USER_ID][click], columns[TIMESTAMP][click],
-        [columns[ITEM_ID][click], columns[CATEGORY_ID][click]],
-        columns[USER_ID], columns[TIMESTAMP], args.max_history,
-    )
-    split, rule = split_by_local_date(columns[TIMESTAMP], args.tz, args.val_days, args.test_days)
-    protocol = (
-        "one row per impression of raw_sample.csv; label = clk; history = the user's last "
-        f"{args.max_history} clicked ads strictly before the impression, most recent last"
-    )
-    filled = {
-        "impressions whose ad is missing from ad_feature.csv (ad columns 0)": int(n - ad_found.sum()),
-        "impressions whose user is missing from user_profile.csv (profile columns 0)": int(n - user_found.sum()),
-    }
-    return write_dataset(
-        args.out, Impressions(columns, offsets, items, categories, split), extra_sparse=EXTRA_SPARSE,
-        dense=DENSE, meta=_meta(args, protocol, paths, rule, filled), bad=bad,
-    )
+    log = require_file(args.behavior_log) if args.behavior_log is not None else None
+    with Engine(args) as engine:
+        if not engine.stage("impressions", _read_impressions(paths[0], bad, args)):
+            raise ConversionError(f"{paths[0]}: no impressions")
+        ad_columns = ("cate_id", *AD_IDS, "price")
+        _stage_table(engine, "ads", paths[1], "adgroup_id", ad_columns, _ad_columns, bad)
+        _stage_table(engine, "profiles", paths[2], "userid", PROFILE_CODES, _profile_columns, bad)
+        ads = ", ".join(f"coalesce(a.{c}, {0.0 if c == 'price' else MISSING_ID}) AS "
+                        f"{CATEGORY_ID if c == 'cate_id' else c}" for c in ad_columns)
+        profiles = ", ".join(f"coalesce(u.{c}, {MISSING_ID}) AS {c}" for c in PROFILE_CODES)
+        engine.sql(
+            f"CREATE TABLE imp AS SELECT i.{SEQ}, i.{USER_ID}, i.{ITEM_ID}, i.{TIMESTAMP}, i.{LABEL}, i.pid, i.day, "
+            f"{ads}, {profiles}, a.adgroup_id IS NULL AS ad_missing, u.userid IS NULL AS user_missing "
+            f"FROM impressions i LEFT JOIN ads a ON i.{ITEM_ID} = a.adgroup_id "
+            f"LEFT JOIN profiles u ON i.{USER_ID} = u.userid"
+        )
+        n, clicks, ad_missing, user_missing = engine.one(
+            f"SELECT count(*), sum({LABEL}), count_if(ad_missing), count_if(user_missing) FROM imp")
+        logger.info("%d impressions, %d clicks; building histories", n, clicks)
+        split, rule = local_date_split(engine, "imp", args.val_days, args.test_days)
+        groups: List[Tuple[str, Mapping[str, str]]] = [(
+            f"(SELECT {SEQ}, {USER_ID}, {TIMESTAMP}, {ITEM_ID}, {CATEGORY_ID} FROM imp WHERE {LABEL} = 1)",
+            {ITEM_HISTORY: ITEM_ID, CATEGORY_HISTORY: CATEGORY_ID},
+        )]
+        extra_histories: Dict[str, str] = {}
+        if log is not None:
+            if not engine.stage("behaviors", _read_behavior_log(log, bad, args)):
+                raise ConversionError(f"{log}: no rows")
+            for b, btag in enumerate(BTAGS):
+                columns = {name: column for name, (tag, column) in BEHAVIOR_HISTORIES.items() if tag == btag}
+                groups.append((f"(SELECT {SEQ}, {USER_ID}, {TIMESTAMP}, cate, brand FROM behaviors "
+                               f"WHERE btag = {b})", columns))
+            extra_histories = {
+                name: f"{'category' if column == 'cate' else 'brand'} ids of the user's last {args.max_history} "
+                f"'{tag}' behaviours in behavior_log.csv strictly before the impression, most recent last"
+                for name, (tag, column) in BEHAVIOR_HISTORIES.items()
+            }
+        add_histories(engine, "rows", "imp", groups, args.max_history, extra={"split": split})
+        protocol = (
+            "one row per impression of raw_sample.csv; label = clk; history = the user's last "
+            f"{args.max_history} clicked ads strictly before the impression, most recent last"
+            + ("; per behaviour type of behavior_log.csv, the categories and brands of the user's last "
+               f"{args.max_history} such behaviours strictly before the impression" if log is not None else "")
+        )
+        filled = {
+            "impressions whose ad is missing from ad_feature.csv (ad columns 0)": int(ad_missing),
+            "impressions whose user is missing from user_profile.csv (profile columns 0)": int(user_missing),
+        }
+        return write_dataset(
+            engine, args.out, "rows", order_by=f"{USER_ID}, {TIMESTAMP}, {SEQ}", extra_sparse=EXTRA_SPARSE,
+            dense=DENSE, meta=_meta(args, protocol, paths + ([log] if log else []), rule, filled), bad=bad,
+            extra_histories=extra_histories,
+        )
 
 
-def _read_impressions(path: Path, bad: BadRows, args: argparse.Namespace) -> Dict[str, np.ndarray]:
-    parts = []
+def _read_impressions(path: Path, bad: BadRows, args: argparse.Namespace) -> Iterator[Dict[str, np.ndarray]]:
     names = ["user", "time_stamp", "adgroup_id", "pid", "nonclk", "clk"]
+    rows = 0
     for block in read_csv(path, names, bad):
         columns = {USER_ID: block.ids("user"), TIMESTAMP: block.ids("time_stamp")}
         block.in_date_range("time_stamp", columns[TIMESTAMP], args.tz, args.date_range)
@@ -168,36 +211,42 @@ def _read_impressions(path: Path, bad: BadRows, args: argparse.Namespace) -> Dic
         columns["pid"] = _pid(block)
         nonclk, columns[LABEL] = block.binary("nonclk"), block.binary("clk")
         block.reject("nonclk", nonclk + columns[LABEL] != 1, "nonclk + clk != 1")
-        parts.append(block.kept(columns))
-        logger.info("%s: %d rows read", path.name, sum(len(p[LABEL]) for p in parts))
-    if not parts:
-        raise ConversionError(f"{path}: no impressions")
-    return concat_columns(parts)
+        kept = block.kept(columns)
+        kept["day"] = local_days(kept[TIMESTAMP], args.tz)
+        rows += len(kept[LABEL])
+        logger.info("%s: %d rows read", path.name, rows)
+        yield kept
 
 
-def _read_table(
-    path: Path, key: str, names: Tuple[str, ...], parse: Callable[[Block], Dict[str, np.ndarray]], bad: BadRows
-) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-    """A side table keyed by ``key``: sorted distinct keys (a duplicate keeps its first line) and
-    the columns ``names`` as ``parse``d."""
-    parts = []
-    for block in read_csv(path, [key, *names], bad):
-        columns = {key: block.ids(key), **parse(block)}
-        parts.append(block.kept(columns))
-    if not parts:
+def _read_behavior_log(path: Path, bad: BadRows, args: argparse.Namespace) -> Iterator[Dict[str, np.ndarray]]:
+    """Blocks of behavior_log.csv: user, time_stamp, btag (index into :data:`BTAGS`), cate and brand
+    (blank / NULL -> 0)."""
+    rows = 0
+    for block in read_csv(path, ["user", "time_stamp", "btag", "cate", "brand"], bad):
+        columns = {USER_ID: block.ids("user"), TIMESTAMP: block.ids("time_stamp")}
+        btag = pc.index_in(block.strings("btag"), pa.array(BTAGS))
+        block.reject("btag", btag.is_null().to_numpy(zero_copy_only=False), f"not one of {BTAGS}")
+        columns["btag"] = btag.fill_null(0).to_numpy().astype(np.int8)
+        columns["cate"] = block.ids("cate", missing=MISSING_ID)
+        columns["brand"] = block.ids("brand", missing=MISSING_ID)
+        kept = block.kept(columns)
+        rows += len(kept[USER_ID])
+        logger.info("%s: %d rows read", path.name, rows)
+        yield kept
+
+
+def _stage_table(engine: Engine, name: str, path: Path, key: str, names: Tuple[str, ...],
+                 parse: Callable[[Block], Dict[str, np.ndarray]], bad: BadRows) -> None:
+    """Stages a side table keyed by ``key`` as the view ``name`` (a duplicate key keeps its first line)."""
+    def blocks() -> Iterator[Dict[str, np.ndarray]]:
+        for block in read_csv(path, [key, *names], bad):
+            columns = {key: block.ids(key), **parse(block)}
+            yield block.kept(columns)
+
+    if not engine.stage(f"{name}_raw", blocks()):
         raise ConversionError(f"{path}: no rows")
-    table = concat_columns(parts)
-    keys, first = np.unique(table.pop(key), return_index=True)
-    return keys, {name: values[first] for name, values in table.items()}
-
-
-def _join(query: np.ndarray, table: Tuple[np.ndarray, Dict[str, np.ndarray]]):
-    """Columns of ``table`` for each ``query`` key (missing: 0 / 0.0), and the found mask."""
-    keys, columns = table
-    out, found = {}, np.zeros(len(query), bool)
-    for name, values in columns.items():
-        out[name], found = lookup(keys, values, query, 0.0 if values.dtype.kind == "f" else MISSING_ID)
-    return out, found
+    engine.sql(f"CREATE TABLE {name} AS SELECT * EXCLUDE (_first) FROM (SELECT *, row_number() OVER "
+               f"(PARTITION BY {key} ORDER BY {SEQ}) AS _first FROM {name}_raw) WHERE _first = 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,31 +274,42 @@ def _fuxictr_files(raw: Path) -> List[Path]:
 
 def _run_fuxictr(args: argparse.Namespace, paths: List[Path]) -> Dict[str, Any]:
     bad = BadRows(args.on_bad_row)
-    parts = [_read_fuxictr(path, code, bad, args) for code, path in enumerate(paths)]
-    columns = concat_columns([p[0] for p in parts])
-    offsets = np.zeros(len(columns[LABEL]) + 1, np.int64)
-    np.cumsum(np.concatenate([p[1] for p in parts]), out=offsets[1:])
-    items = np.concatenate([p[2] for p in parts])
-    keys, first = np.unique(columns[ITEM_ID], return_index=True)
-    categories, known = lookup(keys, columns[CATEGORY_ID][first], items, MISSING_ID)
-    split = columns.pop("split")
-    protocol = (
-        "FuxiCTR's preprocessed TaobaoAd: one row per CSV row, splits as given (valid -> val); history "
-        f"= the last {args.max_history} entries of click_sequence (assumed oldest first; their times are "
-        "not in the files, so 'strictly earlier than timestamp' is as FuxiCTR built it, unchecked); "
-        "history categories from the ad table of all three files"
-    )
-    rule = {"rule": "as given", **{s: p.name for s, p in zip(SPLITS, paths)}}
-    filled = {"history items with no known category (category 0)": int((~known).sum())}
-    return write_dataset(
-        args.out, Impressions(columns, offsets, items, categories, split), extra_sparse=EXTRA_SPARSE,
-        dense=DENSE, meta=_meta(args, protocol, paths, rule, filled), bad=bad,
-    )
+    with Engine(args) as engine:
+        if not engine.stage("fux", (block for code, path in enumerate(paths)
+                                    for block in _read_fuxictr(path, code, bad, args))):
+            raise ConversionError(f"{paths[0]}: no rows")
+        for code, path in enumerate(paths):
+            if not engine.one(f"SELECT count(*) FROM fux WHERE split = {code}")[0]:
+                raise ConversionError(f"{path}: no rows")
+        # history categories from the ad table of all three files (an ad's first row)
+        engine.sql(f"CREATE TABLE ads AS SELECT {ITEM_ID}, arg_min({CATEGORY_ID}, {SEQ}) AS {CATEGORY_ID} "
+                   f"FROM fux GROUP BY {ITEM_ID}")
+        engine.sql(
+            f"CREATE TABLE hist AS SELECT h.{SEQ}, list(coalesce(a.{CATEGORY_ID}, {MISSING_ID}) ORDER BY h.pos) "
+            f"AS {CATEGORY_HISTORY}, count_if(a.{ITEM_ID} IS NULL) AS unknown FROM "
+            f"(SELECT {SEQ}, unnest({ITEM_HISTORY}) AS item, generate_subscripts({ITEM_HISTORY}, 1) AS pos FROM fux) h "
+            f"LEFT JOIN ads a ON h.item = a.{ITEM_ID} GROUP BY h.{SEQ}"
+        )
+        engine.sql(f"CREATE TABLE rows AS SELECT f.*, coalesce(h.{CATEGORY_HISTORY}, []::BIGINT[]) AS "
+                   f"{CATEGORY_HISTORY} FROM fux f LEFT JOIN hist h ON f.{SEQ} = h.{SEQ}")
+        unknown = engine.one("SELECT coalesce(sum(unknown), 0) FROM hist")[0]
+        protocol = (
+            "FuxiCTR's preprocessed TaobaoAd: one row per CSV row, splits as given (valid -> val); history "
+            f"= the last {args.max_history} entries of click_sequence (assumed oldest first; their times are "
+            "not in the files, so 'strictly earlier than timestamp' is as FuxiCTR built it, unchecked); "
+            "history categories from the ad table of all three files"
+        )
+        rule = {"rule": "as given", **{s: p.name for s, p in zip(SPLITS, paths)}}
+        filled = {"history items with no known category (category 0)": int(unknown)}
+        return write_dataset(
+            engine, args.out, "rows", order_by=SEQ, extra_sparse=EXTRA_SPARSE, dense=DENSE,
+            meta=_meta(args, protocol, paths, rule, filled), bad=bad,
+        )
 
 
-def _read_fuxictr(path: Path, code: int, bad: BadRows, args: argparse.Namespace):
-    """One split file: (columns incl. ``split``, history lengths, history items)."""
-    parts, lengths, items = [], [], []
+def _read_fuxictr(path: Path, code: int, bad: BadRows, args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
+    """Blocks of one split file: the columns, ``split`` and ``item_history`` (the last ``--max-history``
+    entries of ``click_sequence``)."""
     names = ["clk", "time_stamp", "userid", "adgroup_id", "pid", "cate_id", *AD_IDS, "price", *PROFILE_CODES,
              SEQUENCE_COLUMN]
     for block in read_csv(path, names, bad):
@@ -261,12 +321,12 @@ def _read_fuxictr(path: Path, code: int, bad: BadRows, args: argparse.Namespace)
         columns.update(_profile_columns(block))
         row_lengths, values = _sequences(block, args.max_history)
         columns["split"] = np.full(len(block), code, np.int8)
-        parts.append(block.kept(columns))
-        lengths.append(row_lengths[block.keep])
-        items.append(values[np.repeat(block.keep, row_lengths)])
-    if not parts:
-        raise ConversionError(f"{path}: no rows")
-    return concat_columns(parts), np.concatenate(lengths), np.concatenate(items)
+        kept: Dict[str, Any] = block.kept(columns)
+        lengths = row_lengths[block.keep]
+        offsets = np.zeros(len(lengths) + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        kept[ITEM_HISTORY] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[np.repeat(block.keep, row_lengths)]))
+        yield kept
 
 
 def _sequences(block: Block, max_len: int) -> Tuple[np.ndarray, np.ndarray]:
