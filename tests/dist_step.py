@@ -4,7 +4,7 @@
 [--eval] [--set k=v ...]``
 
 Opens a session with the package's own functions (:func:`mdaf_rec.train.open_session`), loads the initial
-weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/init``), runs ``--steps`` steps
+weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/step_0``), runs ``--steps`` steps
 of the recipe's own step (:func:`mdaf_rec.train.train_steps`, the training pipeline) on the first global
 training batches of epoch 0 (each rank gets its part, as in training), then writes the
 weights to ``DIR/checkpoints/after``, the last step's dense gradients (DDP-averaged, identical on every
@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.init is not None:
         ckpt.load_model_weights(args.init, model)
     else:
-        ckpt.save_checkpoint(args.out, "init", {"model": model.state_dict()}, {}, is_best=False)
+        ckpt.save_checkpoint(args.out, "step_0", {"model": model.state_dict()}, {}, is_best=False)
 
     rows: List[int] = []
 

@@ -97,13 +97,13 @@ def weights(checkpoint: Path) -> Dict[str, torch.Tensor]:
 def one_step(dataset: Path, tmp_path_factory) -> Dict[str, Path]:
     root = tmp_path_factory.mktemp("eq1")
     step(dataset, root / "one", ONE_RANK)
-    result = step(dataset, root / "two", TWO_RANKS, "--init", str(root / "one" / "checkpoints" / "init"), nproc=2)
+    result = step(dataset, root / "two", TWO_RANKS, "--init", str(root / "one" / "checkpoints" / "step_0"), nproc=2)
     assert result["plan"] == TWO_RANKS
     return {"one": root / "one", "two": root / "two"}
 
 
 def test_one_step_on_sharded_tables_equals_one_process(one_step: Dict[str, Path]) -> None:
-    init = weights(one_step["one"] / "checkpoints" / "init")
+    init = weights(one_step["one"] / "checkpoints" / "step_0")
     one = weights(one_step["one"] / "checkpoints" / "after")
     two = weights(one_step["two"] / "checkpoints" / "after")
     assert set(one) == set(two) == set(init)
@@ -141,7 +141,7 @@ def _every_row_once(result: Dict, dataset: Path) -> None:
 def test_two_process_short_run_metrics_match(dataset: Path, one_epoch: Path, tmp_path: Path) -> None:
     one = json.loads((one_epoch / "result.json").read_text())
     two = step(dataset, tmp_path / "two", TWO_RANKS, "--steps", "1000", "--eval",
-               "--init", str(one_epoch / "checkpoints" / "init"), nproc=2)
+               "--init", str(one_epoch / "checkpoints" / "step_0"), nproc=2)
     assert len(one["rank0_losses"]) == len(two["rank0_losses"]) > 10  # a whole epoch in both
     assert one["val"]["count"] == two["val"]["count"]
     _every_row_once(two, dataset)
@@ -155,7 +155,7 @@ def test_two_process_own_share_epoch_matches_within_data_order_noise(dataset: Pa
     validation metrics land within the spread that the data order alone causes (OWN_SHARE_TOL)."""
     one = json.loads((one_epoch / "result.json").read_text())
     two = step(dataset, tmp_path / "two", TWO_RANKS, "--steps", "1000", "--eval",
-               "--init", str(one_epoch / "checkpoints" / "init"), nproc=2, sharding="own_share")
+               "--init", str(one_epoch / "checkpoints" / "step_0"), nproc=2, sharding="own_share")
     assert len(one["rank0_losses"]) == len(two["rank0_losses"]) > 10
     _every_row_once(two, dataset)
     halves = [set(rows) for rows in two["rank_rows"]]
