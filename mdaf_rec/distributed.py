@@ -2,7 +2,8 @@
 
 Under ``torchrun`` / TorchX ``dist.ddp`` the launcher exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; a plain ``mdaf-rec train`` has none of them
-and runs as a world of one (a process group is still created, because DMP needs one).
+and runs as a world of one (a process group is still created, because DMP needs one, on an in-process store:
+no TCP port).
 
 The backend is ``cpu:gloo,cuda:nccl`` when CUDA is available (NCCL for CUDA tensors, Gloo for CPU
 tensors, so CPU-side collectives -- metric gathering, ``broadcast_object_list``, ``barrier`` -- stay
@@ -13,7 +14,6 @@ legal; a CPU tensor handed to an NCCL-only group raises), ``gloo`` otherwise.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional, Tuple
@@ -67,12 +67,13 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain single process
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
         timeout = timedelta(seconds=timeout_s)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is None:
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            # A plain single process: an in-process store, no TCP port (a port picked free and then bound by
+            # the store can be taken by another process in between: EADDRINUSE).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        elif restart is None:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
         else:
             # torchrun's static rendezvous keeps one store for all attempts of a job: without a prefix per
@@ -142,12 +143,6 @@ def shutdown_distributed() -> None:
     """Destroys the default process group if one exists."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def is_main_process() -> bool:
