@@ -135,7 +135,7 @@ def _rank_worker(rank: int, world: int, root: str) -> None:
 
 
 def test_each_rank_hashes_what_it_writes_and_verifies_only_what_it_reads(tmp_path: Path) -> None:
-    from mdaf_rec.distributed import _free_port
+    from test_train import _free_port
 
     os.environ["TEST_PORT"] = str(_free_port())
     mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
