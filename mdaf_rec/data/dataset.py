@@ -16,7 +16,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,6 +142,13 @@ def recorded_timezone(recorded: Optional[str], data: Union[str, Path]) -> str:
         logger.warning("%s says time zone %r, but the run was trained with %r (its config.yaml): using %r",
                        meta_path, current, recorded, recorded)
     return recorded
+
+
+def file_identity(dataset: "Dataset", path: Path) -> List[Any]:
+    """``[name relative to the dataset, bytes, mtime_ns, footer sha256]`` of a split file: what changes when it is
+    rewritten (even at the same size), read without the data; the key of saved vocabularies and validation records."""
+    stat = path.stat()
+    return [str(path.relative_to(dataset.root)), stat.st_size, stat.st_mtime_ns, footer_sha256(path)]
 
 
 def footer_sha256(path: Union[str, Path]) -> str:

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import List, Sequence, Set
 
-from mdaf_rec.data.dataset import READ_BATCH_ROWS, Dataset, atomic_write, footer_sha256, open_parquet
+from mdaf_rec.data.dataset import READ_BATCH_ROWS, Dataset, atomic_write, file_identity, open_parquet
 from mdaf_rec.data.schema import SPLITS
 from mdaf_rec.data.validate import ColumnRules, validate
 
@@ -28,9 +28,7 @@ RECORD_FILE = "validated.json"
 
 def file_key(dataset: Dataset, path: Path, rules: ColumnRules) -> str:
     """Content key of split file ``path`` checked by ``rules`` (no data read: the footer only)."""
-    stat = path.stat()
-    doc = [str(path.relative_to(dataset.root)), stat.st_size, stat.st_mtime_ns, footer_sha256(path),
-           dataclasses.asdict(rules)]
+    doc = [*file_identity(dataset, path), dataclasses.asdict(rules)]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from mdaf_rec.config import FeaturesConfig
-from mdaf_rec.data.dataset import READ_BATCH_ROWS, Dataset, DatasetError, atomic_write, footer_sha256, open_parquet
+from mdaf_rec.data.dataset import READ_BATCH_ROWS, Dataset, DatasetError, atomic_write, file_identity, open_parquet
 from mdaf_rec.data.schema import SPLITS
 from mdaf_rec.data.validate import ColumnRules, validate
 from mdaf_rec.data.validated import validate_once
@@ -438,11 +438,7 @@ def _read(dataset: Dataset, split: str, spaces: Sequence[SpaceSettings]) -> Iter
 def _file_list(dataset: Dataset) -> List[List[Any]]:
     """``[name, bytes, mtime_ns, footer sha256]`` of each training file: the key of the saved vocabularies (a
     rewritten file changes its footer or its mtime even when its size stays; see docs/data.md)."""
-    files = []
-    for p in dataset.split_files("train"):
-        stat = p.stat()
-        files.append([str(p.relative_to(dataset.root)), stat.st_size, stat.st_mtime_ns, footer_sha256(p)])
-    return files
+    return [file_identity(dataset, p) for p in dataset.split_files("train")]
 
 
 def _stale_reason(stored: Dict[str, Any], wanted: Dict[str, Any]) -> str:
