@@ -2,7 +2,8 @@
 data; in-epoch checkpoints and launcher restarts continue exactly; a normal run is quiet. Issue 20: only a
 folder the project marked as a run is ever overwritten.
 
-Every command is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it.
+Every command is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it; where one case of a
+refusal shows the command's one-line error, its other cases call the check itself in-process.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import yaml
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec import cli
+from mdaf_rec.config import load_config
 from mdaf_rec.data.synth import generate
+from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.plan_io import PlanFileError, check_plan, load_plan
 from mdaf_rec.run_dir import MARKER_FILE
+from mdaf_rec.trainable import build_train_module
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 
 DCN = "configs/dcnv3.yaml"
@@ -543,7 +548,7 @@ def _edit_plan(plan: Path, out: Path, edit) -> Path:
     return out
 
 
-@pytest.mark.parametrize("edit,message", [
+PLAN_EDITS = [
     (lambda t: t["shards"][0].update(placement="rank:3/cpu"),
      "table 'static_item': shard placement 'rank:3/cpu' is not a cpu device of ranks 0..0"),
     (lambda t: t["shards"][0]["sizes"].__setitem__(1, 3),
@@ -551,21 +556,42 @@ def _edit_plan(plan: Path, out: Path, edit) -> Path:
     (lambda t: t["shards"][0]["sizes"].__setitem__(0, 554),
      "table 'static_item': the plan's shards cover 554 rows, this model's table has 544: the plan was made for other "
      "vocabulary sizes"),
-])
-def test_a_plan_that_does_not_fit_the_model_is_one_line(dataset: Path, trained: Path, tmp_path: Path, edit,
-                                                       message: str) -> None:
+]
+
+
+def test_a_plan_that_does_not_fit_the_model_is_one_line(dataset: Path, trained: Path, tmp_path: Path) -> None:
+    """``train --plan`` checks the plan before sharding: one line naming the plan file and the table."""
+    edit, message = PLAN_EDITS[0]
     plan = _edit_plan(trained / "plan.json", tmp_path / "plan.json", edit)
     line = _one_line_error(train(dataset, tmp_path / "run", "--epochs", "1", "--plan", str(plan), config=DCN, check=False))
     assert line.startswith(f"mdaf-rec: error: {plan}: {message}"), line
 
 
-def test_a_plan_made_for_other_vocabulary_sizes_is_one_line(dataset: Path, tmp_path: Path) -> None:
+def _trained_module(run: Path) -> torch.nn.Module:
+    """The train module of ``run`` (its config and vocabulary sizes) with its tables on ``meta``: what
+    ``train --plan`` checks a plan against."""
+    cfg = load_config(run / "config.yaml")
+    sizes = Vocabularies.load(run / "vocab").sizes
+    return build_train_module(cfg, sizes, table_device="meta", dense_device="cpu", compute_device="cpu",
+                              with_sparse_optimizer=False).module
+
+
+@pytest.mark.parametrize("edit,message", PLAN_EDITS)
+def test_check_plan_names_what_does_not_fit(trained: Path, tmp_path: Path, edit, message: str) -> None:
+    plan = _edit_plan(trained / "plan.json", tmp_path / "plan.json", edit)
+    with pytest.raises(PlanFileError) as e:
+        check_plan(load_plan(plan, 1), _trained_module(trained), 1, "cpu", str(plan))
+    assert str(e.value).startswith(f"{plan}: {message}"), str(e.value)
+
+
+def test_a_plan_made_for_other_vocabulary_sizes_is_refused(trained: Path, tmp_path: Path) -> None:
     """``mdaf-rec plan`` sizes the tables by planning.vocab_sizes, not by this data's vocabularies."""
     plan = tmp_path / "plan.json"
     sets = [item for s in TINY for item in ("--set", s)]
-    mdaf("plan", "--config", DCN, *sets, "--world-size", "1", "--device", "cpu", "--json", str(plan))
-    line = _one_line_error(train(dataset, tmp_path / "run", "--epochs", "1", "--plan", str(plan), config=DCN, check=False))
-    assert line.startswith(f"mdaf-rec: error: {plan}: table 'static_") and "made for other vocabulary sizes" in line
+    assert cli.main(["plan", "--config", DCN, *sets, "--world-size", "1", "--device", "cpu", "--json", str(plan)]) == 0
+    with pytest.raises(PlanFileError) as e:
+        check_plan(load_plan(plan, 1), _trained_module(trained), 1, "cpu", str(plan))
+    assert str(e.value).startswith(f"{plan}: table 'static_") and "made for other vocabulary sizes" in str(e.value)
 
 
 def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(dataset: Path, trained: Path, tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_torchx_local_cwd_two_processes_trains(tmp_path: Path) -> None:
     env["PATH"] = f"{Path(torchx).parent}{os.pathsep}{env['PATH']}"  # torchrun, for the job's `bash -c`
     cmd = [
         torchx, "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", "launch/components.py:train",
-        "--nnodes", "1", "--nproc_per_node", "2", "--config", "configs/mdaf_mamba.yaml", "--data", str(data),
+        "--nnodes", "1", "--nproc_per_node", "2", "--config", "configs/dnn.yaml", "--data", str(data),
         "--out", str(tmp_path / "run"), "--epochs", "1", *TINY,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

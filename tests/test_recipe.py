@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -79,51 +80,54 @@ def test_dnn_is_an_mlp_over_every_static_field(dataset: Path) -> None:
     assert float(model.embeddings.embedding_bag_collection.embedding_bags["static_category"].weight.grad.abs().sum()) > 0
 
 
-# One training step on the same batches with and without a setting; returns how much each table moved.
+# One training step on the same batches under each of several override lists (one process: one import of
+# torch/TorchRec, one process group); prints, per list, how much each table moved.
 STEP = """
 import itertools, json, sys
 import torch
 from mdaf_rec.config import load_config
 from mdaf_rec.distributed import init_distributed
 from mdaf_rec.train import open_session, train_steps
-data, out, *overrides = sys.argv[1:]
-cfg = load_config("configs/dnn.yaml", [f"data.path={data}", "features.static_dim=4", "train.batch_size=128",
-                                       "train.threads=1", "train.pipeline=false", *overrides])
-session = open_session(cfg, out, init_distributed())
+data, out = sys.argv[1:3]
+env = init_distributed()
 def local(t):  # a sharded (table_wise) table's one local shard, or a data-parallel table
     return t.local_shards()[0].tensor if hasattr(t, "local_shards") else t
-before = {k: local(v).detach().clone() for k, v in session.model.state_dict().items() if "embedding_bags" in k}
-lr = [g["lr"] for g in session.optimizer.param_groups]
-for g in session.optimizer.param_groups:
-    g["lr"] *= float(cfg.train.lr_decay_on_plateau or 1.0)  # what an epoch without progress does
-batches = list(itertools.islice(iter(session.loader("train", epoch=0, train=True)), 2))
-for _ in train_steps(session, iter(batches)):
-    pass
-after = session.model.state_dict()
-print(json.dumps({k: float((local(after[k]) - v).abs().sum()) for k, v in before.items()}))
+moves = []
+for i, overrides in enumerate(json.loads(sys.argv[3])):
+    cfg = load_config("configs/dnn.yaml", [f"data.path={data}", "features.static_dim=4", "train.batch_size=128",
+                                           "train.threads=1", "train.pipeline=false", *overrides])
+    session = open_session(cfg, f"{out}/{i}", env)
+    before = {k: local(v).detach().clone() for k, v in session.model.state_dict().items() if "embedding_bags" in k}
+    for g in session.optimizer.param_groups:
+        g["lr"] *= float(cfg.train.lr_decay_on_plateau or 1.0)  # what an epoch without progress does
+    batches = list(itertools.islice(iter(session.loader("train", epoch=0, train=True)), 2))
+    for _ in train_steps(session, iter(batches)):
+        pass
+    after = session.model.state_dict()
+    moves.append({k: float((local(after[k]) - v).abs().sum()) for k, v in before.items()})
+print(json.dumps(moves))
 """
 
 
-def _table_moves(dataset: Path, out: Path, *overrides: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", STEP, str(dataset), str(out), *overrides], cwd=REPO,
+def _table_moves(dataset: Path, out: Path, *overrides: List[str]) -> List[dict]:
+    """How much each table moved in one step, per override list (one subprocess for all)."""
+    proc = subprocess.run([sys.executable, "-c", STEP, str(dataset), str(out), json.dumps(overrides)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_table_weight_decay_and_learning_rate_reach_the_fused_tables(dataset: Path, tmp_path: Path) -> None:
-    plain = _table_moves(dataset, tmp_path / "a")  # row-wise Adagrad
-    decayed = _table_moves(dataset, tmp_path / "b", "optimizer.sparse_weight_decay=0.5")
-    key = next(k for k in plain if "static_item" in k)  # a fused (table_wise) table
-    # L2 decay adds 0.5·w to each looked-up row's gradient: the rows move differently (FBGEMM ignored
-    # weight_decay without a weight_decay_mode, so both were equal before)
-    assert abs(decayed[key] - plain[key]) > 0.01 * plain[key], (plain[key], decayed[key])
     sgd = ["optimizer.sparse=sgd", "optimizer.sparse_lr=0.1"]
-    plain = _table_moves(dataset, tmp_path / "c", *sgd)
-    slowed = _table_moves(dataset, tmp_path / "d", *sgd, "train.lr_decay_on_plateau=0.01")
+    plain, decayed, sgd_plain, slowed = _table_moves(
+        dataset, tmp_path, [], ["optimizer.sparse_weight_decay=0.5"], sgd, [*sgd, "train.lr_decay_on_plateau=0.01"])
+    key = next(k for k in plain if "static_item" in k)  # a fused (table_wise) table
+    # L2 decay adds 0.5·w to each looked-up row's gradient (row-wise Adagrad): the rows move differently
+    # (FBGEMM ignored weight_decay without a weight_decay_mode, so both were equal before)
+    assert abs(decayed[key] - plain[key]) > 0.01 * plain[key], (plain[key], decayed[key])
     # the fused optimizer reads its learning rate from the param group: SGD moves 100x less
     # (not exactly: the second step sees other weights and dense layers)
-    assert slowed[key] == pytest.approx(plain[key] / 100, rel=0.15), (plain[key], slowed[key])
+    assert slowed[key] == pytest.approx(sgd_plain[key] / 100, rel=0.15), (sgd_plain[key], slowed[key])
 
 
 def test_lr_decay_on_plateau_is_recorded_per_epoch(dataset: Path, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """End-to-end training under DMP: a full short run, exact resume, multi-rank evaluation, bad input.
 
-Every run is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it.
+Every run is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it (a refused config is checked
+in-process).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -17,6 +19,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+from mdaf_rec import cli
 from mdaf_rec.data.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +87,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory) -> Path:
+    """A finished 1-epoch MDAF-Mamba run (TINY); tests that change it work on a copy."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(dataset, run, "--epochs", "1")
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
 
 
 def test_full_short_training_run(dataset: Path, tmp_path: Path) -> None:
@@ -157,10 +174,9 @@ def test_resume_continues_exactly(dataset: Path, tmp_path: Path) -> None:
     assert tb["test/auc"][-1] == (ta["test/auc"][-1][0], pytest.approx(ta["test/auc"][-1][1], abs=1e-5))
 
 
-def test_two_process_evaluation_equals_one_process(dataset: Path, tmp_path: Path) -> None:
+def test_two_process_evaluation_equals_one_process(trained: Path) -> None:
     """A checkpoint written by 1 process loads under 2 (resharded) and scores the same within 1e-6."""
-    run = tmp_path / "run"
-    train(dataset, run, "--epochs", "1")
+    run = trained
     one = json.loads(mdaf("eval", "--run", str(run), "--split", "val").stdout)
     two = mdaf("eval", "--run-dir", str(run), "--split", "val", nproc=2).stdout
     two = json.loads(two[two.index("{"):])
@@ -193,36 +209,26 @@ def test_last_batch_smaller_than_the_world_trains_and_evaluates_every_row(datase
     assert math.isfinite(metrics["val"]["logloss"]) and math.isfinite(metrics["test"]["logloss"])
 
 
-def test_resume_with_other_vocabulary_is_refused(dataset: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    train(dataset, run, "--epochs", "1", config="configs/dcnv3.yaml")
+def test_resume_with_other_vocabulary_is_refused(trained: Path, tmp_path: Path) -> None:
+    run = _copy(trained, tmp_path)
     other = tmp_path / "other"
     generate(other, rows=2000, users=200, items=500, categories=20, max_history=10, seed=9)
-    sets = [item for s in TINY for item in ("--set", s)]
-    proc = mdaf(
-        "train", "--config", "configs/dcnv3.yaml", "--data", str(other), "--out", str(run), "--epochs", "2",
-        "--resume", *sets, check=False,
-    )
+    proc = train(other, run, "--epochs", "2", "--resume", check=False)
     assert proc.returncode != 0
     assert "other vocabularies than checkpoint" in proc.stderr
 
 
-def test_config_error_names_the_key(dataset: Path, tmp_path: Path) -> None:
-    proc = mdaf(
-        "train", "--config", "configs/demo.yaml", "--data", str(dataset), "--set", "train.epoch=3", check=False
-    )
-    assert proc.returncode == 2 and "train.epoch" in proc.stderr
+def test_config_error_names_the_key(dataset: Path, capsys) -> None:
+    assert cli.main(["train", "--config", "configs/demo.yaml", "--data", str(dataset), "--set", "train.epoch=3"]) == 2
+    assert "train.epoch" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(dataset: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    train(dataset, run, "--epochs", "1", config="configs/dcnv3.yaml")
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(trained: Path, dataset: Path,
+                                                                                tmp_path: Path) -> None:
+    run = _copy(trained, tmp_path)
     index_before = (run / "checkpoints" / "index.json").read_text()
     # An absurd learning rate blows the weights up during the resumed epoch 2.
-    proc = mdaf(
-        "train", "--config", "configs/dcnv3.yaml", "--data", str(dataset), "--out", str(run), "--epochs", "2",
-        "--resume", *[item for s in TINY + ["optimizer.lr=1.0e+30"] for item in ("--set", s)], check=False,
-    )
+    proc = train(dataset, run, "--epochs", "2", "--resume", "--set", "optimizer.lr=1.0e+30", check=False)
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "epoch 2, batch" in proc.stderr
     assert (run / "checkpoints" / "index.json").read_text() == index_before
