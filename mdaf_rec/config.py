@@ -532,6 +532,8 @@ def apply_override(data: Dict[str, Any], override: str) -> None:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+    except ValueError:  # a scalar YAML takes for a date that is none (2017-13-01): the string, checked by its key
+        node[parts[-1]] = raw.strip()
 
 
 def packaged_config_names() -> List[str]:

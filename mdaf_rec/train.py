@@ -243,10 +243,12 @@ def _run_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv, run: RunDir, 
         raise TrainingError(f"train.init_from {source.given!r}: {e}") from None
 
 
-def _warm_start(session: Session, source: InitSource) -> Dict[str, Any]:
+def warm_start_session(session: Session, source: InitSource) -> Dict[str, Any]:
     """Loads the source checkpoint's model state (and, with ``train.init_optimizer``, its optimizer state where
     shapes allow) into the new session (:mod:`mdaf_rec.warm_start`); returns what the run records of it."""
     is_table = table_key_rule(session.spec)
+    if session.cfg.train.init_optimizer:
+        _init_optimizer_state(session)  # first: its dummy step moves weights (weight decay), which are loaded next
     grown = load_model_state(source, session.model, is_table)
     origin = ckpt.read_state(source.checkpoint)
     record: Dict[str, Any] = {
@@ -255,7 +257,6 @@ def _warm_start(session: Session, source: InitSource) -> Dict[str, Any]:
         "optimizer": None,
     }
     if session.cfg.train.init_optimizer:
-        _init_optimizer_state(session)
         state = session.optimizer.state_dict()
         taken, fresh = load_optimizer_state(source, state, is_table)
         session.optimizer.load_state_dict(state)
@@ -369,7 +370,7 @@ def train(
                                dataset=dataset)
         state = _resume(session) if start is Start.RESUME else TrainState()
         if source is not None:  # before any file of the run is written: a source that does not fit is refused
-            state.init_from = _warm_start(session, source)
+            state.init_from = warm_start_session(session, source)
         state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
         if env.is_main:  # the run is now committed: write (resume: rewrite) its files
             if start is Start.FRESH:
