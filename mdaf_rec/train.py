@@ -7,7 +7,10 @@ shard with DMP, then per epoch: train through ``TrainPipelineSparseDist`` (check
 epoch if asked), evaluate on validation, checkpoint, and stop early when validation AUC stops
 improving; finally score validation and test with the best checkpoint and write ``metrics.json``. The
 same code runs as 1 process, ``torchrun --nproc_per_node N`` or N nodes, and a restarted job (the
-launcher re-running the same command) continues from its last checkpoint.
+launcher re-running the same command) continues from its last checkpoint. A new run may start from another
+run's checkpoint instead of a fresh initialisation (``train.init_from``: :func:`warm_start_session`, its tables
+grown by the new data's ids) and train on some local days of the training split only (``data.from_date`` /
+``data.to_date``: :func:`_training_dataset`).
 
 The pieces scripts and tests reuse: :func:`open_session` (``training=False``: no optimizer state),
 :meth:`Session.loader`, :func:`train_steps` (the one step path, a TorchRec pipeline), :func:`predictions`
