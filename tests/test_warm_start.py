@@ -221,11 +221,16 @@ def test_warm_start_on_two_ranks_reproduces_scores_and_grows_tables(
     assert sum(r["rows"]["new"] for r in ranks) > 0 and sum(r["rows"]["known"] for r in ranks) > 0
 
 
-def test_warm_start_cli_grows_and_records(source_run: Path, next_data: Path, tmp_path: Path) -> None:
+def test_warm_start_cli_grows_records_and_resumes(source_run: Path, next_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "next"
-    train(next_data, run, "--epochs", "1", "--set", "train.max_steps_per_epoch=2", "--init-from", f"{source_run}:last",
-          config="configs/mdaf_bst.yaml")
+    args = ["--set", "train.max_steps_per_epoch=2", "--init-from", f"{source_run}:last"]
+    train(next_data, run, "--epochs", "1", *args, config="configs/mdaf_bst.yaml")
+    first = json.loads((run / "metrics.json").read_text())
+    # the same command, one epoch more: resumes from the run's own checkpoint and grown vocabularies
+    proc = train(next_data, run, "--epochs", "2", *args, config="configs/mdaf_bst.yaml")
+    assert "resuming" in proc.stdout + proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["steps"] == 4 and metrics["init_from"] == first["init_from"]
     assert metrics["init_from"]["checkpoint"] == str((source_run / "checkpoints" / "epoch_1").resolve())
     assert metrics["init_from"]["grown_tables"] and metrics["init_from"]["optimizer"] is None
     assert load_config(run / "config.yaml").train.init_from == f"{source_run}:last"
