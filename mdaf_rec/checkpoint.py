@@ -39,7 +39,7 @@ import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
@@ -431,7 +431,9 @@ def verify_checkpoint(
     return files
 
 
-def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str] = ()) -> Dict[str, Any]:
+def load_checkpoint(
+    path: Path, app_state: Dict[str, Any], partial: Sequence[str] = (), *, restore_rng: bool = True
+) -> Dict[str, Any]:
     """Verifies checkpoint ``path``, loads it in place into ``app_state`` (same structure as saved) and
     returns its state.
 
@@ -440,7 +442,9 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
         app_state: ``{"model": ..., "optim": ...}`` (any subset of the saved entries).
         partial: entries allowed to be partly missing from the checkpoint (their missing tensors keep
             their current values) — the optimizer state when resuming under another sharding plan.
-    Every rank restores its own RNG states if the checkpoint has them for that rank. Each file is checked
+        restore_rng: restore this rank's RNG states from the checkpoint (a resume); off for a warm start,
+            which keeps the new run's own seeds.
+    Every rank restores its own RNG states if the checkpoint has them for that rank (and ``restore_rng``). Each file is checked
     against the manifest right before it is first read, and only the files this rank reads: its share of the
     DCP files (all of them when the checkpoint is resharded, e.g. by export or another world size), the
     metadata, its RNG file and ``state.json``.
@@ -467,7 +471,7 @@ def load_checkpoint(path: Path, app_state: Dict[str, Any], partial: Sequence[str
         _copy_back(app_state, target)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = path / f"rng_rank{rank}.pt"
-    if rng.exists():
+    if restore_rng and rng.exists():
         verify_checkpoint(path, [rng.name], files)
         _set_rng_state(rng)
     verify_checkpoint(path, [STATE_FILE], files)
@@ -485,6 +489,14 @@ def load_model_weights(path: Path, module: torch.nn.Module) -> Dict[str, Any]:
     state = load_checkpoint(path, app_state)
     module.load_state_dict(app_state["model"])
     return state
+
+
+def stored_tensors(path: Path) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
+    """Key -> (shape, dtype) of every tensor in checkpoint ``path`` (DCP keys: ``model.<state-dict key>``,
+    ``optim.state.<parameter>.<state>``), from its verified metadata; no tensor is read."""
+    metadata = SafeFileSystemReader(str(path)).read_metadata()
+    return {fqn: (torch.Size(m.size), m.properties.dtype) for fqn, m in metadata.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)}
 
 
 def read_state(path: Path) -> Dict[str, Any]:

@@ -11,6 +11,7 @@ loadable by name: ``load_config("mdaf_mamba")``, ``mdaf-rec train --config mdaf_
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import typing
 from dataclasses import dataclass, field
@@ -217,12 +218,18 @@ class DataConfig:
             ``every_rank_reads_all`` (every rank reads the whole split and takes its slice of each global
             batch: one step of W processes sees exactly the rows of one 1-process step; for tests and
             small data).
+        from_date: train on the rows of the training split whose LOCAL date (``features.timezone``) is on or
+            after this day, ``YYYY-MM-DD`` (``null``: from its first row); validation and test are whole.
+        to_date: ... and on or before this day (``null``: to its last row). With either set, the rows are
+            written once to a day slice of the dataset (:mod:`mdaf_rec.data.days`) and the run trains on it.
     """
 
     path: str = "data/synth"
     num_workers: int = 0
     vocab_dir: Optional[str] = None
     sharding: str = "own_share"
+    from_date: Optional[str] = None
+    to_date: Optional[str] = None
 
 
 @dataclass
@@ -249,6 +256,11 @@ class TrainConfig:
         keep_step_checkpoints: in-epoch checkpoints kept (the newest K; epoch checkpoints are kept as
             ``best`` / ``last``).
         precision: ``fp32``, or ``bf16`` autocast of the dense branches (CUDA; tables stay fp32).
+        init_from: warm start: a new run begins with the weights of another run's checkpoint, ``RUN`` (its
+            best), ``RUN:last`` or a checkpoint folder (``mdaf-rec train --init-from``; :mod:`mdaf_rec.warm_start`).
+            Its tables grow by the new training split's ids (``null``: a fresh initialisation).
+        init_optimizer: with ``init_from``, also take that checkpoint's optimizer state where shapes allow
+            (grown table rows start with a fresh state); off: the optimizer starts afresh.
     """
 
     epochs: int = 15
@@ -265,6 +277,8 @@ class TrainConfig:
     checkpoint_every_minutes: Optional[float] = None
     keep_step_checkpoints: int = 2
     precision: str = "fp32"
+    init_from: Optional[str] = None
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -398,6 +412,10 @@ def validate(cfg: Config) -> Config:
              "must be > 0 (or null: off)")
     _require(t.keep_step_checkpoints >= 1, "train.keep_step_checkpoints", "must be >= 1")
     _require(t.precision in PRECISIONS, "train.precision", f"{t.precision!r} is not one of {list(PRECISIONS)}")
+    _require(t.init_from is None or bool(t.init_from.strip()), "train.init_from",
+             "must name a run directory, RUN:last or a checkpoint folder (or null)")
+    _require(not t.init_optimizer or t.init_from is not None, "train.init_optimizer",
+             "needs train.init_from (the checkpoint whose optimizer state to take)")
     e = cfg.eval
     _require(e.metrics is None or e.metrics in METRIC_MODES, "eval.metrics",
              f"{e.metrics!r} is not one of {list(METRIC_MODES)} (or null: chosen by the split's size)")
@@ -405,6 +423,13 @@ def validate(cfg: Config) -> Config:
     _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(cfg.data.sharding in DATA_SHARDING, "data.sharding",
              f"{cfg.data.sharding!r} is not one of {list(DATA_SHARDING)}")
+    for key in ("from_date", "to_date"):
+        value = getattr(cfg.data, key)
+        _require(value is None or parse_date(value) is not None, f"data.{key}",
+                 f"{value!r} is not a date YYYY-MM-DD (or null)")
+    if cfg.data.from_date is not None and cfg.data.to_date is not None:
+        _require(parse_date(cfg.data.from_date) <= parse_date(cfg.data.to_date), "data.to_date",
+                 f"{cfg.data.to_date} is before data.from_date {cfg.data.from_date}")
     for name, size in cfg.planning.vocab_sizes.items():
         _require(size >= 1, f"planning.vocab_sizes.{name}", "must be >= 1")
     for key in ("hbm_gb", "ddr_gb"):
@@ -434,6 +459,16 @@ def check_sparse_optimizer(cfg: OptimizerConfig, device_type: str) -> None:
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+def parse_date(text: Any) -> Optional[datetime.date]:
+    """The calendar day ``text`` spells as ``YYYY-MM-DD``; ``None`` if it is not one."""
+    if not isinstance(text, str) or len(text) != 10:
+        return None
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def is_timezone(name: Any) -> bool:
@@ -497,6 +532,8 @@ def apply_override(data: Dict[str, Any], override: str) -> None:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+    except ValueError:  # a scalar YAML takes for a date that is none (2017-13-01): the string, checked by its key
+        node[parts[-1]] = raw.strip()
 
 
 def packaged_config_names() -> List[str]:
@@ -622,6 +659,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"config key '{path}': expected a number, got {value!r}")
         return number
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2017-12-01 as a date
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"config key '{path}': expected a string, got {value!r}")
         return value

@@ -239,5 +239,6 @@ def _mapping(name: str, hashed: bool, buckets: Optional[int]) -> Dict[str, Any]:
         return {"hash_buckets": buckets,
                 "rule": f"index = splitmix64(raw) % {buckets} + {NUM_RESERVED_INDICES} (see mdaf_rec.data.vocab.stable_hash)"}
     return {"file": f"{VOCAB_DIR}/{name}.npy",
-            "rule": f"sorted known raw ids (int64); index = position in the file + {NUM_RESERVED_INDICES}; "
+            "rule": f"known raw ids (int64) in index order (ascending, a warm-started run's grown ids after its "
+                    f"source's); index = position in the file + {NUM_RESERVED_INDICES}; "
                     f"unknown raw id -> {OOV_INDEX}"}

@@ -7,7 +7,10 @@ shard with DMP, then per epoch: train through ``TrainPipelineSparseDist`` (check
 epoch if asked), evaluate on validation, checkpoint, and stop early when validation AUC stops
 improving; finally score validation and test with the best checkpoint and write ``metrics.json``. The
 same code runs as 1 process, ``torchrun --nproc_per_node N`` or N nodes, and a restarted job (the
-launcher re-running the same command) continues from its last checkpoint.
+launcher re-running the same command) continues from its last checkpoint. A new run may start from another
+run's checkpoint instead of a fresh initialisation (``train.init_from``: :func:`warm_start_session`, its tables
+grown by the new data's ids) and train on some local days of the training split only (``data.from_date`` /
+``data.to_date``: :func:`_training_dataset`).
 
 The pieces scripts and tests reuse: :func:`open_session` (``training=False``: no optimizer state),
 :meth:`Session.loader`, :func:`train_steps` (the one step path, a TorchRec pipeline), :func:`predictions`
@@ -42,7 +45,8 @@ from tqdm import tqdm
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.config import Config, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.data.dataset import Dataset, open_parquet, recorded_timezone
+from mdaf_rec.data.dataset import Dataset, DatasetError, open_parquet, recorded_timezone
+from mdaf_rec.data.days import day_slice
 from mdaf_rec.data.schema import LABEL, META_FILE
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.validate import check_timestamp_ranges
@@ -64,6 +68,8 @@ from mdaf_rec.sharding import (build_optimizer, check_plan_optimizer, plan_shard
 from mdaf_rec.streaming_metrics import make_accumulator, metrics_mode
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
+from mdaf_rec.warm_start import (InitSource, load_model_state, load_optimizer_state, resolve_source,
+                                 source_vocabularies, table_key_rule)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +132,7 @@ def open_session(
     plan: Union[ShardingPlan, Path, None] = None,
     *,
     training: bool = True,
+    dataset: Optional[Dataset] = None,
 ) -> Session:
     """Builds the sharded model (and, for training, its optimizers) for ``cfg`` on the data at ``cfg.data.path``.
 
@@ -140,8 +147,10 @@ def open_session(
             :func:`~mdaf_rec.sharding.planner_memory`).
         training: attach the fused table optimizer and build the dense one; an evaluation session
             (``False``) has neither, so no optimizer state is allocated.
+        dataset: the data, opened (a day slice of ``cfg.data.path``, :func:`_training_dataset`); opened from
+            ``cfg.data.path`` when ``None``.
     """
-    dataset = Dataset.open(cfg.data.path)
+    dataset = Dataset.open(cfg.data.path) if dataset is None else dataset
     _validated(dataset, cfg, env)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
@@ -201,6 +210,64 @@ def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabul
     if env.rank != 0:
         vocabs = Vocabularies.load_or_build(dataset, cfg.features, cache_dir=cache)
     return vocabs
+
+
+def _training_dataset(dataset: Dataset, cfg: Config, env: DistEnv) -> Dataset:
+    """``dataset``, or with ``data.from_date`` / ``data.to_date`` its day slice (:func:`~mdaf_rec.data.days.day_slice`):
+    rank 0 writes (or reuses) it, every rank learns of a refusal, the other ranks then open it."""
+    if cfg.data.from_date is None and cfg.data.to_date is None:
+        return dataset
+    outcome: List[Any] = [None]
+    if env.is_main:
+        try:
+            sliced = day_slice(dataset, cfg.data.from_date, cfg.data.to_date, cfg.features.timezone, cfg.data.vocab_dir)
+            outcome[0] = str(sliced.root)
+        except UserError as e:
+            outcome[0] = {"error": str(e)}
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], dict):
+        raise DatasetError(outcome[0]["error"])
+    return sliced if env.is_main else Dataset.open(outcome[0])
+
+
+def _run_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv, run: RunDir, start: Start,
+                      source: Optional[InitSource]) -> Vocabularies:
+    """The vocabularies the run's tables are indexed by: the data's; a warm start's source run's grown by the
+    data's new ids (:meth:`~mdaf_rec.data.vocab.Vocabularies.grown`); a resumed warm-started run's own
+    (``RUN_DIR/vocab/``, written when it started: its source may have changed since)."""
+    if start is Start.RESUME and cfg.train.init_from:
+        return Vocabularies.load(run.vocab)
+    vocabs = _shared_vocabularies(dataset, cfg, env)
+    if source is None:
+        return vocabs
+    try:
+        return source_vocabularies(source).grown(vocabs, str(source.run.vocab))
+    except VocabMismatchError as e:
+        raise TrainingError(f"train.init_from {source.given!r}: {e}") from None
+
+
+def warm_start_session(session: Session, source: InitSource) -> Dict[str, Any]:
+    """Loads the source checkpoint's model state (and, with ``train.init_optimizer``, its optimizer state where
+    shapes allow) into the new session (:mod:`mdaf_rec.warm_start`); returns what the run records of it."""
+    is_table = table_key_rule(session.spec)
+    if session.cfg.train.init_optimizer:
+        _init_optimizer_state(session)  # first: its dummy step moves weights (weight decay), which are loaded next
+    grown = load_model_state(source, session.model, is_table)
+    origin = ckpt.read_state(source.checkpoint)
+    record: Dict[str, Any] = {
+        "from": source.given, "checkpoint": str(source.checkpoint.resolve()), "epochs_done": origin.get("epochs_done"),
+        "step": origin.get("step"), "vocab_fingerprint": origin.get("vocab_fingerprint"), "grown_tables": grown,
+        "optimizer": None,
+    }
+    if session.cfg.train.init_optimizer:
+        state = session.optimizer.state_dict()
+        taken, fresh = load_optimizer_state(source, state, is_table)
+        session.optimizer.load_state_dict(state)
+        record["optimizer"] = {"taken": taken, "fresh": fresh}
+    logger.info("warm start from %s (epoch %s, step %s): %d tables grew %s; optimizer state %s", source.checkpoint,
+                record["epochs_done"], record["step"], len(grown), grown,
+                "taken where shapes allow " + str(record["optimizer"]) if record["optimizer"] else "fresh")
+    return record
 
 
 def _count_params(module: torch.nn.Module) -> Dict[str, int]:
@@ -293,15 +360,20 @@ def train(
     lock = RunLock(run)
     try:
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
-        vocabs = _shared_vocabularies(dataset, cfg, env)
+        dataset = _training_dataset(dataset, cfg, env)
+        source = resolve_source(cfg.train.init_from) if cfg.train.init_from and start is Start.FRESH else None
+        vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")
             try:
                 ckpt.check_vocabularies(last, vocabs)
             except VocabMismatchError as e:
                 raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
-        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start))
+        session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start),
+                               dataset=dataset)
         state = _resume(session) if start is Start.RESUME else TrainState()
+        if source is not None:  # before any file of the run is written: a source that does not fit is refused
+            state.init_from = warm_start_session(session, source)
         state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
         if env.is_main:  # the run is now committed: write (resume: rewrite) its files
             if start is Start.FRESH:
@@ -664,6 +736,8 @@ def _final_metrics(session: Session, state: TrainState, board: TensorBoardLog) -
     }
     if "gate" in test:
         final["gate"] = test["gate"]
+    if state.init_from is not None:
+        final["init_from"] = state.init_from
     splits = session.dataset.meta.get("splits", {})
     ceiling = {s: {k: v for k, v in splits[s].items() if k.startswith("bayes")} for s in ("val", "test") if s in splits}
     if any(ceiling.values()):

@@ -29,6 +29,8 @@ class TrainState:
         train_samples: global samples of finished epochs.
         vocab_fingerprint: fingerprint of the vocabularies the tables are indexed by.
         world_size: processes of the job that wrote the checkpoint.
+        init_from: where a warm-started run began (``train.init_from``: source checkpoint, its epoch and step,
+            the tables that grew, whether the optimizer state was taken); ``None`` for a fresh start.
     """
 
     epochs_done: int = 0
@@ -45,6 +47,7 @@ class TrainState:
     train_samples: int = 0
     vocab_fingerprint: Optional[str] = None
     world_size: int = 1
+    init_from: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

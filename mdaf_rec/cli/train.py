@@ -45,6 +45,15 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="start afresh in a run directory written by `mdaf-rec train` (it has mdaf_rec_run.json): "
                    "its own files are deleted, no other file; any other non-empty folder is refused")
     p.add_argument("--plan", type=Path, help="sharding plan JSON written by `mdaf-rec plan --json`")
+    p.add_argument("--init-from", metavar="RUN[:last]",
+                   help="warm start from another run's best checkpoint (RUN:last: its last; or a checkpoint folder): "
+                   "its tables, grown by this data's new ids, and dense weights; overrides train.init_from")
+    p.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from, also take its optimizer state where shapes allow (train.init_optimizer)")
+    p.add_argument("--from-date", metavar="YYYY-MM-DD",
+                   help="train on the training rows of this local date (features.timezone) and later; data.from_date")
+    p.add_argument("--to-date", metavar="YYYY-MM-DD",
+                   help="train on the training rows of this local date and earlier; data.to_date")
     _add_verbose(p)
 
 
@@ -86,6 +95,12 @@ def train_config(args: argparse.Namespace) -> Config:
         overrides.append(f"train.epochs={args.epochs}")
     if args.batch_size is not None:
         overrides.append(f"train.batch_size={args.batch_size}")
+    for key, value in (("train.init_from", args.init_from), ("data.from_date", args.from_date),
+                       ("data.to_date", args.to_date)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")  # a quoted YAML string, whatever it spells
+    if args.init_optimizer:
+        overrides.append("train.init_optimizer=true")
     return training_config(args.config, overrides)
 
 

@@ -8,8 +8,14 @@ known ids (seen at least ``min_count`` times) get ``2, 3, ...`` in ascending raw
 with ``hash_buckets = K`` has no vocabulary: ``index = 2 + splitmix64(id) % K`` (stable across
 processes and runs), table size ``K + 2``.
 
-On disk (``DATASET/vocab/`` by default, see :meth:`Vocabularies.load_or_build`): one
-``<space>.npy`` per enumerated space (sorted int64 raw ids) and ``vocab.json`` with the settings
+A run warm-started from another (``mdaf-rec train --init-from``) grows that run's vocabularies instead
+(:meth:`Vocabularies.grown`): the source run's ids keep their indices, and the ids of the new training
+split it lacks follow them, in ascending raw-id order. A vocabulary's ids are therefore kept in INDEX
+order (``index = 2 + position``), which is ascending for a vocabulary built from data.
+
+On disk (``DATASET/vocab/`` by default, see :meth:`Vocabularies.load_or_build`; a run keeps its own in
+``RUN_DIR/vocab/``): one ``<space>.npy`` per enumerated space (int64 raw ids in index order) and
+``vocab.json`` with the settings
 (min_count, columns, hashing), the table sizes, the training files they were built from (name, size,
 mtime and the sha256 of the Parquet footer: the cache key, so a rewritten file is noticed), and a
 ``fingerprint`` of settings and contents that checkpoints record to detect a mismatch.
@@ -125,7 +131,8 @@ class Vocabulary:
 
     Args:
         settings: the space.
-        ids: sorted unique known raw ids (int64), or None for a hashed space.
+        ids: unique known raw ids (int64) in index order (``ids[i]`` has index ``i + 2``): ascending for a
+            vocabulary built from data, a grown one's appended ids after its source's; None for a hashed space.
         direct_max_id: use a direct-index table if the largest id is below this, else binary search.
     """
 
@@ -139,10 +146,15 @@ class Vocabulary:
             ids = np.array(ids, dtype=np.int64)  # our own copy, read-only: the vocabulary never changes
             ids.setflags(write=False)
         self.ids = ids
+        # Binary search: the ids sorted, and each sorted id's position in ``ids`` (None: ``ids`` is sorted).
+        self._sorted, self._positions = ids, None
+        if ids is not None and len(ids) > 1 and bool((ids[1:] < ids[:-1]).any()):
+            self._positions = np.argsort(ids, kind="stable")
+            self._sorted = ids[self._positions]
         self._direct: Optional[np.ndarray] = None
-        if ids is not None and len(ids) and ids[-1] < direct_max_id:
+        if ids is not None and len(ids) and self._sorted[-1] < direct_max_id:
             # direct[raw] = index; the extra last entry catches every raw id above the largest known.
-            self._direct = np.full(int(ids[-1]) + 2, OOV_INDEX, dtype=np.int32)
+            self._direct = np.full(int(self._sorted[-1]) + 2, OOV_INDEX, dtype=np.int32)
             self._direct[ids] = np.arange(NUM_RESERVED_INDICES, NUM_RESERVED_INDICES + len(ids), dtype=np.int32)
 
     @property
@@ -161,8 +173,10 @@ class Vocabulary:
             return self._direct[np.minimum(raw, len(self._direct) - 1)].astype(np.int64)
         if not len(self.ids):
             return np.full(len(raw), OOV_INDEX, dtype=np.int64)
-        pos = np.searchsorted(self.ids, raw)
-        hit = self.ids[np.minimum(pos, len(self.ids) - 1)] == raw
+        pos = np.minimum(np.searchsorted(self._sorted, raw), len(self.ids) - 1)
+        hit = self._sorted[pos] == raw
+        if self._positions is not None:
+            pos = self._positions[pos]
         return np.where(hit, pos + NUM_RESERVED_INDICES, OOV_INDEX)
 
 
@@ -226,6 +240,43 @@ class Vocabularies:
                 f"vocabulary fingerprint {self.fingerprint[:12]} differs from {expected[:12]} recorded by {what}: "
                 "the vocabularies (data, min_count or hashing) changed since; ids would map to other rows"
             )
+
+    def grown(self, new: "Vocabularies", source: str) -> "Vocabularies":
+        """These vocabularies (a source run's) extended by the ids of ``new`` (built from the new training split)
+        that they lack: every known id keeps its index, the new ids get the next indices, in ascending raw-id
+        order. Hashed spaces stay as they are. The result has ``new``'s ``min_count`` and training files.
+
+        Args:
+            new: the vocabularies of the new training split (same id spaces and settings).
+            source: what these vocabularies belong to, for messages (the source run's ``vocab/`` folder).
+        Raises:
+            VocabMismatchError: the id spaces, or one's column, history column or hashing, differ; names the
+                config key.
+        """
+        if set(new.spaces) != set(self.spaces):
+            raise VocabMismatchError(
+                f"config keys 'features.id_spaces' / 'features.extra_sparse': the id spaces {sorted(new.spaces)} "
+                f"differ from {sorted(self.spaces)} of {source}"
+            )
+        spaces: Dict[str, Vocabulary] = {}
+        for name, fresh in new.spaces.items():
+            old = self.spaces[name]
+            for key, was, now in zip(("column", "history_column", "hash_buckets"), old.settings.to_json().values(),
+                                     fresh.settings.to_json().values()):
+                if was != now:
+                    raise VocabMismatchError(
+                        f"config key 'features.id_spaces.{name}.{key}': {now!r} here, {was!r} in {source}; "
+                        "its ids would map to other rows"
+                    )
+            if old.ids is None:
+                spaces[name] = old
+                continue
+            added = np.setdiff1d(fresh.ids, old.ids, assume_unique=True)  # sorted
+            spaces[name] = Vocabulary(fresh.settings, np.concatenate([old.ids, added]))
+        grown = Vocabularies(spaces, new.min_count, [list(f) for f in new.train_files])
+        logger.info("grew the vocabularies of %s by the new training split's ids: sizes %s -> %s", source,
+                    self.sizes, grown.sizes)
+        return grown
 
     # -- building ----------------------------------------------------------------------------------
 
