@@ -249,60 +249,45 @@ class SparkEngine:
         max_len: int,
         extra: Mapping[str, str] | None = None,
     ) -> None:
-        """:func:`~mdaf_rec.data.converters.engine.add_histories` (same arguments and result) without variable
-        window frames, which Spark lacks.
+        """:func:`~mdaf_rec.data.converters.engine.add_histories` (same arguments and result) without the
+        variable window frames that Spark lacks.
 
-        Per group: the events are numbered per user in (timestamp, :data:`SEQ`) order and a fixed window
-        of ``max_len`` rows ending at event k gathers the history "up to event k" (kept only for the k that
-        some query needs); a query's k is the number of its user's events strictly before its timestamp
-        (a running count over the queries and events, queries first at equal timestamps), and an
-        equi-join on (user, k) brings the lists to the query.
+        A query's position in group g is ``_n``, the number of its user's g events strictly before its
+        timestamp: a running count over the queries and all groups' events per user ordered by
+        (timestamp, queries first). Each group's events become one array per user, sorted by
+        (timestamp, :data:`SEQ`); a join on the user and ``slice`` take the ``max_len`` events ending at
+        position ``_n`` (only these are copied, so a heavy user's array is never copied per query).
         """
-        extra = dict(extra or {})
-        self._materialize("_queries", self.spark.sql(f"SELECT * FROM {queries}").selectExpr(
-            "*", "monotonically_increasing_id() AS _qid"))
-        columns = self.spark.table("_queries").columns
-        result = self.spark.table("_queries")
-        for g, (events, lists) in enumerate(groups):
-            if max_len == 0:
-                for name in lists:
-                    result = result.selectExpr("*", f"{self.empty_list()} AS {name}")
-                continue
-            self.create(
-                f"_need{g}",
-                f"SELECT _qid, {USER_ID}, _n FROM (SELECT _qid, {USER_ID}, _kind, sum(_kind) OVER (PARTITION BY "
-                f"{USER_ID} ORDER BY {TIMESTAMP}, _kind ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS _n FROM ("
-                f"SELECT {USER_ID}, {TIMESTAMP}, 0 AS _kind, _qid FROM _queries UNION ALL "
-                f"SELECT {USER_ID}, {TIMESTAMP}, 1 AS _kind, NULL AS _qid FROM {events})) WHERE _kind = 0 AND _n > 0",
-            )
-            values = ", ".join(f"{expr} AS _v{i}" for i, expr in enumerate(lists.values()))
-            gathered = ", ".join(
-                f"collect_list(_v{i}) OVER (PARTITION BY {USER_ID} ORDER BY _k ROWS BETWEEN {max_len - 1} PRECEDING "
-                f"AND CURRENT ROW) AS _l{i}" for i in range(len(lists)))
-            numbered = (f"SELECT *, row_number() OVER (PARTITION BY {USER_ID} ORDER BY {TIMESTAMP}, {SEQ}) AS _k "
-                        f"FROM (SELECT {USER_ID}, {TIMESTAMP}, {SEQ}, {values} FROM {events})")
-            self.create(
-                f"_hist{g}",
-                f"SELECT h.* FROM (SELECT {USER_ID}, _k, {gathered} FROM ({numbered})) h {self.SEMI} "
-                f"(SELECT DISTINCT {USER_ID}, _n FROM _need{g}) d ON h.{USER_ID} = d.{USER_ID} AND h._k = d._n",
-            )
-            self.create(
-                f"_lists{g}",
-                f"SELECT n._qid, {', '.join(f'h._l{i} AS {name}' for i, name in enumerate(lists))} FROM _need{g} n "
-                f"JOIN _hist{g} h ON n.{USER_ID} = h.{USER_ID} AND n._n = h._k",
-            )
-            joined = result.join(self.spark.table(f"_lists{g}"), "_qid", "left")
-            result = joined.selectExpr(*[f"`{c}`" for c in result.columns],
-                                       *[f"coalesce({name}, {self.empty_list()}) AS {name}" for name in lists])
-            self.drop(f"_need{g}")
-            self.drop(f"_hist{g}")
-        result = result.selectExpr(*[f"`{c}`" for c in columns if c != "_qid"],
-                                   *[f"{name}" for _, lists in groups for name in lists],
-                                   *[f"{expr} AS {name}" for name, expr in extra.items()])
-        self._materialize(table, result)
-        for g in range(len(groups) if max_len else 0):
-            self.drop(f"_lists{g}")
-        self.drop("_queries")
+        query = self.spark.sql(f"SELECT * FROM {queries}")
+        outputs = [f"`{c}`" for c in query.columns]
+        outputs += [f"{expr} AS {name}" for name, expr in (extra or {}).items()]
+        if max_len == 0:
+            self._materialize(table, query.selectExpr(
+                *outputs[:len(query.columns)], *[f"{self.empty_list()} AS {c}" for _, lists in groups for c in lists],
+                *outputs[len(query.columns):]))
+            return
+        union = query.selectExpr("*", "0 AS _kind")
+        for g, (events, _) in enumerate(groups):
+            union = union.unionByName(self.spark.sql(f"SELECT {USER_ID}, {TIMESTAMP}, {g + 1} AS _kind FROM {events}"),
+                                      allowMissingColumns=True)
+        order = f"PARTITION BY {USER_ID} ORDER BY {TIMESTAMP}, _kind ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW"
+        union.selectExpr("*", *[f"sum(CASE WHEN _kind = {g + 1} THEN 1 ELSE 0 END) OVER ({order}) AS _n{g}"
+                                for g in range(len(groups))]).where("_kind = 0").createOrReplaceTempView("_numbered")
+        joins, lists = [], []
+        for g, (events, columns) in enumerate(groups):
+            fields = ", ".join(f"'v{i}', {expr}" for i, expr in enumerate(columns.values()))
+            self.spark.sql(
+                f"SELECT {USER_ID}, array_sort(collect_list(named_struct('t', {TIMESTAMP}, 's', {SEQ}, {fields}))) AS _e "
+                f"FROM {events} GROUP BY {USER_ID}"
+            ).createOrReplaceTempView(f"_events{g}")
+            joins.append(f"LEFT JOIN _events{g} e{g} ON n.{USER_ID} = e{g}.{USER_ID}")
+            window = f"slice(e{g}._e, greatest(n._n{g} - {max_len - 1}, 1), least(n._n{g}, {max_len}))"
+            lists += [f"coalesce(transform({window}, x -> x.v{i}), {self.empty_list()}) AS {name}"
+                      for i, name in enumerate(columns)]
+        outputs = [f"n.{c}" for c in outputs[:len(query.columns)]] + lists + outputs[len(query.columns):]
+        self._materialize(table, self.spark.sql(f"SELECT {', '.join(outputs)} FROM _numbered n {' '.join(joins)}"))
+        for name in ["_numbered"] + [f"_events{g}" for g in range(len(groups))]:
+            self.spark.catalog.dropTempView(name)
 
     def write_parquet(self, query: str, path: Path, schema: pa.Schema, row_group_size: int) -> None:
         """Writes the rows of ``query`` in order into the Parquet file ``path`` (zstd), in row groups of
