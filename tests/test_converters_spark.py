@@ -33,9 +33,14 @@ SPARK = ["--engine", "spark", "--spark-master", "local[2]", "--spark-partitions"
 
 @pytest.fixture(scope="module")
 def spark():
+    """The module's session, set for small data: 2 cores, 2 partitions, no UI, no adaptive re-planning, no
+    whole-stage code generation, and a JVM that compiles with C1 only (short runs on small data spend most of
+    their CPU compiling otherwise)."""
     session = (SparkSession.builder.master("local[2]").appName("mdaf-rec tests")
                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.shuffle.partitions", "2").config("spark.default.parallelism", "2")
+               .config("spark.sql.adaptive.enabled", "false").config("spark.sql.codegen.wholeStage", "false")
+               .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
                .getOrCreate())
     session.sparkContext.setLogLevel("ERROR")
     yield session
@@ -119,11 +124,11 @@ def test_taobao_ad_raw_with_behavior_log(spark, tmp_path):
 
 def test_behavior_sample(spark, tmp_path):
     """UserBehavior: positives, splits, timestamps, labels and every history identical row by row; the
-    negatives (Spark's xxhash64 draws, not DuckDB's hash) by their statistics: 3 per click, never an item the
+    negatives (Spark's xxhash64 draws, not DuckDB's hash) by their statistics: one per click, never an item the
     user touched, the category of the item's first click that day, and per (day, item) as many as its clicks
     that day, about as closely as DuckDB's draws."""
     raw = shared_data() / "taobao_userbehavior_sample" / "UserBehavior_sample.csv"
-    duck, sp, a, b = convert_both("taobao-behavior", raw, tmp_path, "--negatives", "3", "--max-history", "10")
+    duck, sp, a, b = convert_both("taobao-behavior", raw, tmp_path, "--max-history", "10")
     assert_same_meta(duck, sp)
     drawn = [ITEM_ID, CATEGORY_ID]
     assert b.drop_columns(drawn).equals(a.drop_columns(drawn))
@@ -137,7 +142,7 @@ def test_behavior_sample(spark, tmp_path):
     correlation = []
     for t in (a, b):
         neg = t.filter(pc.equal(t[LABEL], 0))
-        assert neg.num_rows == 3 * pv.sum()
+        assert neg.num_rows == pv.sum()
         neg_user, neg_item = neg[USER_ID].to_numpy(), neg[ITEM_ID].to_numpy()
         assert not np.isin(neg_user * (1 << 32) + neg_item, touched).any()
         keys = local_days(neg[TIMESTAMP].to_numpy(), "Asia/Shanghai") * (1 << 40) + neg_item
@@ -147,8 +152,7 @@ def test_behavior_sample(spark, tmp_path):
         assert np.array_equal(category[at[same_day]], neg[CATEGORY_ID].to_numpy()[same_day])
         per_pair = np.bincount(at[same_day], minlength=len(click_keys))
         correlation.append(np.corrcoef(per_pair, click_counts)[0, 1])
-    assert correlation[0] == pytest.approx(0.7281, abs=0.02)
-    assert correlation[1] == pytest.approx(correlation[0], abs=0.02)
+    assert correlation[0] > 0.5 and correlation[1] == pytest.approx(correlation[0], abs=0.03), correlation
     assert not b.filter(pc.equal(b[LABEL], 0))[ITEM_ID].equals(a.filter(pc.equal(a[LABEL], 0))[ITEM_ID])
 
 
@@ -176,6 +180,8 @@ def test_one_line_errors(tmp_path, monkeypatch, capsys):
     assert "no java on PATH and JAVA_HOME unset" in error()
     monkeypatch.setitem(sys.modules, "mdaf_rec.data.converters.spark_engine", None)
     assert "pyspark is not installed" in error()
+    assert cli_main([*command[:-2], "--spark-partitions", "4"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--spark-partitions: only with --engine spark")
     for option, value in (("--spark-master", "spark://nohost"), ("--spark-driver-memory", "lots")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(command[1:] + [option, value])

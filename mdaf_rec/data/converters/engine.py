@@ -44,6 +44,8 @@ MIN_ROWS_PER_GROUP = 1 << 12
 TARGET_GROUPS = 64
 # Column with the row's position in the raw files (file order), added by Engine.stage; ties keep it.
 SEQ = "seq"
+# the options that only --engine spark reads
+SPARK_OPTIONS = ("spark_master", "spark_driver_memory", "spark_executor_memory", "spark_partitions")
 _JVM_SIZE = re.compile(r"^\s*[0-9]+\s*[kmgt]b?\s*$", re.IGNORECASE)
 _MASTERS = (
     re.compile(r"^local(\[([0-9]+|\*)(,[0-9]+)?\])?$"),
@@ -112,6 +114,9 @@ def open_engine(args: argparse.Namespace) -> "Engine":
     """The engine ``args.engine`` names (``duckdb`` when the namespace has none): a DuckDB :class:`Engine` or a
     ``SparkEngine`` (:mod:`.spark_engine`; pyspark is imported only here)."""
     if getattr(args, "engine", "duckdb") == "duckdb":
+        given = [f"--{k.replace('_', '-')}" for k in SPARK_OPTIONS if getattr(args, k, None) is not None]
+        if given:
+            raise ConversionError(f"{', '.join(given)}: only with --engine spark")
         return Engine(args)
     try:
         from mdaf_rec.data.converters.spark_engine import SparkEngine

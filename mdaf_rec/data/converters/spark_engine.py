@@ -296,20 +296,28 @@ class SparkEngine:
         the one file."""
         parts = self.folder / "parts" / path.stem
         self._run(lambda: self.spark.sql(query).write.mode("overwrite").parquet(str(parts)))
-        pending: List[pa.RecordBatch] = []
-        buffered = 0
-        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-            for part in sorted(parts.glob("part-*.parquet")):
-                for batch in pq.ParquetFile(part).iter_batches(batch_size=row_group_size):
-                    if not batch.num_rows:
-                        continue
-                    pending += pa.Table.from_batches([batch]).cast(schema).to_batches()
-                    buffered += batch.num_rows
-                    while buffered >= row_group_size:
-                        group = pa.Table.from_batches(pending, schema)
-                        writer.write_table(group.slice(0, row_group_size), row_group_size=row_group_size)
-                        rest = group.slice(row_group_size)
-                        pending, buffered = rest.to_batches(), rest.num_rows
-            if buffered:
-                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=row_group_size)
+        # part-NNNNN-...-cMMM: the partition number, then the file within the partition
+        files = sorted(parts.glob("part-*.parquet"), key=lambda f: (int(f.name.split("-")[1]), f.name))
+        concat_parquet(files, path, schema, row_group_size)
         shutil.rmtree(parts, ignore_errors=True)
+
+
+def concat_parquet(parts: Sequence[Path], path: Path, schema: pa.Schema, row_group_size: int) -> None:
+    """Streams the rows of the Parquet files ``parts``, in order, into the file ``path`` (zstd) cast to
+    ``schema``, in row groups of exactly ``row_group_size`` rows (the last one: the rest)."""
+    pending: List[pa.RecordBatch] = []
+    buffered = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=row_group_size):
+                if not batch.num_rows:
+                    continue
+                pending += pa.Table.from_batches([batch]).cast(schema).to_batches()
+                buffered += batch.num_rows
+                while buffered >= row_group_size:
+                    group = pa.Table.from_batches(pending, schema)
+                    writer.write_table(group.slice(0, row_group_size), row_group_size=row_group_size)
+                    rest = group.slice(row_group_size)
+                    pending, buffered = rest.to_batches(), rest.num_rows
+        if buffered:
+            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=row_group_size)
