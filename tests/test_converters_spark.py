@@ -178,8 +178,10 @@ def test_one_line_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("JAVA_HOME")
     monkeypatch.setenv("PATH", str(tmp_path))
     assert "no java on PATH and JAVA_HOME unset" in error()
-    monkeypatch.setitem(sys.modules, "mdaf_rec.data.converters.spark_engine", None)
-    assert "pyspark is not installed" in error()
+    monkeypatch.delitem(sys.modules, "mdaf_rec.data.converters.spark_engine")
+    for name in [m for m in sys.modules if m.split(".")[0] == "pyspark"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    assert "--engine spark: pyspark is not installed" in error()
     assert cli_main([*command[:-2], "--spark-partitions", "4"]) == 2
     assert capsys.readouterr().err.strip().endswith("--spark-partitions: only with --engine spark")
     for option, value in (("--spark-master", "spark://nohost"), ("--spark-driver-memory", "lots")):
