@@ -5,7 +5,6 @@ master is a one-line error. One SparkSession (local[2], 2 shuffle partitions, no
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pyspark.sql import SparkSession
 from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
-from mdaf_rec.data.converters.common import ConversionError, local_days
+from mdaf_rec.data.converters.common import local_days
 from mdaf_rec.data.converters.engine import add_histories
 from mdaf_rec.data.converters.spark_engine import SparkEngine
 from converter_digests import raw_path

@@ -23,7 +23,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -111,8 +111,6 @@ class SparkEngine:
                 self.spark = active
             if args.spark_partitions is not None:
                 self.spark.conf.set("spark.sql.shuffle.partitions", str(args.spark_partitions))
-        except ConversionError:
-            raise
         except Exception as e:  # the JVM did not start or the cluster refused the application
             shutil.rmtree(self.folder, ignore_errors=True)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
