@@ -168,7 +168,9 @@ def report_engines(results: List[Dict], args: argparse.Namespace, fmt: str, size
         f"Machine: {machine()}. `nice -n 10`; **other jobs shared the 2 cores** during these runs, so wall times "
         "are pessimistic and noisy. Spark in local mode (`--spark-master local[THREADS]`, "
         "`--spark-driver-memory` = the DuckDB limit); its peak memory is the summed RSS of the converter's "
-        "process tree (Python + JVM) sampled every 0.2 s, DuckDB's is `/usr/bin/time -v`'s.",
+        "process tree (Python + JVM) sampled every 0.2 s, DuckDB's is `/usr/bin/time -v`'s. Spark in local mode "
+        "is expected to be slower than DuckDB on one machine (a JVM, a job and a Parquet round-trip per step, every "
+        "redraw round of the negative sampler included): it is there for clusters (docs/data.md).",
         "",
         f"`mdaf-rec data {fmt}`" + (f" with `--behavior-log` ({args.log_ratio:g} log rows per impression)"
                                      if args.dataset == "ad" and args.log_ratio else ""),
