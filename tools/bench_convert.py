@@ -12,6 +12,12 @@ Usage::
     python tools/bench_convert.py behavior --sizes 1000000,4000000,16000000 --limits 1GB,2GB
     python tools/bench_convert.py ad --sizes 1000000,4000000 --log-ratio 4 --limits 1GB,2GB
     python tools/bench_convert.py behavior --work DIR --report-only   # the results stored in DIR so far
+    python tools/bench_convert.py behavior --sizes 1000000 --limits 2GB --engine spark   # Spark beside DuckDB
+
+``--engine spark`` runs each (size, limit) on both engines (DuckDB's runs are reused from ``--work``) with
+``--engine spark --spark-master local[THREADS] --spark-driver-memory LIMIT`` and writes its own section, "Spark
+vs DuckDB". Spark's JVM is a child of the Python process that ``/usr/bin/time`` does not wait for, so peak
+memory there is the largest sum of the RSS of the converter's process tree, sampled every 0.2 s.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import re
 import shutil
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,20 +47,55 @@ DOC = REPO / "docs" / "benchmarks.md"
 REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134}
 
 
-def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str]) -> Dict[str, float]:
-    """One conversion under ``/usr/bin/time -v``: wall seconds, peak RSS (GB) and output rows."""
+def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str],
+             engine: str = "duckdb") -> Dict[str, float]:
+    """One conversion under ``/usr/bin/time -v``: wall seconds, peak RSS (GB) and output rows (Spark: peak RSS
+    of the process tree, :func:`_tree_rss_kb`)."""
     shutil.rmtree(out, ignore_errors=True)
+    if engine == "spark":
+        extra = [*extra, "--engine", "spark", "--spark-master", f"local[{threads}]",
+                 "--spark-driver-memory", limit.lower().replace("gib", "g").replace("gb", "g")]
     cmd = ["/usr/bin/time", "-v", "nice", "-n", "10", sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
            "--raw", str(raw), "--out", str(out), "--memory-limit", limit, "--threads", str(threads), *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                                     "PYTHONPATH": str(REPO)})
+    path = "/usr/bin:/bin" + (f":{Path(os.environ['JAVA_HOME']) / 'bin'}" if "JAVA_HOME" in os.environ else "")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": path, "PYTHONPATH": str(REPO)})
+    tree_kb = 0
+    while proc.poll() is None and engine == "spark":
+        tree_kb = max(tree_kb, _tree_rss_kb(proc.pid))
+        time.sleep(0.2)
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"conversion failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+        raise SystemExit(f"conversion failed ({' '.join(cmd)}):\n{stderr[-2000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": wall, "rss_gb": rss_kb / 1e6, "rows_out": meta["rows"]}
+    return {"seconds": wall, "rss_gb": max(rss_kb, tree_kb) / 1e6, "rows_out": meta["rows"]}
+
+
+def _tree_rss_kb(root: int) -> int:
+    """The summed resident memory (kB) of process ``root`` and all its descendants, from /proc."""
+    children: Dict[int, List[int]] = {}
+    rss: Dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+        found = re.search(r"VmRSS:\s+(\d+) kB", status)
+        rss[int(entry.name)] = int(found.group(1)) if found else 0
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
 
 
 def generate(dataset: str, rows: int, log_ratio: float, work: Path) -> Path:
@@ -76,7 +118,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--limits", default="1GB,2GB", help="--memory-limit values (comma-separated)")
     parser.add_argument("--log-ratio", type=float, default=4.0,
                         help="ad: behavior_log.csv rows per impression (real data: 27; 0 = no log)")
-    parser.add_argument("--threads", type=int, default=2, help="DuckDB threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="DuckDB threads / Spark local[N] (default 2)")
+    parser.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
+                        help="spark: run Spark beside DuckDB at each (size, limit) and write the 'Spark vs DuckDB' section")
     parser.add_argument("--work", type=Path, default=None, help="folder for raw files and outputs (kept)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("--report-only", action="store_true",
@@ -95,20 +139,51 @@ def main(argv: List[str] | None = None) -> int:
         raw_rows = rows + (int(rows * args.log_ratio) if args.dataset == "ad" else 0)
         extra = ["--behavior-log", str(raw / "behavior_log.csv")] if args.dataset == "ad" and args.log_ratio else []
         for limit in limits:
-            if any(r["rows"] == rows and r["limit"] == limit and r["threads"] == args.threads for r in results):
-                continue
-            r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra)
-            r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads)
-            results.append(r)
-            store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
-            print(f"{fmt} {raw_rows:>11,} raw rows, --memory-limit {limit}: {r['seconds']:7.1f} s, "
-                  f"peak RSS {r['rss_gb']:.2f} GB, {r['rows_out']:,} rows out", flush=True)
-    body = report(results, args, fmt)
+            for engine in ("duckdb", "spark") if args.engine == "spark" else ("duckdb",):
+                if any(r["rows"] == rows and r["limit"] == limit and r["threads"] == args.threads
+                       and r.get("engine", "duckdb") == engine for r in results):
+                    continue
+                r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra, engine)
+                r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads, engine=engine)
+                results.append(r)
+                store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
+                print(f"{fmt} {engine} {raw_rows:>11,} raw rows, --memory-limit {limit}: {r['seconds']:7.1f} s, "
+                      f"peak RSS {r['rss_gb']:.2f} GB, {r['rows_out']:,} rows out", flush=True)
+    if args.engine == "spark":
+        body = report_engines(results, args, fmt, sizes, limits)
+        section = f"{SECTION} - Spark vs DuckDB"
+    else:
+        body = report([r for r in results if r.get("engine", "duckdb") == "duckdb"], args, fmt)
+        section = SECTION + (" - Taobao Ad" if args.dataset == "ad" else " - UserBehavior")
     print(body)
     if not args.no_write:
-        section = SECTION + (" - Taobao Ad" if args.dataset == "ad" else " - UserBehavior")
         write_section(DOC, section, body)
     return 0
+
+
+def report_engines(results: List[Dict], args: argparse.Namespace, fmt: str, sizes: List[int],
+                   limits: List[str]) -> str:
+    """The markdown table of both engines' runs at ``sizes`` x ``limits``."""
+    lines = [
+        f"Machine: {machine()}. `nice -n 10`; **other jobs shared the 2 cores** during these runs, so wall times "
+        "are pessimistic and noisy. Spark in local mode (`--spark-master local[THREADS]`, "
+        "`--spark-driver-memory` = the DuckDB limit); its peak memory is the summed RSS of the converter's "
+        "process tree (Python + JVM) sampled every 0.2 s, DuckDB's is `/usr/bin/time -v`'s. Spark in local mode "
+        "is expected to be slower than DuckDB on one machine (a JVM, a job and a Parquet round-trip per step, every "
+        "redraw round of the negative sampler included): it is there for clusters (docs/data.md).",
+        "",
+        f"`mdaf-rec data {fmt}`" + (f" with `--behavior-log` ({args.log_ratio:g} log rows per impression)"
+                                     if args.dataset == "ad" and args.log_ratio else ""),
+        "",
+        "| engine | raw rows read | memory | threads | wall s | raw rows/s | peak RSS GB | rows out |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(results, key=lambda r: (r["raw_rows"], r["limit"], r.get("engine", "duckdb"))):
+        if r["rows"] in sizes and r["limit"] in limits and r["threads"] == args.threads:
+            lines.append(f"| {r.get('engine', 'duckdb')} | {r['raw_rows']:,} | {r['limit']} | {r['threads']} "
+                         f"| {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} | {r['rss_gb']:.2f} "
+                         f"| {r['rows_out']:,} |")
+    return "\n".join(lines)
 
 
 def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:

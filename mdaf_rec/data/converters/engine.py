@@ -7,6 +7,11 @@ negative sampling, counts) then runs as SQL on a DuckDB database file in the tem
 DuckDB's ``memory_limit`` (``--memory-limit``), ``temp_directory`` (spills) and ``threads`` set, so peak
 memory is bounded by the setting, not by the input size. :func:`write_dataset` streams each split out of
 DuckDB as Arrow batches into Parquet (zstd) with row groups sized for per-rank reading.
+
+``--engine spark`` runs the same SQL on Spark (:mod:`.spark_engine`, imported only then). The converters'
+SQL is the dialect both engines share; what differs (making a table, ``hash``, ASOF joins, ``range``,
+list columns, the history window, the Parquet writer) is a method of each engine (:class:`Engine` here,
+``SparkEngine`` there), opened by :func:`open_engine`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ MIN_ROWS_PER_GROUP = 1 << 12
 TARGET_GROUPS = 64
 # Column with the row's position in the raw files (file order), added by Engine.stage; ties keep it.
 SEQ = "seq"
+# the options that only --engine spark reads
+SPARK_OPTIONS = ("spark_master", "spark_driver_memory", "spark_executor_memory", "spark_partitions")
+_JVM_SIZE = re.compile(r"^\s*[0-9]+\s*[kmgt]b?\s*$", re.IGNORECASE)
+_MASTERS = (
+    re.compile(r"^local(\[([0-9]+|\*)(,[0-9]+)?\])?$"),
+    re.compile(r"^spark://[^\s:,/]+:[0-9]+(,[^\s:,/]+:[0-9]+)*$"),
+    re.compile(r"^yarn$"),
+    re.compile(r"^k8s://\S+$"),
+)
 
 
 def memory_size(text: str) -> str:
@@ -48,8 +62,29 @@ def memory_size(text: str) -> str:
     return text.strip()
 
 
+def spark_memory(text: str) -> str:
+    """A JVM memory size such as ``4g`` or ``512m`` (argparse type)."""
+    if not _JVM_SIZE.match(text):
+        raise argparse.ArgumentTypeError(f"expected a JVM memory size such as 4g or 512m, got {text!r}")
+    return text.strip().lower()
+
+
+def spark_master(text: str) -> str:
+    """A Spark master URL: ``local``, ``local[N]``, ``local[*]``, ``local[N,F]``, ``spark://HOST:PORT[,HOST:PORT]``,
+    ``yarn`` or ``k8s://URL`` (argparse type)."""
+    if not any(p.match(text) for p in _MASTERS):
+        raise argparse.ArgumentTypeError(
+            f"expected local[*], local[N], spark://HOST:PORT, yarn or k8s://URL, got {text!r}")
+    return text
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--memory-limit``, ``--temp-dir`` and ``--threads``."""
+    """Adds ``--engine``, ``--memory-limit``, ``--temp-dir``, ``--threads`` and the ``--spark-*`` options."""
+    parser.add_argument(
+        "--engine", choices=("duckdb", "spark"), default="duckdb",
+        help="SQL engine for joins, splits, histories and negatives: DuckDB on this machine (default), or Spark "
+        "(needs pyspark and Java 17+; docs/data.md)",
+    )
     parser.add_argument(
         "--memory-limit", type=memory_size, default=DEFAULT_MEMORY_LIMIT,
         help="DuckDB memory limit; larger intermediate results spill to --temp-dir (default %(default)s)",
@@ -61,6 +96,33 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="DuckDB threads (default: one per core)")
+    parser.add_argument(
+        "--spark-master", type=spark_master, default=None,
+        help="--engine spark: the Spark master (default local[*]; under spark-submit, its --master)",
+    )
+    parser.add_argument("--spark-driver-memory", type=spark_memory, default=None,
+                        help="--engine spark: spark.driver.memory, e.g. 8g (local mode: all the memory Spark "
+                        "works in; default Spark's, 1g)")
+    parser.add_argument("--spark-executor-memory", type=spark_memory, default=None,
+                        help="--engine spark: spark.executor.memory on a cluster, e.g. 8g (default Spark's, 1g)")
+    parser.add_argument("--spark-partitions", type=positive_int, default=None,
+                        help="--engine spark: spark.sql.shuffle.partitions (default Spark's, 200, coalesced by "
+                        "adaptive execution)")
+
+
+def open_engine(args: argparse.Namespace) -> "Engine":
+    """The engine ``args.engine`` names (``duckdb`` when the namespace has none): a DuckDB :class:`Engine` or a
+    ``SparkEngine`` (:mod:`.spark_engine`; pyspark is imported only here)."""
+    if getattr(args, "engine", "duckdb") == "duckdb":
+        given = [f"--{k.replace('_', '-')}" for k in SPARK_OPTIONS if getattr(args, k, None) is not None]
+        if given:
+            raise ConversionError(f"{', '.join(given)}: only with --engine spark")
+        return Engine(args)
+    try:
+        from mdaf_rec.data.converters.spark_engine import SparkEngine
+    except ImportError as e:
+        raise ConversionError(f"--engine spark: pyspark is not installed ({e}); pip install 'mdaf_rec[spark]'") from None
+    return SparkEngine(args)
 
 
 def rows_per_group(rows: int) -> int:
@@ -68,16 +130,48 @@ def rows_per_group(rows: int) -> int:
     return int(min(ROWS_PER_GROUP, max(MIN_ROWS_PER_GROUP, -(-rows // TARGET_GROUPS))))
 
 
+def temp_folder(args: argparse.Namespace) -> Path:
+    """A fresh folder ``.convert-*`` under ``--temp-dir`` (or ``--out``) for an engine's files."""
+    parent = Path(args.temp_dir) if args.temp_dir is not None else Path(args.out)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".convert-", dir=parent))
+
+
+def write_staged(path: Path, blocks: Iterable[Mapping[str, np.ndarray]]) -> int:
+    """Streams ``blocks`` (equal-length named numpy columns) into the Parquet file ``path`` with a column
+    :data:`SEQ` numbering the rows in order; returns the number of rows (0: no file)."""
+    writer: Optional[pq.ParquetWriter] = None
+    rows = 0
+    try:
+        for block in blocks:
+            n = len(next(iter(block.values())))
+            table = pa.table({SEQ: np.arange(rows, rows + n, dtype=np.int64), **block})
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table)
+            rows += n
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
 class Engine:
     """A DuckDB database in a fresh folder under ``--temp-dir`` (or ``--out``), removed on exit.
 
     Use as a context manager. ``args`` needs ``out``, ``memory_limit``, ``temp_dir`` and ``threads``.
+    The methods below :meth:`stage` are the dialect both engines provide (``SparkEngine`` has the same).
     """
 
+    dialect = "duckdb"
+    # join keywords: keep the left rows with (SEMI) / without (ANTI) a match
+    SEMI = "SEMI JOIN"
+    ANTI = "ANTI JOIN"
+    # SQL type of the list columns
+    LIST = "BIGINT[]"
+
     def __init__(self, args: argparse.Namespace) -> None:
-        parent = Path(args.temp_dir) if args.temp_dir is not None else Path(args.out)
-        parent.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix=".convert-", dir=parent))
+        self.folder = temp_folder(args)
         config: Dict[str, Any] = {
             "memory_limit": args.memory_limit,
             "temp_directory": str(self.folder / "spill"),
@@ -133,22 +227,60 @@ class Engine:
             The number of rows (0: no view is made).
         """
         path = self.folder / f"{name}.parquet"
-        writer: Optional[pq.ParquetWriter] = None
-        rows = 0
-        try:
-            for block in blocks:
-                n = len(next(iter(block.values())))
-                table = pa.table({SEQ: np.arange(rows, rows + n, dtype=np.int64), **block})
-                if writer is None:
-                    writer = pq.ParquetWriter(path, table.schema, compression="zstd")
-                writer.write_table(table)
-                rows += n
-        finally:
-            if writer is not None:
-                writer.close()
+        rows = write_staged(path, blocks)
         if rows:
             self.sql(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
         return rows
+
+    def create(self, name: str, query: str) -> None:
+        """Makes (or replaces) the table ``name`` holding the result of ``query``."""
+        self.sql(f"CREATE OR REPLACE TABLE {name} AS {query}")
+
+    def append(self, name: str, query: str) -> None:
+        """Adds the result of ``query`` to the table ``name``."""
+        self.sql(f"INSERT INTO {name} {query}")
+
+    def drop(self, name: str) -> None:
+        """Removes the table ``name``."""
+        self.sql(f"DROP TABLE {name}")
+
+    @staticmethod
+    def numbers(n: int) -> str:
+        """A relation of one BIGINT column ``j``: 0, 1, ..., ``n - 1``."""
+        return f"(SELECT range AS j FROM range({n}))"
+
+    @staticmethod
+    def uniform(keys: str, total: str) -> str:
+        """SQL of a BIGINT in ``[0, total)`` that is a hash of the comma-separated expressions ``keys``."""
+        return f"(hash({keys}) % {total}::UBIGINT)::BIGINT"
+
+    @staticmethod
+    def range_join(left: str, right: str) -> str:
+        """``left`` (alias ``a``; columns ``seg``, ``u``) joined with the row (alias ``p``) of ``right`` (columns
+        ``seg``, ``lo``, ``cnt``; per ``seg`` the ranges ``[lo, lo + cnt)`` tile ``[0, total)``) whose range holds
+        ``a.u``, for a FROM clause."""
+        return f"{left} a ASOF JOIN {right} p ON a.seg = p.seg AND a.u >= p.lo"
+
+    @staticmethod
+    def ordered_list(value: str, order: str) -> str:
+        """Aggregate SQL: the list of ``value`` ordered by ``order``."""
+        return f"list({value} ORDER BY {order})"
+
+    @staticmethod
+    def unnest(column: str, value: str, position: str) -> str:
+        """SELECT-list SQL: one row per element of the list ``column``, as ``value`` and its ``position``
+        (increasing along the list)."""
+        return f"unnest({column}) AS {value}, generate_subscripts({column}, 1) AS {position}"
+
+    def empty_list(self) -> str:
+        """SQL of an empty list of the list-column type."""
+        return f"[]::{self.LIST}"
+
+    def write_parquet(self, query: str, path: Path, schema: pa.Schema, row_group_size: int) -> None:
+        """Writes the rows of ``query`` (its columns cast to ``schema``'s types in SQL) in order into the
+        Parquet file ``path`` (zstd), in row groups of ``row_group_size`` rows."""
+        del schema  # the query's casts give DuckDB's COPY the types
+        self.sql(f"COPY ({query}) TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_size})")
 
 
 def add_histories(
@@ -178,6 +310,9 @@ def add_histories(
     over the variable frame from that position to the row before the query gathers the history. Each step
     is a sort, a join or a window that spills under the memory limit, and lists are only built for queries.
     """
+    if engine.dialect != "duckdb":
+        engine.add_histories(table, queries, groups, max_len, extra)
+        return
     extra = dict(extra or {})
     extra_sql = "".join(f", {expr} AS {name}" for name, expr in extra.items())
     if max_len == 0:
@@ -306,7 +441,7 @@ def write_dataset(
     stats = {int(r[0]): r[1:] for r in engine.rows(
         f"SELECT split, count(*), sum({LABEL}), min({TIMESTAMP}), max({TIMESTAMP}) FROM {rows} GROUP BY split"
     )}
-    columns = ", ".join(_sql_column(f) for f in schema)
+    columns = ", ".join(_sql_column(f, engine.LIST) for f in schema)
     splits: Dict[str, Any] = {}
     groups: Dict[str, int] = {}
     total = labels = 0
@@ -314,10 +449,8 @@ def write_dataset(
         n, clicks, first, last = stats.get(code, (0, 0, None, None))
         path = out / f"{split}.parquet"
         if n:
-            engine.sql(
-                f"COPY (SELECT {columns} FROM {rows} WHERE split = {code} ORDER BY {order_by}) TO '{path}' "
-                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {rows_per_group(n)})"
-            )
+            engine.write_parquet(f"SELECT {columns} FROM {rows} WHERE split = {code} ORDER BY {order_by}", path,
+                                 schema, rows_per_group(n))
         else:
             pq.write_table(schema.empty_table(), path, compression="zstd")
         groups[split] = pq.ParquetFile(path).metadata.num_row_groups
@@ -346,8 +479,8 @@ def write_dataset(
     return full
 
 
-def _sql_column(f: pa.Field) -> str:
+def _sql_column(f: pa.Field, list_type: str) -> str:
     if pa.types.is_list(f.type):
-        return f"{f.name}::BIGINT[] AS {f.name}"
+        return f"{f.name}::{list_type} AS {f.name}"
     sql_type = {pa.int64(): "BIGINT", pa.int8(): "TINYINT", pa.float32(): "FLOAT"}[f.type]
     return f"{f.name}::{sql_type} AS {f.name}"

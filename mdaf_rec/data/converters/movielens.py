@@ -31,9 +31,9 @@ from mdaf_rec.data.converters.common import (
 )
 from mdaf_rec.data.converters.engine import (
     SEQ,
-    Engine,
     add_engine_arguments,
     add_histories,
+    open_engine,
     time_quantile_split,
     write_dataset,
 )
@@ -86,14 +86,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         read_ratings, read_movies = _read_100k_ratings, _read_100k_movies
     else:
         raise ConversionError(f"{raw}: neither ratings.csv (ml-latest) nor u.data (ml-100k) found")
-    with Engine(args) as engine:
+    with open_engine(args) as engine:
         if not engine.stage("ratings", read_ratings(ratings_path, bad)):
             raise ConversionError(f"{ratings_path}: no ratings")
         if not engine.stage("movies", read_movies(movies_path, bad)):
             raise ConversionError(f"{movies_path}: no movies")
-        movies = f"(SELECT {ITEM_ID}, arg_min({CATEGORY_ID}, {SEQ}) AS {CATEGORY_ID} FROM movies GROUP BY {ITEM_ID})"
-        engine.sql(
-            f"CREATE TABLE events AS SELECT r.{SEQ}, {USER_ID}, r.{ITEM_ID}, "
+        movies = f"(SELECT {ITEM_ID}, min_by({CATEGORY_ID}, {SEQ}) AS {CATEGORY_ID} FROM movies GROUP BY {ITEM_ID})"
+        engine.create(
+            "events", f"SELECT r.{SEQ}, {USER_ID}, r.{ITEM_ID}, "
             f"coalesce(m.{CATEGORY_ID}, {MISSING_ID}) AS {CATEGORY_ID}, {TIMESTAMP}, "
             f"(rating >= {float(args.threshold)!r}::DOUBLE)::TINYINT AS {LABEL}, m.{ITEM_ID} IS NULL AS missing "
             f"FROM ratings r LEFT JOIN {movies} m ON r.{ITEM_ID} = m.{ITEM_ID}"

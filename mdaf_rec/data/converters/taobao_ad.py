@@ -53,6 +53,7 @@ from mdaf_rec.data.converters.engine import (
     add_engine_arguments,
     add_histories,
     local_date_split,
+    open_engine,
     write_dataset,
 )
 from mdaf_rec.data.schema import CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, SPLITS, TIMESTAMP, USER_ID
@@ -147,7 +148,7 @@ def _run_alimama(args: argparse.Namespace) -> Dict[str, Any]:
     bad = BadRows(args.on_bad_row)
     paths = [args.raw / name for name in ("raw_sample.csv", "ad_feature.csv", "user_profile.csv")]
     log = require_file(args.behavior_log) if args.behavior_log is not None else None
-    with Engine(args) as engine:
+    with open_engine(args) as engine:
         if not engine.stage("impressions", _read_impressions(paths[0], bad, args)):
             raise ConversionError(f"{paths[0]}: no impressions")
         ad_columns = ("cate_id", *AD_IDS, "price")
@@ -156,8 +157,8 @@ def _run_alimama(args: argparse.Namespace) -> Dict[str, Any]:
         ads = ", ".join(f"coalesce(a.{c}, {0.0 if c == 'price' else MISSING_ID}) AS "
                         f"{CATEGORY_ID if c == 'cate_id' else c}" for c in ad_columns)
         profiles = ", ".join(f"coalesce(u.{c}, {MISSING_ID}) AS {c}" for c in PROFILE_CODES)
-        engine.sql(
-            f"CREATE TABLE imp AS SELECT i.{SEQ}, i.{USER_ID}, i.{ITEM_ID}, i.{TIMESTAMP}, i.{LABEL}, i.pid, i.day, "
+        engine.create(
+            "imp", f"SELECT i.{SEQ}, i.{USER_ID}, i.{ITEM_ID}, i.{TIMESTAMP}, i.{LABEL}, i.pid, i.day, "
             f"{ads}, {profiles}, a.adgroup_id IS NULL AS ad_missing, u.userid IS NULL AS user_missing "
             f"FROM impressions i LEFT JOIN ads a ON i.{ITEM_ID} = a.adgroup_id "
             f"LEFT JOIN profiles u ON i.{USER_ID} = u.userid"
@@ -245,8 +246,8 @@ def _stage_table(engine: Engine, name: str, path: Path, key: str, names: Tuple[s
 
     if not engine.stage(f"{name}_raw", blocks()):
         raise ConversionError(f"{path}: no rows")
-    engine.sql(f"CREATE TABLE {name} AS SELECT * EXCLUDE (_first) FROM (SELECT *, row_number() OVER "
-               f"(PARTITION BY {key} ORDER BY {SEQ}) AS _first FROM {name}_raw) WHERE _first = 1")
+    engine.create(name, f"SELECT {SEQ}, {key}, {', '.join(names)} FROM (SELECT *, row_number() OVER "
+                  f"(PARTITION BY {key} ORDER BY {SEQ}) AS _first FROM {name}_raw) WHERE _first = 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def _fuxictr_files(raw: Path) -> List[Path]:
 
 def _run_fuxictr(args: argparse.Namespace, paths: List[Path]) -> Dict[str, Any]:
     bad = BadRows(args.on_bad_row)
-    with Engine(args) as engine:
+    with open_engine(args) as engine:
         if not engine.stage("fux", (block for code, path in enumerate(paths)
                                     for block in _read_fuxictr(path, code, bad, args))):
             raise ConversionError(f"{paths[0]}: no rows")
@@ -282,16 +283,16 @@ def _run_fuxictr(args: argparse.Namespace, paths: List[Path]) -> Dict[str, Any]:
             if not engine.one(f"SELECT count(*) FROM fux WHERE split = {code}")[0]:
                 raise ConversionError(f"{path}: no rows")
         # history categories from the ad table of all three files (an ad's first row)
-        engine.sql(f"CREATE TABLE ads AS SELECT {ITEM_ID}, arg_min({CATEGORY_ID}, {SEQ}) AS {CATEGORY_ID} "
-                   f"FROM fux GROUP BY {ITEM_ID}")
-        engine.sql(
-            f"CREATE TABLE hist AS SELECT h.{SEQ}, list(coalesce(a.{CATEGORY_ID}, {MISSING_ID}) ORDER BY h.pos) "
+        engine.create("ads", f"SELECT {ITEM_ID}, min_by({CATEGORY_ID}, {SEQ}) AS {CATEGORY_ID} FROM fux "
+                      f"GROUP BY {ITEM_ID}")
+        engine.create(
+            "hist", f"SELECT h.{SEQ}, {engine.ordered_list(f'coalesce(a.{CATEGORY_ID}, {MISSING_ID})', 'h.pos')} "
             f"AS {CATEGORY_HISTORY}, count_if(a.{ITEM_ID} IS NULL) AS unknown FROM "
-            f"(SELECT {SEQ}, unnest({ITEM_HISTORY}) AS item, generate_subscripts({ITEM_HISTORY}, 1) AS pos FROM fux) h "
+            f"(SELECT {SEQ}, {engine.unnest(ITEM_HISTORY, 'item', 'pos')} FROM fux) h "
             f"LEFT JOIN ads a ON h.item = a.{ITEM_ID} GROUP BY h.{SEQ}"
         )
-        engine.sql(f"CREATE TABLE rows AS SELECT f.*, coalesce(h.{CATEGORY_HISTORY}, []::BIGINT[]) AS "
-                   f"{CATEGORY_HISTORY} FROM fux f LEFT JOIN hist h ON f.{SEQ} = h.{SEQ}")
+        engine.create("rows", f"SELECT f.*, coalesce(h.{CATEGORY_HISTORY}, {engine.empty_list()}) AS "
+                      f"{CATEGORY_HISTORY} FROM fux f LEFT JOIN hist h ON f.{SEQ} = h.{SEQ}")
         unknown = engine.one("SELECT coalesce(sum(unknown), 0) FROM hist")[0]
         protocol = (
             "FuxiCTR's preprocessed TaobaoAd: one row per CSV row, splits as given (valid -> val); history "

@@ -13,7 +13,8 @@ item's first click (file order) in the pool it was drawn from, so never from a l
 History = the user's clicks strictly before the target's timestamp, most recent last. Split by
 local date (Asia/Shanghai): last day test, the day before val, the rest train. Rows = clicks x
 (1 + N); same ``--seed`` (and DuckDB version) -> identical output. Sampling, histories and splits run
-out of core as SQL (:mod:`.engine`).
+out of core as SQL (:mod:`.engine`; on Spark the same draws use another hash, so other negatives with the
+same distribution).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mdaf_rec.data.converters.engine import (
     add_engine_arguments,
     add_histories,
     local_date_split,
+    open_engine,
     write_dataset,
 )
 from mdaf_rec.data.schema import CATEGORY_HISTORY, CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, TIMESTAMP, USER_ID
@@ -77,11 +79,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Converts ``args.raw`` into ``args.out``; returns the meta written."""
     path = _raw_file(args.raw)
     bad = BadRows(args.on_bad_row)
-    with Engine(args) as engine:
+    with open_engine(args) as engine:
         if not engine.stage("events", _read(path, bad, args)):
             raise ConversionError(f"{path}: no rows")
-        engine.sql(f"CREATE TABLE clicks AS SELECT {SEQ}, {USER_ID}, {ITEM_ID}, {CATEGORY_ID}, {TIMESTAMP}, day "
-                   f"FROM events WHERE behavior = {CLICK}")
+        engine.create("clicks", f"SELECT {SEQ}, {USER_ID}, {ITEM_ID}, {CATEGORY_ID}, {TIMESTAMP}, day "
+                      f"FROM events WHERE behavior = {CLICK}")
         events, clicks, users = engine.one(
             f"SELECT (SELECT count(*) FROM events), count(*), count(DISTINCT {USER_ID}) FROM clicks")
         if not clicks:
@@ -92,8 +94,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         _sample_negatives(engine, args)
         # the rows (each click, then its negatives) are narrow until the history window adds the lists, so
         # no list ever goes through a join
-        engine.sql(
-            f"CREATE TABLE targets AS "
+        engine.create(
+            "targets",
             f"SELECT {SEQ}, -1 AS j, {USER_ID}, {ITEM_ID}, {CATEGORY_ID}, {TIMESTAMP}, day, 1 AS {LABEL} FROM clicks "
             f"UNION ALL SELECT c.{SEQ}, n.j, c.{USER_ID}, n.{ITEM_ID}, n.{CATEGORY_ID}, c.{TIMESTAMP}, c.day, 0 "
             f"FROM clicks c JOIN negatives n ON c.{SEQ} = n.{SEQ}"
@@ -146,44 +148,43 @@ def _sample_negatives(engine: Engine, args: argparse.Namespace) -> None:
     ``seq`` of ``clicks`` (see the module docstring).
 
     Each draw picks an entry of its pool segment with probability proportional to the entry's click count:
-    a uniform number ``u`` in ``[0, clicks of the segment)`` from DuckDB's ``hash(seed, seq, j, round)``,
-    then the entry whose cumulative click range holds ``u`` (an ASOF join). Draws that hit an item the
+    a uniform number ``u`` in ``[0, clicks of the segment)`` from the engine's hash of ``(seed, seq, j, round)``,
+    then the entry whose cumulative click range holds ``u`` (``engine.range_join``: DuckDB's ASOF join). Draws that hit an item the
     user touched are redrawn with the next round number. A draw whose user touched every item of its
     segment goes to the next, larger pool (:data:`POOLS`).
     """
-    engine.sql(f"CREATE TABLE negatives ({SEQ} BIGINT, j INTEGER, {ITEM_ID} BIGINT, {CATEGORY_ID} BIGINT)")
+    engine.create("negatives", f"SELECT CAST(NULL AS BIGINT) AS {SEQ}, CAST(NULL AS INTEGER) AS j, "
+                  f"CAST(NULL AS BIGINT) AS {ITEM_ID}, CAST(NULL AS BIGINT) AS {CATEGORY_ID} WHERE false")
     if not args.negatives:
         return
-    engine.sql(f"CREATE TABLE touched AS SELECT DISTINCT {USER_ID}, {ITEM_ID} FROM events")
-    engine.sql(f"CREATE TABLE n_touched AS SELECT {USER_ID}, count(*) AS n FROM touched GROUP BY {USER_ID}")
-    engine.sql(f"CREATE TABLE todo AS SELECT c.{SEQ}, r.j::INTEGER AS j, c.{USER_ID}, c.day "
-               f"FROM clicks c, range({args.negatives}) r(j)")
+    engine.create("touched", f"SELECT DISTINCT {USER_ID}, {ITEM_ID} FROM events")
+    engine.create("n_touched", f"SELECT {USER_ID}, count(*) AS n FROM touched GROUP BY {USER_ID}")
+    engine.create("todo", f"SELECT c.{SEQ}, r.j::INTEGER AS j, c.{USER_ID}, c.day "
+                  f"FROM clicks c CROSS JOIN {engine.numbers(args.negatives)} r")
     for tier, name in enumerate(POOLS):
         if not engine.one("SELECT count(*) FROM todo")[0]:
             break
         segment = _SEGMENT[tier].format(t="todo")
-        engine.sql(
-            f"CREATE OR REPLACE TABLE pool AS SELECT seg, {ITEM_ID}, {CATEGORY_ID}, "
-            f"cnt, (sum(cnt) OVER (PARTITION BY seg ORDER BY {ITEM_ID} ROWS UNBOUNDED PRECEDING) - cnt)::BIGINT AS lo "
-            f"FROM (SELECT s.seg, c.{ITEM_ID}, count(*) AS cnt, arg_min(c.{CATEGORY_ID}, c.{SEQ}) AS {CATEGORY_ID} "
+        engine.create(
+            "pool", f"SELECT seg, {ITEM_ID}, {CATEGORY_ID}, cnt, (sum(cnt) OVER (PARTITION BY seg ORDER BY {ITEM_ID} "
+            f"ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - cnt)::BIGINT AS lo "
+            f"FROM (SELECT s.seg, c.{ITEM_ID}, count(*) AS cnt, min_by(c.{CATEGORY_ID}, c.{SEQ}) AS {CATEGORY_ID} "
             f"FROM clicks c JOIN (SELECT DISTINCT {segment} AS seg FROM todo) s ON {_SEGMENT_CLICKS[tier]} "
             f"GROUP BY s.seg, c.{ITEM_ID})"
         )
-        engine.sql("CREATE OR REPLACE TABLE segments AS SELECT seg, count(*) AS size, sum(cnt)::UBIGINT AS total "
-                   "FROM pool GROUP BY seg")
+        engine.create("segments", "SELECT seg, count(*) AS size, sum(cnt)::BIGINT AS total FROM pool GROUP BY seg")
         # users who touched every item of a segment (only possible where the segment is not larger than
         # the number of items they touched)
-        engine.sql(
-            f"CREATE OR REPLACE TABLE stuck AS SELECT c.{USER_ID}, c.seg FROM "
+        engine.create(
+            "stuck", f"SELECT c.{USER_ID}, c.seg FROM "
             f"(SELECT DISTINCT u.{USER_ID}, u.seg, s.size FROM (SELECT {USER_ID}, {segment} AS seg FROM todo) u "
             f"JOIN segments s ON u.seg = s.seg JOIN n_touched n ON u.{USER_ID} = n.{USER_ID} WHERE s.size <= n.n) c "
             f"JOIN touched t ON t.{USER_ID} = c.{USER_ID} JOIN pool p ON p.seg = c.seg AND p.{ITEM_ID} = t.{ITEM_ID} "
             f"GROUP BY c.{USER_ID}, c.seg, c.size HAVING count(*) = c.size"
         )
-        engine.sql(
-            f"CREATE OR REPLACE TABLE active AS SELECT t.{SEQ}, t.j, t.{USER_ID}, {_SEGMENT[tier].format(t='t')} AS seg "
-            "FROM todo t "
-            f"ANTI JOIN stuck s ON t.{USER_ID} = s.{USER_ID} AND {_SEGMENT[tier].format(t='t')} = s.seg"
+        engine.create(
+            "active", f"SELECT t.{SEQ}, t.j, t.{USER_ID}, {_SEGMENT[tier].format(t='t')} AS seg FROM todo t "
+            f"{engine.ANTI} stuck s ON t.{USER_ID} = s.{USER_ID} AND {_SEGMENT[tier].format(t='t')} = s.seg"
         )
         drawn = engine.one("SELECT count(*) FROM active")[0]
         if tier and drawn:
@@ -195,18 +196,16 @@ def _sample_negatives(engine: Engine, args: argparse.Namespace) -> None:
             if attempt == MAX_REDRAWS:
                 user = engine.one(f"SELECT min({USER_ID}) FROM active")[0]
                 raise ConversionError(f"user {user}: no untouched item found in {MAX_REDRAWS} draws")
-            engine.sql(
-                f"CREATE OR REPLACE TABLE drawn AS SELECT a.{SEQ}, a.j, a.{USER_ID}, a.seg, p.{ITEM_ID}, "
-                f"p.{CATEGORY_ID} FROM (SELECT a.*, (hash({args.seed}, a.{SEQ}, a.j, {tier}, {attempt}) % s.total)"
-                f"::BIGINT AS u FROM active a JOIN segments s ON a.seg = s.seg) a "
-                f"ASOF JOIN pool p ON a.seg = p.seg AND a.u >= p.lo"
-            )
-            engine.sql(f"INSERT INTO negatives SELECT d.{SEQ}, d.j, d.{ITEM_ID}, d.{CATEGORY_ID} FROM drawn d "
-                       f"ANTI JOIN touched t ON d.{USER_ID} = t.{USER_ID} AND d.{ITEM_ID} = t.{ITEM_ID}")
-            engine.sql(f"CREATE OR REPLACE TABLE active AS SELECT d.{SEQ}, d.j, d.{USER_ID}, d.seg FROM drawn d "
-                       f"SEMI JOIN touched t ON d.{USER_ID} = t.{USER_ID} AND d.{ITEM_ID} = t.{ITEM_ID}")
-        engine.sql(f"CREATE OR REPLACE TABLE todo AS SELECT t.* FROM todo t "
-                   f"SEMI JOIN stuck s ON t.{USER_ID} = s.{USER_ID} AND {_SEGMENT[tier].format(t='t')} = s.seg")
+            u = engine.uniform(f"{args.seed}, a.{SEQ}, a.j, {tier}, {attempt}", "s.total")
+            engine.create("drawn", f"SELECT a.{SEQ}, a.j, a.{USER_ID}, a.seg, p.{ITEM_ID}, p.{CATEGORY_ID} FROM "
+                          + engine.range_join(f"(SELECT a.*, {u} AS u FROM active a JOIN segments s ON a.seg = s.seg)",
+                                              "pool"))
+            engine.append("negatives", f"SELECT d.{SEQ}, d.j, d.{ITEM_ID}, d.{CATEGORY_ID} FROM drawn d "
+                          f"{engine.ANTI} touched t ON d.{USER_ID} = t.{USER_ID} AND d.{ITEM_ID} = t.{ITEM_ID}")
+            engine.create("active", f"SELECT d.{SEQ}, d.j, d.{USER_ID}, d.seg FROM drawn d "
+                          f"{engine.SEMI} touched t ON d.{USER_ID} = t.{USER_ID} AND d.{ITEM_ID} = t.{ITEM_ID}")
+        engine.create("todo", f"SELECT t.* FROM todo t "
+                      f"{engine.SEMI} stuck s ON t.{USER_ID} = s.{USER_ID} AND {_SEGMENT[tier].format(t='t')} = s.seg")
     user = engine.one(f"SELECT min({USER_ID}) FROM todo")[0]
     if user is not None:
         raise ConversionError(f"user {user}: touched every clicked item, no negative to draw")
