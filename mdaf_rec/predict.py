@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mdaf_rec.artifact import PROGRAM_FILE, SPEC_FILE, ArtifactError, read_feature_spec
+from mdaf_rec.artifact import PROGRAM_FILE, SPEC_FILE, ArtifactError, read_feature_spec, read_manifest
 from mdaf_rec.config import is_timezone
 from mdaf_rec.data.dataset import DatasetError, open_parquet
 from mdaf_rec.data.loader import BatchConverter, WindowColumns
@@ -55,13 +55,14 @@ class ExportedModel:
 
     def __init__(self, model_dir: Path, manifest_sha256: Optional[str] = None) -> None:
         self.doc: Dict[str, Any] = read_feature_spec(model_dir, manifest_sha256)
+        listed = read_manifest(model_dir)
         path = model_dir / SPEC_FILE
         try:
             self.spec: FeatureSpec = spec_from_json(self.doc)
             timezone = self.doc["timezone"]
             self.lookups = {name: Lookup(str(e["index"]), [str(t) for t in e["tables"]], int(e["dim"]))
                             for name, e in self.doc["lookups"].items()}
-            self.tables = ServingTables(model_dir, self.doc["tables"])
+            self.tables = ServingTables(model_dir, self.doc["tables"], listed)
         except KeyError as e:
             raise ArtifactError(f"{path}: missing key {e}") from None
         except (TypeError, ValueError, AttributeError, OSError) as e:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Mapping, NamedTuple, Tuple
 
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm: the fused 8-bit row-wise conversions)
 import numpy as np
 import torch
 from torch.distributed.checkpoint.filesystem import _create_file_view
@@ -233,14 +234,18 @@ class ServingTables:
     Args:
         model_dir: the MODEL_DIR.
         tables: ``feature_spec.json``'s ``tables`` (table name -> its :meth:`TableFile.doc`).
+        listed: the files of MODEL_DIR's manifest (checked): a table file must be one of them.
     Raises:
-        ValueError: a table entry that is malformed or does not match its file's size.
+        ValueError: a table entry that is malformed, names a file the manifest does not list, or does not match
+            its file's size.
     """
 
-    def __init__(self, model_dir: Path, tables: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, model_dir: Path, tables: Mapping[str, Mapping[str, Any]], listed: Collection[str]) -> None:
         self.tables = {name: TableFile.from_doc(doc) for name, doc in tables.items()}
         self._maps: Dict[str, np.memmap] = {}
         for name, table in self.tables.items():
+            if table.file not in listed:
+                raise ValueError(f"table {name!r}: {table.file} is not a file of the manifest")
             path = model_dir / table.file
             if path.stat().st_size != table.rows * table.row_bytes:
                 raise ValueError(f"table {name!r}: {table.file} has {path.stat().st_size} bytes, not {table.rows} "

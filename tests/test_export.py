@@ -500,7 +500,7 @@ def test_table_files_hold_the_checkpoint_rows(runs, tmp_path: Path, monkeypatch)
             raw = np.fromfile(tmp_path / entry.file, dtype=np.uint8).reshape(entry.rows, entry.row_bytes)
             expected = tables_module.quantize_rows(weight, dtype)
             assert (entry.rows, entry.dim) == tuple(weight.shape) and np.array_equal(raw, expected), (name, dtype)
-        served = tables_module.ServingTables(tmp_path, {name: entry.doc()})
+        served = tables_module.ServingTables(tmp_path, {name: entry.doc()}, [entry.file])
         index = torch.tensor([[0, 3], [weight.shape[0] - 1, 2]])
         rows = served.lookup(name, index)
         assert rows.shape == (2, 2, weight.shape[1])
@@ -522,3 +522,22 @@ def test_table_dtype_and_quantize_must_agree(runs, tmp_path: Path, capsys) -> No
     err = _one_line_error(export_main, args, capsys)
     assert "--quantize int8 contradicts --table-dtype fp16" in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_table_outside_the_manifest_is_never_mapped(dataset: Path, exports, tmp_path: Path, capsys) -> None:
+    """A feature_spec.json edited to map an unlisted file (its manifest entry rehashed) is one line, exit 2."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(exports["dnn_none"], model_dir)
+    (model_dir / "notes.txt").write_bytes(bytes(64 * 1024))
+    spec_path = model_dir / "feature_spec.json"
+    spec = json.loads(spec_path.read_text())
+    name = next(iter(spec["tables"]))
+    spec["tables"][name]["file"] = "notes.txt"
+    content = json.dumps(spec).encode()
+    spec_path.write_bytes(content)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["files"]["feature_spec.json"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--model", str(model_dir), "--data", str(dataset / "test.parquet"), "--out", str(tmp_path / "o.parquet")]
+    err = _one_line_error(predict_main, argv, capsys)
+    assert f"{spec_path}: malformed (ValueError: table {name!r}: notes.txt is not a file of the manifest)" in err, err
