@@ -65,11 +65,11 @@ QUANTIZATIONS = ("none", "int8")  # --quantize, the earlier spelling of --table-
 QUANTIZATION_NAMES = {"fp32": "none", "fp16": "fp16", "int8": "int8_rowwise"}  # feature_spec.json's "quantization"
 
 
-def table_keys(module: nn.Module, prefix: str = "") -> Dict[str, str]:
-    """Table name -> state-dict key of its weight, for every TorchRec table of ``module`` (keys as
-    ``module.state_dict()`` has them, under ``prefix``)."""
+def table_keys(module: nn.Module) -> Dict[str, str]:
+    """Table name -> state-dict key of its weight (as ``module.state_dict()`` has it), for every TorchRec table of
+    ``module``."""
     keys = {}
-    for name, child in module.named_modules(prefix=prefix.rstrip(".")):
+    for name, child in module.named_modules():
         if isinstance(child, EmbeddingBagCollection):
             keys.update({t: f"{name}.embedding_bags.{t}.weight" for t in child.embedding_bags})
         if isinstance(child, EmbeddingCollection):
