@@ -35,7 +35,7 @@ from mdaf_rec.checkpoint import CheckpointError
 
 TABLE_DTYPES: Tuple[str, ...] = ("fp32", "fp16", "int8")
 TABLES_DIR = "tables"
-BLOCK_BYTES = 32 << 20  # float32 bytes of one block of rows read from the checkpoint (or converted) at a time
+BLOCK_BYTES = 4 << 20  # float32 bytes of one block of rows read from the checkpoint (or converted) at a time
 
 
 @dataclass(frozen=True)
@@ -157,10 +157,10 @@ class CheckpointTables:
             with open(chunk.file, "rb") as fh:
                 for r in range(0, chunk.rows, step):
                     n = min(step, chunk.rows - r)
-                    data = os.pread(fh.fileno(), n * chunk.cols * size, chunk.start + r * chunk.cols * size)
-                    if len(data) != n * chunk.cols * size:
+                    data = bytearray(n * chunk.cols * size)
+                    if os.preadv(fh.fileno(), [data], chunk.start + r * chunk.cols * size) != len(data):
                         raise CheckpointError(f"{chunk.file}: ends inside table {fqn!r} (truncated)")
-                    block = torch.frombuffer(bytearray(data), dtype=chunk.dtype).view(n, chunk.cols)
+                    block = torch.frombuffer(data, dtype=chunk.dtype).view(n, chunk.cols)
                     yield chunk.row + r, chunk.col, block.float()
 
 
@@ -208,10 +208,10 @@ def _fill(path: Path, rows: int, row_bytes: int, blocks: Iterator[Tuple[int, int
         for row, col, block in blocks:
             data = quantize_rows(block, dtype)
             if data.shape[1] == row_bytes:
-                os.pwrite(fh.fileno(), data.tobytes(), row * row_bytes)
+                os.pwrite(fh.fileno(), data, row * row_bytes)
                 continue
             for i in range(data.shape[0]):  # a column range of each row (column-wise shards, fp32 staging)
-                os.pwrite(fh.fileno(), data[i].tobytes(), (row + i) * row_bytes + 4 * col)
+                os.pwrite(fh.fileno(), data[i], (row + i) * row_bytes + 4 * col)
 
 
 # --------------------------------------------------------------------------------------------------
