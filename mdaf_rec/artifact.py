@@ -26,8 +26,10 @@ SPEC_FILE = "feature_spec.json"
 PROGRAM_FILE = "model.pt2"
 CPU_PROGRAM_FILE = "model.cpu.pt2"
 OPS_LIBRARY_FILE = "ops/mdaf_rec_ops.so"
-FORMAT_VERSION = 2  # of a MODEL_DIR (feature_spec.json, the manifest's marker); 2: the checksums moved to manifest.json
-MODEL_KIND = "model"  # the manifest's format marker: {"project": "mdaf_rec", "kind": "model", "format_version": 2}
+# of a MODEL_DIR (feature_spec.json, the manifest's marker); 2: the checksums moved to manifest.json; 3: the tables
+# are raw files (tables/) looked up outside the program, whose inputs are the indices and the rows
+FORMAT_VERSION = 3
+MODEL_KIND = "model"  # the manifest's format marker: {"project": "mdaf_rec", "kind": "model", "format_version": 3}
 
 class ArtifactError(UserError, RuntimeError):
     """A MODEL_DIR is incomplete or was modified, or an export target is unsafe (the message names the file)."""

@@ -1,12 +1,16 @@
 """``mdaf-rec export``: a trained run → a self-contained serving folder (see ``docs/serving.md``).
 
-One story: read the run's config and vocabularies, build the model UNSHARDED on CPU (no DMP, no
-process group), load the checkpoint into it (DCP reshards whatever layout training saved), wrap it
-in :class:`~mdaf_rec.serving.ServingModule` (plain-tensor inputs), optionally quantize its tables to
-row-wise int8, ``torch.export`` it with a dynamic batch dimension, and write::
+One story: read the run's config and vocabularies, build the model on CPU with its tables on the ``meta``
+device (no DMP, no process group, no table memory), load the checkpoint's dense weights into it (DCP reads
+them from whatever layout training saved), wrap it in :class:`~mdaf_rec.serving.ServingModule` (plain-tensor
+inputs: indices and the rows looked up for them), ``torch.export`` it with a dynamic batch dimension, write each
+table straight from the checkpoint's files into a raw file, block of rows by block of rows, in fp32, fp16 or
+row-wise int8 (:mod:`mdaf_rec.tables`: the export never holds a table, so its memory is the dense part plus one
+block), and write::
 
     MODEL_DIR/
       model.pt2           torch.export program (torch.export.load → .module()): portable, any CPU or GPU
+      tables/<table>.bin  one raw row-major file per table (fp32 | fp16 | int8 row-wise), memory-mapped by servers
       model.cpu.pt2       the same model compiled by AOTInductor for this CPU and torch version, with the
                           compiled CPU operators of mdaf_rec.ops (unless --no-compile; loads with
                           torch._inductor.aoti_load_package after torch.ops.load_library(ops library))
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.artifact import (
@@ -46,40 +52,62 @@ from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import DatasetError, is_dataset_folder, recorded_timezone
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
-from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.output import ArchiveFile
 from mdaf_rec.run_dir import RunDir
+from mdaf_rec.tables import TABLE_DTYPES, CheckpointTables, TableFile, write_table
 from mdaf_rec.trainable import build_train_module
 from mdaf_rec.ops import scan_cpu
-from mdaf_rec.serving import ServingModule, example_inputs, export_cpu_program, export_program, quantize_tables
+from mdaf_rec.serving import ID_INPUTS, ServingModule, example_inputs, export_cpu_program, export_program
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8")  # --quantize, the earlier spelling of --table-dtype fp32 | int8
+QUANTIZATION_NAMES = {"fp32": "none", "fp16": "fp16", "int8": "int8_rowwise"}  # feature_spec.json's "quantization"
 
 
-def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Config, FeatureSpec, Vocabularies, Path]:
-    """The run's model, unsharded on CPU, with the weights of checkpoint ``which``.
+def table_keys(module: nn.Module) -> Dict[str, str]:
+    """Table name -> state-dict key of its weight (as ``module.state_dict()`` has it), for every TorchRec table of
+    ``module``."""
+    keys = {}
+    for name, child in module.named_modules():
+        if isinstance(child, EmbeddingBagCollection):
+            keys.update({t: f"{name}.embedding_bags.{t}.weight" for t in child.embedding_bags})
+        if isinstance(child, EmbeddingCollection):
+            keys.update({t: f"{name}.embeddings.{t}.weight" for t in child.embeddings})
+    return keys
+
+
+def load_serving_module(
+    run_dir: Path, which: str = "best"
+) -> tuple[ServingModule, Dict[str, str], Config, FeatureSpec, Vocabularies, Path]:
+    """The run's dense network with the weights of checkpoint ``which``, as a :class:`ServingModule`; the tables
+    stay in the checkpoint (built on the ``meta`` device: no memory).
 
     Args:
         run_dir: a run directory written by ``mdaf-rec train``.
         which: ``best`` or ``last``.
     Returns:
-        ``(model in eval mode, config, feature spec, vocabularies, checkpoint folder)``.
+        ``(serving module in eval mode, table name -> the checkpoint's key of its weight, config, feature spec,
+        vocabularies, checkpoint folder)``.
     """
     run = RunDir(run_dir).require()
     cfg = load_config(run.config)
     vocabs = Vocabularies.load(run.vocab)
     path = ckpt.checkpoint_path(run_dir, which)
     ckpt.check_vocabularies(path, vocabs)
-    spec, wrapper = build_train_module(cfg, vocabs.sizes, table_device="cpu", dense_device="cpu", compute_device="cpu",
-                                       with_sparse_optimizer=False)
-    ckpt.load_model_weights(path, wrapper)  # an unsharded CTRTrain has the checkpoint's (DMP's) keys
-    logger.info("loaded %s (%s) from %s", cfg.model.name, which, path)
-    return wrapper.model.eval(), cfg, spec, vocabs, path
+    spec, wrapper = build_train_module(cfg, vocabs.sizes, table_device="meta", dense_device="cpu",
+                                       compute_device="cpu", with_sparse_optimizer=False)
+    tables = table_keys(wrapper)
+    dense = {k: v for k, v in wrapper.state_dict().items() if k not in set(tables.values())}
+    ckpt.load_checkpoint(path, {"model": dense})  # an unsharded CTRTrain has the checkpoint's (DMP's) keys
+    result = wrapper.load_state_dict(dense, strict=False)
+    assert set(result.missing_keys) == set(tables.values()) and not result.unexpected_keys, result
+    logger.info("loaded the dense network of %s (%s) from %s", cfg.model.name, which, path)
+    module = ServingModule(wrapper.model, spec)
+    return module, {name: f"model.{key}" for name, key in tables.items()}, cfg, spec, vocabs, path
 
 
-def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "none", compile: bool = True) -> str:
+def export_run(run_dir: Path, out: Path, which: str = "best", table_dtype: str = "fp32", compile: bool = True) -> str:
     """Writes the serving folder ``out`` for ``run_dir`` (see the module docstring).
 
     Args:
@@ -88,35 +116,46 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
             non-empty folder that is not an earlier export, or a run or dataset folder or one inside it, is
             refused before anything is done).
         which: checkpoint, ``best`` or ``last``.
-        quantize: ``none`` (fp32 tables) or ``int8`` (row-wise 8-bit tables).
+        table_dtype: ``fp32``, ``fp16`` or ``int8`` (row-wise 8-bit) table files.
         compile: also write the AOTInductor form for this CPU (``model.cpu.pt2``; needs a C++ compiler,
             ~10-20 s); skipped with a warning when the compiled CPU operators are unavailable.
     Returns:
         The sha256 of ``out/manifest.json``, the artifact's hash.
     """
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"--quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"--table-dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
     check_out(out, run_dir)
     with ArtifactWriter(out) as artifact:
-        model, cfg, spec, vocabs, path = load_trained_model(run_dir, which)
+        module, keys, cfg, spec, vocabs, path = load_serving_module(run_dir, which)
         timezone = _timezone(cfg)
-        module = ServingModule(model, spec)
-        if quantize == "int8":
-            saved = quantize_tables(module)
-            logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
         with torch.no_grad():
-            gate_dim = int(module(*example_inputs(spec, 1))[1].shape[1])
-        with ArchiveFile(artifact.folder / PROGRAM_FILE) as fh:
+            gate_dim = int(module(*example_inputs(module, 1))[1].shape[1])
+        with ArchiveFile(artifact.folder / PROGRAM_FILE) as fh:  # first: the largest file of a tiny model
             torch.export.save(export_program(module, spec), fh)
         cpu_program = _write_cpu_program(module, spec, artifact.folder) if compile else None
+        source = CheckpointTables(path)
+        tables: Dict[str, TableFile] = {}
+        for name, key in keys.items():
+            tables[name] = write_table(source, key, artifact.folder, name, table_dtype)
+            logger.info("table %s: %d x %d -> %s (%s)", name, tables[name].rows, tables[name].dim,
+                        tables[name].file, table_dtype)
         vocabs.save(artifact.folder / VOCAB_DIR)
         shutil.copyfile(RunDir(run_dir).config, artifact.folder / "config.yaml")
-        doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
+        doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, table_dtype, path)
+        doc["inputs"] += [
+            {"name": name, "dtype": "float32",
+             "shape": [doc["inputs"][ID_INPUTS.index(lookup.index)]["shape"][0], len(lookup.tables),
+                       *doc["inputs"][ID_INPUTS.index(lookup.index)]["shape"][2:], lookup.dim],
+             "layout": f"[:, j] = rows of {lookup.index}[:, j] in table lookups.{name}.tables[j]"}
+            for name, lookup in module.lookups.items()
+        ]
+        doc["tables"] = {name: table.doc() for name, table in tables.items()}
+        doc["lookups"] = {name: lookup._asdict() for name, lookup in module.lookups.items()}
         if cpu_program is not None:
             doc["cpu_program"] = cpu_program
         (artifact.folder / SPEC_FILE).write_text(json.dumps(doc, indent=2))
     logger.info("exported %s (%s, %s tables) to %s; sha256 of %s: %s",
-                cfg.model.name, path.name, quantize, out, MANIFEST_FILE, artifact.sha256)
+                cfg.model.name, path.name, table_dtype, out, MANIFEST_FILE, artifact.sha256)
     return artifact.sha256
 
 
@@ -164,7 +203,8 @@ def _timezone(cfg: Config) -> str:
 
 
 def feature_spec_doc(
-    cfg: Config, spec: FeatureSpec, vocabs: Vocabularies, timezone: str, gate_dim: int, quantize: str, checkpoint: Path
+    cfg: Config, spec: FeatureSpec, vocabs: Vocabularies, timezone: str, gate_dim: int, table_dtype: str,
+    checkpoint: Path
 ) -> Dict[str, Any]:
     """Everything a server needs to turn a raw row into the program's inputs (``feature_spec.json``)."""
     batch = "B"
@@ -172,7 +212,7 @@ def feature_spec_doc(
     return {
         "format_version": FORMAT_VERSION,
         "model": cfg.model.name,
-        "quantization": "int8_rowwise" if quantize == "int8" else "none",
+        "quantization": QUANTIZATION_NAMES[table_dtype],
         "program": PROGRAM_FILE,
         "source": {"checkpoint": str(checkpoint.resolve()), "vocab_fingerprint": vocabs.fingerprint},
         "inputs": [

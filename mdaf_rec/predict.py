@@ -4,8 +4,9 @@ Rows go through the training data path: :func:`~mdaf_rec.data.validate.validate`
 column), :class:`~mdaf_rec.data.loader.WindowColumns` (histories truncated to the most recent
 ``max_history`` ids), :class:`~mdaf_rec.data.loader.BatchConverter` (raw ids → indices through
 MODEL_DIR's vocabularies, unknown → OOV 1; hour / day of week in the export's time zone), then
-:func:`~mdaf_rec.serving.serving_inputs` into the exported program (fp32 or int8), never the
-training model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
+:func:`~mdaf_rec.serving.serving_inputs`, the rows of those indices looked up in MODEL_DIR's memory-mapped
+table files (:class:`~mdaf_rec.tables.ServingTables`: fp32, fp16 or int8), and into the exported program,
+never the training model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
 input, counting through the files in name order), the ``--key`` columns copied through,
 ``probability`` and, with ``--with-gate``, ``gate`` (float, or a list of floats for a vector gate).
 """
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mdaf_rec.artifact import PROGRAM_FILE, SPEC_FILE, ArtifactError, read_feature_spec
+from mdaf_rec.artifact import PROGRAM_FILE, SPEC_FILE, ArtifactError, read_feature_spec, read_manifest
 from mdaf_rec.config import is_timezone
 from mdaf_rec.data.dataset import DatasetError, open_parquet
 from mdaf_rec.data.loader import BatchConverter, WindowColumns
@@ -35,6 +36,7 @@ from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.ops import scan_cpu
 from mdaf_rec.serving import INPUT_NAMES, serving_inputs, spec_from_json
+from mdaf_rec.tables import Lookup, ServingTables
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ ROW_INDEX = "row_index"
 
 
 class ExportedModel:
-    """A verified MODEL_DIR: the exported program plus what turns raw rows into its inputs.
+    """A verified MODEL_DIR: the exported program plus what turns raw rows into its inputs (the vocabularies,
+    then the memory-mapped tables).
 
     Args:
         model_dir: folder written by ``mdaf-rec export``; every file its manifest lists is verified
@@ -52,14 +55,21 @@ class ExportedModel:
 
     def __init__(self, model_dir: Path, manifest_sha256: Optional[str] = None) -> None:
         self.doc: Dict[str, Any] = read_feature_spec(model_dir, manifest_sha256)
+        listed = read_manifest(model_dir)
         path = model_dir / SPEC_FILE
         try:
             self.spec: FeatureSpec = spec_from_json(self.doc)
             timezone = self.doc["timezone"]
+            self.lookups = {name: Lookup(str(e["index"]), [str(t) for t in e["tables"]], int(e["dim"]))
+                            for name, e in self.doc["lookups"].items()}
+            self.tables = ServingTables(model_dir, self.doc["tables"], listed)
         except KeyError as e:
             raise ArtifactError(f"{path}: missing key {e}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError, OSError) as e:
             raise ArtifactError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+        unknown = [t for lookup in self.lookups.values() for t in lookup.tables if t not in self.tables.tables]
+        if unknown:
+            raise ArtifactError(f"{path}: key 'lookups' names table {unknown[0]!r}, which key 'tables' does not list")
         if not is_timezone(timezone):
             raise ArtifactError(f"{path}: key 'timezone': unknown IANA time zone {timezone!r}")
         self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), timezone)
@@ -74,14 +84,16 @@ class ExportedModel:
             source: file name for error messages.
             row_offset: row number of ``table``'s first row within ``source``.
         Returns:
-            ``static_ids``, ``dense``, ``target_ids``, ``history_ids`` (see :mod:`mdaf_rec.serving`).
+            ``static_ids``, ``dense``, ``target_ids``, ``history_ids`` and the rows looked up for them
+            (``static_rows``, ``pooled_rows``, ``target_rows``, ``history_rows``; see :mod:`mdaf_rec.serving`).
         """
         columns = [c for c in self.rules.columns if c != LABEL or c in table.column_names]
         checked = validate(table, self.rules, source, row_offset, columns).select(columns)
         n = checked.num_rows
         rows = WindowColumns(checked, np.arange(n), self.rules.history_columns).select(np.arange(n), self.spec.max_history)
         rows.columns.setdefault(LABEL, np.zeros(n, dtype=np.int8))
-        return serving_inputs(self.converter(rows), self.spec)
+        ids = serving_inputs(self.converter(rows), self.spec)
+        return {**ids, **self.tables.rows(self.lookups, ids)}
 
     def score(self, table: pa.Table, source: str, row_offset: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores raw rows (arguments as for :meth:`inputs`).

@@ -1,37 +1,43 @@
-"""The serving module: a trained CTR model behind a forward that takes plain tensors.
+"""The serving module: a trained CTR model's dense network behind a forward that takes plain tensors.
 
-:class:`ServingModule` is what ``mdaf-rec export`` hands to ``torch.export``. Its inputs are dense,
-fixed-rank tensors of vocabulary indices (0 = padding, 1 = out-of-vocabulary), so a server needs
-no TorchRec types::
+:class:`ServingModule` is what ``mdaf-rec export`` hands to ``torch.export``. The embedding tables are not in it:
+they are files a server memory-maps (:mod:`mdaf_rec.tables`), and the rows it looks up there are inputs of the
+program, next to the vocabulary indices (0 = padding, 1 = out-of-vocabulary) they were looked up with, so a
+server needs no TorchRec types::
 
-    static_ids   [B, F]     int64   one index per static field, in feature_spec.json's order
-    dense        [B, N]     float32 dense features (N may be 0)
-    target_ids   [B, S]     int64   target index per sequence id space (item, category, ...)
-    history_ids  [B, S, L]  int64   history per id space, most recent last, right-padded with 0
+    static_ids    [B, F]             int64   one index per static field, in feature_spec.json's order
+    dense         [B, N]             float32 dense features (N may be 0)
+    target_ids    [B, S]             int64   target index per sequence id space (item, category, ...)
+    history_ids   [B, S, L]          int64   history per id space, most recent last, right-padded with 0
+    static_rows   [B, F, d]          float32 row of static_ids[:, f] in static field f's table
+    pooled_rows   [B, P, L, d]       float32 rows of history_ids[:, p] in the static table of id space p
+                                             (P = S with features.pooled_history, else 0)
+    target_rows   [B, S', D]         float32 row of target_ids[:, s] in id space s's sequence table
+    history_rows  [B, S', L, D]      float32 rows of history_ids[:, s] in id space s's sequence table
+                                             (S' = S for models with a sequential branch, else 0)
     → probability [B] float32, gate [B, G] float32
 
-``L`` is the model's ``max_history``; a history's length is its number of non-zero entries (indices
-of real ids are never 0). Inside, the module builds the ``KeyedJaggedTensor`` s of a loader
-:class:`~mdaf_rec.data.batch.Batch` and runs the model's own ``score``: the static KJT has one id
-per sample and key, the sequence KJT the padded histories (``L`` ids per sample). Two drop-in
-lookups on the trained tables keep every shape static but the batch size: :class:`StaticLookup`
-(a sum-pooled bag of one id is that id's row) for the ``EmbeddingBagCollection`` and
+(``d`` = ``static_dim``, ``D`` = ``sequence_dim``; a model without a static branch has ``F = 0`` rows in
+``static_rows``.) :attr:`ServingModule.lookups` says which table fills each row input
+(:class:`~mdaf_rec.tables.Lookup`). ``L`` is the model's ``max_history``; a history's length is its number
+of non-zero entries (indices of real ids are never 0). Inside, the module builds the ``KeyedJaggedTensor`` s of
+a loader :class:`~mdaf_rec.data.batch.Batch` and runs the model's own ``score``: the static KJT has one id per
+sample and key, the sequence KJT the padded histories (``L`` ids per sample). Two drop-in lookups keep every
+shape static but the batch size and take their rows from the row inputs (:class:`LookedUpRows`):
+:class:`StaticLookup` (a sum-pooled bag of one id is that id's row) for the ``EmbeddingBagCollection`` and
 :class:`PaddedSequenceEmbedding` (padding masked instead of dropped) for the
-:class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`. ``G`` is 1 or ``D`` (``model.gate``)
-for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
-
-``--quantize int8`` swaps every table for a row-wise 8-bit copy (:func:`quantize_tables`): per row,
-``w ≈ q · scale + bias`` with ``q`` uint8 (FBGEMM's 8-bit row-wise layout), dequantized on lookup.
+:class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`. ``G`` is 1 or ``D`` (``model.gate``) for MDAF
+models; models without a fusion gate return zeros ``[B, 1]``.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
@@ -41,35 +47,59 @@ from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArc
 from mdaf_rec.models.sequence_branch import SequenceBranch
 from mdaf_rec.ops.selective_scan import keep_compiled_ops
 from mdaf_rec.output import ArchiveFile
+from mdaf_rec.tables import Lookup
 
-INPUT_NAMES: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
+ID_INPUTS: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
+ROW_INPUTS: Tuple[str, ...] = ("static_rows", "pooled_rows", "target_rows", "history_rows")
+INPUT_NAMES: Tuple[str, ...] = ID_INPUTS + ROW_INPUTS
 
 
-def _shared_embedding(weight: nn.Parameter) -> nn.Embedding:
-    """An ``nn.Embedding`` over ``weight`` (the parameter is shared, not copied)."""
-    return nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight)
+class LookedUpRows:
+    """The row inputs of one :class:`ServingModule` call, handed to its drop-in lookups while the model's
+    ``score`` runs (:meth:`feeding`), and nothing outside it."""
+
+    def __init__(self) -> None:
+        self._rows: Dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def feeding(self, rows: Dict[str, torch.Tensor]) -> Iterator[None]:
+        self._rows = rows
+        try:
+            yield
+        finally:
+            self._rows = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._rows[name]
 
 
 class StaticLookup(nn.Module):
     """Drop-in for the static ``EmbeddingBagCollection`` on :class:`ServingModule`'s static KJT.
 
     The KJT holds one id per sample for each static field, then (``spec.pooled_history``) each history
-    padded to exactly ``max_history`` ids (key-major). A bag of one id is that id's row, so each static
-    field is a plain row lookup; a padded history is the mean of its non-padding rows (zeros when empty),
-    what the collection's mean pooling gives for the unpadded history. Only static shapes.
+    padded to exactly ``max_history`` ids (key-major). A bag of one id is that id's row (``static_rows``), so
+    each static field is its looked-up row; a padded history is the mean of its non-padding rows
+    (``pooled_rows``; zeros when empty), what the collection's mean pooling gives for the unpadded history.
+    Only static shapes.
 
     Args:
-        ebc: the trained collection (its tables are shared, not copied).
         spec: the feature spec (key order and key -> table).
+        rows: the row inputs of the current call.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, spec: FeatureSpec) -> None:
+    def __init__(self, spec: FeatureSpec, rows: LookedUpRows) -> None:
         super().__init__()
-        self.tables = nn.ModuleDict({name: _shared_embedding(bag.weight) for name, bag in ebc.embedding_bags.items()})
         self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
         self._history_keys: List[Tuple[str, str]] = [(key, f.table_name) for key, f in spec.pooled_history_fields]
         self.max_history = spec.max_history
         self.dim = spec.static_dim
+        self.rows = rows
+
+    @property
+    def lookups(self) -> Dict[str, Lookup]:
+        """The row inputs this lookup reads and their tables."""
+        return {"static_rows": Lookup("static_ids", [t for _, t in self._keys], self.dim),
+                "pooled_rows": Lookup("history_ids", [t for _, t in self._history_keys], self.dim)}
 
     def forward(self, static_features: KeyedJaggedTensor) -> KeyedTensor:
         """
@@ -79,16 +109,15 @@ class StaticLookup(nn.Module):
             ``KeyedTensor`` of ``[B, static_dim]`` per key (values ``[B, F * static_dim]``).
         """
         num_fields, num_histories = len(self._keys), len(self._history_keys)
-        values = static_features.values()
-        # [F, B] one-id fields, then [P, B, L] padded histories
-        ids = values.view(num_fields + num_histories * self.max_history, -1)[:num_fields]
-        pooled = [self.tables[table](ids[k]) for k, (_, table) in enumerate(self._keys)]  # [B, d] each
+        static_rows = self.rows["static_rows"]  # [B, F, d]
+        pooled = [static_rows[:, k] for k in range(num_fields)]  # [B, d] each
         if num_histories:
-            batch_size = ids.shape[1]
+            batch_size = static_rows.shape[0]
+            values = static_features.values()  # [F, B] one-id fields, then [P, B, L] padded histories
             histories = values[num_fields * batch_size :].view(num_histories, batch_size, self.max_history)
-            for p, (_, table) in enumerate(self._history_keys):
+            for p in range(num_histories):
                 valid = (histories[p] != PADDING_INDEX).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
-                rows = self.tables[table](histories[p]) * valid  # [B, L, d]
+                rows = self.rows["pooled_rows"][:, p] * valid  # [B, L, d]
                 pooled.append(rows.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))  # [B, d]
         keys = [key for key, _ in self._keys + self._history_keys]
         return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=torch.cat(pooled, 1))
@@ -98,21 +127,28 @@ class PaddedSequenceEmbedding(nn.Module):
     """``history ⊕ target`` tokens from right-padded histories (drop-in for ``SequenceEmbeddingArch``).
 
     Reads a sequence KJT whose keys are, per id space, the target (1 id per sample) then the history
-    (exactly ``max_history`` ids per sample, padding 0 included), key-major. Looks up the same tables,
-    zeroes the padded positions and writes the target right after the last history entry, giving the
-    tokens and lengths ``SequenceEmbeddingArch`` gives for the unpadded histories.
+    (exactly ``max_history`` ids per sample, padding 0 included), key-major, and the rows looked up for them
+    (``target_rows``, ``history_rows``); zeroes the padded positions and writes the target right after the
+    last history entry, giving the tokens and lengths ``SequenceEmbeddingArch`` gives for the unpadded
+    histories.
 
     Args:
-        arch: the trained sequence arch (its tables are shared, not copied).
         spec: the feature spec (id spaces and their tables).
+        rows: the row inputs of the current call.
     """
 
-    def __init__(self, arch: SequenceEmbeddingArch, spec: FeatureSpec) -> None:
+    def __init__(self, spec: FeatureSpec, rows: LookedUpRows) -> None:
         super().__init__()
-        ec: EmbeddingCollection = arch.embedding_collection
-        self.tables = nn.ModuleDict({name: _shared_embedding(emb.weight) for name, emb in ec.embeddings.items()})
         self._tables: List[str] = [s.table_name for s in spec.sequence_spaces]
-        self.max_history = arch.max_history
+        self.max_history = spec.max_history
+        self.dim = spec.sequence_dim
+        self.rows = rows
+
+    @property
+    def lookups(self) -> Dict[str, Lookup]:
+        """The row inputs this lookup reads and their tables."""
+        return {"target_rows": Lookup("target_ids", list(self._tables), self.dim),
+                "history_rows": Lookup("history_ids", list(self._tables), self.dim)}
 
     def forward(self, sequence_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
@@ -125,32 +161,43 @@ class PaddedSequenceEmbedding(nn.Module):
         max_len = self.max_history
         per_space = sequence_features.values().view(len(self._tables), -1)  # [S, B * (1 + L)]
         batch_size = per_space.shape[1] // (1 + max_len)
-        targets = per_space[:, :batch_size]  # [S, B]
         histories = per_space[:, batch_size:].reshape(len(self._tables), batch_size, max_len)  # [S, B, L]
         valid = histories[0] != PADDING_INDEX  # [B, L]
         mask = valid.unsqueeze(-1).to(torch.float32)  # [B, L, 1]
-        history = sum(self.tables[t](histories[s]) * mask for s, t in enumerate(self._tables))  # [B, L, D]
-        target = sum(self.tables[t](targets[s]) for s, t in enumerate(self._tables))  # [B, D]
+        history_rows, target_rows = self.rows["history_rows"], self.rows["target_rows"]  # [B, S, L, D], [B, S, D]
+        history = sum(history_rows[:, s] * mask for s in range(len(self._tables)))  # [B, L, D]
+        target = sum(target_rows[:, s] for s in range(len(self._tables)))  # [B, D]
         return append_target(history, target, valid.sum(dim=1))
 
 
 class ServingModule(nn.Module):
-    """A :class:`CTRModel` behind plain-tensor inputs (see the module docstring).
+    """A :class:`CTRModel`'s dense network behind plain-tensor inputs (see the module docstring).
 
     Args:
-        model: the trained, unsharded model (modified in place: its table lookups become
-            :class:`StaticLookup` / :class:`PaddedSequenceEmbedding` over the same tables).
+        model: the trained model (modified in place: its table lookups become :class:`StaticLookup` /
+            :class:`PaddedSequenceEmbedding`, which read the row inputs; its tables are dropped and may be on
+            the ``meta`` device).
         spec: the feature spec the model was built with.
     """
 
     def __init__(self, model: CTRModel, spec: FeatureSpec) -> None:
         super().__init__()
+        self.rows = LookedUpRows()
+        self.lookups: Dict[str, Lookup] = {
+            "static_rows": Lookup("static_ids", [], spec.static_dim),
+            "pooled_rows": Lookup("history_ids", [], spec.static_dim),
+            "target_rows": Lookup("target_ids", [], spec.sequence_dim),
+            "history_rows": Lookup("history_ids", [], spec.sequence_dim),
+        }
         for module in model.modules():
             if isinstance(module, StaticEmbeddingArch):
-                module.embedding_bag_collection = StaticLookup(module.embedding_bag_collection, spec)
+                module.embedding_bag_collection = StaticLookup(spec, self.rows)
+                self.lookups.update(module.embedding_bag_collection.lookups)
             if isinstance(module, SequenceBranch):
-                module.embeddings = PaddedSequenceEmbedding(module.embeddings, spec)
+                module.embeddings = PaddedSequenceEmbedding(spec, self.rows)
+                self.lookups.update(module.embeddings.lookups)
         self.model = model.eval()
+        self.spec = spec
         self.static_keys: List[str] = spec.static_keys
         self.pooled_history_keys: List[str] = spec.pooled_history_keys
         self.sequence_keys: List[str] = spec.sequence_keys
@@ -158,7 +205,15 @@ class ServingModule(nn.Module):
         self.user_field: Optional[int] = spec.user_field
 
     def forward(
-        self, static_ids: torch.Tensor, dense: torch.Tensor, target_ids: torch.Tensor, history_ids: torch.Tensor
+        self,
+        static_ids: torch.Tensor,
+        dense: torch.Tensor,
+        target_ids: torch.Tensor,
+        history_ids: torch.Tensor,
+        static_rows: torch.Tensor,
+        pooled_rows: torch.Tensor,
+        target_rows: torch.Tensor,
+        history_rows: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -166,12 +221,15 @@ class ServingModule(nn.Module):
             dense: ``[B, N]`` float32 dense features.
             target_ids: ``[B, S]`` int64 target index per sequence id space.
             history_ids: ``[B, S, L]`` int64 histories, most recent last, right-padded with 0.
+            static_rows, pooled_rows, target_rows, history_rows: the rows looked up for them (module docstring).
         Returns:
             probability ``[B]`` float32 and gate ``[B, G]`` (zeros ``[B, 1]`` without a fusion gate).
         """
         batch_size = static_ids.shape[0]
         user = static_ids[:, self.user_field] if self.user_field is not None else static_ids.new_zeros(batch_size)
-        for name, x in (("dense", dense), ("target_ids", target_ids), ("history_ids", history_ids)):
+        for name, x in (("dense", dense), ("target_ids", target_ids), ("history_ids", history_ids),
+                        ("static_rows", static_rows), ("pooled_rows", pooled_rows), ("target_rows", target_rows),
+                        ("history_rows", history_rows)):
             torch._check(x.shape[0] == batch_size, lambda: f"{name} has another batch size than static_ids")
         batch = Batch(
             static_features=self._static_kjt(static_ids, history_ids),
@@ -181,7 +239,10 @@ class ServingModule(nn.Module):
             user_id=user,
             row_index=user,
         )
-        out = self.model.score(batch)
+        rows = {"static_rows": static_rows, "pooled_rows": pooled_rows, "target_rows": target_rows,
+                "history_rows": history_rows}
+        with self.rows.feeding(rows):
+            out = self.model.score(batch)
         gate = out.gate if out.gate is not None else out.logit.new_zeros(batch_size, 1)
         return torch.sigmoid(out.logit), gate
 
@@ -255,17 +316,22 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
     }
 
 
-def example_inputs(spec: FeatureSpec, batch_size: int) -> Tuple[torch.Tensor, ...]:
-    """Inputs of ``batch_size`` rows (every id the OOV index 1, histories half full), in forward order."""
+def example_inputs(module: ServingModule, batch_size: int) -> Tuple[torch.Tensor, ...]:
+    """Inputs of ``batch_size`` rows for ``module`` (every id the OOV index 1, histories half full, rows zero),
+    in forward order."""
+    spec = module.spec
     num_spaces = len(spec.sequence_spaces)
     history = torch.zeros(batch_size, num_spaces, spec.max_history, dtype=torch.int64)
     history[:, :, : max(1, spec.max_history // 2)] = 1
-    return (
-        torch.ones(batch_size, len(spec.static_fields), dtype=torch.int64),
-        torch.zeros(batch_size, len(spec.dense_features)),
-        torch.ones(batch_size, num_spaces, dtype=torch.int64),
-        history,
-    )
+    ids = {
+        "static_ids": torch.ones(batch_size, len(spec.static_fields), dtype=torch.int64),
+        "dense": torch.zeros(batch_size, len(spec.dense_features)),
+        "target_ids": torch.ones(batch_size, num_spaces, dtype=torch.int64),
+        "history_ids": history,
+    }
+    rows = {name: torch.zeros(batch_size, len(lookup.tables), *ids[lookup.index].shape[2:], lookup.dim)
+            for name, lookup in module.lookups.items()}
+    return tuple({**ids, **rows}[name] for name in INPUT_NAMES)
 
 
 def export_program(module: ServingModule, spec: FeatureSpec) -> torch.export.ExportedProgram:
@@ -273,7 +339,7 @@ def export_program(module: ServingModule, spec: FeatureSpec) -> torch.export.Exp
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = {name: {0: batch} for name in INPUT_NAMES}
     with torch.no_grad():
-        return torch.export.export(module, example_inputs(spec, 4), dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(module, example_inputs(module, 4), dynamic_shapes=dynamic, strict=False)
 
 
 def compile_program(program: torch.export.ExportedProgram, path: Path) -> Path:
@@ -303,65 +369,6 @@ def export_cpu_program(module: ServingModule, spec: FeatureSpec, path: Path) -> 
         program = export_program(module, spec)
     compile_program(program, path)
     return any(str(node.target).startswith("mdaf_rec.") for node in program.graph.nodes)
-
-
-# --------------------------------------------------------------------------------------------------
-# Row-wise int8 tables
-# --------------------------------------------------------------------------------------------------
-
-
-def quantize_rowwise(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """8-bit row-wise quantization: ``weight ≈ q * scale + bias``.
-
-    Args:
-        weight: ``[N, D]`` float table.
-    Returns:
-        ``q [N, D]`` uint8, ``scale [N, 1]`` and ``bias [N, 1]`` float32 (bias = row minimum,
-        scale = row range / 255; the rounding error is at most ``scale / 2`` per entry).
-    """
-    w = weight.detach().float()
-    lo = w.min(dim=1, keepdim=True).values
-    scale = (w.max(dim=1, keepdim=True).values - lo) / 255.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((w - lo) / scale).clamp_(0, 255).to(torch.uint8)
-    return q, scale, lo
-
-
-class Int8Embedding(nn.Module):
-    """Row-wise 8-bit replacement of ``nn.Embedding`` (the call TorchRec's ``EmbeddingCollection`` makes).
-
-    Args:
-        weight: ``[N, D]`` float table to quantize.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        q, scale, bias = quantize_rowwise(weight)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", bias)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: ``[n]`` int64 row indices.
-        Returns:
-            ``[n, D]`` float32 dequantized rows.
-        """
-        return self.qweight[input].to(torch.float32) * self.scale[input] + self.bias[input]
-
-
-def quantize_tables(module: nn.Module) -> int:
-    """Swaps every ``nn.Embedding`` in ``module`` (the tables of :class:`StaticLookup` and
-    :class:`PaddedSequenceEmbedding`) for an :class:`Int8Embedding`; returns the bytes saved."""
-    saved = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Embedding):
-                weight = child.weight
-                setattr(parent, name, Int8Embedding(weight))
-                saved += weight.numel() * (weight.element_size() - 1) - 8 * weight.shape[0]
-    return saved
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mdaf_rec import manifest
-from mdaf_rec.artifact import ArtifactError, ArtifactWriter, verify_artifact
+from mdaf_rec.artifact import FORMAT_VERSION, ArtifactError, ArtifactWriter, verify_artifact
 
 
 def _write(folder: Path, files: dict) -> None:
@@ -95,7 +95,7 @@ def test_only_an_intact_export_of_this_project_is_replaced(tmp_path: Path, how: 
             (out / "manifest.json").write_text(json.dumps({"files": files}))
         else:
             manifest.write_manifest(out)  # what every checkpoint folder holds
-        expected = "manifest.json is not one `mdaf-rec export` wrote (no mdaf_rec model format 2 marker"
+        expected = f"manifest.json is not one `mdaf-rec export` wrote (no mdaf_rec model format {FORMAT_VERSION} marker"
     before = _snapshot(out)
     with pytest.raises(ArtifactError) as e:
         with ArtifactWriter(out) as second:

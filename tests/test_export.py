@@ -414,3 +414,131 @@ def test_predict_prints_no_warnings(dataset: Path, exports, tmp_path: Path) -> N
     noise = [line for line in proc.stderr.splitlines() if not re.search(r" INFO mdaf_rec[.\w]*: ", line)]
     assert noise == [], proc.stderr[-3000:]
     assert pq.read_table(out).num_rows == pq.read_metadata(dataset / "test.parquet").num_rows
+
+
+# A server without mdaf_rec (docs/serving.md, "How a server maps the tables"): the table files memory-mapped with
+# numpy as feature_spec.json describes them (fp32, fp16 or FBGEMM's fused int8 rows, dequantized by hand), the
+# rows of the index inputs looked up by its "lookups", then the program. MODEL_DIR INPUTS OUT.
+MAPPING_SERVER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mdaf_rec", "torchrec", "fbgemm_gpu"):
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+import json
+from pathlib import Path
+import numpy as np, torch
+d = Path(sys.argv[1])
+spec = json.loads((d / "feature_spec.json").read_text())
+def table(entry):
+    raw = np.memmap(d / entry["file"], dtype=np.uint8, mode="r", shape=(entry["rows"], entry["row_bytes"]))
+    dim = entry["dim"]
+    def rows(index):
+        r = np.asarray(raw[index.reshape(-1)])
+        if entry["dtype"] == "int8":
+            w = r[:, :dim].astype(np.float32) * r[:, dim:dim + 4].copy().view("<f4") + r[:, dim + 4:].copy().view("<f4")
+        else:
+            w = r.view("<f4" if entry["dtype"] == "fp32" else "<f2").astype(np.float32)
+        return w.reshape(*index.shape, dim)
+    return rows
+tables = {name: table(entry) for name, entry in spec["tables"].items()}
+ids = dict(zip(["static_ids", "dense", "target_ids", "history_ids"], torch.load(sys.argv[2])))
+inputs = dict(ids)
+for name, lookup in spec["lookups"].items():
+    index = ids[lookup["index"]].numpy()
+    parts = [tables[t](index[:, j]) for j, t in enumerate(lookup["tables"])]
+    inputs[name] = torch.from_numpy(np.stack(parts, 1) if parts else
+                                     np.zeros((index.shape[0], 0, *index.shape[2:], lookup["dim"]), np.float32))
+program = torch.export.load(str(d / spec["program"])).module()
+with torch.no_grad():
+    probability, gate = program(*(inputs[i["name"]] for i in spec["inputs"]))
+torch.save(probability, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("name", ["mdaf_bst_none", "dnn_int8"])
+def test_a_server_maps_the_tables_without_mdaf_rec(name: str, dataset: Path, exports, tmp_path: Path) -> None:
+    """The documented table layout is enough to serve: a numpy memmap server's scores are predict's."""
+    model_dir = exports[name]
+    model = ExportedModel(model_dir)
+    table = pq.read_table(dataset / "test.parquet").slice(0, 41)
+    probability, _ = model.score(table, "test.parquet", 0)
+    inputs = model.inputs(table, "test.parquet", 0)
+    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids")), tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-I", "-c", MAPPING_SERVER, str(model_dir), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(torch.load(tmp_path / "out.pt").numpy() - probability).max() <= 1e-6
+
+
+def test_table_files_hold_the_checkpoint_rows(runs, tmp_path: Path, monkeypatch) -> None:
+    """Each table file, read a few rows at a time (blocks far smaller than a table), holds exactly the trained
+    table in fp32, its float16 rounding in fp16, and FBGEMM's fused 8-bit rows in int8."""
+    from mdaf_rec import checkpoint as ckpt
+    from mdaf_rec import tables as tables_module
+    from mdaf_rec.config import load_config
+    from mdaf_rec.data.vocab import Vocabularies
+    from mdaf_rec.export import load_serving_module, table_keys
+    from mdaf_rec.trainable import build_train_module
+
+    run = runs["mdaf_mamba"]
+    cfg = load_config(run / "config.yaml")
+    _, wrapper = build_train_module(cfg, Vocabularies.load(run / "vocab").sizes, table_device="cpu",
+                                    dense_device="cpu", compute_device="cpu", with_sparse_optimizer=False)
+    path = ckpt.checkpoint_path(run, "best")
+    ckpt.load_model_weights(path, wrapper)
+    state = wrapper.state_dict()
+    module, keys, *_ = load_serving_module(run)
+    assert keys == {name: f"model.{key}" for name, key in table_keys(wrapper).items()} and len(keys) == 7
+    assert not any(p.is_meta for p in module.parameters())  # the tables are not in the serving module
+    monkeypatch.setattr(tables_module, "BLOCK_BYTES", 200)
+    source = tables_module.CheckpointTables(path)
+    for name, key in keys.items():
+        weight = state[key[len("model."):]]
+        for dtype in ("fp32", "fp16", "int8"):
+            entry = tables_module.write_table(source, key, tmp_path, name, dtype)
+            raw = np.fromfile(tmp_path / entry.file, dtype=np.uint8).reshape(entry.rows, entry.row_bytes)
+            expected = tables_module.quantize_rows(weight, dtype)
+            assert (entry.rows, entry.dim) == tuple(weight.shape) and np.array_equal(raw, expected), (name, dtype)
+        served = tables_module.ServingTables(tmp_path, {name: entry.doc()}, [entry.file])
+        index = torch.tensor([[0, 3], [weight.shape[0] - 1, 2]])
+        rows = served.lookup(name, index)
+        assert rows.shape == (2, 2, weight.shape[1])
+        assert torch.allclose(rows, weight[index], atol=float(weight.abs().max()) / 100)  # int8: within a step
+
+
+def test_column_ranges_are_written_into_their_rows(tmp_path: Path) -> None:
+    """Column-wise shards: each block lands in its columns of its rows."""
+    from mdaf_rec.tables import _fill
+
+    table = torch.arange(24, dtype=torch.float32).view(4, 6)
+    blocks = [(0, 0, table[:3, :4]), (3, 0, table[3:, :4]), (0, 4, table[:, 4:])]
+    _fill(tmp_path / "t.bin", 4, 24, iter(blocks), "fp32")
+    assert np.array_equal(np.fromfile(tmp_path / "t.bin", dtype="<f4").reshape(4, 6), table.numpy())
+
+
+def test_table_dtype_and_quantize_must_agree(runs, tmp_path: Path, capsys) -> None:
+    args = ["--run", str(runs["dnn"]), "--out", str(tmp_path / "m"), "--quantize", "int8", "--table-dtype", "fp16"]
+    err = _one_line_error(export_main, args, capsys)
+    assert "--quantize int8 contradicts --table-dtype fp16" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_table_outside_the_manifest_is_never_mapped(dataset: Path, exports, tmp_path: Path, capsys) -> None:
+    """A feature_spec.json edited to map an unlisted file (its manifest entry rehashed) is one line, exit 2."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(exports["dnn_none"], model_dir)
+    (model_dir / "notes.txt").write_bytes(bytes(64 * 1024))
+    spec_path = model_dir / "feature_spec.json"
+    spec = json.loads(spec_path.read_text())
+    name = next(iter(spec["tables"]))
+    spec["tables"][name]["file"] = "notes.txt"
+    content = json.dumps(spec).encode()
+    spec_path.write_bytes(content)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["files"]["feature_spec.json"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--model", str(model_dir), "--data", str(dataset / "test.parquet"), "--out", str(tmp_path / "o.parquet")]
+    err = _one_line_error(predict_main, argv, capsys)
+    assert f"{spec_path}: malformed (ValueError: table {name!r}: notes.txt is not a file of the manifest)" in err, err

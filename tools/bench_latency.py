@@ -1,4 +1,4 @@
-"""Serving latency on CPU: eager (unsharded model) vs exported (``torch.export``) vs int8 tables.
+"""Serving latency on CPU: eager (unsharded model) vs exported (``torch.export``) vs compiled (AOTInductor).
 
 For MDAF-Mamba and MDAF-BST at the dims of ``configs/demo.yaml`` (vocabularies of the synthetic
 generator's default size, random weights: latency does not depend on their values), one torch
@@ -11,7 +11,10 @@ thread, batch sizes 1, 64 and 512, times one forward pass of
   CPU it was exported on): exported with the compiled operators of ``mdaf_rec.ops`` kept as nodes and
   compiled by AOTInductor (:func:`mdaf_rec.serving.export_cpu_program`; loads with torch alone after
   ``torch.ops.load_library`` of the operators' library);
-* **int8**: the exported program with row-wise 8-bit tables.
+
+The exported programs take the table rows as inputs (``mdaf_rec.serving``); here they are looked up in the eager
+model's tables before the clock starts, like the KJTs of eager. Looking rows up in an export's memory-mapped
+table files (fp32, fp16, int8) is timed by ``tools/bench_export.py``.
 
 Reports p50 / p99 over ``--seconds`` of repetitions per cell (at least ``--min-iters``), checks the
 exported scores against eager, and (unless ``--no-write``) rewrites the
@@ -48,11 +51,11 @@ from mdaf_rec.data.synth import SynthParams  # noqa: E402
 from mdaf_rec.features import NUM_RESERVED_INDICES, FeatureSpec  # noqa: E402
 from mdaf_rec.models.ctr import CTRModel  # noqa: E402
 from mdaf_rec.models.factory import build_model  # noqa: E402
-from mdaf_rec.serving import ServingModule, export_cpu_program, export_program, quantize_tables  # noqa: E402
+from mdaf_rec.serving import INPUT_NAMES, ServingModule, export_cpu_program, export_program  # noqa: E402
 
 SECTION = "## Serving latency (tools/bench_latency.py)"
 MODELS = ("mdaf_mamba", "mdaf_bst")
-Inputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Inputs = Tuple[torch.Tensor, ...]
 
 
 def random_inputs(spec: FeatureSpec, batch_size: int, seed: int) -> Tuple[Inputs, Batch]:
@@ -86,6 +89,16 @@ def random_inputs(spec: FeatureSpec, batch_size: int, seed: int) -> Tuple[Inputs
     return (static, dense, targets, history), batch
 
 
+def program_inputs(ids: Inputs, module: ServingModule, tables: Dict[str, torch.Tensor]) -> Inputs:
+    """The serving program's inputs: the index inputs and the rows of ``tables`` they select (``module.lookups``)."""
+    named = dict(zip(INPUT_NAMES, ids))
+    for name, lookup in module.lookups.items():
+        index = named[lookup.index]
+        named[name] = (torch.stack([tables[t][index[:, j]] for j, t in enumerate(lookup.tables)], dim=1)
+                       if lookup.tables else torch.zeros(index.shape[0], 0, *index.shape[2:], lookup.dim))
+    return tuple(named[name] for name in INPUT_NAMES)
+
+
 def percentiles(fn: Callable[[], object], seconds: float, min_iters: int) -> Tuple[float, float, int]:
     """(p50 ms, p99 ms, repetitions) of ``fn()`` after 3 warm-up calls."""
     for _ in range(3):
@@ -107,23 +120,23 @@ def bench_model(name: str, config: Path, batches: Sequence[int], seconds: float,
     spec = FeatureSpec.build(cfg.features, {k: v + NUM_RESERVED_INDICES for k, v in sizes.items()})
     torch.manual_seed(0)
     eager: CTRModel = build_model(spec, cfg.model).eval()
-    program = export_program(ServingModule(copy.deepcopy(eager), spec), spec)
-    fp32 = program.module()
+    module = ServingModule(copy.deepcopy(eager), spec)
+    fp32 = export_program(module, spec).module()
+    tables = {name: t.weight.detach() for m in eager.modules() for attr in ("embedding_bags", "embeddings")
+              if isinstance(getattr(m, attr, None), torch.nn.ModuleDict) for name, t in getattr(m, attr).items()}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # the loader extracts the package to its own folder
         export_cpu_program(ServingModule(copy.deepcopy(eager), spec), spec, Path(tmp) / "model.cpu.pt2")
         aoti = torch._inductor.aoti_load_package(str(Path(tmp) / "model.cpu.pt2"))
     print(f"{name}: export + AOTInductor compile {time.perf_counter() - start:.0f} s", flush=True)
-    int8_module = ServingModule(copy.deepcopy(eager), spec)
-    quantize_tables(int8_module)
-    int8 = export_program(int8_module, spec).module()
     rows: List[Dict] = []
     with torch.no_grad():
         for b in batches:
-            inputs, batch = random_inputs(spec, b, seed=b)
+            ids, batch = random_inputs(spec, b, seed=b)
+            inputs = program_inputs(ids, module, tables)
             reference = eager(batch)
             for variant, fn in (("eager", lambda: eager(batch)), ("exported", lambda: fp32(*inputs)),
-                                ("aoti", lambda: aoti(*inputs)), ("int8", lambda: int8(*inputs))):
+                                ("aoti", lambda: aoti(*inputs))):
                 diff = float((fn() if variant == "eager" else fn()[0]).sub(reference).abs().max())
                 p50, p99, n = percentiles(fn, seconds, min_iters)
                 rows.append({"model": name, "batch": b, "variant": variant, "p50": p50, "p99": p99, "n": n, "diff": diff})
@@ -140,15 +153,15 @@ def markdown(rows: List[Dict], config: Path, seconds: float) -> str:
         f"weights), one forward pass, p50 / p99 in ms over ≥ {seconds:g} s of repetitions per cell.",
         "",
         "| model | batch | eager p50 | eager p99 | exported p50 | exported p99 | compiled p50 | compiled p99 "
-        "| max abs Δp compiled vs eager | int8 p50 | int8 p99 | max abs Δp int8 vs eager |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max abs Δp compiled vs eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cells = {(r["model"], r["batch"], r["variant"]): r for r in rows}
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-        e, x, a, q = (cells[(model, batch, v)] for v in ("eager", "exported", "aoti", "int8"))
+        e, x, a = (cells[(model, batch, v)] for v in ("eager", "exported", "aoti"))
         lines.append(
             f"| {model} | {batch} | {e['p50']:.2f} | {e['p99']:.2f} | {x['p50']:.2f} | {x['p99']:.2f} | "
-            f"{a['p50']:.2f} | {a['p99']:.2f} | {a['diff']:.1e} | {q['p50']:.2f} | {q['p99']:.2f} | {q['diff']:.1e} |"
+            f"{a['p50']:.2f} | {a['p99']:.2f} | {a['diff']:.1e} |"
         )
     lines += [
         "",
@@ -162,10 +175,9 @@ def markdown(rows: List[Dict], config: Path, seconds: float) -> str:
         'compiled by AOTInductor (`mdaf_rec.serving.export_cpu_program`; export + compile time printed by the '
         'tool), which fuses the rest of the graph into C++ loops with no Python per op; it loads with torch '
         'alone (`torch.ops.load_library` of the export\'s `ops/mdaf_rec_ops.so`, then '
-        '`torch._inductor.aoti_load_package`). int8 = `--quantize int8` (row-wise 8-bit '
-        'tables, dequantized on lookup, portable program). int8 saves table memory (~4x), not time: at these vocabulary sizes '
-        'the tables fit in cache and dequantizing costs more than the smaller reads save. Input preparation '
-        '(vocabulary lookups, KJTs) is not timed.',
+        '`torch._inductor.aoti_load_package`). Input preparation (vocabulary lookups, KJTs, the table rows the '
+        'programs take as inputs) is not timed; table look-ups in fp32 / fp16 / int8 files: '
+        '`tools/bench_export.py`.',
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         batch_sizes = [b for (m, b, v) in cells if m == model and v == "eager"]
