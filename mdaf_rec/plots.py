@@ -149,6 +149,8 @@ def plot_gate_profile(profile: Dict[str, Any], out_png: Path, title: str) -> Pat
                   label="share served from history (g < 0.5)")
         share.set_ylim(0, 1)
         share.set_ylabel("share of rows with g < 0.5")
+        ax.set_zorder(share.get_zorder() + 1)  # the gate line over the bars
+        ax.patch.set_visible(False)
         lines, names = ax.get_legend_handles_labels()
         bars, bar_names = share.get_legend_handles_labels()
         ax.legend(lines + bars, names + bar_names, fontsize=8, loc="upper left")
