@@ -25,19 +25,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mdaf_rec.data.dataset import DatasetError
+
 RELIABILITY_BINS = 10
 GROUPS = 9  # 0, 1, 2-3, 4-7, 8-15, 16-31, 32-63, 64-127, >= 128
 GATE_AXES = ("history_length", "user_activity")
 
 
 def power_of_two_group(counts: torch.Tensor, groups: int = GROUPS) -> torch.Tensor:
-    """Group index of each non-negative count ``[n]``: 0 for 0, ``1 + floor(log2 c)`` above, capped at ``groups - 1``."""
+    """Group index of each non-negative count ``[n]``: 0 for 0, ``1 + floor(log2 c)`` above, capped at ``groups - 1``
+    (no host sync: ``frexp``'s exponent of ``c = m·2^e``, ``m`` in [0.5, 1), is ``1 + floor(log2 c)``)."""
     counts = counts.to(torch.int64).clamp(min=0)
-    index = torch.zeros_like(counts)
-    positive = counts > 0
-    # floor(log2 c) for c >= 1, exact for the integers we see (frexp: c = m·2^e, m in [0.5, 1)).
-    index[positive] = torch.frexp(counts[positive].to(torch.float64))[1].to(torch.int64)
-    return index.clamp(max=groups - 1)
+    exponent = torch.frexp(counts.clamp(min=1).to(torch.float64))[1].to(torch.int64)
+    return torch.where(counts > 0, exponent, torch.zeros_like(counts)).clamp(max=groups - 1)
 
 
 def group_labels(groups: int = GROUPS) -> List[str]:
@@ -64,8 +64,12 @@ def user_activity(train_files: Sequence[Path], scored_files: Sequence[Path], col
     query = (f"SELECT CAST({ident} AS BIGINT) AS id, count(*) AS n FROM read_parquet($train) "
              f"WHERE {ident} IN (SELECT {ident} FROM read_parquet($scored)) GROUP BY id ORDER BY id")
     with duckdb.connect() as con:
-        table = con.execute(query, {"train": [str(f) for f in train_files],
-                                    "scored": [str(f) for f in scored_files]}).fetch_arrow_table()
+        try:
+            table = con.execute(query, {"train": [str(f) for f in train_files],
+                                        "scored": [str(f) for f in scored_files]}).fetch_arrow_table()
+        except duckdb.Error as e:
+            reason = " ".join(str(e).split())
+            raise DatasetError(f"{', '.join(map(str, train_files))}: counting the rows per {column!r} failed ({reason})") from None
     return (table.column("id").to_numpy().astype(np.int64, copy=False),
             table.column("n").to_numpy().astype(np.int64, copy=False))
 

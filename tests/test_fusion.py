@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from conftest import random_batch, small_spec
 from mdaf_rec.config import ConfigError, FusionConfig, ModelConfig, OptimizerConfig, load_config
+from mdaf_rec.data.dataset import DatasetError
 from mdaf_rec.models.ctr import CTRTrain
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.models.fusion import GatedFusion
@@ -223,3 +224,9 @@ def test_training_with_the_remedies_writes_the_gate_profile_and_reliability(data
     assert (run / "gate_profile.png").stat().st_size > 10_000
     rescored = json.loads(mdaf("eval", "--run", str(run), "--split", "test").stdout)
     assert rescored["gate_profile"] == profile and rescored["reliability"] == metrics["reliability"]
+
+
+def test_user_activity_names_the_file_and_column_it_cannot_count(tmp_path) -> None:
+    pq.write_table(pa.table({"uid": [1, 2]}), tmp_path / "train.parquet")
+    with pytest.raises(DatasetError, match="train.parquet.*'user_id'"):
+        user_activity([tmp_path / "train.parquet"], [tmp_path / "train.parquet"], "user_id")
