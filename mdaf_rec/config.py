@@ -28,6 +28,7 @@ from mdaf_rec.registry import (
     DENSE_OPTIMIZERS,
     DENSE_TABLE_MODELS,
     DENSE_TABLES,
+    FUSED_MODELS,
     GATE_MODES,
     METRIC_MODES,
     MODEL_NAMES,
@@ -155,6 +156,28 @@ class BSTConfig:
 
 
 @dataclass
+class FusionConfig:
+    """Training remedies of MDAF's gated fusion; the defaults are the plain gate (``docs/results.md`` §5).
+
+    Args:
+        aux_loss_weight: ``λ`` of an auxiliary BCE per branch: a linear logit head on the static embedding
+            ``s`` and one on the sequential ``q``, each trained on the click; the loss is
+            ``BCE(fused) + λ · (BCE(s) + BCE(q))``. The heads score in training only. 0: no auxiliary heads.
+        branch_dropout: fraction of training samples that see one branch only: half of them lose ``s`` (gate
+            set to 0), half lose ``q`` (gate set to 1), so the head learns to score from either branch alone.
+        gate_stop_gradient: the gate reads ``s`` and ``q`` detached: the fused loss trains the gate's own
+            weights but cannot reshape the branches through the gate.
+        gate_bias_init: the gate's initial bias (``-2``: ``g = σ(-2) ≈ 0.12`` at the start, the sequential
+            branch first); ``null``: PyTorch's default initialisation.
+    """
+
+    aux_loss_weight: float = 0.0
+    branch_dropout: float = 0.0
+    gate_stop_gradient: bool = False
+    gate_bias_init: Optional[float] = None
+
+
+@dataclass
 class ModelConfig:
     """Model architecture.
 
@@ -163,6 +186,7 @@ class ModelConfig:
             ``mamba4rec``, ``bst``).
         gate: one of :data:`mdaf_rec.registry.GATE_MODES`: ``scalar`` (one gate per sample) or ``vector``
             (one per embedding dimension).
+        fusion: MDAF's fusion remedies (:class:`FusionConfig`; MDAF models only).
         head_hidden: hidden sizes of the prediction head MLP.
         head_dropout: dropout of the prediction head.
     """
@@ -173,6 +197,7 @@ class ModelConfig:
     mamba: MambaConfig = field(default_factory=MambaConfig)
     bst: BSTConfig = field(default_factory=BSTConfig)
     gate: str = "scalar"
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     head_hidden: List[int] = field(default_factory=lambda: [128, 64])
     head_dropout: float = 0.2
 
@@ -193,6 +218,11 @@ class OptimizerConfig:
         sparse_weight_decay: table weight decay on the rows a batch looks up (``rowwise_adagrad``: L2,
             ``adam``: decoupled; FBGEMM's ``sgd`` and ``adagrad`` have none); ``dense``: the dense
             optimizer's weight decay on every row.
+        static_sparse_lr: learning rate of the static (pooled, ``EmbeddingBagCollection``) tables, the ones
+            that memorise first; ``null``: ``sparse_lr``. The sequence tables keep ``sparse_lr``. Fused table
+            optimizers only.
+        static_sparse_weight_decay: weight decay of the static tables (as ``sparse_weight_decay``); ``null``:
+            ``sparse_weight_decay``. Fused table optimizers only.
     """
 
     dense: str = "adam"
@@ -202,6 +232,8 @@ class OptimizerConfig:
     sparse_lr: float = 0.02
     sparse_eps: float = 1e-8
     sparse_weight_decay: float = 0.0
+    static_sparse_lr: Optional[float] = None
+    static_sparse_weight_decay: Optional[float] = None
 
 
 @dataclass
@@ -363,6 +395,12 @@ def validate(cfg: Config) -> Config:
     _require(len(m.head_hidden) >= 1 and all(h > 0 for h in m.head_hidden), "model.head_hidden",
              "must be a non-empty list of positive sizes")
     _require(0.0 <= m.head_dropout < 1.0, "model.head_dropout", "must be in [0, 1)")
+    fu = m.fusion
+    _require(fu.aux_loss_weight >= 0, "model.fusion.aux_loss_weight", "must be >= 0")
+    _require(0.0 <= fu.branch_dropout < 1.0, "model.fusion.branch_dropout", "must be in [0, 1)")
+    if fu != FusionConfig():
+        _require(m.name in FUSED_MODELS, "model.fusion",
+                 f"the fusion remedies are for {', '.join(FUSED_MODELS)}, not {m.name!r} (it has no fusion gate)")
     d = m.dcnv3
     _require(d.num_heads >= 1 and f.static_dim % d.num_heads == 0, "model.dcnv3.num_heads",
              f"must be >= 1 and divide features.static_dim={f.static_dim}")
@@ -395,6 +433,16 @@ def validate(cfg: Config) -> Config:
     _require(o.sparse_weight_decay == 0 or o.sparse in ("rowwise_adagrad", "adam", DENSE_TABLES),
              "optimizer.sparse_weight_decay",
              f"FBGEMM's {o.sparse!r} table optimizer has no weight decay (rowwise_adagrad: L2; adam: decoupled)")
+    _require(o.static_sparse_lr is None or o.static_sparse_lr > 0, "optimizer.static_sparse_lr",
+             "must be > 0 (or null: optimizer.sparse_lr)")
+    _require(o.static_sparse_weight_decay is None or o.static_sparse_weight_decay >= 0,
+             "optimizer.static_sparse_weight_decay", "must be >= 0 (or null: optimizer.sparse_weight_decay)")
+    _require(not o.static_sparse_weight_decay or o.sparse in ("rowwise_adagrad", "adam"),
+             "optimizer.static_sparse_weight_decay",
+             f"FBGEMM's {o.sparse!r} table optimizer has no weight decay (rowwise_adagrad: L2; adam: decoupled)")
+    for key in ("static_sparse_lr", "static_sparse_weight_decay"):
+        _require(getattr(o, key) is None or o.sparse != DENSE_TABLES, f"optimizer.{key}",
+                 f"is for the fused table optimizers; with optimizer.sparse: {DENSE_TABLES} set optimizer.sparse_*")
     t = cfg.train
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")

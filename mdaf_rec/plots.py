@@ -115,6 +115,49 @@ def plot_gate_histogram(gate: Dict[str, Any], out_png: Path, title: str) -> Path
     return _save(fig, out_png)
 
 
+def plot_gate_profile(profile: Dict[str, Any], out_png: Path, title: str) -> Path:
+    """The fusion gate per group of history length and of user activity: one panel per axis, the gate mean
+    ± std per group (left axis) and the share of rows served mostly from history (``g < 0.5``, right axis),
+    each group's rows under its label.
+
+    Args:
+        profile: the ``gate_profile`` dict of :meth:`mdaf_rec.profiles.FinalProfile.compute`: axis name
+            (``history_length``, ``user_activity``) -> list of ``{"group", "rows", "mean", "std", "from_history"}``.
+        out_png: the PNG to write.
+        title: the figure title.
+
+    Returns:
+        ``out_png``.
+    """
+    axes_titles = {"history_length": "history length (entries)",
+                   "user_activity": "user activity (the user's training rows; 0 = unseen)"}
+    if not profile:
+        raise ValueError("empty gate profile")
+    fig = Figure(figsize=(6.5 * len(profile), 4.5), layout="constrained")
+    panels = fig.subplots(1, len(profile), squeeze=False)[0]
+    for ax, (axis, groups) in zip(panels, profile.items()):
+        xs = list(range(len(groups)))
+        ax.errorbar(xs, [g["mean"] for g in groups], yerr=[g["std"] for g in groups], marker="o", capsize=3,
+                    label="gate mean ± std")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("gate (≈1: static branch, ≈0: sequential branch)")
+        ax.set_xticks(xs, [f"{g['group']}\n{g['rows']:,} rows" for g in groups], fontsize=8)
+        ax.set_xlabel(axes_titles.get(axis, axis))
+        ax.grid(alpha=0.3)
+        share = ax.twinx()
+        share.bar(xs, [g["from_history"] for g in groups], alpha=0.25, color="tab:green",
+                  label="share served from history (g < 0.5)")
+        share.set_ylim(0, 1)
+        share.set_ylabel("share of rows with g < 0.5")
+        ax.set_zorder(share.get_zorder() + 1)  # the gate line over the bars
+        ax.patch.set_visible(False)
+        lines, names = ax.get_legend_handles_labels()
+        bars, bar_names = share.get_legend_handles_labels()
+        ax.legend(lines + bars, names + bar_names, fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    return _save(fig, out_png)
+
+
 def plot_sweep(rows: Sequence[Dict[str, Any]], out_png: Path, title: str) -> Path:
     """Two panels (max per-rank memory, estimated step time) against the world size; one line per
     sharding choice, infeasible points as crosses on the axis floor.

@@ -17,6 +17,9 @@ from typing import Tuple
 MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "dnn", "mamba4rec", "bst")
 """``model.name``: MDAF with a Mamba4Rec or BST branch, and the four single-branch baselines."""
 
+FUSED_MODELS: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst")
+"""The models with a fusion gate (``model.fusion`` applies to them only)."""
+
 GATE_MODES: Tuple[str, ...] = ("scalar", "vector")
 """``model.gate``: one fusion gate per sample, or one per embedding dimension."""
 

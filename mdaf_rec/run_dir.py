@@ -13,7 +13,7 @@ Layout (every name is defined here, except ``vocab/``: the vocabularies' own fol
       metrics.json       final metrics
       checkpoints/       index.json + epoch_K/ and step_S/ DCP folders (see mdaf_rec.checkpoint)
       tensorboard/       TensorBoard event files (loss, AUC, logloss, NE, gate mean, samples/s)
-      train.log, training_curves.png, gate_histogram.png
+      train.log, training_curves.png, gate_histogram.png, gate_profile.png
       .lock              host, pid and job (run id, restart) of the job that holds the run (while it runs)
 
 A folder is a run directory when it carries the marker, which ``mdaf-rec train`` writes into a new or empty
@@ -53,6 +53,7 @@ TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "train.log"
 CURVES_FILE = "training_curves.png"
 GATE_HISTOGRAM_FILE = "gate_histogram.png"
+GATE_PROFILE_FILE = "gate_profile.png"
 LOCK_FILE = ".lock"
 MARKER_FILE = "mdaf_rec_run.json"
 RUN_KIND = "run"
@@ -138,6 +139,10 @@ class RunDir:
         return self.path / GATE_HISTOGRAM_FILE
 
     @property
+    def gate_profile(self) -> Path:
+        return self.path / GATE_PROFILE_FILE
+
+    @property
     def lock(self) -> Path:
         return self.path / LOCK_FILE
 
@@ -173,7 +178,7 @@ class RunDir:
         """The files, folders and links of this run that the tool wrote and that exist (``checkpoints/`` itself
         when it is a link, else its checkpoint folders and index); the marker is not among them."""
         names = (self.config, self.plan, self.vocab, self.metrics_log, self.metrics, self.tensorboard, self.log,
-                 self.curves, self.gate_histogram)
+                 self.curves, self.gate_histogram, self.gate_profile)
         own = [p for p in names if os.path.lexists(p)]
         if self.checkpoints.is_symlink():
             own.append(self.checkpoints)

@@ -86,7 +86,8 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
 
     Args:
         model: the unsharded model (tables may be on ``meta``).
-        cfg: optimizer config (``sparse``, ``sparse_lr``, ``sparse_eps``, ``sparse_weight_decay``).
+        cfg: optimizer config (``sparse``, ``sparse_lr``, ``sparse_eps``, ``sparse_weight_decay``; the static
+            ``EmbeddingBagCollection`` tables take ``static_sparse_lr`` / ``static_sparse_weight_decay`` where set).
         device: the training device; ``adam`` is refused on CPU, where FBGEMM cannot run it.
 
     With ``cfg.sparse == "dense"`` nothing is attached: the dense optimizer trains the tables.
@@ -94,18 +95,29 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch
     check_sparse_optimizer(cfg, device.type)
     if cfg.sparse == DENSE_TABLES:
         return
-    kwargs: Dict[str, Any] = {"lr": cfg.sparse_lr}
-    if cfg.sparse != "sgd":
-        kwargs["eps"] = cfg.sparse_eps
-    if cfg.sparse_weight_decay:
-        kwargs["weight_decay"] = cfg.sparse_weight_decay  # FBGEMM's Adam: decoupled
-        if cfg.sparse == "rowwise_adagrad":
+    static = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    static_ids = {id(p) for p in static}
+    sequence = [p for p in table_parameters(model) if id(p) not in static_ids]
+    static_lr = cfg.sparse_lr if cfg.static_sparse_lr is None else cfg.static_sparse_lr
+    static_decay = cfg.sparse_weight_decay if cfg.static_sparse_weight_decay is None else cfg.static_sparse_weight_decay
+    for params, lr, weight_decay in ((static, static_lr, static_decay), (sequence, cfg.sparse_lr, cfg.sparse_weight_decay)):
+        if params:
+            _apply_optimizer_in_backward(optimizer_class=SPARSE_OPTIMIZER_CLASSES[cfg.sparse], params=params,
+                                         optimizer_kwargs=_fused_kwargs(cfg.sparse, lr, cfg.sparse_eps, weight_decay))
+
+
+def _fused_kwargs(sparse: str, lr: float, eps: float, weight_decay: float) -> Dict[str, Any]:
+    """FBGEMM's keyword arguments of the fused table optimizer ``sparse``."""
+    kwargs: Dict[str, Any] = {"lr": lr}
+    if sparse != "sgd":
+        kwargs["eps"] = eps
+    if weight_decay:
+        kwargs["weight_decay"] = weight_decay  # FBGEMM's Adam: decoupled
+        if sparse == "rowwise_adagrad":
             # FBGEMM's row-wise Adagrad ignores weight_decay unless a mode is named: L2 adds weight_decay * w to
             # each looked-up row's gradient (rows a batch does not touch are not decayed).
             kwargs["weight_decay_mode"] = WeightDecayMode.L2
-    _apply_optimizer_in_backward(
-        optimizer_class=SPARSE_OPTIMIZER_CLASSES[cfg.sparse], params=table_parameters(model), optimizer_kwargs=kwargs
-    )
+    return kwargs
 
 
 def sharders() -> List[ModuleSharder[nn.Module]]:

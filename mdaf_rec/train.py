@@ -54,7 +54,7 @@ from mdaf_rec.data.validated import validate_once
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies, column_rules, derived_folders
 from mdaf_rec.distributed import DistEnv, check_gpu_request, init_distributed
 from mdaf_rec.errors import UserError
-from mdaf_rec.features import FeatureSpec
+from mdaf_rec.features import USER_SPACE, FeatureSpec
 from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
 from mdaf_rec.metrics import format_metric
@@ -62,6 +62,7 @@ from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
 from mdaf_rec.plan_io import check_plan, load_plan, plan_world_size, save_plan
+from mdaf_rec.profiles import FinalProfile, user_activity
 from mdaf_rec.run_dir import RunDir, RunDirError, RunLock, Start, decide_start
 from mdaf_rec.sharding import (build_optimizer, check_plan_optimizer, plan_sharding, planner_memory, shard_model,
                                table_constraints, table_parameters)
@@ -300,24 +301,46 @@ def predictions(session: Session, split: str) -> Iterator[Tuple[Batch, CTRTrainO
         model.train(was_training)
 
 
-def evaluate(session: Session, split: str) -> Dict[str, Any]:
+def evaluate(session: Session, split: str, profile: bool = False) -> Dict[str, Any]:
     """Scores ``split`` with the current weights; metrics are aggregated over all ranks, exactly or streaming
     (``eval.metrics``; ``null``: by the split's size, :func:`mdaf_rec.streaming_metrics.metrics_mode`).
 
     Args:
         session: the session.
         split: ``train``, ``val`` or ``test``.
+        profile: also compute the reliability table and, for MDAF, the gate by history length and user
+            activity (:mod:`mdaf_rec.profiles`; final scoring only: one more ``GROUP BY`` over the training split).
     Returns:
-        ``auc``, ``logloss``, ``ne``, ``gauc``, ``calibration``, ... and ``gate`` for MDAF models.
+        ``auc``, ``logloss``, ``ne``, ``gauc``, ``calibration``, ... and ``gate`` for MDAF models; with
+        ``profile``, ``reliability`` and (MDAF) ``gate_profile``.
     """
     rows = session.dataset.num_rows(split)
     mode = metrics_mode(session.cfg.eval.metrics, rows)
     logger.info("evaluating %s (%s rows): %s metrics%s", split, f"{rows:,}", mode,
                 "" if session.cfg.eval.metrics else " (eval.metrics: null chooses by the split's size)")
     acc = make_accumulator(mode, session.cfg.eval.auc_bins)  # update() leaves everything on the device
+    final = _final_profile(session, split) if profile else None
+    history_key = session.spec.sequence_spaces[0].history_key
     for batch, out in predictions(session, split):
-        acc.update(torch.sigmoid(out.logit), batch.labels, batch.user_id, out.gate)
-    return acc.compute(dist.group.WORLD)
+        probs = torch.sigmoid(out.logit)
+        acc.update(probs, batch.labels, batch.user_id, out.gate)
+        if final is not None:
+            history = batch.sequence_features[history_key].lengths() if out.gate is not None else None
+            final.update(probs, batch.labels, out.gate, history, batch.user_id)
+    result = acc.compute(dist.group.WORLD)
+    if final is not None:
+        result.update(final.compute(dist.group.WORLD))
+    return result
+
+
+def _final_profile(session: Session, split: str) -> FinalProfile:
+    """An empty :class:`FinalProfile` for ``split``, with the training rows of its users when the data has users."""
+    space = session.cfg.features.id_spaces.get(USER_SPACE)
+    activity = None
+    if space is not None:
+        dataset = session.dataset
+        activity = user_activity(dataset.split_files("train"), dataset.split_files(split), space.column)
+    return FinalProfile(activity, session.env.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -721,7 +744,7 @@ def _final_metrics(session: Session, state: TrainState, board: TensorBoardLog) -
     path = ckpt.checkpoint_path(session.run_dir, "best")
     ckpt.load_model_weights(path, session.model)
     val = evaluate(session, "val")
-    test = evaluate(session, "test")
+    test = evaluate(session, "test", profile=True)
     board.evaluation(state.step, "test", test)
     final: Dict[str, Any] = {
         "model": session.cfg.model.name,
@@ -734,8 +757,9 @@ def _final_metrics(session: Session, state: TrainState, board: TensorBoardLog) -
         "params": session.params,
         "world_size": session.env.world_size,
     }
-    if "gate" in test:
-        final["gate"] = test["gate"]
+    for key in ("gate", "gate_profile", "reliability"):
+        if key in test:
+            final[key] = test[key]
     if state.init_from is not None:
         final["init_from"] = state.init_from
     splits = session.dataset.meta.get("splits", {})
@@ -746,11 +770,14 @@ def _final_metrics(session: Session, state: TrainState, board: TensorBoardLog) -
 
 
 def _plots(run: RunDir, final: Dict[str, Any]) -> None:
-    from mdaf_rec.plots import plot_gate_histogram, plot_training_curves
+    from mdaf_rec.plots import plot_gate_histogram, plot_gate_profile, plot_training_curves
 
     plot_training_curves(run.metrics_log, run.curves)
     if "gate" in final:
         plot_gate_histogram(final["gate"], run.gate_histogram, title=f"{final['model']}: fusion gate (test)")
+    if "gate_profile" in final:
+        plot_gate_profile(final["gate_profile"], run.gate_profile,
+                          title=f"{final['model']}: fusion gate by history length and user activity (test)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -777,7 +804,7 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     path = ckpt.checkpoint_path(run_dir, which)
     ckpt.check_vocabularies(path, vocabs)
     ckpt.load_model_weights(path, session.model)
-    result = evaluate(session, split)
+    result = evaluate(session, split, profile=True)
     result["checkpoint"] = str(path)
     result["split"] = split
     return result

@@ -62,7 +62,7 @@ def build_train_module(
     spec = FeatureSpec.build(cfg.features, vocab_sizes)
     model = build_model(spec, cfg.model, table_device=table_device, dense_device=dense_device)
     module = CTRTrain(model, tri_bce=cfg.model.dcnv3.tri_bce, precision=cfg.train.precision,
-                      device_type=compute_device.type)
+                      device_type=compute_device.type, aux_loss_weight=cfg.model.fusion.aux_loss_weight)
     if with_sparse_optimizer:
         apply_sparse_optimizer(module, cfg.optimizer, compute_device)
     return TrainModule(spec, module)

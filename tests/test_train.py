@@ -182,6 +182,14 @@ def test_two_process_evaluation_equals_one_process(trained: Path) -> None:
     two = json.loads(two[two.index("{"):])
     for key in ("auc", "logloss", "gauc", "calibration", "count"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    # The reliability table and the gate profile are summed over the ranks: the same rows in each bin and group.
+    for profile in (one, two):
+        assert sum(r["rows"] for r in profile["reliability"]) == one["count"]
+    assert [(r["bin"], r["rows"]) for r in two["reliability"]] == [(r["bin"], r["rows"]) for r in one["reliability"]]
+    for axis in ("history_length", "user_activity"):
+        pairs = zip(two["gate_profile"][axis], one["gate_profile"][axis], strict=True)
+        for a, b in pairs:
+            assert a["group"] == b["group"] and a["rows"] == b["rows"] and a["mean"] == pytest.approx(b["mean"], abs=1e-6)
 
 
 def test_torchrun_two_processes_trains(dataset: Path, tmp_path: Path) -> None:

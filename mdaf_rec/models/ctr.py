@@ -20,12 +20,16 @@ class CTROutput(NamedTuple):
         gate: ``[B, 1]`` or ``[B, D]`` fusion gate (MDAF only; 1 = static, 0 = sequential).
         lcn_logit: ``[B]`` DCNv3 Linear Cross Network logit (models with a static branch).
         ecn_logit: ``[B]`` DCNv3 Exponential Cross Network logit (models with a static branch).
+        static_logit: ``[B]`` MDAF's auxiliary logit of the static embedding alone (training, aux heads on).
+        sequential_logit: ``[B]`` MDAF's auxiliary logit of the sequential embedding alone (likewise).
     """
 
     logit: torch.Tensor
     gate: Optional[torch.Tensor] = None
     lcn_logit: Optional[torch.Tensor] = None
     ecn_logit: Optional[torch.Tensor] = None
+    static_logit: Optional[torch.Tensor] = None
+    sequential_logit: Optional[torch.Tensor] = None
 
 
 class CTRModel(nn.Module):
@@ -69,7 +73,9 @@ class CTRTrain(nn.Module):
     The loss is binary cross-entropy on the model's logit. With ``tri_bce`` and a model that exposes
     DCNv3's LCN/ECN logits, DCNv3's Tri-BCE auxiliary terms are added:
     ``w_lcn · BCE(lcn) + w_ecn · BCE(ecn)`` with ``w = max(0, BCE_side − BCE_main)`` (not detached, as in
-    the official DCNv3 code), ``BCE_main`` being the model's own (for MDAF: the fused) logit.
+    the official DCNv3 code), ``BCE_main`` being the model's own (for MDAF: the fused) logit. With
+    ``aux_loss_weight`` ``λ > 0`` and a model that returns per-branch logits (MDAF with auxiliary heads),
+    ``λ · (BCE(static_logit) + BCE(sequential_logit))`` is added.
 
     With ``precision="bf16"`` the model's forward runs under ``torch.autocast(bfloat16)`` on the batch's
     device (matmuls in bfloat16; tables, logit layers, the scan's accumulation and the loss in float32).
@@ -77,14 +83,23 @@ class CTRTrain(nn.Module):
     Args:
         model: the CTR model.
         tri_bce: add the Tri-BCE auxiliary terms when the model has them.
+        aux_loss_weight: ``λ`` of the per-branch auxiliary BCE terms.
         precision: ``fp32`` or ``bf16``.
         device_type: the device type the model runs on (``cuda`` / ``cpu``), for autocast.
     """
 
-    def __init__(self, model: CTRModel, tri_bce: bool = True, precision: str = "fp32", device_type: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: CTRModel,
+        tri_bce: bool = True,
+        precision: str = "fp32",
+        device_type: str = "cpu",
+        aux_loss_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.tri_bce = tri_bce
+        self.aux_loss_weight = aux_loss_weight
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
         self.device_type = device_type
 
@@ -106,5 +121,10 @@ class CTRTrain(nn.Module):
             loss = tri_bce_loss(out.logit, out.lcn_logit, out.ecn_logit, labels)
         else:
             loss = F.binary_cross_entropy_with_logits(out.logit, labels)
+        if self.aux_loss_weight > 0 and out.static_logit is not None and out.sequential_logit is not None:
+            loss = loss + self.aux_loss_weight * (
+                F.binary_cross_entropy_with_logits(out.static_logit, labels)
+                + F.binary_cross_entropy_with_logits(out.sequential_logit, labels)
+            )
         gate = out.gate.detach() if out.gate is not None else None
         return loss, CTRTrainOutput(loss.detach(), out.logit.detach(), labels.detach(), gate)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,3 +42,29 @@ class PredictionHead(nn.Module):
         for layer in hidden:
             embedding = layer(embedding)
         return full_precision_linear(output, embedding).squeeze(-1)
+
+
+class BranchHeads(nn.Module):
+    """A linear logit head per fusion branch, for MDAF's auxiliary per-branch BCE (float32 under autocast).
+
+    One module (not two called by name) so that TorchRec's pipeline tracer sees it as one leaf.
+
+    Args:
+        dim: dimension ``D`` of both branch embeddings.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.static = nn.Linear(dim, 1)
+        self.sequential = nn.Linear(dim, 1)
+
+    def forward(self, static: torch.Tensor, sequential: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            static: ``[B, D]`` static embedding ``s``.
+            sequential: ``[B, D]`` sequential embedding ``q``.
+        Returns:
+            ``([B], [B])``: the logit of ``s`` alone and of ``q`` alone.
+        """
+        return (full_precision_linear(self.static, static).squeeze(-1),
+                full_precision_linear(self.sequential, sequential).squeeze(-1))
