@@ -2,8 +2,9 @@
 data; in-epoch checkpoints and launcher restarts continue exactly; a normal run is quiet. Issue 20: only a
 folder the project marked as a run is ever overwritten.
 
-Every command is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it; where one case of a
-refusal shows the command's one-line error, its other cases call the check itself in-process.
+Every command is a process of its own (``mdaf-rec`` forked from a preloaded server, see ``cli_runner``; a new
+interpreter where its imports matter; ``torchrun``), as a user would launch it; where one case of a refusal shows the
+command's one-line error, its other cases call the check itself in-process.
 """
 
 from __future__ import annotations
@@ -461,10 +462,11 @@ NOISE = ("Warning", "[TBE=", " root:", "torchrec.", "is_fx_tracing", "fbgemm")
 
 
 def test_a_training_run_shows_only_its_own_lines_unless_verbose(dataset: Path, tmp_path: Path) -> None:
-    quiet = train(dataset, tmp_path / "quiet", "--epochs", "1", config="configs/mdaf_mamba.yaml")
+    # fresh interpreters: the lines their imports print count too
+    quiet = train(dataset, tmp_path / "quiet", "--epochs", "1", config="configs/mdaf_mamba.yaml", fresh=True)
     noisy = [line for line in quiet.stderr.splitlines() if any(n in line for n in NOISE)]
     assert noisy == [], noisy
-    loud = train(dataset, tmp_path / "loud", "--epochs", "1", "-v", config="configs/mdaf_mamba.yaml")
+    loud = train(dataset, tmp_path / "loud", "--epochs", "1", "-v", config="configs/mdaf_mamba.yaml", fresh=True)
     assert any("[TBE=" in line for line in loud.stderr.splitlines())  # FBGEMM's INFO dumps, shown with -v
 
 

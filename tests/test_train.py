@@ -1,7 +1,7 @@
 """End-to-end training under DMP: a full short run, exact resume, multi-rank evaluation, bad input.
 
-Every run is a subprocess (``mdaf-rec`` or ``torchrun``), as a user would launch it (a refused config is checked
-in-process).
+Every run is a process of its own (``mdaf-rec`` forked from a preloaded server, see ``cli_runner``, or ``torchrun``);
+a refused config is checked in-process.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+from cli_runner import run_cli
 from mdaf_rec import cli
 from mdaf_rec.data.synth import generate
 
@@ -46,24 +47,32 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def mdaf(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    if nproc == 1:
+def mdaf(*args: str, nproc: int = 1, check: bool = True, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``mdaf-rec ARGS`` in a new process: forked from the preloaded server (:mod:`cli_runner`), or, with
+    ``fresh``, a new interpreter (``python -m mdaf_rec.cli``: what its imports print too), or torchrun with
+    ``nproc`` processes."""
+    if fresh:
         cmd: List[str] = [sys.executable, "-m", "mdaf_rec.cli", *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    elif nproc == 1:
+        cmd = ["mdaf-rec", *args]
+        proc = run_cli(args, _env(), REPO, timeout=600)
     else:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={_free_port()}", "-m", "mdaf_rec.cli", *args,
         ]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
-def train(data: Path, out: Path, *extra: str, config: str = "configs/mdaf_mamba.yaml", nproc: int = 1, check: bool = True):
+def train(data: Path, out: Path, *extra: str, config: str = "configs/mdaf_mamba.yaml", nproc: int = 1, check: bool = True,
+          fresh: bool = False):
     sets = [item for s in TINY for item in ("--set", s)]
     return mdaf("train", "--config", config, "--data", str(data), "--out", str(out), *sets, *extra, nproc=nproc,
-                check=check)
+                check=check, fresh=fresh)
 
 
 def tensorboard_scalars(folder: Path) -> Dict[str, List[Tuple[int, float]]]:
