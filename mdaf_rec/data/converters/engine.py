@@ -120,7 +120,7 @@ class Engine:
         """The single result row of ``query``."""
         return self._execute(query).fetchone()
 
-    def batches(self, query: str, rows_per_batch: int = OUT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    def batches(self, query: str, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
         """Streams the result of ``query`` as Arrow record batches (in its ``ORDER BY`` order, if any)."""
         try:
             yield from self._execute(query).fetch_record_batch(rows_per_batch)
@@ -439,7 +439,7 @@ def _write_split(engine: Engine, path: Path, schema: pa.Schema, rows: str, histo
     pending: List[pa.Table] = []
     waiting = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for batch in engine.batches(f"SELECT {', '.join(columns)} {rows}"):
+        for batch in engine.batches(f"SELECT {', '.join(columns)} {rows}", OUT_BATCH_ROWS):
             arrays = {name: batch.column(name) for name in batch.schema.names}
             for g, reader in enumerate(events):
                 starts, ends = (batch.column(f"_h{e}{g}").to_numpy() for e in "se")
