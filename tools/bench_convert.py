@@ -154,8 +154,8 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
         lines.append(
             f"* `--memory-limit {key[0]}`, `--threads {key[1]}` ({len(mine)} runs, "
             f"{min(x) / 1e6:g}M-{max(x) / 1e6:g}M raw rows): fitted **{fits['cpu_seconds'][0]:.1f} CPU s** per million "
-            f"raw rows (+{fits['cpu_seconds'][1]:.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
-            f"(+{fits['seconds'][1]:.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
+            f"raw rows ({fits['cpu_seconds'][1]:+.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
+            f"({fits['seconds'][1]:+.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
             f"**{fits['cpu_seconds'][2]:.1f} CPU hours**, {fits['seconds'][2]:.1f} h wall at this load (extrapolations, "
             f"not runs); peak RSS {min(r['rss_gb'] for r in mine):.2f}-{max(r['rss_gb'] for r in mine):.2f} GB."
         )
