@@ -19,9 +19,10 @@ from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
 from mdaf_rec.data.converters.common import ConversionError, local_days, stable_hash64
+from mdaf_rec.data.converters import engine as engine_module
 from mdaf_rec.data.converters.engine import Engine, add_histories, rows_per_group
 from mdaf_rec.data.converters.movielens import GENRE_IDS
-from converter_digests import CASES, DIGESTS, run_case
+from converter_digests import CASES, DIGESTS, raw_path, run_case
 from mdaf_rec.data.schema import (
     CATEGORY_HISTORY,
     CATEGORY_ID,
@@ -434,6 +435,26 @@ def test_taobao_ad_behavior_log(tmp_path):
         convert("taobao-ad", raw, tmp_path / "bad", "--behavior-log", str(log))
     with pytest.raises(ConversionError, match="--behavior-log: only with the raw Alimama folder"):
         convert("taobao-ad", tmp_path, tmp_path / "fux", "--behavior-log", str(log))
+
+
+@pytest.mark.parametrize("fmt,spec", [
+    ("taobao-ad", "gen:ad --rows 3000 --behavior-rows 12000 --users 400 --seed 3"),
+    ("taobao-behavior", "gen:behavior --rows 6000 --users 60 --seed 4"),
+])
+def test_histories_streamed_in_small_batches(tmp_path, monkeypatch, fmt, spec):
+    """write_dataset builds the history lists while it streams the sorted rows out: with output and event
+    batches far smaller than a user's rows and events (ranges across batch edges, event batches skipped whole,
+    users without events of a group), every split holds the same rows as with the default batch sizes."""
+    raw = raw_path(spec, Path("/nonexistent"), tmp_path)
+    extra = ["--max-history", "5"] + (["--behavior-log", str(raw / "behavior_log.csv")] if fmt == "taobao-ad" else [])
+    convert(fmt, raw, tmp_path / "default", *extra)
+    monkeypatch.setattr(engine_module, "OUT_BATCH_ROWS", 37)
+    monkeypatch.setattr(engine_module, "EVENT_BATCH_ROWS", 23)
+    meta = convert(fmt, raw, tmp_path / "small", *extra)
+    assert meta["splits"]["test"]["rows"] > 100
+    for split in SPLITS:
+        want, got = (pq.read_table(tmp_path / out / f"{split}.parquet") for out in ("default", "small"))
+        assert got.equals(want), split
 
 
 def test_taobao_ad_cap_and_invariant(tmp_path):

@@ -1,11 +1,13 @@
-"""Benchmark of the out-of-core converters: wall time and peak RSS against rows and ``--memory-limit``.
+"""Benchmark of the out-of-core converters: wall time, CPU time and peak RSS against rows and ``--memory-limit``.
 
 Generates raw files in the real formats with ``tools/gen_raw.py`` (kept in ``--work`` between runs), then
 runs ``mdaf-rec data <format>`` in a subprocess under ``/usr/bin/time -v`` (peak RSS of the whole process:
-Python, pyarrow's CSV blocks and DuckDB) for every (size, memory limit), with ``nice -n 10`` and DuckDB
-``--threads``. Fits wall time = a + b * rows by least squares and extrapolates to the real data's size
-(UserBehavior 100M rows; Taobao Ad 26M impressions + 723M behaviour-log rows). Writes the table into the
-"Converters" section of ``docs/benchmarks.md`` (other sections are left alone).
+Python, pyarrow's CSV blocks and DuckDB; CPU seconds = user + system of the process and its threads) for
+every (size, memory limit), with ``nice -n 10`` and DuckDB ``--threads``. On a machine shared with other jobs
+wall time depends on them, CPU time much less, so both are reported, with the load average at the start of
+each run. Fits time = a + b * rows by least squares (CPU and wall, per memory limit and thread count) and
+extrapolates to the real data's size (UserBehavior 100M rows; Taobao Ad 26M impressions + 723M behaviour-log
+rows). Writes the table into the "Converters" section of ``docs/benchmarks.md`` (other sections are left alone).
 
 Usage::
 
@@ -24,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
-import os
 import subprocess
 import sys
 import tempfile
@@ -49,14 +51,15 @@ REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134}
 
 def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str],
              engine: str = "duckdb") -> Dict[str, float]:
-    """One conversion under ``/usr/bin/time -v``: wall seconds, peak RSS (GB) and output rows (Spark: peak RSS
-    of the process tree, :func:`_tree_rss_kb`)."""
+    """One conversion under ``/usr/bin/time -v``: wall and CPU seconds, peak RSS (GB; Spark: of the process
+    tree, :func:`_tree_rss_kb`), output rows and the load average (1 min) at the start."""
     shutil.rmtree(out, ignore_errors=True)
     if engine == "spark":
         extra = [*extra, "--engine", "spark", "--spark-master", f"local[{threads}]",
                  "--spark-driver-memory", limit.lower().replace("gib", "g").replace("gb", "g")]
     cmd = ["/usr/bin/time", "-v", "nice", "-n", "10", sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
            "--raw", str(raw), "--out", str(out), "--memory-limit", limit, "--threads", str(threads), *extra]
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     path = "/usr/bin:/bin" + (f":{Path(os.environ['JAVA_HOME']) / 'bin'}" if "JAVA_HOME" in os.environ else "")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -70,8 +73,12 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
     if proc.returncode != 0:
         raise SystemExit(f"conversion failed ({' '.join(cmd)}):\n{stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([0-9.]+)", stderr).group(1))
+              for kind in ("User", "System"))
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": wall, "rss_gb": max(rss_kb, tree_kb) / 1e6, "rows_out": meta["rows"]}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": wall, "cpu_seconds": cpu, "load": load, "rss_gb": max(rss_kb, tree_kb) / 1e6,
+            "rows_out": meta["rows"]}
 
 
 def _tree_rss_kb(root: int) -> int:
@@ -147,7 +154,8 @@ def main(argv: List[str] | None = None) -> int:
                 r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads, engine=engine)
                 results.append(r)
                 store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
-                print(f"{fmt} {engine} {raw_rows:>11,} raw rows, --memory-limit {limit}: {r['seconds']:7.1f} s, "
+                print(f"{fmt} {engine} {raw_rows:>11,} raw rows, --memory-limit {limit}, --threads {args.threads}: "
+                      f"{r['seconds']:7.1f} s wall, {r['cpu_seconds']:7.1f} s CPU, "
                       f"peak RSS {r['rss_gb']:.2f} GB, {r['rows_out']:,} rows out", flush=True)
     if args.engine == "spark":
         body = report_engines(results, args, fmt, sizes, limits)
@@ -187,36 +195,44 @@ def report_engines(results: List[Dict], args: argparse.Namespace, fmt: str, size
 
 
 def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
-    """The markdown table of ``results`` and the extrapolation per memory limit."""
+    """The markdown table of ``results`` and the extrapolation per (memory limit, threads)."""
     lines = [
         f"Machine: {machine()}. `nice -n 10`; **other jobs shared the 2 cores** "
-        "during these runs (load average often 6-12), so wall times are pessimistic and noisy; peak RSS is "
-        "not affected. Raw files from `tools/gen_raw.py` (real formats, Zipf ids); peak RSS of the whole "
-        "converter process by `/usr/bin/time -v`.",
+        "during these runs (load average at each run's start in the table), so wall times are pessimistic and "
+        "noisy; CPU seconds (user + system, all threads) are the yardstick, and peak RSS is not affected. Raw "
+        "files from `tools/gen_raw.py` (real formats, Zipf ids); CPU time and peak RSS of the whole converter "
+        "process by `/usr/bin/time -v`.",
         "",
         f"`mdaf-rec data {fmt}`" + (f" with `--behavior-log` ({args.log_ratio:g} log rows per impression)"
                                      if args.dataset == "ad" and args.log_ratio else ""),
         "",
-        "| raw rows read | --memory-limit | --threads | wall s | raw rows/s | peak RSS GB | rows out |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| raw rows read | --memory-limit | --threads | CPU s | raw rows / CPU s | wall s | raw rows / wall s "
+        "| load at start | peak RSS GB | rows out |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: (r["limit"], r["raw_rows"])):
-        lines.append(f"| {r['raw_rows']:,} | {r['limit']} | {r['threads']} | {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} "
-                     f"| {r['rss_gb']:.2f} | {r['rows_out']:,} |")
+    for r in sorted(results, key=lambda r: (r["limit"], r["threads"], r["raw_rows"])):
+        lines.append(f"| {r['raw_rows']:,} | {r['limit']} | {r['threads']} | {r['cpu_seconds']:.0f} "
+                     f"| {r['raw_rows'] / r['cpu_seconds']:,.0f} | {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} "
+                     f"| {r['load']:.1f} | {r['rss_gb']:.2f} | {r['rows_out']:,} |")
     lines.append("")
-    for limit in dict.fromkeys(r["limit"] for r in results):
-        mine = [r for r in results if r["limit"] == limit]
-        if len(mine) >= 2:
-            x = np.array([r["raw_rows"] for r in mine], float)
-            y = np.array([r["seconds"] for r in mine], float)
-            slope, intercept = np.polyfit(x, y, 1)
-            real = REAL_ROWS[args.dataset]
-            lines.append(
-                f"* `--memory-limit {limit}`: fitted {slope * 1e6:.1f} s per million raw rows (+{intercept:.0f} s); "
-                f"extrapolated to the real {real / 1e6:.0f}M raw rows: **{(intercept + slope * real) / 3600:.1f} h** "
-                f"on this shared 2-core box (an extrapolation, not a run); peak RSS "
-                f"{min(r['rss_gb'] for r in mine):.2f}-{max(r['rss_gb'] for r in mine):.2f} GB across sizes."
-            )
+    real = REAL_ROWS[args.dataset]
+    for key in dict.fromkeys((r["limit"], r["threads"]) for r in results):
+        mine = [r for r in results if (r["limit"], r["threads"]) == key]
+        if len({r["raw_rows"] for r in mine}) < 2:
+            continue
+        x = np.array([r["raw_rows"] for r in mine], float)
+        fits = {}
+        for kind in ("cpu_seconds", "seconds"):
+            slope, intercept = np.polyfit(x, np.array([r[kind] for r in mine], float), 1)
+            fits[kind] = (slope * 1e6, intercept, (intercept + slope * real) / 3600)
+        lines.append(
+            f"* `--memory-limit {key[0]}`, `--threads {key[1]}` ({len(mine)} runs, "
+            f"{min(x) / 1e6:g}M-{max(x) / 1e6:g}M raw rows): fitted **{fits['cpu_seconds'][0]:.1f} CPU s** per million "
+            f"raw rows ({fits['cpu_seconds'][1]:+.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
+            f"({fits['seconds'][1]:+.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
+            f"**{fits['cpu_seconds'][2]:.1f} CPU hours**, {fits['seconds'][2]:.1f} h wall at this load (extrapolations, "
+            f"not runs); peak RSS {min(r['rss_gb'] for r in mine):.2f}-{max(r['rss_gb'] for r in mine):.2f} GB."
+        )
     return "\n".join(lines)
 
 

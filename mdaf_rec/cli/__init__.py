@@ -16,8 +16,6 @@ import importlib
 import sys
 from typing import List, Optional
 
-from mdaf_rec.cli.train import add_demo_parser, add_eval_parser, add_train_parser, run_command
-from mdaf_rec.distributed import shutdown_distributed
 from mdaf_rec.errors import Interrupted, UserError
 
 # Library modules do the work; this package only parses arguments and prints, one module per command group.
@@ -56,6 +54,10 @@ def _run(argv: List[str]) -> int:
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return module.main(argv[1:])
+    # torch is imported here, not at the top: `mdaf-rec data` does not need it (3 s and ~150 MB per conversion)
+    from mdaf_rec.cli.train import add_demo_parser, add_eval_parser, add_train_parser, run_command
+    from mdaf_rec.distributed import shutdown_distributed
+
     parser = argparse.ArgumentParser(prog="mdaf-rec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in DELEGATED.items():

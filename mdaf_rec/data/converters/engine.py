@@ -1,7 +1,7 @@
 """The converters' out-of-core engine: DuckDB under a memory limit, spilling to a temp folder.
 
 A converter parses and checks its raw CSV files block by block in Python (:mod:`.common`: the bad-row
-policy, one 64 MB block in memory at a time) and *stages* the typed columns as Parquet files
+policy, one 16 MB block in memory at a time) and *stages* the typed columns as Parquet files
 (:meth:`Engine.stage`); everything that needs the whole data (joins, time splits, per-user histories,
 negative sampling, counts) then runs as SQL on a DuckDB database file in the temp folder, with
 DuckDB's ``memory_limit`` (``--memory-limit``), ``temp_directory`` (spills) and ``threads`` set, so peak
@@ -22,15 +22,16 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mdaf_rec.data.converters.common import BadRows, ConversionError, iso_day, positive_int
+from mdaf_rec.data.converters.common import BadRows, ConversionError, iso_day, positive_int, take_ranges
 from mdaf_rec.data.schema import LABEL, META_FILE, REQUIRED_COLUMNS, SPLITS, TIMESTAMP
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ _MASTERS = (
     re.compile(r"^yarn$"),
     re.compile(r"^k8s://\S+$"),
 )
+# Rows per Arrow batch streamed out of DuckDB while writing, and per batch read from a history events file.
+OUT_BATCH_ROWS = 1 << 14
+EVENT_BATCH_ROWS = 1 << 16
 
 
 def memory_size(text: str) -> str:
@@ -153,6 +157,7 @@ def write_staged(path: Path, blocks: Iterable[Mapping[str, np.ndarray]]) -> int:
     finally:
         if writer is not None:
             writer.close()
+        pa.default_memory_pool().release_unused()  # the parsed blocks' memory, before the engine takes its share
     return rows
 
 
@@ -160,7 +165,10 @@ class Engine:
     """A DuckDB database in a fresh folder under ``--temp-dir`` (or ``--out``), removed on exit.
 
     Use as a context manager. ``args`` needs ``out``, ``memory_limit``, ``temp_dir`` and ``threads``.
-    The methods below :meth:`stage` are the dialect both engines provide (``SparkEngine`` has the same).
+    The SQL-dialect methods below :meth:`stage` are what both engines provide (``SparkEngine`` has the same);
+    histories and split files differ: DuckDB keeps histories as ranges of sorted events files and
+    :func:`write_dataset` cuts the lists while streaming, Spark builds list columns and writes with its own
+    ``write_parquet``.
     """
 
     dialect = "duckdb"
@@ -187,6 +195,8 @@ class Engine:
         self.settings: Dict[str, Any] = {"engine": "duckdb", "version": duckdb.__version__,
                                          "memory_limit": args.memory_limit}
         self.settings["threads"] = int(self.one("SELECT current_setting('threads')")[0])
+        # tables made by add_histories -> their list columns, built by write_dataset
+        self.histories: Dict[str, _Histories] = {}
         logger.debug("engine: %s, temp folder %s", self.settings, self.folder)
 
     def __enter__(self) -> "Engine":
@@ -208,16 +218,41 @@ class Engine:
         """The single result row of ``query``."""
         return self._execute(query).fetchone()
 
+    def batches(self, query: str, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
+        """Streams the result of ``query`` as Arrow record batches (in its ``ORDER BY`` order, if any)."""
+        try:
+            yield from self._execute(query).fetch_record_batch(rows_per_batch)
+        except (duckdb.OutOfMemoryException, duckdb.IOException) as e:
+            raise self._error(e) from None
+
+    def write_events(self, query: str, path: Path) -> int:
+        """Writes the result of ``query`` to ``path`` in its order (uncompressed: a temp file); returns the rows."""
+        writer: Optional[pq.ParquetWriter] = None
+        rows = 0
+        try:
+            for batch in self.batches(query, EVENT_BATCH_ROWS):
+                if writer is None:
+                    writer = pq.ParquetWriter(path, batch.schema, compression="none")
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        return rows
+
     def _execute(self, query: str) -> duckdb.DuckDBPyConnection:
         """Runs ``query``; running out of memory or of temp-folder disk is a one-line error naming the settings."""
         try:
             return self.con.execute(query)
         except (duckdb.OutOfMemoryException, duckdb.IOException) as e:
-            first = str(e).strip().splitlines()[0]
-            raise ConversionError(
-                f"DuckDB: {first} (--memory-limit {self.settings['memory_limit']}, temp folder {self.folder}: "
-                "raise the limit or free disk space there / choose another --temp-dir)"
-            ) from None
+            raise self._error(e) from None
+
+    def _error(self, e: duckdb.Error) -> ConversionError:
+        first = str(e).strip().splitlines()[0]
+        return ConversionError(
+            f"DuckDB: {first} (--memory-limit {self.settings['memory_limit']}, temp folder {self.folder}: "
+            "raise the limit or free disk space there / choose another --temp-dir)"
+        )
 
     def stage(self, name: str, blocks: Iterable[Mapping[str, np.ndarray]]) -> int:
         """Streams ``blocks`` (equal-length named numpy columns) into a Parquet file in the temp folder and
@@ -276,12 +311,6 @@ class Engine:
         """SQL of an empty list of the list-column type."""
         return f"[]::{self.LIST}"
 
-    def write_parquet(self, query: str, path: Path, schema: pa.Schema, row_group_size: int) -> None:
-        """Writes the rows of ``query`` (its columns cast to ``schema``'s types in SQL) in order into the
-        Parquet file ``path`` (zstd), in row groups of ``row_group_size`` rows."""
-        del schema  # the query's casts give DuckDB's COPY the types
-        self.sql(f"COPY ({query}) TO '{path}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_size})")
-
 
 def add_histories(
     engine: Engine,
@@ -291,7 +320,7 @@ def add_histories(
     max_len: int,
     extra: Mapping[str, str] | None = None,
 ) -> None:
-    """Creates ``table``: the rows of ``queries`` with, per group ``(events, columns)``, list columns holding
+    """Makes ``table``: the rows of ``queries`` with, per group ``(events, columns)``, list columns holding
     the user's last ``max_len`` events of ``events`` STRICTLY before the row's timestamp, oldest first, most
     recent last, and the ``extra`` columns (name -> SQL expression over the query's columns).
 
@@ -301,53 +330,104 @@ def add_histories(
     ``{"item_history": "item_id"}``); ``queries`` may also be the events (a click's history of clicks), and
     several queries may share a (user, timestamp, seq) (a click and its negatives).
 
-    How, with narrow sorts and one list window (lists are what is expensive to move): the queries and all
-    groups' events go into one relation ordered per user by (timestamp, queries first, seq), so the events
-    before a query's position are exactly those strictly earlier. A running count per group numbers the
-    events; a query's history of group g starts at the event numbered (events before it - max_len + 1),
-    whose position an equi-join on (user, number) finds (pure equality keys: a residual condition in the
-    ON clause made DuckDB's join quadratic); ``list(...) FILTER (WHERE the row is a g event)``
-    over the variable frame from that position to the row before the query gathers the history. Each step
-    is a sort, a join or a window that spills under the memory limit, and lists are only built for queries.
+    How, without ever building a list in the engine (list states do not spill and lists are what is
+    expensive to sort and move): each group's events are written once, sorted by (user, timestamp, seq), to a
+    Parquet file in the temp folder (:class:`_HistoryEvents` reads it), so a user's events are a contiguous
+    run of positions and a history is the slice ``[start, end)`` of that run: ``end`` = the user's first
+    position + the number of their events strictly before the row (a running count over the queries and
+    events ordered per user by (timestamp, queries first, seq)), ``start`` = ``max(end - max_len, first)``.
+    Those two narrow numbers per group are all the rows table ``_{table}_ranges`` holds;
+    :func:`write_dataset` builds the lists from them while it streams the rows out in order, and ``table``
+    is a view that builds them in SQL for queries (a correlated sub-query per list: fine for small tables
+    and tests, not the path that writes datasets).
     """
     if engine.dialect != "duckdb":
         engine.add_histories(table, queries, groups, max_len, extra)
         return
-    extra = dict(extra or {})
-    extra_sql = "".join(f", {expr} AS {name}" for name, expr in extra.items())
-    if max_len == 0:
-        lists = "".join(f", []::BIGINT[] AS {c}" for _, columns in groups for c in columns)
-        engine.sql(f"CREATE TABLE {table} AS SELECT *{lists}{extra_sql} FROM {queries}")
-        return
-    # _tie makes the order total where queries share (timestamp, seq) (a click and its negatives): the frames
-    # count physical rows, so the order must not leave ties
-    parts = [f"SELECT *, 0 AS _kind, row_number() OVER () AS _tie FROM {queries}"]
+    extra_sql = "".join(f", {expr} AS {name}" for name, expr in extra.items()) if extra else ""
+    ranges = f"_{table}_ranges"
+    parts = [f"SELECT *, 0 AS _kind FROM {queries}"]
+    counts, bounds, joins, internal, lists = [], [], [], ["_kind"], []
+    files: List[Tuple[Path, Tuple[str, ...]]] = []
+    order = f"PARTITION BY user_id ORDER BY {TIMESTAMP}, _kind, {SEQ} ROWS UNBOUNDED PRECEDING"
     for g, (events, columns) in enumerate(groups):
-        values = ", ".join(f"{expr} AS _v{g}_{i}" for i, expr in enumerate(columns.values()))
-        parts.append(f"SELECT user_id, {TIMESTAMP}, {SEQ}, {g + 1} AS _kind, 0 AS _tie, {values} FROM {events}")
-    order = f"PARTITION BY user_id ORDER BY {TIMESTAMP}, _kind, {SEQ}, _tie"
-    counts = "".join(f", sum((_kind = {g + 1})::BIGINT) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND "
-                     f"CURRENT ROW) AS _n{g}" for g in range(len(groups)))
-    engine.sql(f"CREATE TEMP TABLE _numbered AS SELECT *, row_number() OVER ({order}) AS _pos{counts} "
-               f"FROM ({' UNION ALL BY NAME '.join(parts)})")
-    joins, wants, backs, lists, internal = [], [], [], [], ["_kind", "_tie", "_pos"]
-    for g, (_, columns) in enumerate(groups):
-        joins.append(
-            f"LEFT JOIN (SELECT user_id AS _u{g}, _n{g} AS _k{g}, _pos AS _p{g} FROM _numbered WHERE _kind = {g + 1}) "
-            f"s{g} ON s{g}._u{g} = n.user_id AND s{g}._k{g} = n._w{g}"
-        )
-        wants.append(f", CASE WHEN _kind = 0 AND _n{g} > 0 THEN greatest(_n{g} - {max_len - 1}, 1) END AS _w{g}")
-        backs.append(f", coalesce(n._pos - s{g}._p{g}, 0) AS _b{g}")
-        frame = f"OVER ({order} ROWS BETWEEN _b{g} PRECEDING AND 1 PRECEDING)"
-        lists += [f"coalesce(list(_v{g}_{i}) FILTER (WHERE _kind = {g + 1}) {frame}, []::BIGINT[]) AS {c}"
-                  for i, c in enumerate(columns)]
-        internal += [f"_n{g}", f"_w{g}", f"_b{g}", f"_u{g}", f"_k{g}", f"_p{g}"] + [f"_v{g}_{i}" for i in range(len(columns))]
+        path = engine.folder / f"{table}.history{g}.parquet"
+        values = ", ".join(f"({expr})::BIGINT AS {name}" for name, expr in columns.items())
+        engine.write_events(f"SELECT {values} FROM {events} ORDER BY user_id, {TIMESTAMP}, {SEQ}", path)
+        files.append((path, tuple(columns)))
+        # each user's first position in the file: the events of the users before it
+        engine.sql(f"CREATE OR REPLACE TEMP TABLE _{table}_first{g} AS SELECT user_id AS _u{g}, "
+                   f"(sum(n) OVER (ORDER BY user_id ROWS UNBOUNDED PRECEDING) - n)::BIGINT AS _f{g} "
+                   f"FROM (SELECT user_id, count(*) AS n FROM {events} GROUP BY user_id)")
+        parts.append(f"SELECT user_id, {TIMESTAMP}, {SEQ}, {g + 1} AS _kind FROM {events}")
+        counts.append(f", sum((_kind = {g + 1})::BIGINT) OVER ({order}) AS _n{g}")
+        bounds.append(f", (coalesce(_f{g}, 0) + greatest(_n{g} - {max_len}, 0))::BIGINT AS _hs{g}, "
+                      f"(coalesce(_f{g}, 0) + _n{g})::BIGINT AS _he{g}")
+        joins.append(f" LEFT JOIN _{table}_first{g} ON user_id = _u{g}")
+        internal += [f"_n{g}", f"_u{g}", f"_f{g}"]
+        lists += [f", (SELECT coalesce(list(h.{name} ORDER BY h.file_row_number), []::BIGINT[]) FROM "
+                  f"read_parquet('{path}', file_row_number = true) h WHERE h.file_row_number >= r._hs{g} AND "
+                  f"h.file_row_number < r._he{g}) AS {name}" for name in columns]
     engine.sql(
-        f"CREATE TABLE {table} AS SELECT * EXCLUDE ({', '.join(internal)}){extra_sql} FROM ("
-        f"SELECT *, {', '.join(lists)} FROM (SELECT n.*{''.join(backs)}, {', '.join(f's{g}.*' for g in range(len(groups)))} "
-        f"FROM (SELECT *{''.join(wants)} FROM _numbered) n {' '.join(joins)})) WHERE _kind = 0"
+        f"CREATE OR REPLACE TABLE {ranges} AS SELECT * EXCLUDE ({', '.join(internal)}){extra_sql}{''.join(bounds)} "
+        f"FROM (SELECT *{''.join(counts)} FROM ({' UNION ALL BY NAME '.join(parts)})){''.join(joins)} "
+        f"WHERE _kind = 0"
     )
-    engine.sql("DROP TABLE _numbered")
+    for g in range(len(groups)):
+        engine.sql(f"DROP TABLE _{table}_first{g}")
+    hidden = [f"_h{e}{g}" for g in range(len(groups)) for e in "se"]
+    engine.sql(f"CREATE OR REPLACE VIEW {table} AS SELECT r.*{' EXCLUDE (' + ', '.join(hidden) + ')' if hidden else ''}"
+               f"{''.join(lists)} FROM {ranges} r")
+    engine.histories[table] = _Histories(ranges, files)
+
+
+@dataclass(frozen=True)
+class _Histories:
+    """The list columns of a table made by :func:`add_histories`, for :func:`write_dataset`.
+
+    Attributes:
+        ranges: the rows table; group ``g``'s history of a row is ``[_hs{g}, _he{g})`` in ``files[g]``.
+        files: per group, its sorted events file and the list columns it holds (one column each).
+    """
+
+    ranges: str
+    files: List[Tuple[Path, Tuple[str, ...]]]
+
+
+class _HistoryEvents:
+    """Reads one group's sorted events file front to back, keeping only what the rows still to come need.
+
+    The rows are written in (user, timestamp, ...) order, so the non-empty ranges ``[start, end)`` of
+    successive batches never move backwards: positions before a batch's first start are dropped.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=EVENT_BATCH_ROWS, columns=list(columns))
+        self._columns = list(columns)
+        self._first = 0  # position of the kept values' first entry
+        self._values = [np.empty(0, np.int64) for _ in columns]
+
+    def lists(self, starts: np.ndarray, ends: np.ndarray) -> List[pa.ListArray]:
+        """One list array per column: row ``i`` holds the values at positions ``[starts[i], ends[i])``."""
+        filled = ends > starts
+        if filled.any():
+            first, last = int(starts[filled].min()), int(ends[filled].max())
+            if first < self._first:
+                raise RuntimeError(f"history ranges out of order: position {first} after {self._first}")
+            chunks = [[v[first - self._first:]] for v in self._values]
+            end = self._first + len(self._values[0])
+            self._first = first
+            while end < last:
+                batch = next(self._batches)
+                skip = max(first - end, 0)
+                if skip < batch.num_rows:
+                    for i, column in enumerate(self._columns):
+                        chunks[i].append(batch.column(column).to_numpy()[skip:])
+                end += batch.num_rows
+            self._values = [np.concatenate(c) for c in chunks]
+        offsets, index = take_ranges(np.where(filled, starts - self._first, 0), np.where(filled, ends - self._first, 0))
+        offsets = pa.array(offsets.astype(np.int32))
+        return [pa.ListArray.from_arrays(offsets, pa.array(v[index], pa.int64())) for v in self._values]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,10 +518,11 @@ def write_dataset(
     extra_histories = dict(extra_histories or {})
     out.mkdir(parents=True, exist_ok=True)
     schema = arrow_schema(extra_sparse, dense, list(extra_histories))
+    histories = engine.histories.get(rows) if engine.dialect == "duckdb" else None
+    source = histories.ranges if histories is not None else rows
     stats = {int(r[0]): r[1:] for r in engine.rows(
-        f"SELECT split, count(*), sum({LABEL}), min({TIMESTAMP}), max({TIMESTAMP}) FROM {rows} GROUP BY split"
+        f"SELECT split, count(*), sum({LABEL}), min({TIMESTAMP}), max({TIMESTAMP}) FROM {source} GROUP BY split"
     )}
-    columns = ", ".join(_sql_column(f, engine.LIST) for f in schema)
     splits: Dict[str, Any] = {}
     groups: Dict[str, int] = {}
     total = labels = 0
@@ -449,8 +530,13 @@ def write_dataset(
         n, clicks, first, last = stats.get(code, (0, 0, None, None))
         path = out / f"{split}.parquet"
         if n:
-            engine.write_parquet(f"SELECT {columns} FROM {rows} WHERE split = {code} ORDER BY {order_by}", path,
-                                 schema, rows_per_group(n))
+            if engine.dialect == "duckdb":  # lists cut from the history events files while streaming
+                _write_split(engine, path, schema, f"FROM {source} WHERE split = {code} ORDER BY {order_by}",
+                             histories, rows_per_group(n))
+            else:  # the engine's rows hold their lists
+                columns = ", ".join(_sql_column(f, engine.LIST) for f in schema)
+                engine.write_parquet(f"SELECT {columns} FROM {rows} WHERE split = {code} ORDER BY {order_by}", path,
+                                     schema, rows_per_group(n))
         else:
             pq.write_table(schema.empty_table(), path, compression="zstd")
         groups[split] = pq.ParquetFile(path).metadata.num_row_groups
@@ -477,6 +563,34 @@ def write_dataset(
     )
     (out / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
     return full
+
+
+def _write_split(engine: Engine, path: Path, schema: pa.Schema, rows: str, histories: Optional[_Histories],
+                 group_rows: int) -> None:
+    """Streams ``SELECT ... {rows}`` (the ``FROM``, ``WHERE`` and ``ORDER BY`` clauses) into ``path`` with
+    ``schema``, in row groups of ``group_rows`` rows; the list columns of ``histories`` are built from their
+    events files batch by batch."""
+    built = {name: g for g, (_, names) in enumerate(histories.files if histories else []) for name in names}
+    columns = [_sql_column(f, engine.LIST) for f in schema if f.name not in built]
+    columns += [f"_h{e}{g}" for g in range(len(histories.files) if histories else 0) for e in "se"]
+    events = [_HistoryEvents(file, names) for file, names in (histories.files if histories else [])]
+    pending: List[pa.Table] = []
+    waiting = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for batch in engine.batches(f"SELECT {', '.join(columns)} {rows}", OUT_BATCH_ROWS):
+            arrays = {name: batch.column(name) for name in batch.schema.names}
+            for g, reader in enumerate(events):
+                starts, ends = (batch.column(f"_h{e}{g}").to_numpy() for e in "se")
+                arrays.update(zip(histories.files[g][1], reader.lists(starts, ends)))
+            pending.append(pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema))
+            waiting += batch.num_rows
+            if waiting >= group_rows:
+                table = pa.concat_tables(pending)
+                full = waiting - waiting % group_rows
+                writer.write_table(table.slice(0, full), row_group_size=group_rows)
+                pending, waiting = [table.slice(full)], waiting - full
+        if waiting:
+            writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
 
 
 def _sql_column(f: pa.Field, list_type: str) -> str:
