@@ -25,6 +25,8 @@ This module holds the three pieces the project adds to that stack (``docs/archit
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -42,6 +44,10 @@ from torchrec.modules.mc_modules import (
     MCHEvictionPolicy,
     MCHManagedCollisionModule,
 )
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from mdaf_rec.config import FeaturesConfig
+from mdaf_rec.errors import UserError
 
 #: Eviction policy names -> TorchRec's MCH policies.
 EVICTION_POLICIES = {
@@ -76,6 +82,35 @@ def hash_ids(ids: torch.Tensor, input_hash_size: int = INPUT_HASH_SIZE) -> torch
     return (x & INPUT_HASH_SIZE) % input_hash_size
 
 
+#: Prefix of the id-mapping fingerprint a checkpoint records under ``managed`` (``TrainState.vocab_fingerprint``).
+MANAGED_FINGERPRINT_PREFIX = "managed:"
+
+
+class ManagedSettingsError(UserError, ValueError):
+    """A checkpoint was trained with other managed id settings (or with vocabularies) than the config asks."""
+
+
+def managed_fingerprint(cfg: FeaturesConfig) -> str:
+    """What a checkpoint records in place of the vocabulary fingerprint under ``managed``: the prefix and a sha256 of
+    every id space's column, history column, rows and eviction settings (config order); the remapping itself is in
+    the checkpoint."""
+    settings = {name: [s.column, s.history_column, s.rows, s.eviction, s.eviction_interval]
+                for name, s in cfg.id_spaces.items()}
+    return MANAGED_FINGERPRINT_PREFIX + hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+
+
+def check_managed_settings(recorded: Optional[str], cfg: FeaturesConfig, what: str) -> None:
+    """Raises :class:`ManagedSettingsError` unless ``recorded`` (a checkpoint's fingerprint; ``None``: not recorded,
+    accepted) is :func:`managed_fingerprint` of ``cfg``."""
+    if recorded is None or recorded == managed_fingerprint(cfg):
+        return
+    trained = "vocabularies" if not recorded.startswith(MANAGED_FINGERPRINT_PREFIX) else "other managed id settings"
+    raise ManagedSettingsError(
+        f"{what} was trained with {trained} than features.id_spaces (rows, eviction) of features.id_mapping=managed "
+        "ask: ids would map to other rows"
+    )
+
+
 def managed_collision_module(
     rows: int,
     eviction: str,
@@ -108,6 +143,18 @@ def managed_collision_module(
         name=name,
         buckets=buckets,
     )
+
+
+def size_history_buffers(mch: MCHManagedCollisionModule, ids_per_step: int) -> None:
+    """Sizes ``mch``'s buffer of the ids seen between eviction rounds for ``ids_per_step`` ids a training step.
+
+    TorchRec sizes it at the first training batch (1.25 x its ids x ``eviction_interval``) and silently leaves
+    out of admission the ids of a later round beyond it (a batch with longer histories), so what is admitted
+    would depend on which batch came first (a resumed run starts on another one). Sized here from the most ids a
+    step can bring (batch size x ids per sample), the same in every run and never exceeded.
+    """
+    mch._init_history_buffers({"bound": JaggedTensor(values=torch.empty(ids_per_step, dtype=torch.int64),
+                                                     lengths=torch.tensor([ids_per_step]))})
 
 
 class _HostResetShardedMCEC(ShardedManagedCollisionEmbeddingCollection):

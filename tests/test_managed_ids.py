@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,7 +26,14 @@ from torchrec.modules.mc_modules import ManagedCollisionCollection, MCHManagedCo
 from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from mdaf_rec.data.vocab import stable_hash
+from mdaf_rec import registry
+from mdaf_rec.config import BSTConfig, ConfigError, ModelConfig, check_managed_world_size, load_config
+from mdaf_rec.data.batch import build_batch
+from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.data.vocab import Vocabularies, stable_hash
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.factory import build_model
 from test_train import REPO, _env, _free_port
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
@@ -155,3 +164,88 @@ def test_two_rank_mapping_resumes_and_serves_exactly(tmp_path: Path) -> None:
     assert saved["reloaded_same_row"] == saved["probe_ids"]
     frozen = _probe("--frozen", str(tmp_path))
     assert frozen["segments"] == [0, 64, 128] and frozen["same_row"] == saved["probe_ids"]
+
+
+# -- features.id_mapping: managed -------------------------------------------------------------------------------
+
+MANAGED = ["features.id_mapping=managed", "features.id_spaces.user.rows=300", "features.id_spaces.item.rows=800",
+           "features.id_spaces.category.rows=32"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["features.id_mapping=managed"], r"'features.id_spaces.user.rows': features.id_mapping=managed needs the table rows"),
+    (["features.id_spaces.item.rows=64"], r"'features.id_spaces.item.rows': is for features.id_mapping=managed"),
+    (["features.id_mapping=hashed"], r"'features.id_mapping': 'hashed' is not one of \['vocab', 'managed'\]"),
+    (MANAGED + ["features.id_spaces.item.eviction=fifo"], r"'features.id_spaces.item.eviction': 'fifo' is not one of"),
+    (MANAGED + ["features.id_spaces.item.size=64"], r"unknown config key 'features.id_spaces.item.size'"),
+    (MANAGED + ["features.id_spaces.item.hash_buckets=64"], r"'features.id_spaces.item.hash_buckets': is for"),
+    (MANAGED + ["features.id_spaces.item.eviction_interval=4", "train.checkpoint_every_steps=6"],
+     r"'train.checkpoint_every_steps': 6 is not a multiple of features.id_spaces.item.eviction_interval=4"),
+    (MANAGED + ["features.id_spaces.item.eviction_interval=2", "train.checkpoint_every_minutes=5"],
+     r"'train.checkpoint_every_minutes': timed checkpoints fall between eviction rounds"),
+    (MANAGED + ["features.extra_sparse=[shop_id]"], r"'features.extra_sparse': extra sparse fields need a vocabulary"),
+    (MANAGED + ["model.name=dnn", "optimizer.sparse=dense"], r"'optimizer.sparse': 'dense' tables are data_parallel"),
+])
+def test_managed_settings_are_validated(overrides: List[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_managed_rows_must_divide_among_the_ranks() -> None:
+    cfg = load_config(None, MANAGED)
+    check_managed_world_size(cfg.features, 4)  # 300, 800, 32 rows: 4 ranks share each evenly
+    with pytest.raises(ConfigError, match=r"'features.id_spaces.user.rows': 300 is not a multiple of the world size "
+                                          r"8 \(a managed table is sharded row-wise in equal blocks"):
+        check_managed_world_size(cfg.features, 8)
+
+
+def test_loader_puts_raw_ids_into_the_kjts(dataset: Path) -> None:
+    """Under managed no vocabulary is built or read: the KJTs hold the split's raw ids, the static KJT every
+    history too (the managed lookup reads that one KJT)."""
+    cfg = load_config(None, MANAGED + ["features.max_history=10"])
+    spec = FeatureSpec.build(cfg.features, {})
+    assert spec.static_input_keys == ["user", "item", "category", "hour", "dayofweek", "item_history", "category_history"]
+    batch = next(iter(BatchLoader(Dataset.open(dataset), "val", spec, None, 64)))
+    table = pa.concat_tables(pq.read_table(f) for f in Dataset.open(dataset).split_files("val")).take(batch.row_index.numpy())
+    static = batch.static_features.to_dict()
+    for key, column in (("user", "user_id"), ("item", "item_id"), ("category", "category_id")):
+        assert static[key].values().tolist() == table.column(column).to_pylist()
+    history = [ids[-10:] for ids in table.column("item_history").to_pylist()]
+    assert static["item_history"].values().tolist() == [i for ids in history for i in ids]
+    assert batch.sequence_features.to_dict()["item_history"].values().tolist() == static["item_history"].values().tolist()
+    assert batch.user_id.tolist() == table.column("user_id").to_pylist()
+    with pytest.raises(ValueError, match="vocabularies are needed exactly when ids are not managed"):
+        BatchLoader(Dataset.open(dataset), "val", spec, Vocabularies({}, 1, []), 64)
+
+
+def test_static_and_sequence_lookups_of_a_space_share_one_mapping() -> None:
+    """MDAF under managed: one remapping per id space (user, item, category) for both archs; an item id as a target
+    and in a history reads the same row: the same static part (pooled history of that one id) and sequence part."""
+    cfg = load_config(None, MANAGED + ["features.static_dim=4", "features.sequence_dim=8", "features.max_history=4",
+                                       "features.pooled_history=true"])
+    spec = FeatureSpec.build(cfg.features, {})
+    model = build_model(spec, ModelConfig(name="mdaf_bst", bst=BSTConfig(num_heads=2)))
+    remappings = [m for m in model.modules() if isinstance(m, MCHManagedCollisionModule)]
+    assert sorted(m._name for m in remappings) == ["managed_category", "managed_item", "managed_user"]
+    widths = {c.name: c.embedding_dim for c in spec.managed_embedding_configs(static=True, sequence=True)}
+    assert widths == {"managed_user": 4, "managed_item": 12, "managed_category": 12}  # user: static part only
+    big = 2**62 + 12345  # raw 63-bit ids, no vocabulary
+    batch = build_batch(
+        spec, static_ids=[torch.tensor([7, 8]), torch.tensor([big, big + 1]), torch.tensor([5, 6]),
+                          torch.tensor([1, 2]), torch.tensor([0, 3])],
+        target_ids=[torch.tensor([big, big + 1]), torch.tensor([5, 6])],
+        history_ids=[torch.tensor([big]), torch.tensor([6])], history_lengths=torch.tensor([0, 1]),
+        dense_features=torch.zeros(2, 0), labels=torch.zeros(2), row_index=torch.arange(2), user_ids=torch.tensor([7, 8]),
+    )
+    model.train()
+    lookup = model.managed_lookup(batch)
+    assert lookup.static["item"].values().shape == (2, 4) and lookup.sequence["item"].values().shape == (2, 8)
+    torch.testing.assert_close(lookup.static["item_history"].values()[0], lookup.static["item"].values()[0])
+    torch.testing.assert_close(lookup.sequence["item_history"].values()[0], lookup.sequence["item"].values()[0])
+    torch.testing.assert_close(lookup.sequence["category_history"].values()[0], lookup.sequence["category"].values()[1])
+    assert not torch.equal(lookup.sequence["item"].values()[0], lookup.sequence["item"].values()[1])  # own rows
+    assert model(batch).shape == (2,)
+
+
+def test_eviction_policies_are_the_registered_names() -> None:
+    assert tuple(EVICTION_POLICIES) == registry.EVICTION_POLICIES

@@ -38,6 +38,7 @@ class MDAF(CTRModel):
     ) -> None:
         super().__init__()
         dim = spec.sequence_dim
+        self.build_managed_ids(spec, static=True, sequence=True, device=table_device)
         self.static_branch = StaticBranch(spec, cfg.dcnv3, output_dim=dim, table_device=table_device)
         self.sequence_branch = SequenceBranch(spec, branch, cfg.mamba, cfg.bst, table_device=table_device)
         self.fusion = GatedFusion(dim, mode=cfg.gate)
@@ -50,9 +51,10 @@ class MDAF(CTRModel):
         Returns:
             fused logit ``[B]``, gate ``[B, 1 | D]`` and the DCNv3 branch's LCN/ECN logits ``[B]``.
         """
-        static = self.static_branch(batch, return_embedding=True)
+        managed = self.managed_lookup(batch)
+        static = self.static_branch(batch, return_embedding=True, managed=managed)
         assert static.embedding is not None
-        sequential = self.sequence_branch(batch)  # [B, D]
+        sequential = self.sequence_branch(batch, managed)  # [B, D]
         fused, gate = self.fusion(static.embedding, sequential)  # [B, D], [B, 1 | D]
         return CTROutput(
             logit=self.head(fused), gate=gate, lcn_logit=static.lcn_logit, ecn_logit=static.ecn_logit
