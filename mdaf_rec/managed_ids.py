@@ -176,7 +176,8 @@ class _HostResetShardedMCEC(ShardedManagedCollisionEmbeddingCollection):
             tbe, table_index = self._table_to_tbe_and_index[table]
             index = int(table_index)
             with torch.no_grad():
-                for state in tbe.split_optimizer_states()[index]:
+                states = tbe.split_optimizer_states()  # [] for sgd, which keeps no state
+                for state in states[index] if states else ():
                     state[rows] = 0
                 weight = tbe.split_embedding_weights()[index]
                 init_fn = self._embedding_module._table_name_to_config[table].init_fn
@@ -257,3 +258,16 @@ class FrozenIdMap(nn.Module):
         found = self.sorted_ids[position] == hashed
         miss = self.miss_rows[torch.div(hashed, self.bucket_size, rounding_mode="floor") // self.buckets_per_shard]
         return torch.where(found, self.rows[position], miss)
+
+
+def frozen_id_maps(model: nn.Module, world_size: int) -> Dict[str, FrozenIdMap]:
+    """Table name -> :class:`FrozenIdMap` of each remapping in ``model``, an unsharded model holding a trained
+    checkpoint's state (its MCH buffers are the shards' arrays one after the other), trained on ``world_size``
+    processes: row-wise sharding gave process ``k`` rows ``[k R / W, (k + 1) R / W)`` (rows are a multiple of the
+    world size), and its miss row the last of them."""
+    maps: Dict[str, FrozenIdMap] = {}
+    for module in model.modules():
+        if isinstance(module, MCHManagedCollisionModule):
+            rows = module.output_size()
+            maps[str(module._name)] = FrozenIdMap(module, [rows * k // world_size for k in range(world_size + 1)])
+    return maps

@@ -10,6 +10,7 @@ from typing import List
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc  # noqa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -26,6 +27,7 @@ from torchrec.modules.mc_modules import ManagedCollisionCollection, MCHManagedCo
 from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from mdaf_rec import checkpoint as ckpt
 from mdaf_rec import registry
 from mdaf_rec.config import BSTConfig, ConfigError, ModelConfig, check_managed_world_size, load_config
 from mdaf_rec.data.batch import build_batch
@@ -34,12 +36,15 @@ from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import Vocabularies, stable_hash
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.factory import build_model
+from mdaf_rec.trainable import build_train_module
+from test_equivalence import SETTINGS, step
 from test_train import REPO, _env, _free_port
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
     INPUT_HASH_SIZE,
     FrozenIdMap,
     ManagedEmbeddingCollectionSharder,
+    frozen_id_maps,
     hash_ids,
     managed_collision_module,
 )
@@ -249,3 +254,58 @@ def test_static_and_sequence_lookups_of_a_space_share_one_mapping() -> None:
 
 def test_eviction_policies_are_the_registered_names() -> None:
     assert tuple(EVICTION_POLICIES) == registry.EVICTION_POLICIES
+
+
+# Managed tables start nearly constant (every row within 1e-9 of 0), so what an id's row holds after training does
+# not depend on WHICH row it got: 1 process and 2 (each owning half the rows and the ids hashed to its half) give
+# one id other rows; its embedding must come out the same. The model is dnn with pooled histories (targets and
+# histories through the managed tables): a sequence model's token LayerNorm turns rows this close to 0 into
+# gradients of ~1e5.
+# Rows enough that no id of the 3 steps is evicted, also with half of them on each of 2 ranks.
+MANAGED_EQUIVALENCE = MANAGED + ["features.id_spaces.user.rows=1000", "features.id_spaces.item.rows=4000",
+                                 "features.id_spaces.category.rows=200", "features.table_init_scale=1e-9"]
+TIME_TABLES = {"static_hour": "data_parallel", "static_dayofweek": "table_wise"}
+
+
+def _unsharded(run: Path, checkpoint: str, world_size: int):
+    """The unsharded training module with ``run``'s checkpoint loaded, and its frozen id maps."""
+    cfg = load_config("configs/dnn.yaml", [*SETTINGS, *MANAGED_EQUIVALENCE])
+    module = build_train_module(cfg, {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                                with_sparse_optimizer=False).module
+    ckpt.load_model_weights(run / "checkpoints" / checkpoint, module)
+    return module, frozen_id_maps(module, world_size)
+
+
+def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path) -> None:
+    """Three training steps with managed ids on 2 ranks (row-wise sharded remapping and tables, gloo) equal the
+    1-process steps: every dense weight, and every raw id's embedding (targets and histories)."""
+    extra = [a for s in MANAGED_EQUIVALENCE for a in ("--set", s)]
+    step(dataset, tmp_path / "one", TIME_TABLES, "--steps", "3", *extra, config="configs/dnn.yaml")
+    init = str(tmp_path / "one" / "checkpoints" / "step_0")
+    result = step(dataset, tmp_path / "two", TIME_TABLES, "--steps", "3", "--init", init, *extra, nproc=2,
+                  config="configs/dnn.yaml")
+    assert {t: s for t, s in result["plan"].items() if t.startswith("managed_")} == {
+        "managed_user": "row_wise", "managed_item": "row_wise", "managed_category": "row_wise"}
+    one, one_maps = _unsharded(tmp_path / "one", "after", 1)
+    two, two_maps = _unsharded(tmp_path / "two", "after", 2)
+    start, _ = _unsharded(tmp_path / "one", "step_0", 1)
+    ones, twos, starts = one.state_dict(), two.state_dict(), start.state_dict()
+    dense = [k for k in ones if "managed_ids" not in k]
+    assert dense and all(float((ones[k] - twos[k]).abs().max()) < 1e-5 for k in dense), \
+        {k: float((ones[k] - twos[k]).abs().max()) for k in dense}
+    moved = max(float((ones[k] - starts[k]).abs().max()) for k in dense)
+    assert moved > 1e-3
+    train = pa.concat_tables(pq.read_table(f) for f in Dataset.open(dataset).split_files("train"))
+    ids = {"user": train.column("user_id").to_numpy(), "category": train.column("category_id").to_numpy(),
+           "item": np.concatenate([train.column("item_id").to_numpy(),
+                                   pc.list_flatten(train.column("item_history")).to_numpy()])}
+    for space, raw in ids.items():
+        raw = torch.from_numpy(np.unique(np.asarray(raw)))
+        table = f"managed_{space}"
+        weight = next(k for k in ones if k.endswith(f"embeddings.{table}.weight"))
+        rows_one, rows_two = one_maps[table](raw), two_maps[table](raw)
+        assert len(set(rows_one.tolist())) > 0.3 * len(raw)  # own rows, not the miss row
+        assert rows_two.ge(two_maps[table].miss_rows[0] + 1).any() and rows_two.le(two_maps[table].miss_rows[0]).any()
+        a, b = ones[weight][rows_one], twos[weight][rows_two]
+        assert float(a.abs().max()) > 1e-6  # trained 1000x away from the 1e-9 start
+        torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-3, msg=space)
