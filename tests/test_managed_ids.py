@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +39,18 @@ from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS, step
-from test_train import REPO, _env, _free_port
+from test_train import REPO, TINY, _env, _free_port, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
     INPUT_HASH_SIZE,
     FrozenIdMap,
     ManagedEmbeddingCollectionSharder,
+    ManagedSettingsError,
+    check_managed_settings,
     frozen_id_maps,
     hash_ids,
     managed_collision_module,
+    managed_fingerprint,
 )
 
 ROWS = 8
@@ -309,3 +313,56 @@ def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path)
         a, b = ones[weight][rows_one], twos[weight][rows_two]
         assert float(a.abs().max()) > 1e-6  # trained 1000x away from the 1e-9 start
         torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-3, msg=space)
+
+
+# Fewer rows than ids (300 users, 800 items, 30 categories in the data): eviction at work in every epoch.
+EVICTING = ["features.id_mapping=managed", "features.id_spaces.user.rows=128", "features.id_spaces.item.rows=256",
+            "features.id_spaces.category.rows=16"]
+
+
+def test_kill_mid_epoch_then_rerun_equals_the_uninterrupted_managed_run(dataset: Path, tmp_path: Path) -> None:
+    """MDAF-BST with managed ids and evictions, killed after its step-14 checkpoint (mid-epoch 1), rerun: the same
+    losses and metrics as the run that was never stopped (the remapping, its counters and the step counter are in
+    the checkpoint)."""
+    sets = [a for s in [*EVICTING, "train.checkpoint_every_steps=7", "train.keep_step_checkpoints=1"]
+            for a in ("--set", s)]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(dataset, straight, "--epochs", "1", *sets, config="configs/mdaf_bst.yaml")
+    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", "configs/mdaf_bst.yaml", "--data", str(dataset),
+           "--out", str(crashed), *[a for s in TINY for a in ("--set", s)], "--epochs", "1", *sets]
+    proc = subprocess.run(cmd, cwd=REPO, env={**_env(), "MDAF_FAULT_KILL_AT_STEP": "14"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    rerun = train(dataset, crashed, "--epochs", "1", *sets, config="configs/mdaf_bst.yaml")
+    assert "step_14 (epoch 1, step 14)" in rerun.stderr
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (straight, crashed))
+    for split in ("val", "test"):
+        for key in ("auc", "logloss", "gauc"):
+            assert b[split][key] == pytest.approx(a[split][key], abs=1e-6), (split, key)
+    la, lb = ([json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (straight, crashed))
+    assert lb == pytest.approx(la, abs=1e-6) and len(la) == 1
+    model, maps = _unsharded_run(straight)
+    item = maps["managed_item"](torch.arange(10**6))  # the synthetic item ids are small integers
+    assert 200 < len(set(item.tolist())) <= 256  # the table is full: ids were admitted, evicted, and miss
+
+
+def _unsharded_run(run: Path):
+    """The unsharded training module of ``run`` (its config) with its best checkpoint, and its frozen id maps."""
+    cfg = load_config(run / "config.yaml")
+    module = build_train_module(cfg, {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                                with_sparse_optimizer=False).module
+    state = ckpt.load_model_weights(ckpt.checkpoint_path(run, "best"), module)
+    return module, frozen_id_maps(module, state["world_size"])
+
+
+def test_checkpoint_records_the_managed_settings_instead_of_a_vocabulary() -> None:
+    cfg = load_config(None, EVICTING)
+    recorded = managed_fingerprint(cfg.features)
+    check_managed_settings(recorded, cfg.features, "checkpoint X")  # the same settings
+    check_managed_settings(None, cfg.features, "checkpoint X")  # a checkpoint that recorded none
+    other = load_config(None, [*EVICTING, "features.id_spaces.item.eviction=lru"])
+    with pytest.raises(ManagedSettingsError, match="checkpoint X was trained with other managed id settings"):
+        check_managed_settings(recorded, other.features, "checkpoint X")
+    with pytest.raises(ManagedSettingsError, match="checkpoint X was trained with vocabularies"):
+        check_managed_settings("0f" * 32, cfg.features, "checkpoint X")
