@@ -204,6 +204,12 @@ class FeatureSpec:
         return bool(self.managed_spaces)
 
     @property
+    def padding_id(self) -> int:
+        """The id that pads a history in fixed-size (serving) inputs: index 0, or -1 under ``managed`` (raw ids are
+        non-negative, and 0 may be one)."""
+        return -1 if self.managed else PADDING_INDEX
+
+    @property
     def static_history_keys(self) -> List[str]:
         """History keys of ``Batch.static_features``: the pooled histories, and under ``managed`` every history
         (the managed lookup reads targets and histories from that one KJT)."""

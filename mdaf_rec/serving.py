@@ -20,6 +20,11 @@ lookups on the trained tables keep every shape static but the batch size: :class
 :class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`. ``G`` is 1 or ``D`` (``model.gate``)
 for MDAF models; models without a fusion gate return zeros ``[B, 1]``.
 
+Under ``features.id_mapping: managed`` the inputs hold raw ids (histories right-padded with -1,
+``spec.padding_id``): the model's managed-collision lookup is swapped for the same two drop-ins over its tables,
+each table behind a :class:`~mdaf_rec.managed_ids.FrozenIdMap` (:class:`MappedTable`): raw ids map to the rows
+training gave them, without admission or eviction.
+
 ``--quantize int8`` swaps every table for a row-wise 8-bit copy (:func:`quantize_tables`): per row,
 ``w ≈ q · scale + bias`` with ``q`` uint8 (FBGEMM's 8-bit row-wise layout), dequantized on lookup.
 """
@@ -35,7 +40,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
+from mdaf_rec.features import FeatureSpec, SequenceSpace, StaticField
+from mdaf_rec.managed_ids import FrozenIdMap, frozen_id_maps
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
 from mdaf_rec.models.sequence_branch import SequenceBranch
@@ -50,6 +56,49 @@ def _shared_embedding(weight: nn.Parameter) -> nn.Embedding:
     return nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight)
 
 
+class MappedTable(nn.Module):
+    """Columns ``[lo, hi)`` of a managed table's rows for raw ids: the frozen remapping in front of the lookup.
+
+    Args:
+        table: the trained table (``nn.Embedding`` over its weight; quantized with the others).
+        id_map: its remapping frozen at the checkpoint.
+        columns: the part of the rows an arch reads (static ``[0, static_dim)``, sequence after it).
+    """
+
+    def __init__(self, table: nn.Module, id_map: FrozenIdMap, columns: Tuple[int, int]) -> None:
+        super().__init__()
+        self.table = table
+        self.id_map = id_map
+        self.lo, self.hi = columns
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[...]`` raw ids -> ``[..., hi - lo]`` rows."""
+        return self.table(self.id_map(ids))[..., self.lo : self.hi]
+
+
+def managed_tables(model: CTRModel, spec: FeatureSpec, world_size: int) -> Dict[str, MappedTable]:
+    """The managed tables of ``model`` (checkpoint loaded, trained on ``world_size`` processes) as the vocab-mode
+    tables the archs' drop-ins read: ``static_<space>`` (the rows' static part) and ``sequence_<space>`` (their
+    sequence part), each behind its :class:`~mdaf_rec.managed_ids.FrozenIdMap`; empty under ``vocab``."""
+    arch = model.managed_ids
+    if arch is None:
+        return {}
+    maps = frozen_id_maps(arch, world_size)
+    spaces = {s.table_name: s.name for s in spec.managed_spaces}
+    tables: Dict[str, MappedTable] = {}
+    for collection in arch.mc_embedding_collections.values():
+        for table, embedding in collection._embedding_module.embeddings.items():
+            space = spaces[table]
+            static_width, sequence_width = arch.parts[space]
+            if static_width:
+                columns = (0, static_width)
+                tables[f"static_{space}"] = MappedTable(_shared_embedding(embedding.weight), maps[table], columns)
+            if sequence_width:
+                columns = (static_width, static_width + sequence_width)
+                tables[f"sequence_{space}"] = MappedTable(_shared_embedding(embedding.weight), maps[table], columns)
+    return tables
+
+
 class StaticLookup(nn.Module):
     """Drop-in for the static ``EmbeddingBagCollection`` on :class:`ServingModule`'s static KJT.
 
@@ -59,13 +108,18 @@ class StaticLookup(nn.Module):
     what the collection's mean pooling gives for the unpadded history. Only static shapes.
 
     Args:
-        ebc: the trained collection (its tables are shared, not copied).
+        ebc: the trained collection (its tables are shared, not copied; ``None``: no table of its own).
         spec: the feature spec (key order and key -> table).
+        managed: the managed tables (:func:`managed_tables`) by the names of the static tables they stand for.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, spec: FeatureSpec) -> None:
+    def __init__(
+        self, ebc: Optional[EmbeddingBagCollection], spec: FeatureSpec, managed: Optional[Dict[str, nn.Module]] = None
+    ) -> None:
         super().__init__()
-        self.tables = nn.ModuleDict({name: _shared_embedding(bag.weight) for name, bag in ebc.embedding_bags.items()})
+        own = {name: _shared_embedding(bag.weight) for name, bag in ebc.embedding_bags.items()} if ebc is not None else {}
+        self.tables = nn.ModuleDict({**own, **{n: t for n, t in (managed or {}).items() if n.startswith("static_")}})
+        self.padding = spec.padding_id
         self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
         self._history_keys: List[Tuple[str, str]] = [(key, f.table_name) for key, f in spec.pooled_history_fields]
         self.max_history = spec.max_history
@@ -87,7 +141,7 @@ class StaticLookup(nn.Module):
             batch_size = ids.shape[1]
             histories = values[num_fields * batch_size :].view(num_histories, batch_size, self.max_history)
             for p, (_, table) in enumerate(self._history_keys):
-                valid = (histories[p] != PADDING_INDEX).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+                valid = (histories[p] != self.padding).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
                 rows = self.tables[table](histories[p]) * valid  # [B, L, d]
                 pooled.append(rows.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))  # [B, d]
         keys = [key for key, _ in self._keys + self._history_keys]
@@ -105,14 +159,19 @@ class PaddedSequenceEmbedding(nn.Module):
     Args:
         arch: the trained sequence arch (its tables are shared, not copied).
         spec: the feature spec (id spaces and their tables).
+        managed: the managed tables (:func:`managed_tables`) by the names of the sequence tables they stand for.
     """
 
-    def __init__(self, arch: SequenceEmbeddingArch, spec: FeatureSpec) -> None:
+    def __init__(
+        self, arch: SequenceEmbeddingArch, spec: FeatureSpec, managed: Optional[Dict[str, nn.Module]] = None
+    ) -> None:
         super().__init__()
-        ec: EmbeddingCollection = arch.embedding_collection
-        self.tables = nn.ModuleDict({name: _shared_embedding(emb.weight) for name, emb in ec.embeddings.items()})
+        ec: Optional[EmbeddingCollection] = arch.embedding_collection
+        own = {name: _shared_embedding(emb.weight) for name, emb in ec.embeddings.items()} if ec is not None else {}
+        self.tables = nn.ModuleDict({**own, **{n: t for n, t in (managed or {}).items() if n.startswith("sequence_")}})
         self._tables: List[str] = [s.table_name for s in spec.sequence_spaces]
         self.max_history = arch.max_history
+        self.padding = spec.padding_id
 
     def forward(self, sequence_features: KeyedJaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
@@ -127,7 +186,7 @@ class PaddedSequenceEmbedding(nn.Module):
         batch_size = per_space.shape[1] // (1 + max_len)
         targets = per_space[:, :batch_size]  # [S, B]
         histories = per_space[:, batch_size:].reshape(len(self._tables), batch_size, max_len)  # [S, B, L]
-        valid = histories[0] != PADDING_INDEX  # [B, L]
+        valid = histories[0] != self.padding  # [B, L]
         mask = valid.unsqueeze(-1).to(torch.float32)  # [B, L, 1]
         history = sum(self.tables[t](histories[s]) * mask for s, t in enumerate(self._tables))  # [B, L, D]
         target = sum(self.tables[t](targets[s]) for s, t in enumerate(self._tables))  # [B, D]
@@ -139,17 +198,21 @@ class ServingModule(nn.Module):
 
     Args:
         model: the trained, unsharded model (modified in place: its table lookups become
-            :class:`StaticLookup` / :class:`PaddedSequenceEmbedding` over the same tables).
+            :class:`StaticLookup` / :class:`PaddedSequenceEmbedding` over the same tables; under ``managed`` they
+            read its managed tables through their frozen remappings, and its managed-collision lookup is removed).
         spec: the feature spec the model was built with.
+        world_size: processes the checkpoint was trained on (the managed tables' shards; unused under ``vocab``).
     """
 
-    def __init__(self, model: CTRModel, spec: FeatureSpec) -> None:
+    def __init__(self, model: CTRModel, spec: FeatureSpec, world_size: int = 1) -> None:
         super().__init__()
+        managed = managed_tables(model, spec, world_size)
+        model.managed_ids = None
         for module in model.modules():
             if isinstance(module, StaticEmbeddingArch):
-                module.embedding_bag_collection = StaticLookup(module.embedding_bag_collection, spec)
+                module.embedding_bag_collection = StaticLookup(module.embedding_bag_collection, spec, managed)
             if isinstance(module, SequenceBranch):
-                module.embeddings = PaddedSequenceEmbedding(module.embeddings, spec)
+                module.embeddings = PaddedSequenceEmbedding(module.embeddings, spec, managed)
         self.model = model.eval()
         self.static_keys: List[str] = spec.static_keys
         self.pooled_history_keys: List[str] = spec.pooled_history_keys
@@ -248,7 +311,7 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
         "dense": batch.dense_features.float(),
         "target_ids": torch.stack([sequence[s.name].values() for s in spaces], dim=1).long(),
         "history_ids": torch.stack(
-            [sequence[s.history_key].to_padded_dense(desired_length=spec.max_history, padding_value=PADDING_INDEX)
+            [sequence[s.history_key].to_padded_dense(desired_length=spec.max_history, padding_value=spec.padding_id)
              for s in spaces],
             dim=1,
         ).long(),
@@ -258,7 +321,7 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
 def example_inputs(spec: FeatureSpec, batch_size: int) -> Tuple[torch.Tensor, ...]:
     """Inputs of ``batch_size`` rows (every id the OOV index 1, histories half full), in forward order."""
     num_spaces = len(spec.sequence_spaces)
-    history = torch.zeros(batch_size, num_spaces, spec.max_history, dtype=torch.int64)
+    history = torch.full((batch_size, num_spaces, spec.max_history), spec.padding_id, dtype=torch.int64)
     history[:, :, : max(1, spec.max_history // 2)] = 1
     return (
         torch.ones(batch_size, len(spec.static_fields), dtype=torch.int64),

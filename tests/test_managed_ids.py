@@ -37,6 +37,7 @@ from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import Vocabularies, stable_hash
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.factory import build_model
+from mdaf_rec.serving import ServingModule, export_program, serving_inputs
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS, step
 from test_train import REPO, TINY, _env, _free_port, train
@@ -320,14 +321,26 @@ EVICTING = ["features.id_mapping=managed", "features.id_spaces.user.rows=128", "
             "features.id_spaces.category.rows=16"]
 
 
-def test_kill_mid_epoch_then_rerun_equals_the_uninterrupted_managed_run(dataset: Path, tmp_path: Path) -> None:
+EVICTING_SETS = [a for s in [*EVICTING, "train.checkpoint_every_steps=7", "train.keep_step_checkpoints=1"]
+                 for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def evicting_run(dataset: Path, tmp_path_factory) -> Path:
+    """An epoch of MDAF-BST with managed ids and evictions (18 steps, checkpoints every 7)."""
+    run = tmp_path_factory.mktemp("managed") / "straight"
+    train(dataset, run, "--epochs", "1", *EVICTING_SETS, config="configs/mdaf_bst.yaml")
+    return run
+
+
+def test_kill_mid_epoch_then_rerun_equals_the_uninterrupted_managed_run(
+    dataset: Path, evicting_run: Path, tmp_path: Path
+) -> None:
     """MDAF-BST with managed ids and evictions, killed after its step-14 checkpoint (mid-epoch 1), rerun: the same
     losses and metrics as the run that was never stopped (the remapping, its counters and the step counter are in
     the checkpoint)."""
-    sets = [a for s in [*EVICTING, "train.checkpoint_every_steps=7", "train.keep_step_checkpoints=1"]
-            for a in ("--set", s)]
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(dataset, straight, "--epochs", "1", *sets, config="configs/mdaf_bst.yaml")
+    sets = EVICTING_SETS
+    straight, crashed = evicting_run, tmp_path / "crashed"
     cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", "configs/mdaf_bst.yaml", "--data", str(dataset),
            "--out", str(crashed), *[a for s in TINY for a in ("--set", s)], "--epochs", "1", *sets]
     proc = subprocess.run(cmd, cwd=REPO, env={**_env(), "MDAF_FAULT_KILL_AT_STEP": "14"}, capture_output=True,
@@ -366,3 +379,24 @@ def test_checkpoint_records_the_managed_settings_instead_of_a_vocabulary() -> No
         check_managed_settings(recorded, other.features, "checkpoint X")
     with pytest.raises(ManagedSettingsError, match="checkpoint X was trained with vocabularies"):
         check_managed_settings("0f" * 32, cfg.features, "checkpoint X")
+
+
+def test_served_raw_ids_score_as_the_trained_model(dataset: Path, evicting_run: Path) -> None:
+    """The serving module, and its torch.export program, on raw ids (test split: evicted and never-seen ids among
+    them) give the trained model's probabilities: the frozen remapping maps every id as the model's own did."""
+    module, maps = _unsharded_run(evicting_run)
+    model = module.model.eval()
+    spec = FeatureSpec.build(load_config(evicting_run / "config.yaml").features, {})
+    batch = next(iter(BatchLoader(Dataset.open(dataset), "test", spec, None, 512)))
+    with torch.no_grad():
+        expected = model(batch)
+    items = batch.static_features.to_dict()["item"].values()
+    misses = maps["managed_item"](items) == maps["managed_item"].miss_rows[0]
+    assert 0.05 < float(misses.float().mean()) < 0.95  # evicted and new ids among the test targets
+    serving = ServingModule(model, spec)
+    inputs = serving_inputs(batch, spec)
+    assert int(inputs["history_ids"].min()) == -1  # padded with -1: raw id 0 is an id
+    with torch.no_grad():
+        torch.testing.assert_close(serving(**inputs)[0], expected, atol=1e-5, rtol=0)
+        program = export_program(serving, spec).module()
+        torch.testing.assert_close(program(*inputs.values())[0], expected, atol=1e-5, rtol=0)

@@ -217,6 +217,7 @@ class ManagedIdArch(nn.Module):
             for w in widths
         })
         parts = spec.managed_parts(static, sequence)
+        self.parts: Dict[str, Tuple[int, int]] = parts  # space -> (static width, sequence width) of its rows
         space_of = {s.table_name: s.name for s in spec.managed_spaces}
         self._collection_of = {key: f"width_{c.embedding_dim}" for c in configs for key in c.feature_names}
         # table -> most ids one sample brings (its target, and its history when read)
@@ -297,7 +298,9 @@ class StaticEmbeddingArch(nn.Module):
         Returns:
             ``[B, F, static_dim]`` field embeddings: static keys, pooled histories (spec order), then dense fields.
         """
-        pooled = self.embedding_bag_collection(static_features).to_dict() if self.embedding_bag_collection else {}
+        pooled = {}
+        if self.embedding_bag_collection is not None:
+            pooled = self.embedding_bag_collection(static_features).to_dict()
         own = managed.static if managed is not None else {}
 
         def field(key: str) -> torch.Tensor:  # [B, d]

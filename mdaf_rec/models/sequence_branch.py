@@ -71,5 +71,9 @@ class SequenceBranch(nn.Module):
         Returns:
             ``[B, sequence_dim]`` sequential embedding.
         """
-        tokens, lengths = self.embeddings(batch.sequence_features, managed)  # [B, L+1, D], [B]
+        # [B, L+1, D], [B]; without a managed lookup the embeddings may be serving's drop-in (one argument)
+        if managed is not None:
+            tokens, lengths = self.embeddings(batch.sequence_features, managed)
+        else:
+            tokens, lengths = self.embeddings(batch.sequence_features)
         return self.encoder(tokens, lengths)  # [B, D]
