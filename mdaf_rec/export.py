@@ -11,7 +11,9 @@ row-wise int8, ``torch.export`` it with a dynamic batch dimension, and write::
                           compiled CPU operators of mdaf_rec.ops (unless --no-compile; loads with
                           torch._inductor.aoti_load_package after torch.ops.load_library(ops library))
       ops/mdaf_rec_ops.so the compiled CPU operators' library (when the model calls them: the Mamba branch)
-      vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each)
+      vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each); none under
+                          features.id_mapping: managed, where the program takes raw ids and maps them itself
+                          (each managed table behind its remapping frozen at the checkpoint)
       config.yaml         the run's resolved config, for reference
       feature_spec.json   inputs, outputs, id → index mapping, time fields
       manifest.json       sha256 and size of every file above; its own sha256 is printed
@@ -23,6 +25,7 @@ directory or a dataset folder, nor inside one (:func:`check_out`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -45,7 +48,8 @@ from mdaf_rec.artifact import (
 from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import DatasetError, is_dataset_folder, recorded_timezone
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
-from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
+from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, TIME_FIELDS, FeatureSpec
+from mdaf_rec.managed_ids import check_managed_settings, managed_fingerprint
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.output import ArchiveFile
 from mdaf_rec.run_dir import RunDir
@@ -58,21 +62,27 @@ logger = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int8")
 
 
-def load_trained_model(run_dir: Path, which: str = "best") -> tuple[CTRModel, Config, FeatureSpec, Vocabularies, Path]:
+def load_trained_model(
+    run_dir: Path, which: str = "best"
+) -> tuple[CTRModel, Config, FeatureSpec, Optional[Vocabularies], Path]:
     """The run's model, unsharded on CPU, with the weights of checkpoint ``which``.
 
     Args:
         run_dir: a run directory written by ``mdaf-rec train``.
         which: ``best`` or ``last``.
     Returns:
-        ``(model in eval mode, config, feature spec, vocabularies, checkpoint folder)``.
+        ``(model in eval mode, config, feature spec, vocabularies (``None`` under managed ids), checkpoint folder)``.
     """
     run = RunDir(run_dir).require()
     cfg = load_config(run.config)
-    vocabs = Vocabularies.load(run.vocab)
     path = ckpt.checkpoint_path(run_dir, which)
-    ckpt.check_vocabularies(path, vocabs)
-    spec, wrapper = build_train_module(cfg, vocabs.sizes, table_device="cpu", dense_device="cpu", compute_device="cpu",
+    vocabs = None
+    if cfg.features.id_mapping == "managed":
+        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+    else:
+        vocabs = Vocabularies.load(run.vocab)
+        ckpt.check_vocabularies(path, vocabs)
+    spec, wrapper = build_train_module(cfg, vocabs.sizes if vocabs else {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
                                        with_sparse_optimizer=False)
     ckpt.load_model_weights(path, wrapper)  # an unsharded CTRTrain has the checkpoint's (DMP's) keys
     logger.info("loaded %s (%s) from %s", cfg.model.name, which, path)
@@ -100,7 +110,7 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
     with ArtifactWriter(out) as artifact:
         model, cfg, spec, vocabs, path = load_trained_model(run_dir, which)
         timezone = _timezone(cfg)
-        module = ServingModule(model, spec)
+        module = ServingModule(model, spec, world_size=ckpt.read_state(path).get("world_size", 1))
         if quantize == "int8":
             saved = quantize_tables(module)
             logger.info("tables quantized to row-wise int8 (%.1f MiB saved)", saved / 2**20)
@@ -109,7 +119,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best", quantize: str = "n
         with ArchiveFile(artifact.folder / PROGRAM_FILE) as fh:
             torch.export.save(export_program(module, spec), fh)
         cpu_program = _write_cpu_program(module, spec, artifact.folder) if compile else None
-        vocabs.save(artifact.folder / VOCAB_DIR)
+        if vocabs is not None:
+            vocabs.save(artifact.folder / VOCAB_DIR)
         shutil.copyfile(RunDir(run_dir).config, artifact.folder / "config.yaml")
         doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, quantize, path)
         if cpu_program is not None:
@@ -164,17 +175,21 @@ def _timezone(cfg: Config) -> str:
 
 
 def feature_spec_doc(
-    cfg: Config, spec: FeatureSpec, vocabs: Vocabularies, timezone: str, gate_dim: int, quantize: str, checkpoint: Path
+    cfg: Config, spec: FeatureSpec, vocabs: Optional[Vocabularies], timezone: str, gate_dim: int, quantize: str,
+    checkpoint: Path
 ) -> Dict[str, Any]:
-    """Everything a server needs to turn a raw row into the program's inputs (``feature_spec.json``)."""
+    """Everything a server needs to turn a raw row into the program's inputs (``feature_spec.json``); under managed
+    ids (``vocabs`` ``None``) the inputs are raw ids and ``managed_spaces`` replaces ``vocabularies``."""
     batch = "B"
     num_spaces = len(spec.sequence_spaces)
-    return {
+    fingerprint = vocabs.fingerprint if vocabs is not None else managed_fingerprint(cfg.features)
+    index = "vocabulary {!r}" if vocabs is not None else "raw id (managed {!r}: remapped in the program)"
+    doc = {
         "format_version": FORMAT_VERSION,
         "model": cfg.model.name,
         "quantization": "int8_rowwise" if quantize == "int8" else "none",
         "program": PROGRAM_FILE,
-        "source": {"checkpoint": str(checkpoint.resolve()), "vocab_fingerprint": vocabs.fingerprint},
+        "source": {"checkpoint": str(checkpoint.resolve()), "vocab_fingerprint": fingerprint},
         "inputs": [
             {"name": "static_ids", "dtype": "int64", "shape": [batch, len(spec.static_fields)],
              "order": spec.static_keys},
@@ -195,12 +210,12 @@ def feature_spec_doc(
         "static_fields": [
             {"key": f.name, "column": f.column, "table_rows": f.num_embeddings,
              "index": f"derived from timestamp: {_time_field_rule(f.column)}" if f.column in TIME_FIELDS
-             else f"vocabulary {f.name!r}"}
+             else index.format(f.name)}
             for f in spec.static_fields
         ],
         "sequence_spaces": [
-            {"key": s.name, "target_column": _space_column(vocabs, s.name), "history_column": s.history_key,
-             "table_rows": s.num_embeddings, "index": f"vocabulary {s.name!r}"}
+            {"key": s.name, "target_column": cfg.features.id_spaces[s.name].column, "history_column": s.history_key,
+             "table_rows": s.num_embeddings, "index": index.format(s.name)}
             for s in spec.sequence_spaces
         ],
         "dense_features": list(spec.dense_features),
@@ -212,14 +227,18 @@ def feature_spec_doc(
         "history_truncation": f"only the most recent {spec.max_history} entries are kept (as in training)",
         "timezone": timezone,
         "time_fields": {c: _time_field_rule(c) for c in TIME_FIELDS},
-        "padding_index": PADDING_INDEX,
-        "oov_index": OOV_INDEX,
-        "vocabularies": {
-            "dir": VOCAB_DIR,
-            "fingerprint": vocabs.fingerprint,
-            "spaces": {name: _mapping(name, v.ids is None, v.settings.hash_buckets) for name, v in vocabs.spaces.items()},
-        },
+        "padding_index": spec.padding_id,
     }
+    if vocabs is None:
+        doc["managed_spaces"] = [dataclasses.asdict(s) for s in spec.managed_spaces]
+        return doc
+    doc["oov_index"] = OOV_INDEX
+    doc["vocabularies"] = {
+        "dir": VOCAB_DIR,
+        "fingerprint": vocabs.fingerprint,
+        "spaces": {name: _mapping(name, v.ids is None, v.settings.hash_buckets) for name, v in vocabs.spaces.items()},
+    }
+    return doc
 
 
 def _time_field_rule(column: str) -> str:
@@ -228,10 +247,6 @@ def _time_field_rule(column: str) -> str:
         "dayofweek": "local day of week of `timestamp` in `timezone`, Monday = 0 .. Sunday = 6",
     }
     return rules[column]
-
-
-def _space_column(vocabs: Vocabularies, name: str) -> str:
-    return vocabs.spaces[name].settings.column
 
 
 def _mapping(name: str, hashed: bool, buckets: Optional[int]) -> Dict[str, Any]:

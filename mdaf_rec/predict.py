@@ -62,7 +62,8 @@ class ExportedModel:
             raise ArtifactError(f"{path}: malformed ({type(e).__name__}: {e})") from None
         if not is_timezone(timezone):
             raise ArtifactError(f"{path}: key 'timezone': unknown IANA time zone {timezone!r}")
-        self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), timezone)
+        vocabs = None if self.spec.managed else Vocabularies.load(model_dir / VOCAB_DIR)  # managed: raw ids in
+        self.converter = BatchConverter(self.spec, vocabs, timezone)
         self.rules = ColumnRules.from_spec(self.spec)
         self.program = load_program(model_dir, self.doc)
 

@@ -40,7 +40,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.features import FeatureSpec, SequenceSpace, StaticField
+from mdaf_rec.features import FeatureSpec, ManagedSpace, SequenceSpace, StaticField
 from mdaf_rec.managed_ids import FrozenIdMap, frozen_id_maps
 from mdaf_rec.models.ctr import CTRModel
 from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
@@ -445,4 +445,5 @@ def spec_from_json(doc: Dict[str, Any]) -> FeatureSpec:
         sequence_dim=doc["sequence_dim"],
         max_history=doc["max_history"],
         pooled_history=doc.get("pooled_history", False),
+        managed_spaces=tuple(ManagedSpace(**s) for s in doc.get("managed_spaces", ())),
     )

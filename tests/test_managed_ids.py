@@ -40,7 +40,7 @@ from mdaf_rec.models.factory import build_model
 from mdaf_rec.serving import ServingModule, export_program, serving_inputs
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS, step
-from test_train import REPO, TINY, _env, _free_port, train
+from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
     INPUT_HASH_SIZE,
@@ -400,3 +400,24 @@ def test_served_raw_ids_score_as_the_trained_model(dataset: Path, evicting_run: 
         torch.testing.assert_close(serving(**inputs)[0], expected, atol=1e-5, rtol=0)
         program = export_program(serving, spec).module()
         torch.testing.assert_close(program(*inputs.values())[0], expected, atol=1e-5, rtol=0)
+
+
+def test_export_and_predict_score_raw_ids_as_the_trained_model(dataset: Path, evicting_run: Path, tmp_path: Path) -> None:
+    """``mdaf-rec export`` of a managed run writes no vocabulary (its program takes raw ids) and ``mdaf-rec predict``
+    scores the raw test split as the trained model does (max |difference| <= 1e-5)."""
+    out = tmp_path / "model"
+    mdaf("export", "--run", str(evicting_run), "--out", str(out), "--no-compile")
+    doc = json.loads((out / "feature_spec.json").read_text())
+    assert not (out / "vocab").exists() and "vocabularies" not in doc and doc["padding_index"] == -1
+    assert [s["rows"] for s in doc["managed_spaces"]] == [128, 256, 16]
+    test_file = Dataset.open(dataset).split_files("test")[0]
+    mdaf("predict", "--model", str(out), "--data", str(test_file), "--out", str(tmp_path / "scores.parquet"))
+    scores = pq.read_table(tmp_path / "scores.parquet")
+    module, _ = _unsharded_run(evicting_run)
+    spec = FeatureSpec.build(load_config(evicting_run / "config.yaml").features, {})
+    batch = next(iter(BatchLoader(Dataset.open(dataset), "test", spec, None, 100_000)))
+    with torch.no_grad():
+        expected = module.model.eval()(batch)
+    got = torch.tensor(scores.column("probability").to_numpy())
+    assert len(got) == len(expected)
+    torch.testing.assert_close(got[batch.row_index], expected, atol=1e-5, rtol=0)
