@@ -20,7 +20,14 @@ This module holds the three pieces the project adds to that stack (``docs/archit
   planner GPU-only kernels;
 * :class:`FrozenIdMap` — the remapping frozen for serving: the admitted ids and their rows as constant
   buffers, a binary search per id, a miss to the miss row of the shard that owned it in training; no admission,
-  no eviction.
+  no eviction (:func:`frozen_id_maps`: one per table of a model holding a checkpoint);
+* :func:`size_history_buffers` — the buffer of ids seen between eviction rounds sized from the batch, not from
+  the first batch (TorchRec's choice, which silently leaves later ids out of admission);
+* :func:`managed_fingerprint` / :func:`check_managed_settings` — what a checkpoint records of its managed settings
+  in place of the vocabulary fingerprint, and the check of it.
+
+``features.id_mapping: managed`` wires them into the models (:class:`mdaf_rec.models.embeddings.ManagedIdArch`),
+the sharders, training and serving.
 """
 
 from __future__ import annotations
