@@ -39,7 +39,8 @@ from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.factory import build_model
 from mdaf_rec.serving import ServingModule, export_program, serving_inputs
 from mdaf_rec.trainable import build_train_module
-from test_equivalence import SETTINGS, step
+from test_equivalence import SETTINGS
+from test_equivalence import step as dist_step
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
@@ -285,9 +286,9 @@ def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path)
     """Three training steps with managed ids on 2 ranks (row-wise sharded remapping and tables, gloo) equal the
     1-process steps: every dense weight, and every raw id's embedding (targets and histories)."""
     extra = [a for s in MANAGED_EQUIVALENCE for a in ("--set", s)]
-    step(dataset, tmp_path / "one", TIME_TABLES, "--steps", "3", *extra, config="configs/dnn.yaml")
+    dist_step(dataset, tmp_path / "one", TIME_TABLES, "--steps", "3", *extra, config="configs/dnn.yaml")
     init = str(tmp_path / "one" / "checkpoints" / "step_0")
-    result = step(dataset, tmp_path / "two", TIME_TABLES, "--steps", "3", "--init", init, *extra, nproc=2,
+    result = dist_step(dataset, tmp_path / "two", TIME_TABLES, "--steps", "3", "--init", init, *extra, nproc=2,
                   config="configs/dnn.yaml")
     assert {t: s for t, s in result["plan"].items() if t.startswith("managed_")} == {
         "managed_user": "row_wise", "managed_item": "row_wise", "managed_category": "row_wise"}
