@@ -28,12 +28,15 @@ from mdaf_rec.registry import (
     DENSE_OPTIMIZERS,
     DENSE_TABLE_MODELS,
     DENSE_TABLES,
+    EVICTION_POLICIES,
     FUSED_MODELS,
     GATE_MODES,
+    ID_MAPPINGS,
     METRIC_MODES,
     MODEL_NAMES,
     PRECISIONS,
     SPARSE_OPTIMIZERS,
+    TIME_FIELDS,
 )
 
 T = TypeVar("T")
@@ -60,12 +63,23 @@ class IdSpaceConfig:
             ``dayofweek`` for fields derived from ``timestamp``.
         history_column: list column holding the history of this id space (``item_history``), if any.
             Target and history share one table.
-        hash_buckets: if set, ids are hashed into this many buckets instead of enumerated.
+        hash_buckets: if set, ids are hashed into this many buckets instead of enumerated (``vocab`` mapping).
+        rows: ``managed`` mapping: table rows of the space (the last one is the row of ids without a row of their
+            own); a multiple of the number of processes it trains on. Required there, refused under ``vocab``.
+        eviction: ``managed`` mapping: which ids lose their row when new ids need one, one of
+            :data:`mdaf_rec.registry.EVICTION_POLICIES` (``lru``: least recently seen, ``lfu``: least often
+            seen, ``distance_lfu``: least often, discounted by time since last seen).
+        eviction_interval: ``managed`` mapping: training steps between admission/eviction rounds (new ids get a
+            row only at a round). A checkpoint keeps only what the last round decided, so resuming is exact with
+            1, or when checkpoints fall on rounds (``train.checkpoint_every_steps`` a multiple of it).
     """
 
     column: str
     history_column: Optional[str] = None
     hash_buckets: Optional[int] = None
+    rows: Optional[int] = None
+    eviction: str = "lfu"
+    eviction_interval: int = 1
 
 
 def _default_id_spaces() -> Dict[str, IdSpaceConfig]:
@@ -85,7 +99,11 @@ class FeaturesConfig:
     Args:
         id_spaces: id space name -> :class:`IdSpaceConfig`. Every id space is a static (pooled) field
             of the DCNv3 branch; those with a ``history_column`` also get a sequence table.
-        extra_sparse: extra int64 columns, each its own id space and static field.
+        id_mapping: how raw ids become table rows, one of :data:`mdaf_rec.registry.ID_MAPPINGS`: ``vocab``
+            (a vocabulary per id space built from the training split, unseen ids share one OOV row) or
+            ``managed`` (raw ids go into the model, TorchRec's managed-collision modules give ids rows and evict
+            them; sizes and eviction per space in ``id_spaces``; see ``docs/architecture.md``, "Managed ids").
+        extra_sparse: extra int64 columns, each its own id space and static field (``vocab`` mapping only).
         dense: float columns fed to the static branch as dense fields.
         dense_log1p: compress dense values with ``sign(x)·log(1 + |x|)`` before embedding them (prices and
             counts are heavy-tailed); turn off for features already normalised.
@@ -105,6 +123,7 @@ class FeaturesConfig:
     """
 
     id_spaces: Dict[str, IdSpaceConfig] = field(default_factory=_default_id_spaces)
+    id_mapping: str = "vocab"
     extra_sparse: List[str] = field(default_factory=list)
     dense: List[str] = field(default_factory=list)
     dense_log1p: bool = True
@@ -381,10 +400,15 @@ def validate(cfg: Config) -> Config:
              "must be > 0 (or null: TorchRec's ±sqrt(1 / rows))")
     if f.timezone is not None:
         _require(is_timezone(f.timezone), "features.timezone", f"unknown IANA time zone {f.timezone!r}")
+    _require(f.id_mapping in ID_MAPPINGS, "features.id_mapping", f"{f.id_mapping!r} is not one of {list(ID_MAPPINGS)}")
     for name, space in f.id_spaces.items():
         _require(bool(space.column), f"features.id_spaces.{name}.column", "must name a column")
         if space.hash_buckets is not None:
             _require(space.hash_buckets >= 1, f"features.id_spaces.{name}.hash_buckets", "must be >= 1")
+        _validate_managed_space(cfg, name, space)
+    _require(f.id_mapping != "managed" or not f.extra_sparse, "features.extra_sparse",
+             "extra sparse fields need a vocabulary; under features.id_mapping=managed declare them as id_spaces "
+             "(column and rows)")
     for name in f.extra_sparse:
         _require(name not in f.id_spaces, "features.extra_sparse", f"{name!r} is already an id space")
     for key in ("item", "category"):
@@ -424,6 +448,9 @@ def validate(cfg: Config) -> Config:
     _require(o.sparse != DENSE_TABLES or m.name in DENSE_TABLE_MODELS, "optimizer.sparse",
              f"{DENSE_TABLES!r} tables train with {', '.join(DENSE_TABLE_MODELS)} only, not {m.name!r} (TorchRec's "
              "data_parallel EmbeddingCollection fails on tables shared by a target and a history feature)")
+    _require(o.sparse != DENSE_TABLES or f.id_mapping != "managed", "optimizer.sparse",
+             f"{DENSE_TABLES!r} tables are data_parallel; managed tables (features.id_mapping=managed) shard row-wise "
+             "with a fused table optimizer")
     _require(o.dense in DENSE_OPTIMIZERS, "optimizer.dense", f"{o.dense!r} is not one of {list(DENSE_OPTIMIZERS)}")
     _require(o.lr > 0, "optimizer.lr", "must be > 0")
     _require(o.sparse_lr > 0, "optimizer.sparse_lr", "must be > 0")
@@ -484,6 +511,43 @@ def validate(cfg: Config) -> Config:
         _require(getattr(cfg.planning, key) is None or getattr(cfg.planning, key) > 0, f"planning.{key}",
                  "must be > 0 (or null: this machine's)")
     return cfg
+
+
+def _validate_managed_space(cfg: Config, name: str, space: IdSpaceConfig) -> None:
+    """The ``managed`` settings of id space ``name``: required (``rows``) and checked under ``managed``, refused
+    under ``vocab``."""
+    key = f"features.id_spaces.{name}"
+    _require(space.eviction in EVICTION_POLICIES, f"{key}.eviction",
+             f"{space.eviction!r} is not one of {list(EVICTION_POLICIES)}")
+    _require(space.eviction_interval >= 1, f"{key}.eviction_interval", "must be >= 1")
+    if cfg.features.id_mapping != "managed" or space.column in TIME_FIELDS:
+        _require(space.rows is None, f"{key}.rows",
+                 "is for features.id_mapping=managed (vocab tables are sized by the vocabulary; time fields are fixed)")
+        return
+    _require(space.rows is not None and space.rows >= 2, f"{key}.rows",
+             "features.id_mapping=managed needs the table rows of every id space (>= 2; a multiple of the number "
+             "of processes)")
+    _require(space.hash_buckets is None, f"{key}.hash_buckets", "is for features.id_mapping=vocab")
+    every = cfg.train.checkpoint_every_steps
+    _require(every is None or every % space.eviction_interval == 0, "train.checkpoint_every_steps",
+             f"{every} is not a multiple of {key}.eviction_interval={space.eviction_interval}: a checkpoint between "
+             "eviction rounds loses the ids seen since the last round (resume would not be exact)")
+    _require(cfg.train.checkpoint_every_minutes is None or space.eviction_interval == 1,
+             "train.checkpoint_every_minutes",
+             f"timed checkpoints fall between eviction rounds of {key}.eviction_interval={space.eviction_interval} "
+             "(resume would not be exact): use train.checkpoint_every_steps, a multiple of it")
+
+
+def check_managed_world_size(cfg: FeaturesConfig, world_size: int) -> None:
+    """Refuses managed table rows that ``world_size`` processes cannot share evenly (TorchRec shards a managed
+    table row-wise, each process owning an equal block of rows and of the hashed ids)."""
+    if cfg.id_mapping != "managed":
+        return
+    for name, space in cfg.id_spaces.items():
+        if space.rows is not None:
+            _require(space.rows % world_size == 0, f"features.id_spaces.{name}.rows",
+                     f"{space.rows} is not a multiple of the world size {world_size} (a managed table is sharded "
+                     "row-wise in equal blocks; choose rows divisible by every number of processes it runs on)")
 
 
 # Convolution widths causal-conv1d's CUDA kernel (the Mamba block's fast path) accepts.

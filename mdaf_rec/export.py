@@ -92,6 +92,10 @@ def load_serving_module(
     """
     run = RunDir(run_dir).require()
     cfg = load_config(run.config)
+    if cfg.features.id_mapping == "managed":
+        raise ArtifactError(f"--run {run_dir}: trained with features.id_mapping: managed, which the memory-mapped "
+                            "artifact cannot serve yet (its frozen id maps are not written in front of the table "
+                            "files); evaluate it with `mdaf-rec eval`")
     vocabs = Vocabularies.load(run.vocab)
     path = ckpt.checkpoint_path(run_dir, which)
     ckpt.check_vocabularies(path, vocabs)

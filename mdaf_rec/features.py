@@ -9,6 +9,11 @@ vocabularies give their sizes. From both, :class:`FeatureSpec` derives
   shared by the target (key ``item``) and its history (key ``item_history``), read through an
   ``EmbeddingCollection``.
 
+Under ``features.id_mapping: managed`` the id spaces that are not time fields are :class:`ManagedSpace` s instead:
+raw ids go into the KJTs, and one table per space (rows ``[static part | sequence part]``) is looked up through
+one ``ManagedCollisionEmbeddingCollection`` (:meth:`FeatureSpec.managed_embedding_configs`), so the static and
+the sequence lookups of a space share one remapping; the time fields keep their pooled tables.
+
 Loader, models, planner and exporter all read this one object; nothing else hard-codes a key.
 """
 
@@ -20,9 +25,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 
 from mdaf_rec.config import ConfigError, FeaturesConfig
+from mdaf_rec.registry import TIME_FIELDS  # re-exported: fields derived from ``timestamp``, fixed table sizes
 
-# Fields derived from ``timestamp`` and their fixed table sizes.
-TIME_FIELDS: Dict[str, int] = {"hour": 24, "dayofweek": 7}
 
 #: The id space whose raw ids group rows into users (GAUC's groups, ``Batch.user_id``).
 USER_SPACE = "user"
@@ -71,6 +75,29 @@ class SequenceSpace:
 
 
 @dataclass(frozen=True)
+class ManagedSpace:
+    """An id space under ``features.id_mapping: managed``: raw ids remapped in the model to ``rows`` rows.
+
+    Attributes:
+        name: id space and KJT key of its target (``item``).
+        history_key: KJT key of its history (``item_history``), if it has one.
+        rows: table rows (the last one is the miss row of ids without a row of their own).
+        eviction: a name of :data:`mdaf_rec.registry.EVICTION_POLICIES`.
+        eviction_interval: training steps between admission/eviction rounds.
+    """
+
+    name: str
+    history_key: Optional[str]
+    rows: int
+    eviction: str
+    eviction_interval: int
+
+    @property
+    def table_name(self) -> str:
+        return f"managed_{self.name}"
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """Everything derived from the features config plus vocabulary sizes.
 
@@ -84,7 +111,10 @@ class FeatureSpec:
         max_history: maximum history length.
         pooled_history: the static branch also reads each history, mean-pooled through its id space's
             static table (``features.pooled_history``).
-        table_init_scale: static table rows start uniform in ``[-s, s]`` (``None``: TorchRec's default).
+        table_init_scale: static table rows start uniform in ``[-s, s]`` (``None``: TorchRec's default); under
+            ``managed`` whole managed rows do.
+        managed_spaces: the id spaces remapped in the model (``features.id_mapping: managed``; empty under
+            ``vocab``), config order. Their static fields and sequence spaces have ``rows`` rows.
     """
 
     static_fields: Tuple[StaticField, ...]
@@ -96,6 +126,7 @@ class FeatureSpec:
     max_history: int
     pooled_history: bool = False
     table_init_scale: Optional[float] = None
+    managed_spaces: Tuple[ManagedSpace, ...] = ()
 
     @staticmethod
     def build(cfg: FeaturesConfig, vocab_sizes: Mapping[str, int]) -> "FeatureSpec":
@@ -104,15 +135,24 @@ class FeatureSpec:
         Args:
             cfg: the features config.
             vocab_sizes: id space name -> number of table rows (padding and OOV included) for every
-                id space and extra sparse field that is not a time field.
+                id space and extra sparse field that is not a time field (unused under ``managed``, where the
+                config's ``rows`` size the tables).
         Returns:
             The spec. Raises :class:`ConfigError` naming the id space whose size is missing.
         """
         static: List[StaticField] = []
         sequence: List[SequenceSpace] = []
+        managed: List[ManagedSpace] = []
         for name, space in list(cfg.id_spaces.items()) + [(n, None) for n in cfg.extra_sparse]:
             column = space.column if space is not None else name
-            size = _table_size(name, column, vocab_sizes)
+            if cfg.id_mapping == "managed" and space is not None and column not in TIME_FIELDS:
+                if space.rows is None:
+                    raise ConfigError(f"config key 'features.id_spaces.{name}.rows': needed by features.id_mapping=managed")
+                managed.append(ManagedSpace(name, space.history_column, space.rows, space.eviction,
+                                            space.eviction_interval))
+                size = space.rows
+            else:
+                size = _table_size(name, column, vocab_sizes)
             static.append(StaticField(name=name, column=column, num_embeddings=size))
             if space is not None and space.history_column is not None:
                 sequence.append(SequenceSpace(name=name, history_key=space.history_column, num_embeddings=size))
@@ -126,6 +166,7 @@ class FeatureSpec:
             max_history=cfg.max_history,
             pooled_history=cfg.pooled_history,
             table_init_scale=cfg.table_init_scale,
+            managed_spaces=tuple(managed),
         )
 
     # -- keys ------------------------------------------------------------------------------------
@@ -158,18 +199,41 @@ class FeatureSpec:
         return [key for key, _ in self.pooled_history_fields]
 
     @property
+    def managed(self) -> bool:
+        """Whether ids are remapped in the model (``features.id_mapping: managed``)."""
+        return bool(self.managed_spaces)
+
+    @property
+    def padding_id(self) -> int:
+        """The id that pads a history in fixed-size (serving) inputs: index 0, or -1 under ``managed`` (raw ids are
+        non-negative, and 0 may be one)."""
+        return -1 if self.managed else PADDING_INDEX
+
+    @property
+    def static_history_keys(self) -> List[str]:
+        """History keys of ``Batch.static_features``: the pooled histories, and under ``managed`` every history
+        (the managed lookup reads targets and histories from that one KJT)."""
+        if self.managed:
+            return [s.history_key for s in self.sequence_spaces]
+        return self.pooled_history_keys
+
+    @property
     def static_input_keys(self) -> List[str]:
         """Keys of ``Batch.static_features``, in order: one id per sample for each static field, then the
-        pooled histories (0..max_history ids per sample)."""
-        return self.static_keys + self.pooled_history_keys
+        histories :attr:`static_history_keys` (0..max_history ids per sample)."""
+        return self.static_keys + self.static_history_keys
 
     @property
     def num_static_fields(self) -> int:
         """Fields seen by the static branch: pooled sparse fields, pooled histories, dense fields."""
         return len(self.static_fields) + len(self.pooled_history_keys) + len(self.dense_features)
 
-    def static_table_rows(self, key: str) -> int:
-        """Rows of the static table that ``key`` (a static field or a pooled history) reads."""
+    def static_table_rows(self, key: str) -> Optional[int]:
+        """Rows of the static table that ``key`` (a static field or a history of the static KJT) reads; ``None``
+        for a managed key (a raw id, any int64)."""
+        managed = {s.name for s in self.managed_spaces} | {s.history_key for s in self.managed_spaces}
+        if key in managed:
+            return None
         fields = [(f.name, f) for f in self.static_fields] + self.pooled_history_fields
         return {name: f.num_embeddings for name, f in fields}[key]
 
@@ -191,10 +255,8 @@ class FeatureSpec:
         """One pooled table per static field. With ``pooled_history`` the table of an id space with a history
         also serves that history (features ``[item, item_history]``, mean pooling: the bag of the single
         target id is its row, the history's bag the mean of its rows)."""
-        histories = {f.name: key for key, f in self.pooled_history_fields}
-        init = {}
-        if self.table_init_scale is not None:
-            init = {"weight_init_min": -self.table_init_scale, "weight_init_max": self.table_init_scale}
+        histories = {f.name: key for key, f in self.pooled_history_fields} if not self.managed else {}
+        managed = {s.name for s in self.managed_spaces}
         return [
             EmbeddingBagConfig(
                 name=f.table_name,
@@ -202,13 +264,16 @@ class FeatureSpec:
                 num_embeddings=f.num_embeddings,
                 feature_names=[f.name, histories[f.name]] if f.name in histories else [f.name],
                 pooling=PoolingType.MEAN if f.name in histories else PoolingType.SUM,
-                **init,
+                **self._init_range(),
             )
             for f in self.static_fields
+            if f.name not in managed
         ]
 
     def embedding_configs(self) -> List[EmbeddingConfig]:
-        """One unpooled table per id space with a history, shared by target and history."""
+        """One unpooled table per id space with a history, shared by target and history (none under ``managed``)."""
+        if self.managed:
+            return []
         return [
             EmbeddingConfig(
                 name=s.table_name,
@@ -218,6 +283,42 @@ class FeatureSpec:
             )
             for s in self.sequence_spaces
         ]
+
+    def managed_parts(self, static: bool, sequence: bool) -> Dict[str, Tuple[int, int]]:
+        """Managed space -> widths ``(static part, sequence part)`` of its rows for a model with a static and/or a
+        sequence arch: ``static_dim`` for every space the static arch reads, ``sequence_dim`` for spaces with a
+        history the sequence arch reads; spaces neither reads are left out."""
+        parts = {}
+        for s in self.managed_spaces:
+            widths = (self.static_dim if static else 0, self.sequence_dim if sequence and s.history_key else 0)
+            if sum(widths):
+                parts[s.name] = widths
+        return parts
+
+    def managed_embedding_configs(self, static: bool, sequence: bool) -> List[EmbeddingConfig]:
+        """One table per managed space a model with a static and/or a sequence arch reads (:meth:`managed_parts`),
+        rows ``[static part | sequence part]``, for one ``ManagedCollisionEmbeddingCollection``: features its target
+        key and, when an arch reads it, its history key (the sequence arch, or the static one with
+        ``pooled_history``)."""
+        spaces = {s.name: s for s in self.managed_spaces}
+        configs = []
+        for name, (static_width, sequence_width) in self.managed_parts(static, sequence).items():
+            history = spaces[name].history_key
+            reads_history = history is not None and (sequence_width > 0 or (static and self.pooled_history))
+            configs.append(EmbeddingConfig(
+                name=spaces[name].table_name,
+                embedding_dim=static_width + sequence_width,
+                num_embeddings=spaces[name].rows,
+                feature_names=[name, history] if reads_history else [name],
+                **self._init_range(),
+            ))
+        return configs
+
+    def _init_range(self) -> Dict[str, float]:
+        """``weight_init_min/max`` of ``table_init_scale`` (empty: TorchRec's default)."""
+        if self.table_init_scale is None:
+            return {}
+        return {"weight_init_min": -self.table_init_scale, "weight_init_max": self.table_init_scale}
 
 
 def _table_size(name: str, column: str, vocab_sizes: Mapping[str, int]) -> int:

@@ -20,11 +20,20 @@ This module holds the three pieces the project adds to that stack (``docs/archit
   planner GPU-only kernels;
 * :class:`FrozenIdMap` — the remapping frozen for serving: the admitted ids and their rows as constant
   buffers, a binary search per id, a miss to the miss row of the shard that owned it in training; no admission,
-  no eviction.
+  no eviction (:func:`frozen_id_maps`: one per table of a model holding a checkpoint);
+* :func:`size_history_buffers` — the buffer of ids seen between eviction rounds sized from the batch, not from
+  the first batch (TorchRec's choice, which silently leaves later ids out of admission);
+* :func:`managed_fingerprint` / :func:`check_managed_settings` — what a checkpoint records of its managed settings
+  in place of the vocabulary fingerprint, and the check of it.
+
+``features.id_mapping: managed`` wires them into the models (:class:`mdaf_rec.models.embeddings.ManagedIdArch`),
+the sharders, training and serving.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -42,6 +51,10 @@ from torchrec.modules.mc_modules import (
     MCHEvictionPolicy,
     MCHManagedCollisionModule,
 )
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from mdaf_rec.config import FeaturesConfig
+from mdaf_rec.errors import UserError
 
 #: Eviction policy names -> TorchRec's MCH policies.
 EVICTION_POLICIES = {
@@ -74,6 +87,35 @@ def hash_ids(ids: torch.Tensor, input_hash_size: int = INPUT_HASH_SIZE) -> torch
     x = (x ^ _shift_right(x, 27)) * _MIX2
     x = x ^ _shift_right(x, 31)
     return (x & INPUT_HASH_SIZE) % input_hash_size
+
+
+#: Prefix of the id-mapping fingerprint a checkpoint records under ``managed`` (``TrainState.vocab_fingerprint``).
+MANAGED_FINGERPRINT_PREFIX = "managed:"
+
+
+class ManagedSettingsError(UserError, ValueError):
+    """A checkpoint was trained with other managed id settings (or with vocabularies) than the config asks."""
+
+
+def managed_fingerprint(cfg: FeaturesConfig) -> str:
+    """What a checkpoint records in place of the vocabulary fingerprint under ``managed``: the prefix and a sha256 of
+    every id space's column, history column, rows and eviction settings (config order); the remapping itself is in
+    the checkpoint."""
+    settings = {name: [s.column, s.history_column, s.rows, s.eviction, s.eviction_interval]
+                for name, s in cfg.id_spaces.items()}
+    return MANAGED_FINGERPRINT_PREFIX + hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+
+
+def check_managed_settings(recorded: Optional[str], cfg: FeaturesConfig, what: str) -> None:
+    """Raises :class:`ManagedSettingsError` unless ``recorded`` (a checkpoint's fingerprint; ``None``: not recorded,
+    accepted) is :func:`managed_fingerprint` of ``cfg``."""
+    if recorded is None or recorded == managed_fingerprint(cfg):
+        return
+    trained = "vocabularies" if not recorded.startswith(MANAGED_FINGERPRINT_PREFIX) else "other managed id settings"
+    raise ManagedSettingsError(
+        f"{what} was trained with {trained} than features.id_spaces (rows, eviction) of features.id_mapping=managed "
+        "ask: ids would map to other rows"
+    )
 
 
 def managed_collision_module(
@@ -110,6 +152,18 @@ def managed_collision_module(
     )
 
 
+def size_history_buffers(mch: MCHManagedCollisionModule, ids_per_step: int) -> None:
+    """Sizes ``mch``'s buffer of the ids seen between eviction rounds for ``ids_per_step`` ids a training step.
+
+    TorchRec sizes it at the first training batch (1.25 x its ids x ``eviction_interval``) and silently leaves
+    out of admission the ids of a later round beyond it (a batch with longer histories), so what is admitted
+    would depend on which batch came first (a resumed run starts on another one). Sized here from the most ids a
+    step can bring (batch size x ids per sample), the same in every run and never exceeded.
+    """
+    mch._init_history_buffers({"bound": JaggedTensor(values=torch.empty(ids_per_step, dtype=torch.int64),
+                                                     lengths=torch.tensor([ids_per_step]))})
+
+
 class _HostResetShardedMCEC(ShardedManagedCollisionEmbeddingCollection):
     """TorchRec's sharded MC-EC; on CPU, evicted rows are reset here instead of by ``reset_weight_momentum``.
 
@@ -129,7 +183,8 @@ class _HostResetShardedMCEC(ShardedManagedCollisionEmbeddingCollection):
             tbe, table_index = self._table_to_tbe_and_index[table]
             index = int(table_index)
             with torch.no_grad():
-                for state in tbe.split_optimizer_states()[index]:
+                states = tbe.split_optimizer_states()  # [] for sgd, which keeps no state
+                for state in states[index] if states else ():
                     state[rows] = 0
                 weight = tbe.split_embedding_weights()[index]
                 init_fn = self._embedding_module._table_name_to_config[table].init_fn
@@ -210,3 +265,16 @@ class FrozenIdMap(nn.Module):
         found = self.sorted_ids[position] == hashed
         miss = self.miss_rows[torch.div(hashed, self.bucket_size, rounding_mode="floor") // self.buckets_per_shard]
         return torch.where(found, self.rows[position], miss)
+
+
+def frozen_id_maps(model: nn.Module, world_size: int) -> Dict[str, FrozenIdMap]:
+    """Table name -> :class:`FrozenIdMap` of each remapping in ``model``, an unsharded model holding a trained
+    checkpoint's state (its MCH buffers are the shards' arrays one after the other), trained on ``world_size``
+    processes: row-wise sharding gave process ``k`` rows ``[k R / W, (k + 1) R / W)`` (rows are a multiple of the
+    world size), and its miss row the last of them."""
+    maps: Dict[str, FrozenIdMap] = {}
+    for module in model.modules():
+        if isinstance(module, MCHManagedCollisionModule):
+            rows = module.output_size()
+            maps[str(module._name)] = FrozenIdMap(module, [rows * k // world_size for k in range(world_size + 1)])
+    return maps

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 
 from mdaf_rec.errors import UserError
 
@@ -118,11 +119,18 @@ def check_plan(plan: ShardingPlan, model: nn.Module, world_size: int, device_typ
 
 
 def _embedding_tables(model: nn.Module) -> Dict[str, Dict[str, Tuple[int, int]]]:
-    """Module path -> table name -> ``(rows, dim)`` of every TorchRec embedding collection in ``model``."""
+    """Module path -> table name -> ``(rows, dim)`` of every TorchRec embedding collection in ``model`` (a
+    managed-collision collection is planned as one module: its path, not its inner collection's)."""
     tables: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    inner = set()
     for path, module in model.named_modules():
-        if isinstance(module, EmbeddingBagCollection):
+        if isinstance(module, ManagedCollisionEmbeddingCollection):
+            inner.add(id(module._embedding_module))
+            configs = module._embedding_module.embedding_configs()
+        elif isinstance(module, EmbeddingBagCollection):
             configs = module.embedding_bag_configs()
+        elif isinstance(module, EmbeddingCollection) and id(module) in inner:
+            continue
         elif isinstance(module, EmbeddingCollection):
             configs = module.embedding_configs()
         else:

@@ -5,14 +5,15 @@ these tuples; the modules that implement the names map them to what they build a
 exactly these keys (``tests/test_registry.py``): models → :data:`mdaf_rec.models.factory.MODEL_BUILDERS`,
 fused table optimizers → :data:`mdaf_rec.sharding.SPARSE_OPTIMIZER_CLASSES`, dense optimizers →
 :data:`mdaf_rec.sharding.DENSE_OPTIMIZER_CLASSES`, gate modes → :class:`mdaf_rec.models.fusion.GatedFusion`,
-precisions → :class:`mdaf_rec.models.ctr.CTRTrain`, data sharding modes → :class:`mdaf_rec.data.loader.EpochPlan`.
+precisions → :class:`mdaf_rec.models.ctr.CTRTrain`, data sharding modes → :class:`mdaf_rec.data.loader.EpochPlan`, eviction policies →
+:data:`mdaf_rec.managed_ids.EVICTION_POLICIES`.
 
 Nothing here imports torch, so the config stays loadable without it.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 MODEL_NAMES: Tuple[str, ...] = ("mdaf_mamba", "mdaf_bst", "dcnv3", "dnn", "mamba4rec", "bst")
 """``model.name``: MDAF with a Mamba4Rec or BST branch, and the four single-branch baselines."""
@@ -51,6 +52,16 @@ PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 METRIC_MODES: Tuple[str, ...] = ("exact", "streaming")
 """``eval.metrics``: every row gathered and ranked exactly, or per-rank histograms and sums with GAUC routed by
 user (:mod:`mdaf_rec.streaming_metrics`)."""
+
+ID_MAPPINGS: Tuple[str, ...] = ("vocab", "managed")
+"""``features.id_mapping``: raw ids -> rows through a vocabulary built from the training split (on the host), or
+inside the model by TorchRec's managed-collision modules (``features.id_spaces.<space>.rows`` rows, eviction)."""
+
+EVICTION_POLICIES: Tuple[str, ...] = ("lru", "lfu", "distance_lfu")
+"""``features.id_spaces.<space>.eviction`` under ``managed``: TorchRec's MCH eviction policies."""
+
+TIME_FIELDS: Dict[str, int] = {"hour": 24, "dayofweek": 7}
+"""Fields derived from ``timestamp`` (an id space's ``column``) and their fixed table sizes, under every mapping."""
 
 DATA_SHARDING: Tuple[str, ...] = ("own_share", "every_rank_reads_all")
 """``data.sharding``: each rank reads its own ~1/W share of a split, or every rank reads all of it and takes its

@@ -43,7 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
 from mdaf_rec.models.ctr import CTRModel
-from mdaf_rec.models.embeddings import SequenceEmbeddingArch, StaticEmbeddingArch, append_target
+from mdaf_rec.models.embeddings import StaticEmbeddingArch, append_target
 from mdaf_rec.models.sequence_branch import SequenceBranch
 from mdaf_rec.ops.selective_scan import keep_compiled_ops
 from mdaf_rec.output import ArchiveFile

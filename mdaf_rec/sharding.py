@@ -41,6 +41,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from mdaf_rec.config import ConfigError, OptimizerConfig, check_sparse_optimizer
+from mdaf_rec.managed_ids import ManagedEmbeddingCollectionSharder
 from mdaf_rec.registry import DENSE_TABLES
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,10 @@ def _fused_kwargs(sparse: str, lr: float, eps: float, weight_decay: float) -> Di
 
 
 def sharders() -> List[ModuleSharder[nn.Module]]:
-    """The sharders DMP and the planner use (TorchRec's defaults: EBC, EC and friends)."""
-    return get_default_sharders()
+    """The sharders DMP and the planner use: TorchRec's defaults (EBC, EC and friends), with the managed-collision
+    EC's replaced by :class:`~mdaf_rec.managed_ids.ManagedEmbeddingCollectionSharder` (which runs on CPU)."""
+    managed = ManagedEmbeddingCollectionSharder()
+    return [managed if s.module_type is managed.module_type else s for s in get_default_sharders()]
 
 
 def table_constraints(model: nn.Module, cfg: OptimizerConfig) -> Optional[Dict[str, ParameterConstraints]]:

@@ -43,7 +43,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from mdaf_rec import checkpoint as ckpt
-from mdaf_rec.config import Config, dump_config, load_config, to_dict
+from mdaf_rec.config import Config, check_managed_world_size, dump_config, load_config, to_dict
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.data.dataset import Dataset, DatasetError, open_parquet, recorded_timezone
 from mdaf_rec.data.days import day_slice
@@ -57,8 +57,10 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.features import USER_SPACE, FeatureSpec
 from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
+from mdaf_rec.managed_ids import check_managed_settings, managed_fingerprint
 from mdaf_rec.metrics import format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
+from mdaf_rec.models.embeddings import ManagedIdArch
 from mdaf_rec.monitoring import TensorBoardLog
 from mdaf_rec.ops.cuda_kernels import log_mamba_backend
 from mdaf_rec.plan_io import check_plan, load_plan, plan_world_size, save_plan
@@ -87,7 +89,7 @@ class Session:
     env: DistEnv
     run_dir: Path
     dataset: Dataset
-    vocabs: Vocabularies
+    vocabs: Optional[Vocabularies]  # None under features.id_mapping: managed
     spec: FeatureSpec
     model: DistributedModelParallel
     optimizer: Optional[CombinedOptimizer]
@@ -141,7 +143,8 @@ def open_session(
         cfg: the resolved config.
         run_dir: run directory.
         env: this process's place in the job.
-        vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise.
+        vocabs: vocabularies to use (evaluation of a saved run); built/reused from the data otherwise (none under
+            ``features.id_mapping: managed``).
         plan: sharding plan, or a plan file written by ``mdaf-rec plan --json`` (read and checked against this
             model's tables and this job); planned by the TorchRec planner for this topology when ``None``
             (per-rank memory: ``planning.hbm_gb`` / ``planning.ddr_gb``, else this machine's,
@@ -152,11 +155,13 @@ def open_session(
             ``cfg.data.path`` when ``None``.
     """
     dataset = Dataset.open(cfg.data.path) if dataset is None else dataset
+    check_managed_world_size(cfg.features, env.world_size)
     _validated(dataset, cfg, env)
     if vocabs is None:
         vocabs = _shared_vocabularies(dataset, cfg, env)
     torch.manual_seed(cfg.train.seed)
-    spec, train_module = build_train_module(cfg, vocabs.sizes, table_device="meta", dense_device=env.device,
+    sizes = vocabs.sizes if vocabs is not None else {}
+    spec, train_module = build_train_module(cfg, sizes, table_device="meta", dense_device=env.device,
                                             compute_device=env.device, with_sparse_optimizer=training)
     params = _count_params(train_module)
     per_rank_batch = max(1, cfg.train.batch_size // env.world_size)
@@ -178,6 +183,9 @@ def open_session(
             process_group=dist.group.WORLD,
         )
     dmp = shard_model(train_module, env.device, plan)
+    for module in dmp.modules():
+        if isinstance(module, ManagedIdArch):
+            module.size_history_buffers(cfg.train.batch_size)
     # data_parallel tables run FBGEMM's dense lookup, whose autograd comes from a Python-level wrapper, not a
     # registered autograd kernel; its backward works (tests/test_train_step.py: their rows change), so the
     # "may lead to silently incorrect behavior" warning it raises at every backward is silenced here.
@@ -202,8 +210,11 @@ def _validated(dataset: Dataset, cfg: Config, env: DistEnv) -> None:
     dist.barrier()
 
 
-def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabularies:
-    """Rank 0 builds (or reuses) the vocabularies first; the other ranks then load the same files."""
+def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Optional[Vocabularies]:
+    """Rank 0 builds (or reuses) the vocabularies first; the other ranks then load the same files. ``None`` under
+    ``features.id_mapping: managed`` (no vocabulary pass: the model remaps raw ids)."""
+    if cfg.features.id_mapping == "managed":
+        return None
     cache = cfg.data.vocab_dir
     if env.rank == 0:
         vocabs = Vocabularies.load_or_build(dataset, cfg.features, cache_dir=cache)
@@ -211,6 +222,24 @@ def _shared_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv) -> Vocabul
     if env.rank != 0:
         vocabs = Vocabularies.load_or_build(dataset, cfg.features, cache_dir=cache)
     return vocabs
+
+
+def _id_fingerprint(cfg: Config, vocabs: Optional[Vocabularies]) -> str:
+    """What a checkpoint records of how its ids map to rows: the vocabularies' fingerprint, or under ``managed``
+    the managed settings' (:func:`~mdaf_rec.managed_ids.managed_fingerprint`)."""
+    return vocabs.fingerprint if vocabs is not None else managed_fingerprint(cfg.features)
+
+
+def _check_id_mapping(path: Path, cfg: Config, vocabs: Optional[Vocabularies]) -> None:
+    """Refuses checkpoint ``path`` unless its ids map to rows as ``vocabs`` (``vocab``) or the managed settings of
+    ``cfg`` (``managed``, where the vocabulary check does not apply) say."""
+    if vocabs is None:
+        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        return
+    try:
+        ckpt.check_vocabularies(path, vocabs)
+    except VocabMismatchError as e:
+        raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {path}: {e}") from None
 
 
 def _training_dataset(dataset: Dataset, cfg: Config, env: DistEnv) -> Dataset:
@@ -232,10 +261,13 @@ def _training_dataset(dataset: Dataset, cfg: Config, env: DistEnv) -> Dataset:
 
 
 def _run_vocabularies(dataset: Dataset, cfg: Config, env: DistEnv, run: RunDir, start: Start,
-                      source: Optional[InitSource]) -> Vocabularies:
+                      source: Optional[InitSource]) -> Optional[Vocabularies]:
     """The vocabularies the run's tables are indexed by: the data's; a warm start's source run's grown by the
     data's new ids (:meth:`~mdaf_rec.data.vocab.Vocabularies.grown`); a resumed warm-started run's own
-    (``RUN_DIR/vocab/``, written when it started: its source may have changed since)."""
+    (``RUN_DIR/vocab/``, written when it started: its source may have changed since). ``None`` under
+    ``features.id_mapping: managed``: the remapping is model state (a warm start loads it with the tables)."""
+    if cfg.features.id_mapping == "managed":
+        return None
     if start is Start.RESUME and cfg.train.init_from:
         return Vocabularies.load(run.vocab)
     vocabs = _shared_vocabularies(dataset, cfg, env)
@@ -388,16 +420,13 @@ def train(
         vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")
-            try:
-                ckpt.check_vocabularies(last, vocabs)
-            except VocabMismatchError as e:
-                raise TrainingError(f"the dataset at {cfg.data.path} has other vocabularies than checkpoint {last}: {e}") from None
+            _check_id_mapping(last, cfg, vocabs)
         session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start),
                                dataset=dataset)
         state = _resume(session) if start is Start.RESUME else TrainState()
         if source is not None:  # before any file of the run is written: a source that does not fit is refused
             state.init_from = warm_start_session(session, source)
-        state.world_size, state.vocab_fingerprint = env.world_size, session.vocabs.fingerprint
+        state.world_size, state.vocab_fingerprint = env.world_size, _id_fingerprint(cfg, session.vocabs)
         if env.is_main:  # the run is now committed: write (resume: rewrite) its files
             if start is Start.FRESH:
                 run.start_fresh()  # the marker, before any other file of the run
@@ -408,8 +437,9 @@ def train(
                 run.truncate_metrics_log(state.epochs_done)
             dump_config(cfg, run.config)
             save_plan(session.plan, env.world_size, run.plan)
-            session.vocabs.save(run.vocab)
-            session.vocabs.oov_rates(session.dataset)  # logs them per split and feature
+            if session.vocabs is not None:
+                session.vocabs.save(run.vocab)
+                session.vocabs.oov_rates(session.dataset)  # logs them per split and feature
         logger.info(
             "model %s: %s parameters (%s in tables), world size %d (%s, %d threads per process), data %s",
             cfg.model.name, f"{session.params['total']:,}", f"{session.params['tables']:,}", env.world_size,
@@ -799,10 +829,13 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
         cfg.data.path = data
     cfg.features.timezone = recorded_timezone(cfg.features.timezone, cfg.data.path)
     _set_threads(cfg, env)
-    vocabs = Vocabularies.load(run.vocab)
+    vocabs = Vocabularies.load(run.vocab) if cfg.features.id_mapping == "vocab" else None
     session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)
     path = ckpt.checkpoint_path(run_dir, which)
-    ckpt.check_vocabularies(path, vocabs)
+    if vocabs is None:
+        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+    else:
+        ckpt.check_vocabularies(path, vocabs)
     ckpt.load_model_weights(path, session.model)
     result = evaluate(session, split, profile=True)
     result["checkpoint"] = str(path)

@@ -4,7 +4,7 @@
 [--eval] [--set k=v ...]``
 
 Opens a session with the package's own functions (:func:`mdaf_rec.train.open_session`), loads the initial
-weights from ``--init`` (or, when absent, writes them to ``DIR/checkpoints/step_0``), runs ``--steps`` steps
+weights from ``--init`` (under ``features.id_mapping: managed`` all but the remapping state; or, when absent, writes them to ``DIR/checkpoints/step_0``), runs ``--steps`` steps
 of the recipe's own step (:func:`mdaf_rec.train.train_steps`, the training pipeline) on the first global
 training batches of epoch 0 (each rank gets its part, as in training), then writes the
 weights to ``DIR/checkpoints/after``, the last step's dense gradients (DDP-averaged, identical on every
@@ -38,9 +38,9 @@ from mdaf_rec.sharding import plan_sharding
 from mdaf_rec.train import evaluate, open_session, train_steps
 
 
-def forced_plan(cfg: Config, env: DistEnv, vocabs: Vocabularies, types: Dict[str, str]) -> ShardingPlan:
+def forced_plan(cfg: Config, env: DistEnv, vocabs: Optional[Vocabularies], types: Dict[str, str]) -> ShardingPlan:
     """The planner's plan for the data's table sizes with one forced sharding type per named table."""
-    cfg.planning.vocab_sizes = vocabs.sizes
+    cfg.planning.vocab_sizes = vocabs.sizes if vocabs is not None else {}
     model = planning_model(cfg, env.device.type)
     constraints = {t: ParameterConstraints(sharding_types=[s]) for t, s in types.items()}
     return plan_sharding(
@@ -64,11 +64,17 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     env = init_distributed()
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
-    vocabs = Vocabularies.load_or_build(Dataset.open(cfg.data.path), cfg.features)
+    managed = cfg.features.id_mapping == "managed"
+    vocabs = None if managed else Vocabularies.load_or_build(Dataset.open(cfg.data.path), cfg.features)
     plan = forced_plan(cfg, env, vocabs, json.loads(args.constraints)) if args.constraints else None
     session = open_session(cfg, args.out, env, vocabs=vocabs, plan=plan)
     model = session.model
-    if args.init is not None:
+    if args.init is not None and managed:
+        # the fresh remapping state of step_0 stays as it is: TorchRec cannot reshard it (1 -> 2 ranks)
+        state = {k: v for k, v in model.state_dict().items() if "_managed_collision_modules" not in k}
+        ckpt.load_checkpoint(args.init, {"model": state})
+        model.load_state_dict(state, strict=False)
+    elif args.init is not None:
         ckpt.load_model_weights(args.init, model)
     else:
         ckpt.save_checkpoint(args.out, "step_0", {"model": model.state_dict()}, {}, is_best=False)

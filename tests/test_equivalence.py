@@ -72,13 +72,13 @@ OWN_SHARE_TOL = {"auc": 0.03, "logloss": 0.007}
 
 
 def step(data: Path, out: Path, tables: Dict[str, str], *extra: str, nproc: int = 1,
-         sharding: str = "every_rank_reads_all") -> Dict:
-    """Runs ``tests/dist_step.py`` (1 process, or torchrun with ``nproc``) reading with ``data.sharding``
-    ``sharding``; returns its result.json."""
+         sharding: str = "every_rank_reads_all", config: str = "configs/mdaf_mamba.yaml") -> Dict:
+    """Runs ``tests/dist_step.py`` (1 process, or torchrun with ``nproc``) on ``config`` reading with
+    ``data.sharding`` ``sharding``; returns its result.json."""
     launcher: List[str] = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
-    cmd = [*launcher, "tests/dist_step.py", "--config", "configs/mdaf_mamba.yaml", "--data", str(data),
+    cmd = [*launcher, "tests/dist_step.py", "--config", config, "--data", str(data),
            "--out", str(out), "--constraints", json.dumps(tables), *extra,
            *[a for s in SETTINGS for a in ("--set", s)], "--set", f"data.sharding={sharding}"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc  # noqa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,15 +28,30 @@ from torchrec.modules.mc_modules import ManagedCollisionCollection, MCHManagedCo
 from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from mdaf_rec.data.vocab import stable_hash
-from test_train import REPO, _env, _free_port
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec import registry
+from mdaf_rec.config import BSTConfig, ConfigError, ModelConfig, check_managed_world_size, load_config
+from mdaf_rec.data.batch import build_batch
+from mdaf_rec.data.dataset import Dataset
+from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.data.vocab import Vocabularies, stable_hash
+from mdaf_rec.features import FeatureSpec
+from mdaf_rec.models.factory import build_model
+from mdaf_rec.trainable import build_train_module
+from test_equivalence import SETTINGS
+from test_equivalence import step as dist_step
+from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
     INPUT_HASH_SIZE,
     FrozenIdMap,
     ManagedEmbeddingCollectionSharder,
+    ManagedSettingsError,
+    check_managed_settings,
+    frozen_id_maps,
     hash_ids,
     managed_collision_module,
+    managed_fingerprint,
 )
 
 ROWS = 8
@@ -155,3 +174,219 @@ def test_two_rank_mapping_resumes_and_serves_exactly(tmp_path: Path) -> None:
     assert saved["reloaded_same_row"] == saved["probe_ids"]
     frozen = _probe("--frozen", str(tmp_path))
     assert frozen["segments"] == [0, 64, 128] and frozen["same_row"] == saved["probe_ids"]
+
+
+# -- features.id_mapping: managed -------------------------------------------------------------------------------
+
+MANAGED = ["features.id_mapping=managed", "features.id_spaces.user.rows=300", "features.id_spaces.item.rows=800",
+           "features.id_spaces.category.rows=32"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["features.id_mapping=managed"], r"'features.id_spaces.user.rows': features.id_mapping=managed needs the table rows"),
+    (["features.id_spaces.item.rows=64"], r"'features.id_spaces.item.rows': is for features.id_mapping=managed"),
+    (["features.id_mapping=hashed"], r"'features.id_mapping': 'hashed' is not one of \['vocab', 'managed'\]"),
+    (MANAGED + ["features.id_spaces.item.eviction=fifo"], r"'features.id_spaces.item.eviction': 'fifo' is not one of"),
+    (MANAGED + ["features.id_spaces.item.size=64"], r"unknown config key 'features.id_spaces.item.size'"),
+    (MANAGED + ["features.id_spaces.item.hash_buckets=64"], r"'features.id_spaces.item.hash_buckets': is for"),
+    (MANAGED + ["features.id_spaces.item.eviction_interval=4", "train.checkpoint_every_steps=6"],
+     r"'train.checkpoint_every_steps': 6 is not a multiple of features.id_spaces.item.eviction_interval=4"),
+    (MANAGED + ["features.id_spaces.item.eviction_interval=2", "train.checkpoint_every_minutes=5"],
+     r"'train.checkpoint_every_minutes': timed checkpoints fall between eviction rounds"),
+    (MANAGED + ["features.extra_sparse=[shop_id]"], r"'features.extra_sparse': extra sparse fields need a vocabulary"),
+    (MANAGED + ["model.name=dnn", "optimizer.sparse=dense"], r"'optimizer.sparse': 'dense' tables are data_parallel"),
+])
+def test_managed_settings_are_validated(overrides: List[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_managed_rows_must_divide_among_the_ranks() -> None:
+    cfg = load_config(None, MANAGED)
+    check_managed_world_size(cfg.features, 4)  # 300, 800, 32 rows: 4 ranks share each evenly
+    with pytest.raises(ConfigError, match=r"'features.id_spaces.user.rows': 300 is not a multiple of the world size "
+                                          r"8 \(a managed table is sharded row-wise in equal blocks"):
+        check_managed_world_size(cfg.features, 8)
+
+
+def test_loader_puts_raw_ids_into_the_kjts(dataset: Path) -> None:
+    """Under managed no vocabulary is built or read: the KJTs hold the split's raw ids, the static KJT every
+    history too (the managed lookup reads that one KJT)."""
+    cfg = load_config(None, MANAGED + ["features.max_history=10"])
+    spec = FeatureSpec.build(cfg.features, {})
+    assert spec.static_input_keys == ["user", "item", "category", "hour", "dayofweek", "item_history", "category_history"]
+    batch = next(iter(BatchLoader(Dataset.open(dataset), "val", spec, None, 64)))
+    table = pa.concat_tables(pq.read_table(f) for f in Dataset.open(dataset).split_files("val")).take(batch.row_index.numpy())
+    static = batch.static_features.to_dict()
+    for key, column in (("user", "user_id"), ("item", "item_id"), ("category", "category_id")):
+        assert static[key].values().tolist() == table.column(column).to_pylist()
+    history = [ids[-10:] for ids in table.column("item_history").to_pylist()]
+    assert static["item_history"].values().tolist() == [i for ids in history for i in ids]
+    assert batch.sequence_features.to_dict()["item_history"].values().tolist() == static["item_history"].values().tolist()
+    assert batch.user_id.tolist() == table.column("user_id").to_pylist()
+    with pytest.raises(ValueError, match="vocabularies are needed exactly when ids are not managed"):
+        BatchLoader(Dataset.open(dataset), "val", spec, Vocabularies({}, 1, []), 64)
+
+
+def test_static_and_sequence_lookups_of_a_space_share_one_mapping() -> None:
+    """MDAF under managed: one remapping per id space (user, item, category) for both archs; an item id as a target
+    and in a history reads the same row: the same static part (pooled history of that one id) and sequence part."""
+    cfg = load_config(None, MANAGED + ["features.static_dim=4", "features.sequence_dim=8", "features.max_history=4",
+                                       "features.pooled_history=true"])
+    spec = FeatureSpec.build(cfg.features, {})
+    model = build_model(spec, ModelConfig(name="mdaf_bst", bst=BSTConfig(num_heads=2)))
+    remappings = [m for m in model.modules() if isinstance(m, MCHManagedCollisionModule)]
+    assert sorted(m._name for m in remappings) == ["managed_category", "managed_item", "managed_user"]
+    widths = {c.name: c.embedding_dim for c in spec.managed_embedding_configs(static=True, sequence=True)}
+    assert widths == {"managed_user": 4, "managed_item": 12, "managed_category": 12}  # user: static part only
+    big = 2**62 + 12345  # raw 63-bit ids, no vocabulary
+    batch = build_batch(
+        spec, static_ids=[torch.tensor([7, 8]), torch.tensor([big, big + 1]), torch.tensor([5, 6]),
+                          torch.tensor([1, 2]), torch.tensor([0, 3])],
+        target_ids=[torch.tensor([big, big + 1]), torch.tensor([5, 6])],
+        history_ids=[torch.tensor([big]), torch.tensor([6])], history_lengths=torch.tensor([0, 1]),
+        dense_features=torch.zeros(2, 0), labels=torch.zeros(2), row_index=torch.arange(2), user_ids=torch.tensor([7, 8]),
+    )
+    model.train()
+    lookup = model.managed_lookup(batch)
+    assert lookup.static["item"].values().shape == (2, 4) and lookup.sequence["item"].values().shape == (2, 8)
+    torch.testing.assert_close(lookup.static["item_history"].values()[0], lookup.static["item"].values()[0])
+    torch.testing.assert_close(lookup.sequence["item_history"].values()[0], lookup.sequence["item"].values()[0])
+    torch.testing.assert_close(lookup.sequence["category_history"].values()[0], lookup.sequence["category"].values()[1])
+    assert not torch.equal(lookup.sequence["item"].values()[0], lookup.sequence["item"].values()[1])  # own rows
+    assert model(batch).shape == (2,)
+
+
+def test_eviction_policies_are_the_registered_names() -> None:
+    assert tuple(EVICTION_POLICIES) == registry.EVICTION_POLICIES
+
+
+# Managed tables start nearly constant (every row within 1e-9 of 0), so what an id's row holds after training does
+# not depend on WHICH row it got: 1 process and 2 (each owning half the rows and the ids hashed to its half) give
+# one id other rows; its embedding must come out the same. The model is dnn with pooled histories (targets and
+# histories through the managed tables): a sequence model's token LayerNorm turns rows this close to 0 into
+# gradients of ~1e5.
+# Rows enough that no id of the 3 steps is evicted, also with half of them on each of 2 ranks.
+MANAGED_EQUIVALENCE = MANAGED + ["features.id_spaces.user.rows=1000", "features.id_spaces.item.rows=4000",
+                                 "features.id_spaces.category.rows=200", "features.table_init_scale=1e-9"]
+TIME_TABLES = {"static_hour": "data_parallel", "static_dayofweek": "table_wise"}
+
+
+def _unsharded(run: Path, checkpoint: str, world_size: int):
+    """The unsharded training module with ``run``'s checkpoint loaded, and its frozen id maps."""
+    cfg = load_config("configs/dnn.yaml", [*SETTINGS, *MANAGED_EQUIVALENCE])
+    module = build_train_module(cfg, {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                                with_sparse_optimizer=False).module
+    ckpt.load_model_weights(run / "checkpoints" / checkpoint, module)
+    return module, frozen_id_maps(module, world_size)
+
+
+def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path) -> None:
+    """Three training steps with managed ids on 2 ranks (row-wise sharded remapping and tables, gloo) equal the
+    1-process steps: every dense weight, and every raw id's embedding (targets and histories)."""
+    extra = [a for s in MANAGED_EQUIVALENCE for a in ("--set", s)]
+    dist_step(dataset, tmp_path / "one", TIME_TABLES, "--steps", "3", *extra, config="configs/dnn.yaml")
+    init = str(tmp_path / "one" / "checkpoints" / "step_0")
+    result = dist_step(dataset, tmp_path / "two", TIME_TABLES, "--steps", "3", "--init", init, *extra, nproc=2,
+                  config="configs/dnn.yaml")
+    assert {t: s for t, s in result["plan"].items() if t.startswith("managed_")} == {
+        "managed_user": "row_wise", "managed_item": "row_wise", "managed_category": "row_wise"}
+    one, one_maps = _unsharded(tmp_path / "one", "after", 1)
+    two, two_maps = _unsharded(tmp_path / "two", "after", 2)
+    start, _ = _unsharded(tmp_path / "one", "step_0", 1)
+    ones, twos, starts = one.state_dict(), two.state_dict(), start.state_dict()
+    dense = [k for k in ones if "managed_ids" not in k]
+    assert dense and all(float((ones[k] - twos[k]).abs().max()) < 1e-5 for k in dense), \
+        {k: float((ones[k] - twos[k]).abs().max()) for k in dense}
+    moved = max(float((ones[k] - starts[k]).abs().max()) for k in dense)
+    assert moved > 1e-3
+    train = pa.concat_tables(pq.read_table(f) for f in Dataset.open(dataset).split_files("train"))
+    ids = {"user": train.column("user_id").to_numpy(), "category": train.column("category_id").to_numpy(),
+           "item": np.concatenate([train.column("item_id").to_numpy(),
+                                   pc.list_flatten(train.column("item_history")).to_numpy()])}
+    for space, raw in ids.items():
+        raw = torch.from_numpy(np.unique(np.asarray(raw)))
+        table = f"managed_{space}"
+        weight = next(k for k in ones if k.endswith(f"embeddings.{table}.weight"))
+        rows_one, rows_two = one_maps[table](raw), two_maps[table](raw)
+        assert len(set(rows_one.tolist())) > 0.3 * len(raw)  # own rows, not the miss row
+        assert rows_two.ge(two_maps[table].miss_rows[0] + 1).any() and rows_two.le(two_maps[table].miss_rows[0]).any()
+        a, b = ones[weight][rows_one], twos[weight][rows_two]
+        assert float(a.abs().max()) > 1e-6  # trained 1000x away from the 1e-9 start
+        torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-3, msg=space)
+
+
+# Fewer rows than ids (300 users, 800 items, 30 categories in the data): eviction at work in every epoch.
+EVICTING = ["features.id_mapping=managed", "features.id_spaces.user.rows=128", "features.id_spaces.item.rows=256",
+            "features.id_spaces.category.rows=16"]
+
+
+EVICTING_SETS = [a for s in [*EVICTING, "train.checkpoint_every_steps=7", "train.keep_step_checkpoints=1"]
+                 for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def evicting_run(dataset: Path, tmp_path_factory) -> Path:
+    """An epoch of MDAF-BST with managed ids and evictions (18 steps, checkpoints every 7)."""
+    run = tmp_path_factory.mktemp("managed") / "straight"
+    train(dataset, run, "--epochs", "1", *EVICTING_SETS, config="configs/mdaf_bst.yaml")
+    return run
+
+
+def test_kill_mid_epoch_then_rerun_equals_the_uninterrupted_managed_run(
+    dataset: Path, evicting_run: Path, tmp_path: Path
+) -> None:
+    """MDAF-BST with managed ids and evictions, killed after its step-14 checkpoint (mid-epoch 1), rerun: the same
+    losses and metrics as the run that was never stopped (the remapping, its counters and the step counter are in
+    the checkpoint)."""
+    sets = EVICTING_SETS
+    straight, crashed = evicting_run, tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", "configs/mdaf_bst.yaml", "--data", str(dataset),
+           "--out", str(crashed), *[a for s in TINY for a in ("--set", s)], "--epochs", "1", *sets]
+    proc = subprocess.run(cmd, cwd=REPO, env={**_env(), "MDAF_FAULT_KILL_AT_STEP": "14"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    rerun = train(dataset, crashed, "--epochs", "1", *sets, config="configs/mdaf_bst.yaml")
+    assert "step_14 (epoch 1, step 14)" in rerun.stderr
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (straight, crashed))
+    for split in ("val", "test"):
+        for key in ("auc", "logloss", "gauc"):
+            assert b[split][key] == pytest.approx(a[split][key], abs=1e-6), (split, key)
+    la, lb = ([json.loads(x)["train_loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (straight, crashed))
+    assert lb == pytest.approx(la, abs=1e-6) and len(la) == 1
+    model, maps = _unsharded_run(straight)
+    item = maps["managed_item"](torch.arange(10**6))  # the synthetic item ids are small integers
+    assert 200 < len(set(item.tolist())) <= 256  # the table is full: ids were admitted, evicted, and miss
+
+
+def _unsharded_run(run: Path):
+    """The unsharded training module of ``run`` (its config) with its best checkpoint, and its frozen id maps."""
+    cfg = load_config(run / "config.yaml")
+    module = build_train_module(cfg, {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                                with_sparse_optimizer=False).module
+    state = ckpt.load_model_weights(ckpt.checkpoint_path(run, "best"), module)
+    return module, frozen_id_maps(module, state["world_size"])
+
+
+def test_checkpoint_records_the_managed_settings_instead_of_a_vocabulary() -> None:
+    cfg = load_config(None, EVICTING)
+    recorded = managed_fingerprint(cfg.features)
+    check_managed_settings(recorded, cfg.features, "checkpoint X")  # the same settings
+    check_managed_settings(None, cfg.features, "checkpoint X")  # a checkpoint that recorded none
+    other = load_config(None, [*EVICTING, "features.id_spaces.item.eviction=lru"])
+    with pytest.raises(ManagedSettingsError, match="checkpoint X was trained with other managed id settings"):
+        check_managed_settings(recorded, other.features, "checkpoint X")
+    with pytest.raises(ManagedSettingsError, match="checkpoint X was trained with vocabularies"):
+        check_managed_settings("0f" * 32, cfg.features, "checkpoint X")
+
+
+def test_export_of_a_managed_run_is_refused_in_one_line(evicting_run: Path, tmp_path: Path) -> None:
+    """The memory-mapped artifact has no frozen id map in front of its table files yet: ``mdaf-rec export`` of a
+    managed run says so in one line (exit 2) instead of writing an artifact that would look ids up as indices."""
+    out = tmp_path / "model"
+    proc = mdaf("export", "--run", str(evicting_run), "--out", str(out), "--no-compile", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "features.id_mapping: managed" in lines[0], lines
+    assert not out.exists()

@@ -36,13 +36,15 @@ logging.getLogger("torch.fx._symbolic_trace").addFilter(_DropIsFxTracingNotice()
 class Batch(Pipelineable):
     """A mini-batch as the loader produces it and every model consumes it.
 
-    Ids are vocabulary indices (0 = padding, 1 = out-of-vocabulary), never raw ids.
+    Ids are vocabulary indices (0 = padding, 1 = out-of-vocabulary), never raw ids; under
+    ``features.id_mapping: managed`` the ids of managed id spaces are raw ids (the model remaps them) and
+    ``static_features`` holds every history too (the managed lookup reads that one KJT).
 
     Attributes:
         static_features: pooled lookups for the static branch, one key per static field (``user``,
             ``item``, ``category``, ``hour``, ``dayofweek``, extras; one id per sample), then, with
-            ``features.pooled_history``, each history (key ``item_history``, 0..max_history ids, mean-pooled
-            in the id space's static table). Batch B.
+            ``features.pooled_history`` or ``managed``, each history (key ``item_history``, 0..max_history
+            ids; with ``pooled_history`` mean-pooled in the id space's static table). Batch B.
         sequence_features: unpooled lookups for the sequential branch: for each id space with a
             history, its target (key ``item``, length 1) and its history (key ``item_history``,
             length 0..max_history, most recent last). Target and history share one table.
@@ -120,7 +122,8 @@ def build_batch(
     row_index: torch.Tensor,
     user_ids: torch.Tensor,
 ) -> Batch:
-    """A :class:`Batch` from vocabulary indices: the one place the feature KJTs are laid out.
+    """A :class:`Batch` from vocabulary indices (raw ids for managed spaces): the one place the feature KJTs are
+    laid out.
 
     Args:
         spec: the feature spec (keys, ``pooled_history``).
@@ -133,12 +136,12 @@ def build_batch(
         row_index: ``[B]`` int64 row numbers.
         user_ids: ``[B]`` int64 raw user ids (``Batch.user_id``; zeros without a ``user`` space).
     Returns:
-        The batch: static KJT (one id per field, then the pooled histories when ``spec.pooled_history``),
+        The batch: static KJT (one id per field, then the histories ``spec.static_history_keys``),
         sequence KJT (target, history per id space), ``user_id`` = ``user_ids``.
     """
     ones = torch.ones_like(history_lengths)
     static_values, static_lengths = list(static_ids), [ones] * len(static_ids)
-    if spec.pooled_history:
+    if spec.static_history_keys:
         static_values += list(history_ids)
         static_lengths += [history_lengths] * len(history_ids)
     sequence_values: List[torch.Tensor] = []

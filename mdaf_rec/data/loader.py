@@ -37,7 +37,8 @@ Order of one epoch (see ``docs/data.md``, "Vocabularies and loading"):
 
 Every block read is validated (:mod:`mdaf_rec.data.validate`) unless the split was validated already
 (``validated=True``: the training job validates once, see :func:`~mdaf_rec.data.validated.validate_once`;
-columns are then only cast) and raw ids are mapped through the vocabularies; histories are truncated to
+columns are then only cast) and raw ids are mapped through the vocabularies (under ``features.id_mapping:
+managed`` they go into the KJTs as they are: the model remaps them); histories are truncated to
 the most recent ``max_history`` ids with vectorised offset arithmetic on the Arrow list offsets.
 """
 
@@ -316,14 +317,23 @@ class BatchConverter:
 
     Args:
         spec: the feature spec (keys and columns).
-        vocabs: the vocabularies of every non-time static field.
+        vocabs: the vocabularies of every non-time static field; ``None`` under ``managed`` (``spec.managed``):
+            raw ids go into the KJTs.
         timezone: IANA zone for ``hour`` (0..23) and ``dayofweek`` (Monday = 0 .. Sunday = 6).
     """
 
-    def __init__(self, spec: FeatureSpec, vocabs: Vocabularies, timezone: str) -> None:
+    def __init__(self, spec: FeatureSpec, vocabs: Optional[Vocabularies], timezone: str) -> None:
+        if (vocabs is None) != spec.managed:
+            raise ValueError("vocabularies are needed exactly when ids are not managed (features.id_mapping)")
         self.spec = spec
         self.vocabs = vocabs
         self.timezone = timezone
+
+    def ids(self, space: str, raw: np.ndarray) -> np.ndarray:
+        """Raw ids ``[N]`` of ``space`` -> ``[N]`` int64 table indices, or the raw ids themselves under ``managed``."""
+        if self.vocabs is None:
+            return np.asarray(raw, dtype=np.int64)
+        return self.vocabs.lookup(space, raw)
 
     def __call__(self, rows: Rows) -> Batch:
         n = len(rows.row_index)
@@ -337,7 +347,7 @@ class BatchConverter:
             self.spec,
             static_ids=[torch.from_numpy(static[k]) for k in self.spec.static_keys],
             target_ids=[torch.from_numpy(static[space.name]) for space in spaces],
-            history_ids=[torch.from_numpy(self.vocabs.lookup(space.name, raw)) for space, (_, raw) in zip(spaces, histories)],
+            history_ids=[torch.from_numpy(self.ids(space.name, raw)) for space, (_, raw) in zip(spaces, histories)],
             history_lengths=torch.from_numpy(histories[0][0]) if histories else torch.zeros(n, dtype=torch.int32),
             dense_features=torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(n, 0),
             labels=torch.from_numpy(rows.columns[LABEL].astype(np.float32)),
@@ -354,7 +364,7 @@ class BatchConverter:
                 time_fields = time_fields or local_time_fields(rows.columns[TIMESTAMP], self.timezone)
                 out[field.name] = time_fields[field.column]
             else:
-                out[field.name] = self.vocabs.lookup(field.name, rows.columns[field.column])
+                out[field.name] = self.ids(field.name, rows.columns[field.column])
         return out
 
 
@@ -374,7 +384,7 @@ class BatchLoader:
         dataset: the opened dataset.
         split: ``train``, ``val`` or ``test``.
         spec: feature spec.
-        vocabs: vocabularies (built from the training split).
+        vocabs: vocabularies (built from the training split); ``None`` under ``managed``.
         batch_size: GLOBAL batch size (all ranks together), divisible by ``world_size``.
         rank, world_size: this process's shard.
         shuffle, seed, epoch: seeded per-epoch permutation (see :class:`EpochPlan`).
@@ -395,7 +405,7 @@ class BatchLoader:
         dataset: Dataset,
         split: str,
         spec: FeatureSpec,
-        vocabs: Vocabularies,
+        vocabs: Optional[Vocabularies],
         batch_size: int,
         *,
         rank: int = 0,

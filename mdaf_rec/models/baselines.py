@@ -25,10 +25,11 @@ class DCNv3CTR(CTRModel):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, table_device: torch.device | None = None) -> None:
         super().__init__()
+        self.build_managed_ids(spec, static=True, sequence=False, device=table_device)
         self.static_branch = StaticBranch(spec, cfg.dcnv3, output_dim=None, table_device=table_device)
 
     def score(self, batch: Batch) -> CTROutput:
-        out = self.static_branch(batch)
+        out = self.static_branch(batch, managed=self.managed_lookup(batch))
         return CTROutput(logit=out.logit, lcn_logit=out.lcn_logit, ecn_logit=out.ecn_logit)
 
 
@@ -44,11 +45,12 @@ class DNNCTR(CTRModel):
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, table_device: torch.device | None = None) -> None:
         super().__init__()
+        self.build_managed_ids(spec, static=True, sequence=False, device=table_device)
         self.embeddings = StaticEmbeddingArch(spec, device=table_device)
         self.mlp = PredictionHead(spec.num_static_fields * spec.static_dim, cfg.dnn.hidden, cfg.dnn.dropout)
 
     def score(self, batch: Batch) -> CTROutput:
-        fields = self.embeddings(batch.static_features, batch.dense_features)  # [B, F, d]
+        fields = self.embeddings(batch.static_features, batch.dense_features, self.managed_lookup(batch))  # [B, F, d]
         return CTROutput(logit=self.mlp(fields.flatten(start_dim=1)))  # [B]
 
 
@@ -66,8 +68,9 @@ class SequenceCTR(CTRModel):
         self, spec: FeatureSpec, cfg: ModelConfig, encoder: str, table_device: torch.device | None = None
     ) -> None:
         super().__init__()
+        self.build_managed_ids(spec, static=False, sequence=True, device=table_device)
         self.sequence_branch = SequenceBranch(spec, encoder, cfg.mamba, cfg.bst, table_device=table_device)
         self.head = PredictionHead(spec.sequence_dim, cfg.head_hidden, cfg.head_dropout)
 
     def score(self, batch: Batch) -> CTROutput:
-        return CTROutput(logit=self.head(self.sequence_branch(batch)))
+        return CTROutput(logit=self.head(self.sequence_branch(batch, self.managed_lookup(batch))))

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdaf_rec.data.batch import Batch
+from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.dcnv3 import tri_bce_loss
+from mdaf_rec.models.embeddings import ManagedIdArch, ManagedLookup
 
 
 class CTROutput(NamedTuple):
@@ -34,7 +36,24 @@ class CTROutput(NamedTuple):
 
 class CTRModel(nn.Module):
     """Base of every model: ``score(batch)`` computes a :class:`CTROutput`; ``forward`` turns it
-    into click probabilities (and, for MDAF, the gate per sample)."""
+    into click probabilities (and, for MDAF, the gate per sample).
+
+    Under ``features.id_mapping: managed`` a model holds one :class:`ManagedIdArch` (``managed_ids``, built by
+    :meth:`build_managed_ids`) and runs it once per batch (:meth:`managed_lookup`) for both its archs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.managed_ids: Optional[ManagedIdArch] = None
+
+    def build_managed_ids(self, spec: FeatureSpec, static: bool, sequence: bool, device: torch.device | None) -> None:
+        """Adds the managed lookup (``managed`` mapping; nothing under ``vocab``) for a static and/or sequence arch."""
+        if spec.managed:
+            self.managed_ids = ManagedIdArch(spec, static=static, sequence=sequence, device=device)
+
+    def managed_lookup(self, batch: Batch) -> Optional[ManagedLookup]:
+        """The batch's managed rows (``None`` under ``vocab``)."""
+        return self.managed_ids(batch.static_features) if self.managed_ids is not None else None
 
     def score(self, batch: Batch) -> CTROutput:
         raise NotImplementedError

@@ -43,6 +43,7 @@ class MDAF(CTRModel):
     ) -> None:
         super().__init__()
         dim = spec.sequence_dim
+        self.build_managed_ids(spec, static=True, sequence=True, device=table_device)
         self.static_branch = StaticBranch(spec, cfg.dcnv3, output_dim=dim, table_device=table_device)
         self.sequence_branch = SequenceBranch(spec, branch, cfg.mamba, cfg.bst, table_device=table_device)
         fusion = cfg.fusion
@@ -60,9 +61,10 @@ class MDAF(CTRModel):
             fused logit ``[B]``, gate ``[B, 1 | D]``, the DCNv3 branch's LCN/ECN logits ``[B]`` and, in
             training with auxiliary heads, each branch's own logit ``[B]``.
         """
-        static = self.static_branch(batch, return_embedding=True)
+        managed = self.managed_lookup(batch)
+        static = self.static_branch(batch, return_embedding=True, managed=managed)
         assert static.embedding is not None
-        sequential = self.sequence_branch(batch)  # [B, D]
+        sequential = self.sequence_branch(batch, managed)  # [B, D]
         fused, gate = self.fusion(static.embedding, sequential)  # [B, D], [B, 1 | D]
         static_logit = sequential_logit = None
         if self.branch_heads is not None and self.training:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -9,7 +11,7 @@ from mdaf_rec.config import BSTConfig, MambaConfig
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.bst import BSTEncoder
-from mdaf_rec.models.embeddings import SequenceEmbeddingArch
+from mdaf_rec.models.embeddings import ManagedLookup, SequenceEmbeddingArch
 from mdaf_rec.models.mamba import Mamba4RecEncoder
 
 SEQUENCE_ENCODERS = ("mamba", "bst")
@@ -61,12 +63,17 @@ class SequenceBranch(nn.Module):
                 max_len=spec.max_history + 1,
             )
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch, managed: Optional[ManagedLookup] = None) -> torch.Tensor:
         """
         Args:
             batch: the input batch (sequence features are read).
+            managed: the batch's managed lookup (``managed`` mapping only: read instead of the sequence features).
         Returns:
             ``[B, sequence_dim]`` sequential embedding.
         """
-        tokens, lengths = self.embeddings(batch.sequence_features)  # [B, L+1, D], [B]
+        # [B, L+1, D], [B]; without a managed lookup the embeddings may be serving's drop-in (one argument)
+        if managed is not None:
+            tokens, lengths = self.embeddings(batch.sequence_features, managed)
+        else:
+            tokens, lengths = self.embeddings(batch.sequence_features)
         return self.encoder(tokens, lengths)  # [B, D]

@@ -11,7 +11,7 @@ from mdaf_rec.config import DCNv3Config
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.dcnv3 import DCNv3, DCNv3Output
-from mdaf_rec.models.embeddings import StaticEmbeddingArch
+from mdaf_rec.models.embeddings import ManagedLookup, StaticEmbeddingArch
 
 
 class StaticBranch(nn.Module):
@@ -46,13 +46,16 @@ class StaticBranch(nn.Module):
             output_dim=output_dim,
         )
 
-    def forward(self, batch: Batch, return_embedding: bool = False) -> DCNv3Output:
+    def forward(
+        self, batch: Batch, return_embedding: bool = False, managed: Optional[ManagedLookup] = None
+    ) -> DCNv3Output:
         """
         Args:
             batch: the input batch (static and dense features are read).
             return_embedding: also compute the ``[B, output_dim]`` static embedding.
+            managed: the batch's managed lookup (``managed`` mapping only).
         Returns:
             DCNv3 logits ``[B]`` (averaged, LCN, ECN) and optionally the embedding.
         """
-        fields = self.embeddings(batch.static_features, batch.dense_features)  # [B, F, d]
+        fields = self.embeddings(batch.static_features, batch.dense_features, managed)  # [B, F, d]
         return self.dcnv3(fields, return_embedding=return_embedding)
