@@ -10,7 +10,7 @@ from mdaf_rec.config import FeaturesConfig, IdSpaceConfig, ModelConfig
 from mdaf_rec.data.batch import Batch
 from mdaf_rec.features import USER_SPACE, FeatureSpec
 from mdaf_rec.models.factory import build_model
-from mdaf_rec.serving import ServingModule, example_inputs
+from mdaf_rec.serving import INPUT_NAMES, ServingModule, example_inputs
 
 SIZES: Dict[str, int] = {"user": 40, "item": 90, "category": 12}
 
@@ -45,11 +45,11 @@ def test_serving_reads_the_user_column_wherever_it_is() -> None:
 
     module = ServingModule(model, spec)
     module.model.score = recording_score  # type: ignore[method-assign]
-    static_ids, dense, target_ids, history_ids = example_inputs(spec, 3)
-    static_ids = torch.tensor([[5, 1, 31, 7], [6, 2, 32, 8], [7, 3, 33, 9]])
-    module(static_ids, dense, target_ids, history_ids)
+    inputs = list(example_inputs(module, 3))
+    inputs[INPUT_NAMES.index("static_ids")] = torch.tensor([[5, 1, 31, 7], [6, 2, 32, 8], [7, 3, 33, 9]])
+    module(*inputs)
     assert seen[0].user_id.tolist() == [31, 32, 33]
 
     no_user = _spec(["item", "category", "hour"])
     module = ServingModule(build_model(no_user, ModelConfig(name="dcnv3")), no_user)
-    module(*example_inputs(no_user, 2))  # no user space: zeros, no error
+    module(*example_inputs(module, 2))  # no user space: zeros, no error
