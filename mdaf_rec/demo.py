@@ -10,6 +10,7 @@ from mdaf_rec.data import schema
 from mdaf_rec.data.synth import generate
 from mdaf_rec.distributed import is_main_process
 from mdaf_rec.logs import setup_logging
+from mdaf_rec.run_dir import RunDir
 from mdaf_rec.train import train
 
 logger = logging.getLogger(__name__)
@@ -43,4 +44,6 @@ def run_demo(cfg: Config, out: Path, verbose: bool = False) -> None:
         )
     if "gate" in final:
         print(f"gate (1 = static, 0 = sequential): mean {final['gate']['mean']:.3f}, std {final['gate']['std']:.3f}")
-    print(f"plots: {out / 'training_curves.png'}, {out / 'gate_histogram.png'}")
+    run = RunDir(out)
+    plots = [run.curves, run.gate_histogram, run.gate_profile]
+    print(f"plots: {', '.join(str(p) for p in plots if p.exists())}")
