@@ -135,8 +135,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best", table_dtype: str =
         with torch.no_grad():
             gate_dim = int(module(*example_inputs(module, 1))[1].shape[1])
         with ArchiveFile(artifact.folder / PROGRAM_FILE) as fh:  # first: the largest file of a tiny model
-            torch.export.save(export_program(module, spec), fh)
-        cpu_program = _write_cpu_program(module, spec, artifact.folder) if compile else None
+            torch.export.save(export_program(module), fh)
+        cpu_program = _write_cpu_program(module, artifact.folder) if compile else None
         source = CheckpointTables(path)
         tables: Dict[str, TableFile] = {}
         for name, key in keys.items():
@@ -175,14 +175,14 @@ def check_out(out: Path, run_dir: Path) -> None:
             raise ArtifactError(f"--out {out}: is or lies inside the {what} {folder}; export the model elsewhere")
 
 
-def _write_cpu_program(module: ServingModule, spec: FeatureSpec, folder: Path) -> Optional[Dict[str, Any]]:
+def _write_cpu_program(module: ServingModule, folder: Path) -> Optional[Dict[str, Any]]:
     """Writes ``model.cpu.pt2`` (and the operators' library it calls) into ``folder``; returns its
     ``feature_spec.json`` entry, or ``None`` when the compiled CPU operators are unavailable here."""
     if not scan_cpu.available():
         logger.warning("no compiled CPU operators here: the export holds the portable program only")
         return None
     logger.info("compiling the CPU program with AOTInductor (%s)", CPU_PROGRAM_FILE)
-    calls_ops = export_cpu_program(module, spec, folder / CPU_PROGRAM_FILE)
+    calls_ops = export_cpu_program(module, folder / CPU_PROGRAM_FILE)
     if calls_ops:
         (folder / OPS_LIBRARY_FILE).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(scan_cpu.library_path(), folder / OPS_LIBRARY_FILE)

@@ -334,7 +334,7 @@ def example_inputs(module: ServingModule, batch_size: int) -> Tuple[torch.Tensor
     return tuple({**ids, **rows}[name] for name in INPUT_NAMES)
 
 
-def export_program(module: ServingModule, spec: FeatureSpec) -> torch.export.ExportedProgram:
+def export_program(module: ServingModule) -> torch.export.ExportedProgram:
     """``torch.export`` (non-strict) of ``module`` with a dynamic batch dimension on every input."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = {name: {0: batch} for name in INPUT_NAMES}
@@ -356,7 +356,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> Path:
     return path
 
 
-def export_cpu_program(module: ServingModule, spec: FeatureSpec, path: Path) -> bool:
+def export_cpu_program(module: ServingModule, path: Path) -> bool:
     """The fast CPU form of ``module``: exported with the compiled CPU operators of :mod:`mdaf_rec.ops` kept as
     single nodes (the selective scan keeps its state in registers instead of going through memory at every
     time step) and compiled by AOTInductor to ``path``.
@@ -366,7 +366,7 @@ def export_cpu_program(module: ServingModule, spec: FeatureSpec, path: Path) -> 
         :func:`~mdaf_rec.ops.scan_cpu.library_path`, with ``torch.ops.load_library`` before the package).
     """
     with keep_compiled_ops():
-        program = export_program(module, spec)
+        program = export_program(module)
     compile_program(program, path)
     return any(str(node.target).startswith("mdaf_rec.") for node in program.graph.nodes)
 

@@ -121,12 +121,12 @@ def bench_model(name: str, config: Path, batches: Sequence[int], seconds: float,
     torch.manual_seed(0)
     eager: CTRModel = build_model(spec, cfg.model).eval()
     module = ServingModule(copy.deepcopy(eager), spec)
-    fp32 = export_program(module, spec).module()
+    fp32 = export_program(module).module()
     tables = {name: t.weight.detach() for m in eager.modules() for attr in ("embedding_bags", "embeddings")
               if isinstance(getattr(m, attr, None), torch.nn.ModuleDict) for name, t in getattr(m, attr).items()}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # the loader extracts the package to its own folder
-        export_cpu_program(ServingModule(copy.deepcopy(eager), spec), spec, Path(tmp) / "model.cpu.pt2")
+        export_cpu_program(ServingModule(copy.deepcopy(eager), spec), Path(tmp) / "model.cpu.pt2")
         aoti = torch._inductor.aoti_load_package(str(Path(tmp) / "model.cpu.pt2"))
     print(f"{name}: export + AOTInductor compile {time.perf_counter() - start:.0f} s", flush=True)
     rows: List[Dict] = []
