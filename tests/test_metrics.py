@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -137,29 +137,37 @@ def _splits(n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     return [(perm[: n // 3], perm[n // 3 :]), (torch.arange(n), torch.arange(0))]
 
 
-def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """Child process: evaluates its share of each split and writes ``compute()`` to ``out_dir``."""
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, make_accumulator: Callable[[], Any],
+                 data: Data, splits: List[Tuple[torch.Tensor, torch.Tensor]], batch: Tuple[int, int]) -> None:
+    """Child process: feeds its share of each split, in batches of ``batch[0] + batch[1] * rank`` rows, to a new
+    accumulator and writes the ``compute()`` results to ``out_dir``."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        data = make_data()
         results = []
-        for split in _splits(data["probs"].shape[0]):
-            acc = MetricAccumulator()
-            feed(acc, data, split[rank], batch=50 + 13 * rank)
+        for split in splits:
+            acc = make_accumulator()
+            feed(acc, data, split[rank], batch=batch[0] + batch[1] * rank)
             results.append(acc.compute())
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
 
+def two_rank_results(tmp_path: Path, make_accumulator: Callable[[], Any], data: Data,
+                     splits: List[Tuple[torch.Tensor, torch.Tensor]], batch: Tuple[int, int]) -> List[List[Dict]]:
+    """Per rank of a 2-process gloo group: the ``compute()`` result of each split, rank ``r`` fed ``split[r]``."""
+    args = (2, str(tmp_path / "pg"), str(tmp_path), make_accumulator, data, splits, batch)
+    mp.spawn(_rank_worker, args=args, nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
 def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     data = make_data()
+    per_rank = two_rank_results(tmp_path, MetricAccumulator, data, _splits(data["probs"].shape[0]), batch=(50, 13))
     single = MetricAccumulator()
     feed(single, data, torch.arange(data["probs"].shape[0]))
     expected = json.loads(json.dumps(single.compute()))  # the children's round trip (exact for floats)
-    for rank in range(2):
-        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for results in per_rank:
         assert len(results) == 2
         for result in results:  # exact: every metric is independent of the row order
             assert result == expected

@@ -4,15 +4,12 @@ numbers over two ranks, and no host sync per batch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import shared_data
 from device_guards import no_host_sync
@@ -25,7 +22,7 @@ from mdaf_rec.streaming_metrics import (
     make_accumulator,
     metrics_mode,
 )
-from test_metrics import make_data
+from test_metrics import make_data, two_rank_results
 
 Data = Dict[str, torch.Tensor]
 SUMS = ("logloss", "ne", "calibration", "ctr", "pred_ctr")
@@ -116,30 +113,15 @@ def test_auc_error_at_the_default_resolution_on_real_data() -> None:
     assert streaming["auc_error_bound"] <= 1e-4
 
 
-def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """Child process: its share of each split into a streaming accumulator; writes ``compute()``."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        data = scored_rows(n=6000)
-        perm = torch.randperm(6000, generator=torch.Generator().manual_seed(4))
-        splits = [(perm[:2000], perm[2000:]), (torch.arange(6000), torch.arange(0))]
-        results = []
-        for split in splits:
-            acc = StreamingMetricAccumulator()
-            for chunk in split[rank].split(300 + 77 * rank):
-                acc.update(*(data[k][chunk] for k in ("probs", "labels", "groups", "gate")))
-            results.append(acc.compute())
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     data = scored_rows(n=6000)
+    perm = torch.randperm(6000, generator=torch.Generator().manual_seed(4))
+    splits = [(perm[:2000], perm[2000:]), (torch.arange(6000), torch.arange(0))]
+    per_rank = two_rank_results(tmp_path, StreamingMetricAccumulator, data, splits, batch=(300, 77))
     exact, single = both(data, torch.arange(6000))
-    for rank in range(2):
-        for result in json.loads((tmp_path / f"rank{rank}.json").read_text()):
+    for results in per_rank:
+        assert len(results) == 2
+        for result in results:
             assert_matches_exact(exact, result)
             for key in ("auc", "auc_error_bound", "count"):  # integer histograms: identical
                 assert result[key] == single[key], key
