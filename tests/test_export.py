@@ -50,7 +50,8 @@ TINY = [
 # dnn: the static branch with pooled histories (configs/dnn.yaml), served by StaticLookup's padded mean
 MODELS = {"mdaf_mamba": "configs/mdaf_mamba.yaml", "mdaf_bst": "configs/mdaf_bst.yaml", "dnn": "configs/dnn.yaml"}
 
-# Scores of the test split with each run's best checkpoint under DMP (1 process, gloo): RUN OUT [RUN OUT ...].
+# Scores of the test split with each run's best checkpoint under DMP (1 process, gloo; no vocabularies under
+# features.id_mapping: managed): RUN OUT [RUN OUT ...].
 REFERENCE = """
 import sys, torch
 from pathlib import Path
@@ -63,7 +64,9 @@ from mdaf_rec.train import open_session, predictions
 env = init_distributed()
 for run, out in zip(sys.argv[1::2], sys.argv[2::2]):
     run = RunDir(Path(run))
-    session = open_session(load_config(run.config), run.path, env, vocabs=Vocabularies.load(run.vocab), training=False)
+    cfg = load_config(run.config)
+    vocabs = Vocabularies.load(run.vocab) if cfg.features.id_mapping == "vocab" else None
+    session = open_session(cfg, run.path, env, vocabs=vocabs, training=False)
     ckpt.load_model_weights(ckpt.checkpoint_path(run.path, "best"), session.model)
     rows, scores = zip(*((batch.row_index, torch.sigmoid(out.logit)) for batch, out in predictions(session, "test")))
     torch.save({"row_index": torch.cat(rows), "scores": torch.cat(scores)}, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,12 +35,18 @@ from mdaf_rec.config import BSTConfig, ConfigError, ModelConfig, check_managed_w
 from mdaf_rec.data.batch import build_batch
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.cli.export import main as export_main
+from mdaf_rec.cli.predict import main as predict_main
 from mdaf_rec.data.vocab import Vocabularies, stable_hash
+from mdaf_rec.export import remapping_keys
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.factory import build_model
+from mdaf_rec.predict import ExportedModel
+from mdaf_rec.tables import CheckpointTables, IdMap, write_id_map
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS
 from test_equivalence import step as dist_step
+from test_export import REFERENCE, _one_line_error
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
@@ -293,6 +300,8 @@ def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path)
         "managed_user": "row_wise", "managed_item": "row_wise", "managed_category": "row_wise"}
     one, one_maps = _unsharded(tmp_path / "one", "after", 1)
     two, two_maps = _unsharded(tmp_path / "two", "after", 2)
+    served = {name: _served_id_maps(tmp_path / name / "checkpoints" / "after", module, world, tmp_path / f"{name}_maps")
+              for name, module, world in (("one", one, 1), ("two", two, 2))}
     start, _ = _unsharded(tmp_path / "one", "step_0", 1)
     ones, twos, starts = one.state_dict(), two.state_dict(), start.state_dict()
     dense = [k for k in ones if "managed_ids" not in k]
@@ -314,6 +323,17 @@ def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path)
         a, b = ones[weight][rows_one], twos[weight][rows_two]
         assert float(a.abs().max()) > 1e-6  # trained 1000x away from the 1e-9 start
         torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-3, msg=space)
+        # the export's id map files, written from each checkpoint's shards, map as the trained remapping
+        assert served["one"][table](raw).tolist() == rows_one.tolist()
+        assert served["two"][table](raw).tolist() == rows_two.tolist()
+
+
+def _served_id_maps(checkpoint: Path, module: nn.Module, world_size: int, folder: Path):
+    """Table -> :class:`IdMap` over the id map files the export writes from ``checkpoint`` (trained on
+    ``world_size`` processes) for the remappings of ``module`` (its unsharded training module)."""
+    source = CheckpointTables(checkpoint)
+    return {table: IdMap(folder, write_id_map(source, f"model.{prefix}", folder, table, world_size, buckets))
+            for table, (prefix, buckets) in remapping_keys(module).items()}
 
 
 # Fewer rows than ids (300 users, 800 items, 30 categories in the data): eviction at work in every epoch.
@@ -381,12 +401,70 @@ def test_checkpoint_records_the_managed_settings_instead_of_a_vocabulary() -> No
         check_managed_settings("0f" * 32, cfg.features, "checkpoint X")
 
 
-def test_export_of_a_managed_run_is_refused_in_one_line(evicting_run: Path, tmp_path: Path) -> None:
-    """The memory-mapped artifact has no frozen id map in front of its table files yet: ``mdaf-rec export`` of a
-    managed run says so in one line (exit 2) instead of writing an artifact that would look ids up as indices."""
-    out = tmp_path / "model"
-    proc = mdaf("export", "--run", str(evicting_run), "--out", str(out), "--no-compile", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "features.id_mapping: managed" in lines[0], lines
-    assert not out.exists()
+@pytest.fixture(scope="module")
+def managed_model(evicting_run: Path, tmp_path_factory) -> Path:
+    """``mdaf-rec export`` of :func:`evicting_run` (fp32 tables, portable program only)."""
+    model_dir = tmp_path_factory.mktemp("managed_export") / "model"
+    assert export_main(["--run", str(evicting_run), "--out", str(model_dir), "--no-compile"]) == 0
+    return model_dir
+
+
+def test_managed_export_serves_raw_ids_as_the_trained_model(dataset: Path, evicting_run: Path, managed_model: Path,
+                                                            tmp_path: Path) -> None:
+    """``mdaf-rec export`` of a managed MDAF-BST run (tables of two row widths: user [static], item and category
+    [static | sequence]; fewer rows than ids) writes each space's frozen remapping beside the table files;
+    ``mdaf-rec predict`` on raw ids scores the test split as the trained model does under DMP (<= 1e-5), ids unseen
+    in training and ids evicted during training included (each to its miss row; nothing is inserted)."""
+    model_dir = managed_model
+    subprocess.run([sys.executable, "-c", REFERENCE, str(evicting_run), str(tmp_path / "ref.pt")], cwd=REPO,
+                   env=_env(), check=True, capture_output=True, timeout=300)
+    ref = torch.load(tmp_path / "ref.pt")
+    expected = ref["scores"].numpy()[np.argsort(ref["row_index"].numpy())]
+    assert predict_main(["--model", str(model_dir), "--data", str(dataset / "test.parquet"),
+                         "--out", str(tmp_path / "scores.parquet")]) == 0
+    scored = pq.read_table(tmp_path / "scores.parquet")
+    assert scored.column("row_index").to_pylist() == list(range(len(expected)))
+    assert float(np.abs(scored.column("probability").to_numpy() - expected).max()) <= 1e-5
+
+    served = ExportedModel(model_dir)
+    assert sorted(served.tables.id_maps) == ["managed_category", "managed_item", "managed_user"]
+    assert {t: served.tables.tables[t].dim for t in served.tables.id_maps} == {
+        "managed_user": 4, "managed_item": 20, "managed_category": 20}
+    assert not (model_dir / "vocab").exists()
+    test = pq.read_table(dataset / "test.parquet")
+    inputs = served.inputs(test, "test.parquet", 0)
+    raw = inputs["target_ids"][:, 0]
+    assert raw.tolist() == test.column("item_id").to_pylist()  # raw ids in, no vocabulary
+    _, maps = _unsharded_run(evicting_run)  # the trained module's remapping, frozen
+    for table, id_map in served.tables.id_maps.items():
+        probe = torch.cat([torch.arange(2000), torch.tensor([2**62 + 5, -3])])
+        assert id_map(probe).tolist() == maps[table](probe).tolist(), table
+    train_split = pq.read_table(dataset / "train.parquet")
+    trained_ids = set(train_split.column("item_id").to_pylist())
+    trained_ids |= set(pc.list_flatten(train_split.column("item_history")).to_pylist())
+    item = served.tables.id_maps["managed_item"]
+    miss = item(raw) == int(item.miss_rows[0])
+    seen = torch.tensor([int(i) in trained_ids for i in raw])
+    assert bool(miss[~seen].all()) and int((~seen).sum()) > 10  # unseen in training: the miss row
+    assert int((miss & seen).sum()) > 10 and int((~miss).sum()) > 100  # evicted ones too; the rest own rows
+    before = {f: (model_dir / f).read_bytes() for f in ("id_maps/managed_item.ids.bin", "tables/managed_item.bin")}
+    served.score(test, "test.parquet", 0)
+    assert all((model_dir / f).read_bytes() == data for f, data in before.items())  # serving never inserts
+
+
+@pytest.mark.parametrize("tamper", ["modify", "remove"])
+def test_a_tampered_or_missing_id_map_is_one_line(managed_model: Path, dataset: Path, tmp_path: Path, capsys,
+                                                  tamper: str) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(managed_model, model_dir)
+    path = model_dir / "id_maps" / "managed_item.rows.bin"
+    if tamper == "modify":
+        data = bytearray(path.read_bytes())
+        data[:8] = (int.from_bytes(data[:8], "little") ^ 1).to_bytes(8, "little")  # one id to a neighbouring row
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    argv = ["--model", str(model_dir), "--data", str(dataset / "test.parquet"), "--out", str(tmp_path / "o.parquet")]
+    err = _one_line_error(predict_main, argv, capsys)
+    assert "id_maps/managed_item.rows.bin" in err and ("sha256 differs" if tamper == "modify" else "missing") in err
+
