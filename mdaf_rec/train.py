@@ -71,8 +71,8 @@ from mdaf_rec.sharding import (build_optimizer, check_plan_optimizer, plan_shard
 from mdaf_rec.streaming_metrics import make_accumulator, metrics_mode
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
-from mdaf_rec.warm_start import (InitSource, load_model_state, load_optimizer_state, resolve_source,
-                                 source_vocabularies, table_key_rule)
+from mdaf_rec.warm_start import (InitSource, check_id_mapping, load_model_state, load_optimizer_state,
+                                 resolve_source, source_vocabularies, table_key_rule)
 
 logger = logging.getLogger(__name__)
 
@@ -417,6 +417,8 @@ def train(
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
         dataset = _training_dataset(dataset, cfg, env)
         source = resolve_source(cfg.train.init_from) if cfg.train.init_from and start is Start.FRESH else None
+        if source is not None:  # the other mapping mode, other managed settings or world size: refused here
+            check_id_mapping(source, cfg.features, env.world_size)
         vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")

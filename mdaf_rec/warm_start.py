@@ -17,6 +17,12 @@ model or features config. The optimizer state (``train.init_optimizer``, :func:`
 taken where the shapes allow by the same rule; entries that do not fit keep their fresh state (counted in a
 log line). The new run keeps its own seeds, learning-rate schedule and position (epoch 1, step 0).
 
+Under ``features.id_mapping: managed`` the remapping (the MCH modules' sorted ids, rows and eviction counters) is
+model state and comes along by the same rule, so right after loading every raw id maps to the row, and the row
+holds the embedding, it had in the source. :func:`check_id_mapping` refuses first, in one line, what would map ids
+to other rows: a source trained with the other mapping mode, with other managed settings (the key named), or on
+another world size (a remapping is row-wise sharded by hashed id and is not resharded).
+
 Each rank reads the source tensors whole (not only its own shards) into host memory, one entry at a time
 in DCP's load: the source model's size once per rank.
 """
@@ -32,9 +38,11 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import ConfigError, FeaturesConfig, load_config
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.managed_ids import MANAGED_FINGERPRINT_PREFIX, managed_fingerprint
 from mdaf_rec.manifest import MANIFEST_FILE
 from mdaf_rec.run_dir import CHECKPOINTS_DIR, RunDir
 
@@ -93,6 +101,48 @@ def source_vocabularies(source: InitSource) -> Vocabularies:
     except VocabMismatchError as e:
         raise WarmStartError(f"train.init_from {source.given!r}: {e}") from None
     return vocabs
+
+
+#: The settings of an id space a managed remapping depends on (``managed_ids.managed_fingerprint``'s).
+MANAGED_KEYS = ("column", "history_column", "rows", "eviction", "eviction_interval")
+
+
+def check_id_mapping(source: InitSource, cfg: FeaturesConfig, world_size: int) -> None:
+    """Refuses, naming the key, a source whose ids map to rows otherwise than this run's would: another
+    ``features.id_mapping``; under ``managed``, other managed settings of an id space (its run's ``config.yaml``) or
+    another world size (the remapping's shards are its hashed-id ranges; they are not resharded)."""
+    state = ckpt.read_state(source.checkpoint)
+    recorded = state.get("vocab_fingerprint") or ""
+    mode = "managed" if recorded.startswith(MANAGED_FINGERPRINT_PREFIX) else "vocab"
+    if mode != cfg.id_mapping:
+        raise WarmStartError(f"train.init_from {source.given!r}: trained with features.id_mapping: {mode}, this run "
+                             f"has {cfg.id_mapping}: its tables are indexed otherwise (start this run fresh, or keep "
+                             f"features.id_mapping: {mode})")
+    if mode == "vocab":
+        return
+    if recorded != managed_fingerprint(cfg):
+        try:
+            theirs = load_config(source.run.config).features
+        except ConfigError as e:
+            raise WarmStartError(f"train.init_from {source.given!r}: {e}") from None
+        for name in sorted(set(cfg.id_spaces) | set(theirs.id_spaces)):
+            mine, other = cfg.id_spaces.get(name), theirs.id_spaces.get(name)
+            if mine is None or other is None:
+                raise WarmStartError(f"train.init_from {source.given!r}: 'features.id_spaces.{name}' is in "
+                                     f"{'the source' if mine is None else 'this run'} only (see {source.run.config})")
+            for key in MANAGED_KEYS:
+                if getattr(mine, key) != getattr(other, key):
+                    raise WarmStartError(
+                        f"train.init_from {source.given!r}: 'features.id_spaces.{name}.{key}': {getattr(mine, key)!r} "
+                        f"here, {getattr(other, key)!r} in the source (see {source.run.config}): its remapping maps "
+                        "ids to other rows")
+        raise WarmStartError(f"train.init_from {source.given!r}: the checkpoint was trained with other managed id "
+                             f"settings than its run's config {source.run.config}")
+    trained_on = int(state.get("world_size", 1))
+    if trained_on != world_size:
+        raise WarmStartError(f"train.init_from {source.given!r}: its managed-id remapping was trained on {trained_on} "
+                             f"processes, this run has {world_size}: a remapping is sharded by hashed id and is not "
+                             f"resharded (run on {trained_on})")
 
 
 def table_key_rule(spec: FeatureSpec) -> Callable[[str], bool]:

@@ -468,3 +468,85 @@ def test_a_tampered_or_missing_id_map_is_one_line(managed_model: Path, dataset: 
     err = _one_line_error(predict_main, argv, capsys)
     assert "id_maps/managed_item.rows.bin" in err and ("sha256 differs" if tamper == "modify" else "missing") in err
 
+
+# 1 process: SOURCE_RUN OUT. Scores the test split with the source run's best checkpoint, then with a training session
+# warm-started from it (same settings) before its first step; compares every remapping buffer. Writes OUT/result.json.
+WARM_CHECK = """
+import json, sys
+from pathlib import Path
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import load_config
+from mdaf_rec.distributed import init_distributed
+from mdaf_rec.train import open_session, predictions, warm_start_session
+from mdaf_rec.warm_start import check_id_mapping, resolve_source
+
+src, out = sys.argv[1:3]
+env = init_distributed()
+source = resolve_source(src)
+
+def scores(session):
+    rows, probs = zip(*((b.row_index, torch.sigmoid(o.logit)) for b, o in predictions(session, "test")))
+    return torch.cat(probs)[torch.argsort(torch.cat(rows))]
+
+def remapping(session):  # this rank's part of every remapping buffer
+    return {k: torch.cat([s.tensor for s in v.local_shards()]) if isinstance(v, ShardedTensor) else v
+            for k, v in session.model.state_dict().items() if "_managed_collision_modules" in k}
+
+ref = open_session(load_config(source.run.config), source.run.path, env, vocabs=None, training=False)
+ckpt.load_model_weights(source.checkpoint, ref.model)
+cfg = load_config(source.run.config, [f"train.init_from={src}"])
+check_id_mapping(source, cfg.features, env.world_size)
+warm = open_session(cfg, Path(out) / "warm", env, vocabs=None)
+fresh = scores(warm)
+record = warm_start_session(warm, source)
+mine, theirs = remapping(warm), remapping(ref)
+result = {"diff": float((scores(warm) - scores(ref)).abs().max()), "fresh_diff": float((fresh - scores(ref)).abs().max()),
+          "buffers": sorted(k.rsplit(".", 1)[-1] for k in mine), "same": all(torch.equal(mine[k], theirs[k]) for k in mine),
+          "keys_match": sorted(mine) == sorted(theirs), "record": record}
+(Path(out) / "result.json").write_text(json.dumps(result))
+"""
+
+
+def test_warm_start_carries_the_remapping(evicting_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """``--init-from`` a managed run with the same settings: right after loading, the warm-started model scores the
+    test split as the source (every raw id on its row, the row's embedding), its remapping buffers (sorted ids, rows,
+    LFU counts, iteration) are the source's; then training continues from there."""
+    script = tmp_path / "check.py"
+    script.write_text(WARM_CHECK)
+    proc = subprocess.run([sys.executable, str(script), str(evicting_run), str(tmp_path)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["diff"] <= 1e-7 and result["fresh_diff"] > 1e-3  # the source's scores, not a fresh model's
+    assert result["same"] and result["keys_match"]
+    assert {"_mch_sorted_raw_ids", "_mch_remapped_ids_mapping", "_mch_counts", "_current_iter_tensor"} <= set(
+        result["buffers"])
+    assert result["record"]["grown_tables"] == {} and result["record"]["step"] == 18
+    run = tmp_path / "next"
+    train(dataset, run, "--epochs", "1", *EVICTING_SETS, "--set", "train.max_steps_per_epoch=3",
+          "--init-from", str(evicting_run), config="configs/mdaf_bst.yaml")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["init_from"]["step"] == 18
+    assert np.isfinite(metrics["test"]["auc"])
+
+
+def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: Path) -> None:
+    from mdaf_rec.run_dir import RunDir
+    from mdaf_rec.warm_start import InitSource, WarmStartError, check_id_mapping
+
+    source = InitSource(str(evicting_run), RunDir(evicting_run), ckpt.checkpoint_path(evicting_run, "best"))
+    config = evicting_run / "config.yaml"
+    check_id_mapping(source, load_config(config).features, 1)
+    for sets, message in (
+        (["features.id_spaces.item.rows=512"], r"'features.id_spaces.item.rows': 512 here, 256 in the source"),
+        (["features.id_spaces.category.eviction=lru"], r"'features.id_spaces.category.eviction': 'lru' here, 'lfu'"),
+        (["features.id_spaces.user.eviction_interval=7"], r"'features.id_spaces.user.eviction_interval': 7 here, 1"),
+        (["features.id_mapping=vocab", "features.id_spaces.user.rows=null", "features.id_spaces.item.rows=null",
+          "features.id_spaces.category.rows=null"], r"trained with features.id_mapping: managed, this run has vocab"),
+    ):
+        with pytest.raises(WarmStartError, match=message):
+            check_id_mapping(source, load_config(config, sets).features, 1)
+    with pytest.raises(WarmStartError, match=r"remapping was trained on 1 processes, this run has 2"):
+        check_id_mapping(source, load_config(config).features, 2)
