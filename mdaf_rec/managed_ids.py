@@ -25,7 +25,8 @@ This module holds the three pieces the project adds to that stack (``docs/archit
 * :func:`size_history_buffers` — the buffer of ids seen between eviction rounds sized from the batch, not from
   the first batch (TorchRec's choice, which silently leaves later ids out of admission);
 * :func:`managed_fingerprint` / :func:`check_managed_settings` — what a checkpoint records of its managed settings
-  in place of the vocabulary fingerprint, and the check of it.
+  in place of the vocabulary fingerprint, and the check of it; :func:`check_remapping_world_size` — a checkpoint's
+  remapping is loaded on the world size it was trained on only.
 
 ``features.id_mapping: managed`` wires them into the models (:class:`mdaf_rec.models.embeddings.ManagedIdArch`),
 the sharders, training and serving.
@@ -117,6 +118,19 @@ def check_managed_settings(recorded: Optional[str], cfg: FeaturesConfig, what: s
         f"{what} was trained with {trained} than features.id_spaces (rows, eviction) of features.id_mapping=managed "
         "ask: ids would map to other rows"
     )
+
+
+def check_remapping_world_size(recorded: Optional[int], world_size: int, what: str) -> None:
+    """Raises :class:`ManagedSettingsError` unless ``what``, a managed checkpoint trained on ``recorded`` processes
+    (``None``: not recorded, 1), is loaded into a model sharded over ``world_size``: the remapping is row-wise
+    sharded by hashed id, and DCP's resharding does not move its ids (1 -> 2 processes: TorchRec refuses;
+    2 -> 1: ids silently lose their rows)."""
+    trained_on = recorded or 1
+    if trained_on != world_size:
+        raise ManagedSettingsError(
+            f"{what}: its managed-id remapping was trained on {trained_on} processes and is not resharded for "
+            f"{world_size} (ids would lose their rows): run on {trained_on} (`mdaf-rec export` serves it anywhere)"
+        )
 
 
 def managed_collision_module(

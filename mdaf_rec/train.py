@@ -57,7 +57,7 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.features import USER_SPACE, FeatureSpec
 from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
-from mdaf_rec.managed_ids import check_managed_settings, managed_fingerprint
+from mdaf_rec.managed_ids import check_managed_settings, check_remapping_world_size, managed_fingerprint
 from mdaf_rec.metrics import format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.models.embeddings import ManagedIdArch
@@ -230,11 +230,13 @@ def _id_fingerprint(cfg: Config, vocabs: Optional[Vocabularies]) -> str:
     return vocabs.fingerprint if vocabs is not None else managed_fingerprint(cfg.features)
 
 
-def _check_id_mapping(path: Path, cfg: Config, vocabs: Optional[Vocabularies]) -> None:
+def _check_id_mapping(path: Path, cfg: Config, vocabs: Optional[Vocabularies], world_size: int) -> None:
     """Refuses checkpoint ``path`` unless its ids map to rows as ``vocabs`` (``vocab``) or the managed settings of
-    ``cfg`` (``managed``, where the vocabulary check does not apply) say."""
+    ``cfg`` (``managed``, where the vocabulary check does not apply; and the remapping's world size) say."""
     if vocabs is None:
-        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        state = ckpt.read_state(path)
+        check_managed_settings(state.get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        check_remapping_world_size(state.get("world_size"), world_size, f"checkpoint {path}")
         return
     try:
         ckpt.check_vocabularies(path, vocabs)
@@ -422,7 +424,7 @@ def train(
         vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")
-            _check_id_mapping(last, cfg, vocabs)
+            _check_id_mapping(last, cfg, vocabs, env.world_size)
         session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start),
                                dataset=dataset)
         state = _resume(session) if start is Start.RESUME else TrainState()
@@ -835,7 +837,9 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)
     path = ckpt.checkpoint_path(run_dir, which)
     if vocabs is None:
-        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        state = ckpt.read_state(path)
+        check_managed_settings(state.get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        check_remapping_world_size(state.get("world_size"), env.world_size, f"checkpoint {path}")
     else:
         ckpt.check_vocabularies(path, vocabs)
     ckpt.load_model_weights(path, session.model)

@@ -42,7 +42,8 @@ from mdaf_rec.config import ConfigError, FeaturesConfig, load_config
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
-from mdaf_rec.managed_ids import MANAGED_FINGERPRINT_PREFIX, managed_fingerprint
+from mdaf_rec.managed_ids import (MANAGED_FINGERPRINT_PREFIX, ManagedSettingsError, check_remapping_world_size,
+                                  managed_fingerprint)
 from mdaf_rec.manifest import MANIFEST_FILE
 from mdaf_rec.run_dir import CHECKPOINTS_DIR, RunDir
 
@@ -138,11 +139,10 @@ def check_id_mapping(source: InitSource, cfg: FeaturesConfig, world_size: int) -
                         "ids to other rows")
         raise WarmStartError(f"train.init_from {source.given!r}: the checkpoint was trained with other managed id "
                              f"settings than its run's config {source.run.config}")
-    trained_on = int(state.get("world_size", 1))
-    if trained_on != world_size:
-        raise WarmStartError(f"train.init_from {source.given!r}: its managed-id remapping was trained on {trained_on} "
-                             f"processes, this run has {world_size}: a remapping is sharded by hashed id and is not "
-                             f"resharded (run on {trained_on})")
+    try:
+        check_remapping_world_size(state.get("world_size"), world_size, f"train.init_from {source.given!r}")
+    except ManagedSettingsError as e:
+        raise WarmStartError(str(e)) from None
 
 
 def table_key_rule(spec: FeatureSpec) -> Callable[[str], bool]:

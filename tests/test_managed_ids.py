@@ -548,5 +548,19 @@ def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: 
     ):
         with pytest.raises(WarmStartError, match=message):
             check_id_mapping(source, load_config(config, sets).features, 1)
-    with pytest.raises(WarmStartError, match=r"remapping was trained on 1 processes, this run has 2"):
+    with pytest.raises(WarmStartError, match=r"remapping was trained on 1 processes and is not resharded for 2"):
         check_id_mapping(source, load_config(config).features, 2)
+
+
+def test_resume_on_another_world_size_is_refused_in_one_line(dataset: Path, evicting_run: Path, tmp_path: Path) -> None:
+    """A managed run's remapping is not resharded: resuming the 1-process run on 2 processes (where TorchRec's DCP
+    stops with a traceback; 2 -> 1 silently loses ids) is refused in one line, before anything is loaded."""
+    run = tmp_path / "run"
+    shutil.copytree(evicting_run, run)
+    proc = train(dataset, run, "--epochs", "2", *EVICTING_SETS, config="configs/mdaf_bst.yaml", nproc=2, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert lines and all("its managed-id remapping was trained on 1 processes and is not resharded for 2" in line
+                         for line in lines), proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "segments" not in proc.stderr  # not TorchRec's refusal
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((evicting_run / "metrics.json").read_text())
