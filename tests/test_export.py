@@ -446,11 +446,25 @@ def table(entry):
         return w.reshape(*index.shape, dim)
     return rows
 tables = {name: table(entry) for name, entry in spec["tables"].items()}
+maps = {t: (np.fromfile(d / m["ids"], dtype="<i8"), np.fromfile(d / m["rows"], dtype="<i8"), m)
+        for t, m in spec.get("id_maps", {}).items()}  # managed ids: raw id -> row (docs/serving.md, "Managed ids")
+def managed_rows(table, raw):
+    ids, rows, m = maps[table]
+    x = raw.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h = (((x ^ (x >> np.uint64(31))) & np.uint64(2**63 - 1)) % np.uint64(2**63 - 1)).astype(np.int64)
+    pos = np.minimum(np.searchsorted(ids, h), len(ids) - 1)
+    miss = np.asarray(m["miss_rows"])[(h // m["bucket_size"]) // m["buckets_per_shard"]]
+    return np.where(ids[pos] == h, rows[pos], miss)
+def lookup_rows(t, index, column, dim):
+    return tables[t](managed_rows(t, index) if t in maps else index)[..., column:column + dim]
 ids = dict(zip(["static_ids", "dense", "target_ids", "history_ids"], torch.load(sys.argv[2])))
 inputs = dict(ids)
 for name, lookup in spec["lookups"].items():
     index = ids[lookup["index"]].numpy()
-    parts = [tables[t](index[:, j]) for j, t in enumerate(lookup["tables"])]
+    columns = lookup.get("columns") or [0] * len(lookup["tables"])
+    parts = [lookup_rows(t, index[:, j], columns[j], lookup["dim"]) for j, t in enumerate(lookup["tables"])]
     inputs[name] = torch.from_numpy(np.stack(parts, 1) if parts else
                                      np.zeros((index.shape[0], 0, *index.shape[2:], lookup["dim"]), np.float32))
 program = torch.export.load(str(d / spec["program"])).module()

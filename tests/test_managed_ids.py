@@ -46,7 +46,7 @@ from mdaf_rec.tables import CheckpointTables, IdMap, write_id_map
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS
 from test_equivalence import step as dist_step
-from test_export import REFERENCE, _one_line_error
+from test_export import MAPPING_SERVER, REFERENCE, _one_line_error
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
@@ -452,6 +452,20 @@ def test_managed_export_serves_raw_ids_as_the_trained_model(dataset: Path, evict
     assert all((model_dir / f).read_bytes() == data for f, data in before.items())  # serving never inserts
 
 
+def test_a_server_maps_raw_ids_without_mdaf_rec(managed_model: Path, dataset: Path, tmp_path: Path) -> None:
+    """docs/serving.md's id map rule is enough to serve raw ids: a numpy server (mdaf_rec, torchrec and fbgemm_gpu
+    blocked) scores as ``mdaf-rec predict``."""
+    model = ExportedModel(managed_model)
+    table = pq.read_table(dataset / "test.parquet")
+    probability, _ = model.score(table, "test.parquet", 0)
+    inputs = model.inputs(table, "test.parquet", 0)
+    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids")), tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-I", "-c", MAPPING_SERVER, str(managed_model), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(torch.load(tmp_path / "out.pt").numpy() - probability).max() <= 1e-6
+
+
 @pytest.mark.parametrize("tamper", ["modify", "remove"])
 def test_a_tampered_or_missing_id_map_is_one_line(managed_model: Path, dataset: Path, tmp_path: Path, capsys,
                                                   tamper: str) -> None:
@@ -552,15 +566,15 @@ def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: 
         check_id_mapping(source, load_config(config).features, 2)
 
 
-def test_resume_on_another_world_size_is_refused_in_one_line(dataset: Path, evicting_run: Path, tmp_path: Path) -> None:
-    """A managed run's remapping is not resharded: resuming the 1-process run on 2 processes (where TorchRec's DCP
-    stops with a traceback; 2 -> 1 silently loses ids) is refused in one line, before anything is loaded."""
-    run = tmp_path / "run"
-    shutil.copytree(evicting_run, run)
-    proc = train(dataset, run, "--epochs", "2", *EVICTING_SETS, config="configs/mdaf_bst.yaml", nproc=2, check=False)
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert lines and all("its managed-id remapping was trained on 1 processes and is not resharded for 2" in line
-                         for line in lines), proc.stderr[-3000:]
-    assert "[rank0]: Traceback" not in proc.stderr and "segments" not in proc.stderr  # not TorchRec's refusal
-    assert json.loads((run / "metrics.json").read_text()) == json.loads((evicting_run / "metrics.json").read_text())
+def test_a_checkpoint_is_loaded_on_its_own_world_size_only(evicting_run: Path) -> None:
+    """A managed run's remapping is not resharded: resuming (or evaluating) the 1-process run on 2 processes, where
+    TorchRec's DCP stops with a traceback (2 -> 1 silently loses ids), is refused in one line before anything is
+    loaded. (The CLI path, by hand: ``mdaf-rec eval`` of a 2-process run in 1 process exits 2 with this line.)"""
+    from mdaf_rec.train import _check_id_mapping
+
+    cfg = load_config(evicting_run / "config.yaml")
+    path = ckpt.checkpoint_path(evicting_run, "last")
+    _check_id_mapping(path, cfg, None, 1)
+    with pytest.raises(ManagedSettingsError, match=r"checkpoint .*epoch_1: its managed-id remapping was trained on 1 "
+                                                   r"processes and is not resharded for 2 \(ids would lose their rows\)"):
+        _check_id_mapping(path, cfg, None, 2)
