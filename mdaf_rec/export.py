@@ -92,7 +92,8 @@ def remapping_keys(module: nn.Module) -> Dict[str, tuple[str, int]]:
 
 def load_serving_module(
     run_dir: Path, which: str = "best"
-) -> tuple[ServingModule, Dict[str, str], Config, FeatureSpec, Optional[Vocabularies], Path, Dict[str, tuple[str, int]]]:
+) -> tuple[ServingModule, Dict[str, str], Config, FeatureSpec, Optional[Vocabularies], Path,
+           Dict[str, tuple[str, int]]]:
     """The run's dense network with the weights of checkpoint ``which``, as a :class:`ServingModule`; the tables
     and the remappings of managed ids stay in the checkpoint (tables built on the ``meta`` device: no memory).
 

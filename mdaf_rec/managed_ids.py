@@ -22,6 +22,8 @@ This module holds the three pieces the project adds to that stack (``docs/archit
   miss to the miss row of the shard that owned it in training (:class:`ShardLayout`); no admission, no eviction.
   :class:`FrozenIdMap` holds it as a module (:func:`frozen_id_maps`: one per table of a model holding a
   checkpoint); an exported MODEL_DIR holds it as memory-mapped files (:mod:`mdaf_rec.tables`, ``id_maps/``);
+* :func:`reshard_remapping` — a remapping trained on one world size laid out for another (each id, its counters and
+  its row's embedding to the shard that owns its hashed id there), for a warm start across world sizes;
 * :func:`size_history_buffers` — the buffer of ids seen between eviction rounds sized from the batch, not from
   the first batch (TorchRec's choice, which silently leaves later ids out of admission);
 * :func:`managed_fingerprint` / :func:`check_managed_settings` — what a checkpoint records of its managed settings
@@ -290,6 +292,64 @@ def remap(
         return miss
     position = torch.searchsorted(sorted_ids, hashed).clamp(max=sorted_ids.numel() - 1)
     return torch.where(sorted_ids[position] == hashed, rows[position], miss)
+
+
+#: An MCH module's buffers of the ids with a row and of their rows (its ``_mch_<metadata>`` counters align with them).
+SORTED_IDS, ROW_MAPPING = "_mch_sorted_raw_ids", "_mch_remapped_ids_mapping"
+
+
+def reshard_remapping(
+    buffers: Dict[str, torch.Tensor], source_segments: Sequence[int], target_segments: Sequence[int], buckets: int
+) -> tuple[Dict[str, torch.Tensor], torch.Tensor, int]:
+    """A remapping trained row-wise sharded with row boundaries ``source_segments``, laid out for
+    ``target_segments`` (another world size): each id with a row moves to the shard that owns its hashed id there,
+    with its counters.
+
+    Target shard ``j`` (rows ``[a, b)``) takes its ids in ascending order on rows ``a, a + 1, ...``, keeping at most
+    ``b - a - 1`` (its last row is its miss row): when more of them had rows, those the eviction policy values most
+    are kept (highest ``_mch_counts``, then most recent ``_mch_last_access_iter``, then the smaller hashed id); the
+    others lose their row (as an evicted id). Its empty slots map to its unused rows, as a fresh module's do.
+
+    Args:
+        buffers: the full arrays (every shard's, one after the other) of ``_mch_sorted_raw_ids``,
+            ``_mch_remapped_ids_mapping`` and the ``_mch_<metadata>`` counters, ``[R]`` each.
+        source_segments: the source shards' row boundaries ``[0, ..., R]``.
+        target_segments: the target shards' row boundaries.
+        buckets: the module's buckets (:func:`shard_layout`).
+    Returns:
+        ``(the buffers in the target layout, source_rows [R]: the source row each target row takes its embedding
+        from (a miss row the miss row of the source shard that owned the start of its hashed range; an unused row
+        itself), ids that lost their row)``.
+    """
+    ids, rows = buffers[SORTED_IDS], buffers[ROW_MAPPING]
+    total = ids.numel()
+    source = shard_layout(total, buckets, source_segments)
+    target = shard_layout(total, buckets, target_segments)
+    owned = ids != INPUT_HASH_SIZE
+    shard = torch.div(ids[owned], target.bucket_size, rounding_mode="floor") // target.buckets_per_shard
+    counters = [name for name in ("_mch_counts", "_mch_last_access_iter") if name in buffers]
+    out = {name: torch.zeros_like(value) for name, value in buffers.items()}
+    out[SORTED_IDS] = torch.full_like(ids, INPUT_HASH_SIZE)
+    out[ROW_MAPPING] = torch.arange(total, dtype=rows.dtype)
+    source_rows = torch.arange(total, dtype=torch.int64)
+    dropped = 0
+    for j, (a, b) in enumerate(zip(target_segments[:-1], target_segments[1:])):
+        mine = torch.nonzero(owned).flatten()[shard == j]  # slots of the ids target shard j owns
+        order = torch.argsort(ids[mine], stable=True)  # tie-break: the smaller hashed id
+        for name in reversed(counters):  # most valued first: counts, then last access
+            order = order[torch.argsort(buffers[name][mine][order], descending=True, stable=True)]
+        kept = mine[order[: b - a - 1]]
+        dropped += mine.numel() - kept.numel()
+        kept = kept[torch.argsort(ids[kept])]
+        n = kept.numel()
+        out[SORTED_IDS][a : a + n] = ids[kept]
+        for name in buffers:
+            if name not in (SORTED_IDS, ROW_MAPPING):
+                out[name][a : a + n] = buffers[name][kept]
+        source_rows[a : a + n] = rows[kept]
+        first_bucket = j * target.buckets_per_shard
+        source_rows[b - 1] = source.miss_rows[first_bucket // source.buckets_per_shard]
+    return out, source_rows, dropped
 
 
 class FrozenIdMap(nn.Module):

@@ -5,8 +5,9 @@ column), :class:`~mdaf_rec.data.loader.WindowColumns` (histories truncated to th
 ``max_history`` ids), :class:`~mdaf_rec.data.loader.BatchConverter` (raw ids → indices through
 MODEL_DIR's vocabularies, unknown → OOV 1; under managed ids the raw ids stay; hour / day of week in the export's
 time zone), then :func:`~mdaf_rec.serving.serving_inputs`, the rows of those indices (managed: of the rows the
-frozen id maps give the raw ids) looked up in MODEL_DIR's memory-mapped table files (:class:`~mdaf_rec.tables.ServingTables`: fp32, fp16 or int8), and into the exported program,
-never the training model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
+frozen id maps give the raw ids) looked up in MODEL_DIR's memory-mapped table files
+(:class:`~mdaf_rec.tables.ServingTables`: fp32, fp16 or int8), and into the exported program, never the training
+model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
 input, counting through the files in name order), the ``--key`` columns copied through,
 ``probability`` and, with ``--with-gate``, ``gate`` (float, or a list of floats for a vector gate).
 """

@@ -419,8 +419,8 @@ def train(
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
         dataset = _training_dataset(dataset, cfg, env)
         source = resolve_source(cfg.train.init_from) if cfg.train.init_from and start is Start.FRESH else None
-        if source is not None:  # the other mapping mode, other managed settings or world size: refused here
-            check_id_mapping(source, cfg.features, env.world_size)
+        if source is not None:  # the other mapping mode, other managed settings: refused here
+            check_id_mapping(source, cfg, env.world_size)
         vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")

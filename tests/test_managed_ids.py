@@ -59,6 +59,9 @@ from mdaf_rec.managed_ids import (
     hash_ids,
     managed_collision_module,
     managed_fingerprint,
+    remap,
+    reshard_remapping,
+    shard_layout,
 )
 
 ROWS = 8
@@ -95,6 +98,37 @@ def test_frozen_map_maps_as_the_trained_module(eviction: str) -> None:
     assert len(set(expected[expected != ROWS - 1].tolist())) == int((expected != ROWS - 1).sum())  # own rows
     exported = torch.export.export(frozen, (ids,)).module()
     assert exported(ids).tolist() == expected.tolist()
+
+
+def test_reshard_moves_ids_rows_and_counters_to_their_new_shards() -> None:
+    """A 1-shard LFU remapping (12 ids for 7 rows) laid out for 2 shards: each id with a row goes to the shard that
+    owns its hashed id, with its count, on a row whose embedding comes from its old row; a shard with more ids than
+    rows keeps the most counted; misses take the old miss row's embedding."""
+    mch = managed_collision_module(ROWS, "lfu", eviction_interval=1, device=CPU, buckets=ROWS)
+    raw = [10**15 + 7 * i for i in range(12)]
+    _train(mch, [raw[:5], raw[3:9], raw[6:12], raw[8:12], raw[:2], raw[:3]])
+    buffers = {name: getattr(mch, name).clone() for name in ("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping",
+                                                                "_mch_counts")}
+    old = FrozenIdMap(mch)
+    moved, source_rows, dropped = reshard_remapping(buffers, [0, ROWS], [0, 4, ROWS], buckets=ROWS)
+    layout = shard_layout(ROWS, ROWS, [0, 4, ROWS])
+    ids, rows = moved["_mch_sorted_raw_ids"], moved["_mch_remapped_ids_mapping"]
+    owned = ids != INPUT_HASH_SIZE
+    assert sorted(rows[:4].tolist()) == [0, 1, 2, 3] and sorted(rows[4:].tolist()) == [4, 5, 6, 7]
+    assert not owned[3] and not owned[7]  # each shard's last slot stays empty: its miss row
+    for j, (a, b) in enumerate([(0, 4), (4, 8)]):
+        mine = ids[a:b][owned[a:b]]
+        assert mine.tolist() == sorted(mine.tolist())
+        assert all((h // layout.bucket_size) // layout.buckets_per_shard == j for h in mine.tolist())
+    new = remap(hash_ids(torch.tensor(raw)), ids[owned], rows[owned], torch.tensor(layout.miss_rows), layout)
+    before = old(torch.tensor(raw))
+    kept = new != torch.tensor(layout.miss_rows)[(hash_ids(torch.tensor(raw)) // layout.bucket_size)
+                                                  // layout.buckets_per_shard]
+    assert source_rows[new[kept]].tolist() == before[kept].tolist()  # the old row's embedding
+    assert bool((before[~kept] == ROWS - 1).sum() + dropped == int((~kept).sum()))  # misses, or no room
+    assert source_rows[[3, 7]].tolist() == [ROWS - 1, ROWS - 1]  # both miss rows from the one old miss row
+    counts = dict(zip(buffers["_mch_sorted_raw_ids"].tolist(), buffers["_mch_counts"].tolist()))
+    assert all(counts[h] == c for h, c in zip(ids[owned].tolist(), moved["_mch_counts"][owned].tolist()))
 
 
 @pytest.fixture()
@@ -511,13 +545,15 @@ def remapping(session):  # this rank's part of every remapping buffer
 ref = open_session(load_config(source.run.config), source.run.path, env, vocabs=None, training=False)
 ckpt.load_model_weights(source.checkpoint, ref.model)
 cfg = load_config(source.run.config, [f"train.init_from={src}"])
-check_id_mapping(source, cfg.features, env.world_size)
+check_id_mapping(source, cfg, env.world_size)
 warm = open_session(cfg, Path(out) / "warm", env, vocabs=None)
 fresh = scores(warm)
 record = warm_start_session(warm, source)
 mine, theirs = remapping(warm), remapping(ref)
-result = {"diff": float((scores(warm) - scores(ref)).abs().max()), "fresh_diff": float((fresh - scores(ref)).abs().max()),
-          "buffers": sorted(k.rsplit(".", 1)[-1] for k in mine), "same": all(torch.equal(mine[k], theirs[k]) for k in mine),
+result = {"diff": float((scores(warm) - scores(ref)).abs().max()),
+          "fresh_diff": float((fresh - scores(ref)).abs().max()),
+          "buffers": sorted(k.rsplit(".", 1)[-1] for k in mine),
+          "same": all(torch.equal(mine[k], theirs[k]) for k in mine),
           "keys_match": sorted(mine) == sorted(theirs), "record": record}
 (Path(out) / "result.json").write_text(json.dumps(result))
 """
@@ -552,7 +588,8 @@ def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: 
 
     source = InitSource(str(evicting_run), RunDir(evicting_run), ckpt.checkpoint_path(evicting_run, "best"))
     config = evicting_run / "config.yaml"
-    check_id_mapping(source, load_config(config).features, 1)
+    check_id_mapping(source, load_config(config), 1)
+    check_id_mapping(source, load_config(config), 2)  # resharded on load (test_warm_start_reshards_the_remapping)
     for sets, message in (
         (["features.id_spaces.item.rows=512"], r"'features.id_spaces.item.rows': 512 here, 256 in the source"),
         (["features.id_spaces.category.eviction=lru"], r"'features.id_spaces.category.eviction': 'lru' here, 'lfu'"),
@@ -561,9 +598,11 @@ def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: 
           "features.id_spaces.category.rows=null"], r"trained with features.id_mapping: managed, this run has vocab"),
     ):
         with pytest.raises(WarmStartError, match=message):
-            check_id_mapping(source, load_config(config, sets).features, 1)
-    with pytest.raises(WarmStartError, match=r"remapping was trained on 1 processes and is not resharded for 2"):
-        check_id_mapping(source, load_config(config).features, 2)
+            check_id_mapping(source, load_config(config, sets), 1)
+    with_optimizer = load_config(config, [f"train.init_from={evicting_run}", "train.init_optimizer=true"])
+    check_id_mapping(source, with_optimizer, 1)
+    with pytest.raises(WarmStartError, match=r"'train.init_optimizer': .* trained on 1 processes, this run has 2"):
+        check_id_mapping(source, with_optimizer, 2)
 
 
 def test_a_checkpoint_is_loaded_on_its_own_world_size_only(evicting_run: Path) -> None:
@@ -575,6 +614,67 @@ def test_a_checkpoint_is_loaded_on_its_own_world_size_only(evicting_run: Path) -
     cfg = load_config(evicting_run / "config.yaml")
     path = ckpt.checkpoint_path(evicting_run, "last")
     _check_id_mapping(path, cfg, None, 1)
-    with pytest.raises(ManagedSettingsError, match=r"checkpoint .*epoch_1: its managed-id remapping was trained on 1 "
-                                                   r"processes and is not resharded for 2 \(ids would lose their rows\)"):
+    refusal = r"checkpoint .*epoch_1: its managed-id remapping was trained on 1 processes and is not resharded for 2"
+    with pytest.raises(ManagedSettingsError, match=refusal + r" \(ids would lose their rows\)"):
         _check_id_mapping(path, cfg, None, 2)
+
+
+# Under torchrun: SOURCE_RUN OUT. A training session warm-started from the source on this world size, its model
+# state saved as checkpoint OUT/checkpoints/after (the layout it trains from).
+WARM_SAVE = """
+import sys
+from pathlib import Path
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import load_config
+from mdaf_rec.distributed import init_distributed
+from mdaf_rec.train import open_session, warm_start_session
+from mdaf_rec.warm_start import check_id_mapping, resolve_source
+
+src, out = sys.argv[1:3]
+env = init_distributed()
+source = resolve_source(src)
+cfg = load_config(source.run.config, [f"train.init_from={src}"])
+check_id_mapping(source, cfg, env.world_size)
+session = open_session(cfg, Path(out), env, vocabs=None)
+warm_start_session(session, source)
+ckpt.save_checkpoint(Path(out), "after", {"model": session.model.state_dict()}, {"world_size": env.world_size},
+                     is_best=False)
+"""
+
+
+def test_warm_start_reshards_the_remapping(evicting_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """``--init-from`` the 1-process managed run on 2 processes: the remapping is resharded on load. Every id keeps
+    its embedding (on a row of the shard that now owns it), but the few for which that shard had no room (they
+    lose their row, as an evicted id); ids without a row keep the miss row's embedding; dense weights as trained."""
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_SAVE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), str(evicting_run), str(tmp_path / "warm")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    source, source_maps = _unsharded_run(evicting_run)
+    cfg = load_config(evicting_run / "config.yaml")
+    warm = build_train_module(cfg, {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                              with_sparse_optimizer=False).module
+    ckpt.load_model_weights(tmp_path / "warm" / "checkpoints" / "after", warm)
+    warm_maps = frozen_id_maps(warm, 2)
+    old, new = source.state_dict(), warm.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if "managed_ids" not in k)
+    train_split = pq.read_table(dataset / "train.parquet")
+    ids = {space: np.concatenate([train_split.column(f"{space}_id").to_numpy()] + (
+        [pc.list_flatten(train_split.column(f"{space}_history")).to_numpy()] if space != "user" else []))
+        for space in ("user", "item", "category")}  # every id the source trained on
+    for space, raw in ids.items():
+        raw = torch.from_numpy(np.unique(np.asarray(raw)))
+        table = f"managed_{space}"
+        weight = next(k for k in old if k.endswith(f"embeddings.{table}.weight"))
+        before, after = source_maps[table](raw), warm_maps[table](raw)
+        had, has = before != source_maps[table].miss_rows[0], ~torch.isin(after, warm_maps[table].miss_rows)
+        assert not bool((has & ~had).any())  # no id gains a row
+        # the ids of a shard beyond its rows - 1 lose theirs (a full table splits unevenly: a few)
+        layout = warm_maps[table].layout
+        shards = torch.bincount((hash_ids(raw[had]) // layout.bucket_size) // layout.buckets_per_shard, minlength=2)
+        capacity = int(warm_maps[table].miss_rows[0])  # a shard's rows but its miss row (shard 0: rows [0, R/2))
+        assert int(has.sum()) == int(shards.clamp(max=capacity).sum()) and int(has.sum()) > 0.3 * len(raw), space
+        assert torch.equal(new[weight][after[has]], old[weight][before[has]]), space
+        assert torch.equal(new[weight][after[~had]], old[weight][before[~had]]), space  # the miss row's embedding

@@ -265,6 +265,6 @@ def test_warm_start_refuses_a_vocabulary_source_for_managed_ids(source_run: Path
 
     managed = ["features.id_mapping=managed", "features.id_spaces.user.rows=300", "features.id_spaces.item.rows=800",
                "features.id_spaces.category.rows=32"]
-    check_id_mapping(resolve_source(str(source_run)), load_config(source_run / "config.yaml").features, 2)
+    check_id_mapping(resolve_source(str(source_run)), load_config(source_run / "config.yaml"), 2)
     with pytest.raises(WarmStartError, match=r"trained with features.id_mapping: vocab, this run has managed"):
-        check_id_mapping(resolve_source(str(source_run)), load_config(source_run / "config.yaml", managed).features, 1)
+        check_id_mapping(resolve_source(str(source_run)), load_config(source_run / "config.yaml", managed), 1)
