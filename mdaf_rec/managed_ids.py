@@ -23,12 +23,12 @@ This module holds the three pieces the project adds to that stack (``docs/archit
   :class:`FrozenIdMap` holds it as a module (:func:`frozen_id_maps`: one per table of a model holding a
   checkpoint); an exported MODEL_DIR holds it as memory-mapped files (:mod:`mdaf_rec.tables`, ``id_maps/``);
 * :func:`reshard_remapping` — a remapping trained on one world size laid out for another (each id, its counters and
-  its row's embedding to the shard that owns its hashed id there), for a warm start across world sizes;
+  its row's embedding to the shard that owns its hashed id there), for a resume or warm start across world sizes;
 * :func:`size_history_buffers` — the buffer of ids seen between eviction rounds sized from the batch, not from
   the first batch (TorchRec's choice, which silently leaves later ids out of admission);
 * :func:`managed_fingerprint` / :func:`check_managed_settings` — what a checkpoint records of its managed settings
   in place of the vocabulary fingerprint, and the check of it; :func:`check_remapping_world_size` — a checkpoint's
-  remapping is loaded on the world size it was trained on only.
+  remapping is loaded through DCP on the world size it was trained on only.
 
 ``features.id_mapping: managed`` wires them into the models (:class:`mdaf_rec.models.embeddings.ManagedIdArch`),
 the sharders, training and serving.
@@ -126,7 +126,8 @@ def check_remapping_world_size(recorded: Optional[int], world_size: int, what: s
     """Raises :class:`ManagedSettingsError` unless ``what``, a managed checkpoint trained on ``recorded`` processes
     (``None``: not recorded, 1), is loaded into a model sharded over ``world_size``: the remapping is row-wise
     sharded by hashed id, and DCP's resharding does not move its ids (1 -> 2 processes: TorchRec refuses;
-    2 -> 1: ids silently lose their rows)."""
+    2 -> 1: ids silently lose their rows). For loads through DCP (``mdaf-rec eval``); resume and warm start
+    reshard the remapping themselves (:func:`reshard_remapping`)."""
     trained_on = recorded or 1
     if trained_on != world_size:
         raise ManagedSettingsError(

@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipeline
@@ -230,13 +231,11 @@ def _id_fingerprint(cfg: Config, vocabs: Optional[Vocabularies]) -> str:
     return vocabs.fingerprint if vocabs is not None else managed_fingerprint(cfg.features)
 
 
-def _check_id_mapping(path: Path, cfg: Config, vocabs: Optional[Vocabularies], world_size: int) -> None:
+def _check_id_mapping(path: Path, cfg: Config, vocabs: Optional[Vocabularies]) -> None:
     """Refuses checkpoint ``path`` unless its ids map to rows as ``vocabs`` (``vocab``) or the managed settings of
-    ``cfg`` (``managed``, where the vocabulary check does not apply; and the remapping's world size) say."""
+    ``cfg`` (``managed``, where the vocabulary check does not apply) say."""
     if vocabs is None:
-        state = ckpt.read_state(path)
-        check_managed_settings(state.get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
-        check_remapping_world_size(state.get("world_size"), world_size, f"checkpoint {path}")
+        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
         return
     try:
         ckpt.check_vocabularies(path, vocabs)
@@ -424,7 +423,7 @@ def train(
         vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")
-            _check_id_mapping(last, cfg, vocabs, env.world_size)
+            _check_id_mapping(last, cfg, vocabs)
         session = open_session(cfg, run_dir, env, vocabs=vocabs, plan=_run_plan(run, env, plan_file, start),
                                dataset=dataset)
         state = _resume(session) if start is Start.RESUME else TrainState()
@@ -731,10 +730,24 @@ def _resume(session: Session) -> TrainState:
     # logit layers inside MDAF without Tri-BCE) have no Adam state in the checkpoint, and keep the
     # placeholder state init_state gave them, which no step ever reads. Under another world size the
     # optimizer state of tables whose sharding type changed (fused <-> data_parallel) restarts too.
+    # A managed-id remapping does not reshard through DCP: on another world size the model loads as a warm start
+    # does (the remapping and its tables moved to the new shards, warm_start.load_model_state) and the optimizer
+    # state of the managed tables restarts (its rows moved).
+    reshard = session.spec.managed and ckpt.read_state(path).get("world_size", 1) != session.env.world_size
+    fresh = _managed_optimizer_state(session, app_state["optim"]) if reshard else []
     try:
-        state = TrainState.from_json(ckpt.load_checkpoint(path, app_state, partial=("optim",)))
+        loaded = ckpt.load_checkpoint(path, {"optim": app_state["optim"]} if reshard else app_state, partial=("optim",))
+        state = TrainState.from_json(loaded)
     except (TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: not a training state ({e})") from None
+    if reshard:
+        load_model_state(InitSource(str(path), RunDir(session.run_dir), path), session.model,
+                         table_key_rule(session.spec))
+        for restarted, value in fresh:
+            restarted.copy_(value)
+        logger.warning("managed ids: the remapping of a %s-process checkpoint was resharded for %d processes (ids "
+                       "without room in their new shard lose their row); the managed tables' optimizer state restarts",
+                       state.world_size, session.env.world_size)
     if state.world_size != session.env.world_size:
         logger.warning(
             "resumed a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
@@ -748,9 +761,23 @@ def _resume(session: Session) -> TrainState:
                 "on twice and others not at all (later epochs are whole; every_rank_reads_all resumes exactly)",
                 state.epochs_done + 1, state.epoch_batches, state.world_size, session.env.world_size,
             )
-    session.model.load_state_dict(app_state["model"])
+    if not reshard:
+        session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     return state
+
+
+def _managed_optimizer_state(session: Session, optim: Dict[str, Any]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's optimizer state tensors of the managed tables in ``optim`` (an optimizer ``state_dict()``),
+    each with a copy of its current (fresh) value."""
+    markers = [f".{s.table_name}.weight" for s in session.spec.managed_spaces]
+    out: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    for key, entries in optim.get("state", {}).items():
+        if any(m in key for m in markers):
+            for value in entries.values():
+                local = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+                out += [(tensor, tensor.clone()) for tensor in local]
+    return out
 
 
 def _init_optimizer_state(session: Session) -> None:

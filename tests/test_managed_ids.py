@@ -55,6 +55,7 @@ from mdaf_rec.managed_ids import (
     ManagedEmbeddingCollectionSharder,
     ManagedSettingsError,
     check_managed_settings,
+    check_remapping_world_size,
     frozen_id_maps,
     hash_ids,
     managed_collision_module,
@@ -605,18 +606,25 @@ def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: 
         check_id_mapping(source, with_optimizer, 2)
 
 
-def test_a_checkpoint_is_loaded_on_its_own_world_size_only(evicting_run: Path) -> None:
-    """A managed run's remapping is not resharded: resuming (or evaluating) the 1-process run on 2 processes, where
-    TorchRec's DCP stops with a traceback (2 -> 1 silently loses ids), is refused in one line before anything is
-    loaded. (The CLI path, by hand: ``mdaf-rec eval`` of a 2-process run in 1 process exits 2 with this line.)"""
-    from mdaf_rec.train import _check_id_mapping
+def test_resume_on_another_world_size_reshards_the_remapping(dataset: Path, evicting_run: Path, tmp_path: Path) -> None:
+    """The 1-process managed run resumed on 2 processes (TorchRec's DCP refuses to reshard the remapping): the model
+    loads as a warm start does, remapping resharded, and the epoch goes on from the checkpoint's position."""
+    run = tmp_path / "run"
+    shutil.copytree(evicting_run, run)
+    proc = train(dataset, run, "--epochs", "2", *EVICTING_SETS, config="configs/mdaf_bst.yaml", nproc=2)
+    assert "remapping of 1 shards resharded to 2" in proc.stderr and "resuming" in proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["world_size"] == 2 and np.isfinite(metrics["test"]["auc"])
 
-    cfg = load_config(evicting_run / "config.yaml")
-    path = ckpt.checkpoint_path(evicting_run, "last")
-    _check_id_mapping(path, cfg, None, 1)
-    refusal = r"checkpoint .*epoch_1: its managed-id remapping was trained on 1 processes and is not resharded for 2"
-    with pytest.raises(ManagedSettingsError, match=refusal + r" \(ids would lose their rows\)"):
-        _check_id_mapping(path, cfg, None, 2)
+
+def test_eval_stays_on_the_checkpoint_world_size() -> None:
+    """``mdaf-rec eval`` loads through DCP, which does not reshard a remapping (2 -> 1 silently loses ids): another
+    world size than the checkpoint's is refused in one line."""
+    check_remapping_world_size(2, 2, "checkpoint X")
+    check_remapping_world_size(None, 1, "checkpoint X")  # not recorded: 1 process
+    with pytest.raises(ManagedSettingsError, match=r"checkpoint X: its managed-id remapping was trained on 2 "
+                                                   r"processes and is not resharded for 1"):
+        check_remapping_world_size(2, 1, "checkpoint X")
 
 
 # Under torchrun: SOURCE_RUN OUT. A training session warm-started from the source on this world size, its model
