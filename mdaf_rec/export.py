@@ -15,7 +15,10 @@ block), and write::
                           compiled CPU operators of mdaf_rec.ops (unless --no-compile; loads with
                           torch._inductor.aoti_load_package after torch.ops.load_library(ops library))
       ops/mdaf_rec_ops.so the compiled CPU operators' library (when the model calls them: the Mamba branch)
-      vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each)
+      vocab/              the run's vocabularies (vocab.json + one <space>.npy of known raw ids each); none under
+                          features.id_mapping: managed, where the inputs are raw ids and each managed table has
+      id_maps/<table>.{ids,rows}.bin  its remapping frozen at the checkpoint (sorted hashed ids, their rows), written
+                          from the checkpoint's MCH buffers like the tables (:func:`mdaf_rec.tables.write_id_map`)
       config.yaml         the run's resolved config, for reference
       feature_spec.json   inputs, outputs, id → index mapping, time fields
       manifest.json       sha256 and size of every file above; its own sha256 is printed
@@ -27,6 +30,7 @@ directory or a dataset folder, nor inside one (:func:`check_out`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -36,6 +40,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_modules import MCHManagedCollisionModule
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.artifact import (
@@ -51,10 +56,11 @@ from mdaf_rec.artifact import (
 from mdaf_rec.config import Config, load_config
 from mdaf_rec.data.dataset import DatasetError, is_dataset_folder, recorded_timezone
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
-from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, PADDING_INDEX, TIME_FIELDS, FeatureSpec
+from mdaf_rec.features import NUM_RESERVED_INDICES, OOV_INDEX, TIME_FIELDS, FeatureSpec
+from mdaf_rec.managed_ids import check_managed_settings, managed_fingerprint
 from mdaf_rec.output import ArchiveFile
 from mdaf_rec.run_dir import RunDir
-from mdaf_rec.tables import TABLE_DTYPES, CheckpointTables, TableFile, write_table
+from mdaf_rec.tables import TABLE_DTYPES, CheckpointTables, IdMapFile, TableFile, write_id_map, write_table
 from mdaf_rec.trainable import build_train_module
 from mdaf_rec.ops import scan_cpu
 from mdaf_rec.serving import ID_INPUTS, ServingModule, example_inputs, export_cpu_program, export_program
@@ -77,38 +83,47 @@ def table_keys(module: nn.Module) -> Dict[str, str]:
     return keys
 
 
+def remapping_keys(module: nn.Module) -> Dict[str, tuple[str, int]]:
+    """Managed table name -> (state-dict prefix of its MCH module's buffers, as ``module.state_dict()`` has them;
+    its buckets), for every remapping of ``module`` (none under ``vocab``)."""
+    return {str(child._name): (name, child.buckets()) for name, child in module.named_modules()
+            if isinstance(child, MCHManagedCollisionModule)}
+
+
 def load_serving_module(
     run_dir: Path, which: str = "best"
-) -> tuple[ServingModule, Dict[str, str], Config, FeatureSpec, Vocabularies, Path]:
+) -> tuple[ServingModule, Dict[str, str], Config, FeatureSpec, Optional[Vocabularies], Path,
+           Dict[str, tuple[str, int]]]:
     """The run's dense network with the weights of checkpoint ``which``, as a :class:`ServingModule`; the tables
-    stay in the checkpoint (built on the ``meta`` device: no memory).
+    and the remappings of managed ids stay in the checkpoint (tables built on the ``meta`` device: no memory).
 
     Args:
         run_dir: a run directory written by ``mdaf-rec train``.
         which: ``best`` or ``last``.
     Returns:
         ``(serving module in eval mode, table name -> the checkpoint's key of its weight, config, feature spec,
-        vocabularies, checkpoint folder)``.
+        vocabularies (``None`` under ``features.id_mapping: managed``), checkpoint folder, managed table name ->
+        (the checkpoint's prefix of its MCH module's buffers, its buckets))``.
     """
     run = RunDir(run_dir).require()
     cfg = load_config(run.config)
-    if cfg.features.id_mapping == "managed":
-        raise ArtifactError(f"--run {run_dir}: trained with features.id_mapping: managed, which the memory-mapped "
-                            "artifact cannot serve yet (its frozen id maps are not written in front of the table "
-                            "files); evaluate it with `mdaf-rec eval`")
-    vocabs = Vocabularies.load(run.vocab)
     path = ckpt.checkpoint_path(run_dir, which)
-    ckpt.check_vocabularies(path, vocabs)
-    spec, wrapper = build_train_module(cfg, vocabs.sizes, table_device="meta", dense_device="cpu",
-                                       compute_device="cpu", with_sparse_optimizer=False)
-    tables = table_keys(wrapper)
-    dense = {k: v for k, v in wrapper.state_dict().items() if k not in set(tables.values())}
+    vocabs = None
+    if cfg.features.id_mapping == "managed":
+        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+    else:
+        vocabs = Vocabularies.load(run.vocab)
+        ckpt.check_vocabularies(path, vocabs)
+    spec, wrapper = build_train_module(cfg, vocabs.sizes if vocabs is not None else {}, table_device="meta",
+                                       dense_device="cpu", compute_device="cpu", with_sparse_optimizer=False)
+    tables, remappings = table_keys(wrapper), remapping_keys(wrapper)
+    module = ServingModule(wrapper.model, spec)  # drops the table lookups (and the remappings) from wrapper.model
+    dense = wrapper.state_dict()
     ckpt.load_checkpoint(path, {"model": dense})  # an unsharded CTRTrain has the checkpoint's (DMP's) keys
-    result = wrapper.load_state_dict(dense, strict=False)
-    assert set(result.missing_keys) == set(tables.values()) and not result.unexpected_keys, result
+    wrapper.load_state_dict(dense)
     logger.info("loaded the dense network of %s (%s) from %s", cfg.model.name, which, path)
-    module = ServingModule(wrapper.model, spec)
-    return module, {name: f"model.{key}" for name, key in tables.items()}, cfg, spec, vocabs, path
+    return (module, {name: f"model.{key}" for name, key in tables.items()}, cfg, spec, vocabs, path,
+            {name: (f"model.{prefix}", buckets) for name, (prefix, buckets) in remappings.items()})
 
 
 def export_run(run_dir: Path, out: Path, which: str = "best", table_dtype: str = "fp32", compile: bool = True) -> str:
@@ -130,7 +145,7 @@ def export_run(run_dir: Path, out: Path, which: str = "best", table_dtype: str =
         raise ValueError(f"--table-dtype must be one of {TABLE_DTYPES}, got {table_dtype!r}")
     check_out(out, run_dir)
     with ArtifactWriter(out) as artifact:
-        module, keys, cfg, spec, vocabs, path = load_serving_module(run_dir, which)
+        module, keys, cfg, spec, vocabs, path, remappings = load_serving_module(run_dir, which)
         timezone = _timezone(cfg)
         with torch.no_grad():
             gate_dim = int(module(*example_inputs(module, 1))[1].shape[1])
@@ -143,7 +158,14 @@ def export_run(run_dir: Path, out: Path, which: str = "best", table_dtype: str =
             tables[name] = write_table(source, key, artifact.folder, name, table_dtype)
             logger.info("table %s: %d x %d -> %s (%s)", name, tables[name].rows, tables[name].dim,
                         tables[name].file, table_dtype)
-        vocabs.save(artifact.folder / VOCAB_DIR)
+        world_size = int(ckpt.read_state(path).get("world_size", 1))
+        id_maps: Dict[str, IdMapFile] = {}
+        for name, (prefix, buckets) in remappings.items():
+            id_maps[name] = write_id_map(source, prefix, artifact.folder, name, world_size, buckets)
+            logger.info("id map of %s: %d ids with a row of %d (trained on %d processes) -> %s", name,
+                        id_maps[name].entries, id_maps[name].table_rows, world_size, id_maps[name].ids)
+        if vocabs is not None:
+            vocabs.save(artifact.folder / VOCAB_DIR)
         shutil.copyfile(RunDir(run_dir).config, artifact.folder / "config.yaml")
         doc = feature_spec_doc(cfg, spec, vocabs, timezone, gate_dim, table_dtype, path)
         doc["inputs"] += [
@@ -155,6 +177,8 @@ def export_run(run_dir: Path, out: Path, which: str = "best", table_dtype: str =
         ]
         doc["tables"] = {name: table.doc() for name, table in tables.items()}
         doc["lookups"] = {name: lookup._asdict() for name, lookup in module.lookups.items()}
+        if id_maps:
+            doc["id_maps"] = {name: id_map.doc() for name, id_map in id_maps.items()}
         if cpu_program is not None:
             doc["cpu_program"] = cpu_program
         (artifact.folder / SPEC_FILE).write_text(json.dumps(doc, indent=2))
@@ -207,18 +231,22 @@ def _timezone(cfg: Config) -> str:
 
 
 def feature_spec_doc(
-    cfg: Config, spec: FeatureSpec, vocabs: Vocabularies, timezone: str, gate_dim: int, table_dtype: str,
+    cfg: Config, spec: FeatureSpec, vocabs: Optional[Vocabularies], timezone: str, gate_dim: int, table_dtype: str,
     checkpoint: Path
 ) -> Dict[str, Any]:
-    """Everything a server needs to turn a raw row into the program's inputs (``feature_spec.json``)."""
+    """Everything a server needs to turn a raw row into the program's inputs (``feature_spec.json``); under
+    managed ids (``vocabs`` ``None``) the id inputs are raw ids and ``managed_spaces`` replaces ``vocabularies``
+    (the tables' ``id_maps`` are added by :func:`export_run`)."""
     batch = "B"
     num_spaces = len(spec.sequence_spaces)
-    return {
+    fingerprint = vocabs.fingerprint if vocabs is not None else managed_fingerprint(cfg.features)
+    index = "vocabulary {!r}" if vocabs is not None else "raw id (managed {!r}: mapped to rows by its id map)"
+    doc = {
         "format_version": FORMAT_VERSION,
         "model": cfg.model.name,
         "quantization": QUANTIZATION_NAMES[table_dtype],
         "program": PROGRAM_FILE,
-        "source": {"checkpoint": str(checkpoint.resolve()), "vocab_fingerprint": vocabs.fingerprint},
+        "source": {"checkpoint": str(checkpoint.resolve()), "vocab_fingerprint": fingerprint},
         "inputs": [
             {"name": "static_ids", "dtype": "int64", "shape": [batch, len(spec.static_fields)],
              "order": spec.static_keys},
@@ -239,12 +267,12 @@ def feature_spec_doc(
         "static_fields": [
             {"key": f.name, "column": f.column, "table_rows": f.num_embeddings,
              "index": f"derived from timestamp: {_time_field_rule(f.column)}" if f.column in TIME_FIELDS
-             else f"vocabulary {f.name!r}"}
+             else index.format(f.name)}
             for f in spec.static_fields
         ],
         "sequence_spaces": [
-            {"key": s.name, "target_column": _space_column(vocabs, s.name), "history_column": s.history_key,
-             "table_rows": s.num_embeddings, "index": f"vocabulary {s.name!r}"}
+            {"key": s.name, "target_column": cfg.features.id_spaces[s.name].column, "history_column": s.history_key,
+             "table_rows": s.num_embeddings, "index": index.format(s.name)}
             for s in spec.sequence_spaces
         ],
         "dense_features": list(spec.dense_features),
@@ -256,14 +284,18 @@ def feature_spec_doc(
         "history_truncation": f"only the most recent {spec.max_history} entries are kept (as in training)",
         "timezone": timezone,
         "time_fields": {c: _time_field_rule(c) for c in TIME_FIELDS},
-        "padding_index": PADDING_INDEX,
-        "oov_index": OOV_INDEX,
-        "vocabularies": {
-            "dir": VOCAB_DIR,
-            "fingerprint": vocabs.fingerprint,
-            "spaces": {name: _mapping(name, v.ids is None, v.settings.hash_buckets) for name, v in vocabs.spaces.items()},
-        },
+        "padding_index": spec.padding_id,
     }
+    if vocabs is None:
+        doc["managed_spaces"] = [dataclasses.asdict(s) for s in spec.managed_spaces]
+        return doc
+    doc["oov_index"] = OOV_INDEX
+    doc["vocabularies"] = {
+        "dir": VOCAB_DIR,
+        "fingerprint": vocabs.fingerprint,
+        "spaces": {name: _mapping(name, v.ids is None, v.settings.hash_buckets) for name, v in vocabs.spaces.items()},
+    }
+    return doc
 
 
 def _time_field_rule(column: str) -> str:
@@ -272,10 +304,6 @@ def _time_field_rule(column: str) -> str:
         "dayofweek": "local day of week of `timestamp` in `timezone`, Monday = 0 .. Sunday = 6",
     }
     return rules[column]
-
-
-def _space_column(vocabs: Vocabularies, name: str) -> str:
-    return vocabs.spaces[name].settings.column
 
 
 def _mapping(name: str, hashed: bool, buckets: Optional[int]) -> Dict[str, Any]:

@@ -18,13 +18,17 @@ This module holds the three pieces the project adds to that stack (``docs/archit
   the evicted rows' optimizer state with ``fbgemm::reset_weight_momentum``, which has no CPU kernel in
   fbgemm-gpu-cpu 1.8 (``NotImplementedError`` at the first eviction with ``rowwise_adagrad``), and offers the
   planner GPU-only kernels;
-* :class:`FrozenIdMap` — the remapping frozen for serving: the admitted ids and their rows as constant
-  buffers, a binary search per id, a miss to the miss row of the shard that owned it in training; no admission,
-  no eviction (:func:`frozen_id_maps`: one per table of a model holding a checkpoint);
+* :func:`remap` — the remapping frozen for serving: the admitted ids and their rows, a binary search per id, a
+  miss to the miss row of the shard that owned it in training (:class:`ShardLayout`); no admission, no eviction.
+  :class:`FrozenIdMap` holds it as a module (:func:`frozen_id_maps`: one per table of a model holding a
+  checkpoint); an exported MODEL_DIR holds it as memory-mapped files (:mod:`mdaf_rec.tables`, ``id_maps/``);
+* :func:`reshard_remapping` — a remapping trained on one world size laid out for another (each id, its counters and
+  its row's embedding to the shard that owns its hashed id there), for a resume or warm start across world sizes;
 * :func:`size_history_buffers` — the buffer of ids seen between eviction rounds sized from the batch, not from
   the first batch (TorchRec's choice, which silently leaves later ids out of admission);
 * :func:`managed_fingerprint` / :func:`check_managed_settings` — what a checkpoint records of its managed settings
-  in place of the vocabulary fingerprint, and the check of it.
+  in place of the vocabulary fingerprint, and the check of it; :func:`check_remapping_world_size` — a checkpoint's
+  remapping is loaded through DCP on the world size it was trained on only.
 
 ``features.id_mapping: managed`` wires them into the models (:class:`mdaf_rec.models.embeddings.ManagedIdArch`),
 the sharders, training and serving.
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -116,6 +120,20 @@ def check_managed_settings(recorded: Optional[str], cfg: FeaturesConfig, what: s
         f"{what} was trained with {trained} than features.id_spaces (rows, eviction) of features.id_mapping=managed "
         "ask: ids would map to other rows"
     )
+
+
+def check_remapping_world_size(recorded: Optional[int], world_size: int, what: str) -> None:
+    """Raises :class:`ManagedSettingsError` unless ``what``, a managed checkpoint trained on ``recorded`` processes
+    (``None``: not recorded, 1), is loaded into a model sharded over ``world_size``: the remapping is row-wise
+    sharded by hashed id, and DCP's resharding does not move its ids (1 -> 2 processes: TorchRec refuses;
+    2 -> 1: ids silently lose their rows). For loads through DCP (``mdaf-rec eval``); resume and warm start
+    reshard the remapping themselves (:func:`reshard_remapping`)."""
+    trained_on = recorded or 1
+    if trained_on != world_size:
+        raise ManagedSettingsError(
+            f"{what}: its managed-id remapping was trained on {trained_on} processes and is not resharded for "
+            f"{world_size} (ids would lose their rows): run on {trained_on} (`mdaf-rec export` serves it anywhere)"
+        )
 
 
 def managed_collision_module(
@@ -222,14 +240,124 @@ class ManagedEmbeddingCollectionSharder(ManagedCollisionEmbeddingCollectionShard
         )
 
 
+class ShardLayout(NamedTuple):
+    """Where a remapping sends the ids it has no row for: the miss row of the shard that owns the hashed id.
+
+    Row-wise sharding over ``W`` processes hands shard ``k`` the ``k``-th ``W``-th of the ``buckets`` equal blocks of
+    the hashed range (bucket ``h // bucket_size``) and rows ``[segments[k], segments[k + 1])``; its miss row is the
+    last of them. Unsharded (``W = 1``) that is the table's last row, what the MCH module does in ``eval()``.
+
+    Attributes:
+        miss_rows: ``[W]`` the miss row of each shard.
+        bucket_size: ``ceil(INPUT_HASH_SIZE / buckets)``.
+        buckets_per_shard: ``buckets / W``.
+    """
+
+    miss_rows: List[int]
+    bucket_size: int
+    buckets_per_shard: int
+
+
+def shard_layout(rows: int, buckets: int, segments: Sequence[int]) -> ShardLayout:
+    """The :class:`ShardLayout` of a remapping of ``rows`` rows in ``buckets`` buckets trained on shards whose row
+    boundaries are ``segments`` (``[0, ..., rows]``; ``[k R / W]`` for ``W`` processes)."""
+    shards = len(segments) - 1
+    if shards < 1 or segments[0] != 0 or segments[-1] != rows or buckets % shards:
+        raise ValueError(f"shard boundaries {list(segments)} do not split {rows} rows in {buckets} buckets")
+    return ShardLayout([int(s) - 1 for s in segments[1:]], -(-INPUT_HASH_SIZE // buckets), buckets // shards)
+
+
+def world_segments(rows: int, world_size: int) -> List[int]:
+    """The row boundaries ``[k R / W]`` row-wise sharding gives ``world_size`` processes (rows are a multiple of the
+    world size)."""
+    return [rows * k // world_size for k in range(world_size + 1)]
+
+
+def remap(
+    hashed: torch.Tensor, sorted_ids: torch.Tensor, rows: torch.Tensor, miss_rows: torch.Tensor, layout: ShardLayout
+) -> torch.Tensor:
+    """The frozen remapping: hashed ids -> table rows, no admission, no eviction.
+
+    Args:
+        hashed: :func:`hash_ids` of raw ids, any shape.
+        sorted_ids: ``[N]`` the hashed ids that own a row, ascending (no empty slots).
+        rows: ``[N]`` the row of each.
+        miss_rows: ``layout.miss_rows`` as an int64 tensor.
+        layout: where an id without a row goes.
+    Returns:
+        int64 rows, the shape of ``hashed``: an id's own row, else its shard's miss row.
+    """
+    shard = torch.div(hashed, layout.bucket_size, rounding_mode="floor") // layout.buckets_per_shard
+    miss = miss_rows[shard]
+    if sorted_ids.numel() == 0:
+        return miss
+    position = torch.searchsorted(sorted_ids, hashed).clamp(max=sorted_ids.numel() - 1)
+    return torch.where(sorted_ids[position] == hashed, rows[position], miss)
+
+
+#: An MCH module's buffers of the ids with a row and of their rows (its ``_mch_<metadata>`` counters align with them).
+SORTED_IDS, ROW_MAPPING = "_mch_sorted_raw_ids", "_mch_remapped_ids_mapping"
+
+
+def reshard_remapping(
+    buffers: Dict[str, torch.Tensor], source_segments: Sequence[int], target_segments: Sequence[int], buckets: int
+) -> tuple[Dict[str, torch.Tensor], torch.Tensor, int]:
+    """A remapping trained row-wise sharded with row boundaries ``source_segments``, laid out for
+    ``target_segments`` (another world size): each id with a row moves to the shard that owns its hashed id there,
+    with its counters.
+
+    Target shard ``j`` (rows ``[a, b)``) takes its ids in ascending order on rows ``a, a + 1, ...``, keeping at most
+    ``b - a - 1`` (its last row is its miss row): when more of them had rows, those the eviction policy values most
+    are kept (highest ``_mch_counts``, then most recent ``_mch_last_access_iter``, then the smaller hashed id); the
+    others lose their row (as an evicted id). Its empty slots map to its unused rows, as a fresh module's do.
+
+    Args:
+        buffers: the full arrays (every shard's, one after the other) of ``_mch_sorted_raw_ids``,
+            ``_mch_remapped_ids_mapping`` and the ``_mch_<metadata>`` counters, ``[R]`` each.
+        source_segments: the source shards' row boundaries ``[0, ..., R]``.
+        target_segments: the target shards' row boundaries.
+        buckets: the module's buckets (:func:`shard_layout`).
+    Returns:
+        ``(the buffers in the target layout, source_rows [R]: the source row each target row takes its embedding
+        from (a miss row the miss row of the source shard that owned the start of its hashed range; an unused row
+        itself), ids that lost their row)``.
+    """
+    ids, rows = buffers[SORTED_IDS], buffers[ROW_MAPPING]
+    total = ids.numel()
+    source = shard_layout(total, buckets, source_segments)
+    target = shard_layout(total, buckets, target_segments)
+    owned = ids != INPUT_HASH_SIZE
+    shard = torch.div(ids[owned], target.bucket_size, rounding_mode="floor") // target.buckets_per_shard
+    counters = [name for name in ("_mch_counts", "_mch_last_access_iter") if name in buffers]
+    out = {name: torch.zeros_like(value) for name, value in buffers.items()}
+    out[SORTED_IDS] = torch.full_like(ids, INPUT_HASH_SIZE)
+    out[ROW_MAPPING] = torch.arange(total, dtype=rows.dtype)
+    source_rows = torch.arange(total, dtype=torch.int64)
+    dropped = 0
+    for j, (a, b) in enumerate(zip(target_segments[:-1], target_segments[1:])):
+        mine = torch.nonzero(owned).flatten()[shard == j]  # slots of the ids target shard j owns
+        order = torch.argsort(ids[mine], stable=True)  # tie-break: the smaller hashed id
+        for name in reversed(counters):  # most valued first: counts, then last access
+            order = order[torch.argsort(buffers[name][mine][order], descending=True, stable=True)]
+        kept = mine[order[: b - a - 1]]
+        dropped += mine.numel() - kept.numel()
+        kept = kept[torch.argsort(ids[kept])]
+        n = kept.numel()
+        out[SORTED_IDS][a : a + n] = ids[kept]
+        for name in buffers:
+            if name not in (SORTED_IDS, ROW_MAPPING):
+                out[name][a : a + n] = buffers[name][kept]
+        source_rows[a : a + n] = rows[kept]
+        first_bucket = j * target.buckets_per_shard
+        source_rows[b - 1] = source.miss_rows[first_bucket // source.buckets_per_shard]
+    return out, source_rows, dropped
+
+
 class FrozenIdMap(nn.Module):
-    """The remapping of an MCH module frozen for serving: raw ids -> table rows, no admission, no eviction.
+    """The remapping of an MCH module frozen for serving: raw ids -> table rows (:func:`remap` of :func:`hash_ids`).
 
     Built from the module's (unsharded) state: the hashed ids that own a row and their rows. An id with a row maps
-    to it; an id without one (new, or evicted) maps to the miss row it had in training: the last row of the shard
-    that owns its hashed id (row-wise sharding hands shard ``k`` of ``W`` the ``k``-th ``W``-th of the buckets,
-    bucket ``h // ceil(INPUT_HASH_SIZE / buckets)``). Unsharded (``segments = [0, rows]``) that is the table's
-    last row, exactly what the MCH module does in ``eval()``.
+    to it; an id without one (new, or evicted) maps to the miss row it had in training (:class:`ShardLayout`).
 
     Args:
         mch: the trained module, unsharded (its ``_mch_sorted_raw_ids`` / ``_mch_remapped_ids_mapping`` are
@@ -241,17 +369,13 @@ class FrozenIdMap(nn.Module):
     def __init__(self, mch: MCHManagedCollisionModule, segments: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         rows = mch.output_size()
-        segments = list(segments) if segments is not None else [0, rows]
-        shards = len(segments) - 1
-        if segments[0] != 0 or segments[-1] != rows or mch.buckets() % shards:
-            raise ValueError(f"shard boundaries {segments} do not split {rows} rows in {mch.buckets()} buckets")
+        self.layout = shard_layout(rows, mch.buckets(), list(segments) if segments is not None else [0, rows])
         ids = mch._mch_sorted_raw_ids.detach().cpu()
-        order = torch.argsort(ids, stable=True)  # a state loaded from shards is sorted per shard only
-        self.register_buffer("sorted_ids", ids[order].clone())  # [R] hashed ids, int64 max = empty slot
-        self.register_buffer("rows", mch._mch_remapped_ids_mapping.detach().cpu()[order].clone())  # [R]
-        self.register_buffer("miss_rows", torch.tensor(segments[1:], dtype=torch.int64) - 1)  # [W]
-        self.bucket_size = -(-INPUT_HASH_SIZE // mch.buckets())
-        self.buckets_per_shard = mch.buckets() // shards
+        owned = ids != INPUT_HASH_SIZE  # INPUT_HASH_SIZE: an empty slot
+        order = torch.argsort(ids[owned], stable=True)  # a state loaded from shards is sorted per shard only
+        self.register_buffer("sorted_ids", ids[owned][order].clone())  # [N] hashed ids
+        self.register_buffer("rows", mch._mch_remapped_ids_mapping.detach().cpu()[owned][order].clone())  # [N]
+        self.register_buffer("miss_rows", torch.tensor(self.layout.miss_rows, dtype=torch.int64))  # [W]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """
@@ -260,11 +384,7 @@ class FrozenIdMap(nn.Module):
         Returns:
             int64 rows, the shape of ``ids``.
         """
-        hashed = hash_ids(ids)
-        position = torch.searchsorted(self.sorted_ids[:-1], hashed)  # as TorchRec's _mch_remap
-        found = self.sorted_ids[position] == hashed
-        miss = self.miss_rows[torch.div(hashed, self.bucket_size, rounding_mode="floor") // self.buckets_per_shard]
-        return torch.where(found, self.rows[position], miss)
+        return remap(hash_ids(ids), self.sorted_ids, self.rows, self.miss_rows, self.layout)
 
 
 def frozen_id_maps(model: nn.Module, world_size: int) -> Dict[str, FrozenIdMap]:
@@ -275,6 +395,5 @@ def frozen_id_maps(model: nn.Module, world_size: int) -> Dict[str, FrozenIdMap]:
     maps: Dict[str, FrozenIdMap] = {}
     for module in model.modules():
         if isinstance(module, MCHManagedCollisionModule):
-            rows = module.output_size()
-            maps[str(module._name)] = FrozenIdMap(module, [rows * k // world_size for k in range(world_size + 1)])
+            maps[str(module._name)] = FrozenIdMap(module, world_segments(module.output_size(), world_size))
     return maps

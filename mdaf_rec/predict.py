@@ -3,10 +3,11 @@
 Rows go through the training data path: :func:`~mdaf_rec.data.validate.validate` (an error names the
 column), :class:`~mdaf_rec.data.loader.WindowColumns` (histories truncated to the most recent
 ``max_history`` ids), :class:`~mdaf_rec.data.loader.BatchConverter` (raw ids → indices through
-MODEL_DIR's vocabularies, unknown → OOV 1; hour / day of week in the export's time zone), then
-:func:`~mdaf_rec.serving.serving_inputs`, the rows of those indices looked up in MODEL_DIR's memory-mapped
-table files (:class:`~mdaf_rec.tables.ServingTables`: fp32, fp16 or int8), and into the exported program,
-never the training model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
+MODEL_DIR's vocabularies, unknown → OOV 1; under managed ids the raw ids stay; hour / day of week in the export's
+time zone), then :func:`~mdaf_rec.serving.serving_inputs`, the rows of those indices (managed: of the rows the
+frozen id maps give the raw ids) looked up in MODEL_DIR's memory-mapped table files
+(:class:`~mdaf_rec.tables.ServingTables`: fp32, fp16 or int8), and into the exported program, never the training
+model. ``label`` is not needed. The output Parquet has ``row_index`` (row number in the
 input, counting through the files in name order), the ``--key`` columns copied through,
 ``probability`` and, with ``--with-gate``, ``gate`` (float, or a list of floats for a vector gate).
 """
@@ -60,9 +61,10 @@ class ExportedModel:
         try:
             self.spec: FeatureSpec = spec_from_json(self.doc)
             timezone = self.doc["timezone"]
-            self.lookups = {name: Lookup(str(e["index"]), [str(t) for t in e["tables"]], int(e["dim"]))
+            self.lookups = {name: Lookup(str(e["index"]), [str(t) for t in e["tables"]], int(e["dim"]),
+                                         [int(c) for c in e.get("columns", [])])
                             for name, e in self.doc["lookups"].items()}
-            self.tables = ServingTables(model_dir, self.doc["tables"], listed)
+            self.tables = ServingTables(model_dir, self.doc["tables"], listed, self.doc.get("id_maps", {}))
         except KeyError as e:
             raise ArtifactError(f"{path}: missing key {e}") from None
         except (TypeError, ValueError, AttributeError, OSError) as e:
@@ -72,7 +74,8 @@ class ExportedModel:
             raise ArtifactError(f"{path}: key 'lookups' names table {unknown[0]!r}, which key 'tables' does not list")
         if not is_timezone(timezone):
             raise ArtifactError(f"{path}: key 'timezone': unknown IANA time zone {timezone!r}")
-        self.converter = BatchConverter(self.spec, Vocabularies.load(model_dir / VOCAB_DIR), timezone)
+        vocabs = None if self.spec.managed else Vocabularies.load(model_dir / VOCAB_DIR)  # managed: raw ids in
+        self.converter = BatchConverter(self.spec, vocabs, timezone)
         self.rules = ColumnRules.from_spec(self.spec)
         self.program = load_program(model_dir, self.doc)
 

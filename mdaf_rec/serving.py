@@ -28,6 +28,12 @@ shape static but the batch size and take their rows from the row inputs (:class:
 :class:`PaddedSequenceEmbedding` (padding masked instead of dropped) for the
 :class:`~mdaf_rec.models.embeddings.SequenceEmbeddingArch`. ``G`` is 1 or ``D`` (``model.gate``) for MDAF
 models; models without a fusion gate return zeros ``[B, 1]``.
+
+Under ``features.id_mapping: managed`` the id inputs hold raw ids (histories right-padded with -1,
+``spec.padding_id``: raw ids are not negative, and 0 may be one), the model's managed-collision lookup is
+removed, and the row inputs of a managed space come from its one table (rows ``[static part | sequence part]``):
+:attr:`ServingModule.lookups` names that table and the first column of the part (:class:`~mdaf_rec.tables.Lookup`),
+and the server maps the raw ids to rows with the table's frozen remapping (:class:`~mdaf_rec.tables.IdMap`).
 """
 
 from __future__ import annotations
@@ -41,9 +47,9 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from mdaf_rec.data.batch import Batch
-from mdaf_rec.features import PADDING_INDEX, FeatureSpec, SequenceSpace, StaticField
+from mdaf_rec.features import FeatureSpec, ManagedSpace, SequenceSpace, StaticField
 from mdaf_rec.models.ctr import CTRModel
-from mdaf_rec.models.embeddings import StaticEmbeddingArch, append_target
+from mdaf_rec.models.embeddings import ManagedIdArch, StaticEmbeddingArch, append_target
 from mdaf_rec.models.sequence_branch import SequenceBranch
 from mdaf_rec.ops.selective_scan import keep_compiled_ops
 from mdaf_rec.output import ArchiveFile
@@ -93,6 +99,7 @@ class StaticLookup(nn.Module):
         self._history_keys: List[Tuple[str, str]] = [(key, f.table_name) for key, f in spec.pooled_history_fields]
         self.max_history = spec.max_history
         self.dim = spec.static_dim
+        self.padding = spec.padding_id
         self.rows = rows
 
     @property
@@ -116,7 +123,7 @@ class StaticLookup(nn.Module):
             values = static_features.values()  # [F, B] one-id fields, then [P, B, L] padded histories
             histories = values[num_fields * batch_size :].view(num_histories, batch_size, self.max_history)
             for p in range(num_histories):
-                valid = (histories[p] != PADDING_INDEX).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+                valid = (histories[p] != self.padding).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
                 rows = self.rows["pooled_rows"][:, p] * valid  # [B, L, d]
                 pooled.append(rows.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))  # [B, d]
         keys = [key for key, _ in self._keys + self._history_keys]
@@ -142,6 +149,7 @@ class PaddedSequenceEmbedding(nn.Module):
         self._tables: List[str] = [s.table_name for s in spec.sequence_spaces]
         self.max_history = spec.max_history
         self.dim = spec.sequence_dim
+        self.padding = spec.padding_id
         self.rows = rows
 
     @property
@@ -162,7 +170,7 @@ class PaddedSequenceEmbedding(nn.Module):
         per_space = sequence_features.values().view(len(self._tables), -1)  # [S, B * (1 + L)]
         batch_size = per_space.shape[1] // (1 + max_len)
         histories = per_space[:, batch_size:].reshape(len(self._tables), batch_size, max_len)  # [S, B, L]
-        valid = histories[0] != PADDING_INDEX  # [B, L]
+        valid = histories[0] != self.padding  # [B, L]
         mask = valid.unsqueeze(-1).to(torch.float32)  # [B, L, 1]
         history_rows, target_rows = self.rows["history_rows"], self.rows["target_rows"]  # [B, S, L, D], [B, S, D]
         history = sum(history_rows[:, s] * mask for s in range(len(self._tables)))  # [B, L, D]
@@ -175,8 +183,8 @@ class ServingModule(nn.Module):
 
     Args:
         model: the trained model (modified in place: its table lookups become :class:`StaticLookup` /
-            :class:`PaddedSequenceEmbedding`, which read the row inputs; its tables are dropped and may be on
-            the ``meta`` device).
+            :class:`PaddedSequenceEmbedding`, which read the row inputs; its tables, and under ``managed`` its
+            managed-collision lookup, are dropped and may be on the ``meta`` device).
         spec: the feature spec the model was built with.
     """
 
@@ -196,6 +204,9 @@ class ServingModule(nn.Module):
             if isinstance(module, SequenceBranch):
                 module.embeddings = PaddedSequenceEmbedding(spec, self.rows)
                 self.lookups.update(module.embeddings.lookups)
+        if model.managed_ids is not None:
+            self.lookups = managed_lookups(self.lookups, spec, model.managed_ids)
+            model.managed_ids = None
         self.model = model.eval()
         self.spec = spec
         self.static_keys: List[str] = spec.static_keys
@@ -291,12 +302,29 @@ class ServingModule(nn.Module):
         )
 
 
+def managed_lookups(lookups: Dict[str, Lookup], spec: FeatureSpec, arch: ManagedIdArch) -> Dict[str, Lookup]:
+    """``lookups`` with each managed space's static and sequence table replaced by its one managed table of
+    ``arch`` (rows ``[static part | sequence part]``) and the first column of the part read."""
+    static_tables = {f.name: f.table_name for f in spec.static_fields}
+    sequence_tables = {s.name: s.table_name for s in spec.sequence_spaces}
+    stand_ins = {}  # vocab-mode table name -> (managed table, first column)
+    for space in spec.managed_spaces:
+        if space.name in arch.parts:
+            static_width, _ = arch.parts[space.name]
+            stand_ins[static_tables[space.name]] = (space.table_name, 0)
+            if space.name in sequence_tables:
+                stand_ins[sequence_tables[space.name]] = (space.table_name, static_width)
+    return {name: Lookup(lookup.index, [stand_ins.get(t, (t, 0))[0] for t in lookup.tables], lookup.dim,
+                         [stand_ins.get(t, (t, 0))[1] for t in lookup.tables])
+            for name, lookup in lookups.items()}
+
+
 def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
     """A loader :class:`Batch` as :class:`ServingModule` inputs.
 
     Args:
         batch: a batch from :class:`~mdaf_rec.data.loader.BatchConverter` (histories already truncated
-            to ``max_history``).
+            to ``max_history``; indices, or raw ids under ``managed``).
         spec: its feature spec.
     Returns:
         ``static_ids [B, F]``, ``dense [B, N]``, ``target_ids [B, S]``, ``history_ids [B, S, L]``.
@@ -309,7 +337,7 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
         "dense": batch.dense_features.float(),
         "target_ids": torch.stack([sequence[s.name].values() for s in spaces], dim=1).long(),
         "history_ids": torch.stack(
-            [sequence[s.history_key].to_padded_dense(desired_length=spec.max_history, padding_value=PADDING_INDEX)
+            [sequence[s.history_key].to_padded_dense(desired_length=spec.max_history, padding_value=spec.padding_id)
              for s in spaces],
             dim=1,
         ).long(),
@@ -317,11 +345,11 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
 
 
 def example_inputs(module: ServingModule, batch_size: int) -> Tuple[torch.Tensor, ...]:
-    """Inputs of ``batch_size`` rows for ``module`` (every id the OOV index 1, histories half full, rows zero),
-    in forward order."""
+    """Inputs of ``batch_size`` rows for ``module`` (every id 1: the OOV index, or a raw id; histories half full,
+    rows zero), in forward order."""
     spec = module.spec
     num_spaces = len(spec.sequence_spaces)
-    history = torch.zeros(batch_size, num_spaces, spec.max_history, dtype=torch.int64)
+    history = torch.full((batch_size, num_spaces, spec.max_history), spec.padding_id, dtype=torch.int64)
     history[:, :, : max(1, spec.max_history // 2)] = 1
     ids = {
         "static_ids": torch.ones(batch_size, len(spec.static_fields), dtype=torch.int64),
@@ -389,4 +417,5 @@ def spec_from_json(doc: Dict[str, Any]) -> FeatureSpec:
         sequence_dim=doc["sequence_dim"],
         max_history=doc["max_history"],
         pooled_history=doc.get("pooled_history", False),
+        managed_spaces=tuple(ManagedSpace(**s) for s in doc.get("managed_spaces", ())),
     )

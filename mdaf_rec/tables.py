@@ -15,6 +15,10 @@ One file per table, ``tables/<table>.bin``: ``rows`` rows of ``row_bytes`` bytes
 of rows straight from the DCP file (:class:`CheckpointTables`: the tensor's bytes inside DCP's ``torch.save``
 record, located without reading them) and writes each block where it belongs. :class:`ServingTables` maps the
 files read-only (``np.memmap``) and :meth:`ServingTables.lookup` is the one place where row indices become rows.
+
+Under ``features.id_mapping: managed`` each managed table also has its remapping frozen at the checkpoint, written
+by :func:`write_id_map` from the checkpoint's MCH buffers (``id_maps/<table>.ids.bin`` / ``.rows.bin``, sorted
+hashed ids and their rows) and applied by :meth:`ServingTables.lookup` to the raw ids before the rows are read.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mdaf_rec import checkpoint as ckpt
 from mdaf_rec.checkpoint import CheckpointError
+from mdaf_rec.managed_ids import INPUT_HASH_SIZE, ShardLayout, hash_ids, remap, shard_layout, world_segments
 
 TABLE_DTYPES: Tuple[str, ...] = ("fp32", "fp16", "int8")
 TABLES_DIR = "tables"
@@ -118,8 +123,17 @@ class CheckpointTables:
             raise CheckpointError(f"{self.path}: holds no table {fqn!r} (a 2-D tensor)")
         return int(md.size[0]), int(md.size[1])
 
+    def _extent(self, fqn: str) -> Tuple[int, int]:
+        """``(rows, dim)`` of a 2-D tensor ``fqn``, ``(n, 1)`` of a 1-D one (a remapping's array)."""
+        md = self.metadata.state_dict_metadata.get(fqn)
+        if isinstance(md, TensorStorageMetadata) and len(md.size) == 1:
+            return int(md.size[0]), 1
+        return self.shape(fqn)
+
     def _chunks(self, fqn: str) -> List[_Chunk]:
-        rows, dim = self.shape(fqn)
+        """The stored chunks of ``fqn`` (2-D, or 1-D as one column) in row order."""
+        rows, dim = self._extent(fqn)
+        ndim = len(self.metadata.state_dict_metadata[fqn].size)
         chunks = []
         for index, info in (self.metadata.storage_data or {}).items():
             if index.fqn != fqn:
@@ -136,10 +150,10 @@ class CheckpointTables:
                 except Exception as e:  # a garbled record
                     raise CheckpointError(f"{file}: table {fqn!r}: not a readable tensor record ({type(e).__name__})"
                                           ) from None
-            if not isinstance(header, torch.Tensor) or header.dim() != 2 or not header.is_contiguous():
-                raise CheckpointError(f"{file}: table {fqn!r}: the record is not a contiguous 2-D tensor")
-            row, col = int(index.offset[0]), int(index.offset[1])
-            n, w = header.shape
+            if not isinstance(header, torch.Tensor) or header.dim() != ndim or not header.is_contiguous():
+                raise CheckpointError(f"{file}: table {fqn!r}: the record is not a contiguous {ndim}-D tensor")
+            row, col = int(index.offset[0]), int(index.offset[1]) if ndim == 2 else 0
+            n, w = header.shape if ndim == 2 else (header.shape[0], 1)
             if row + n > rows or col + w > dim:
                 raise CheckpointError(f"{file}: table {fqn!r}: chunk at {row, col} of {n}x{w} lies outside {rows}x{dim}")
             start = (info.offset + header.untyped_storage()._checkpoint_offset
@@ -147,10 +161,16 @@ class CheckpointTables:
             chunks.append(_Chunk(row, col, int(n), int(w), file, start, header.dtype))
         if sum(c.rows * c.cols for c in chunks) != rows * dim:
             raise CheckpointError(f"{self.path}: the stored chunks of table {fqn!r} do not cover its {rows}x{dim}")
-        return chunks
+        return sorted(chunks, key=lambda c: (c.row, c.col))
 
     def blocks(self, fqn: str) -> Iterator[Tuple[int, int, torch.Tensor]]:
         """``(row, col, float32 [n, w] block)`` covering tensor ``fqn``, chunk by chunk, ``BLOCK_BYTES`` at a time."""
+        for row, col, block in self.stored_blocks(fqn):
+            yield row, col, block.float()
+
+    def stored_blocks(self, fqn: str) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """As :meth:`blocks`, in the stored dtype (int64 ids stay exact); a 1-D tensor ``fqn`` as ``[n, 1]`` blocks,
+        in row order."""
         for chunk in self._chunks(fqn):
             size = torch.empty((), dtype=chunk.dtype).element_size()
             step = max(1, BLOCK_BYTES // (4 * chunk.cols))
@@ -160,8 +180,7 @@ class CheckpointTables:
                     data = bytearray(n * chunk.cols * size)
                     if os.preadv(fh.fileno(), [data], chunk.start + r * chunk.cols * size) != len(data):
                         raise CheckpointError(f"{chunk.file}: ends inside table {fqn!r} (truncated)")
-                    block = torch.frombuffer(data, dtype=chunk.dtype).view(n, chunk.cols)
-                    yield chunk.row + r, chunk.col, block.float()
+                    yield chunk.row + r, chunk.col, torch.frombuffer(data, dtype=chunk.dtype).view(n, chunk.cols)
 
 
 def quantize_rows(rows: torch.Tensor, dtype: str) -> np.ndarray:
@@ -215,17 +234,126 @@ def _fill(path: Path, rows: int, row_bytes: int, blocks: Iterator[Tuple[int, int
 
 
 # --------------------------------------------------------------------------------------------------
+# Frozen id maps (managed ids): checkpoint -> id map files
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdMapFile:
+    """The frozen remapping of one managed table in a MODEL_DIR (``feature_spec.json``'s ``id_maps`` entry).
+
+    Two raw files of ``entries`` little-endian int64 each: ``ids`` the hashed ids that own a row
+    (:func:`~mdaf_rec.managed_ids.hash_ids` of the raw ids), ascending, and ``rows`` the row of each; an id not
+    in ``ids`` maps to ``miss_rows[(hash // bucket_size) // buckets_per_shard]``
+    (:class:`~mdaf_rec.managed_ids.ShardLayout`).
+
+    Attributes:
+        ids: path of the sorted hashed ids, relative to MODEL_DIR (``id_maps/<table>.ids.bin``).
+        rows: path of their rows (``id_maps/<table>.rows.bin``).
+        entries: number of ids with a row.
+        table_rows: rows of the table the map points into.
+        layout: where an id without a row goes.
+    """
+
+    ids: str
+    rows: str
+    entries: int
+    table_rows: int
+    layout: ShardLayout
+
+    def doc(self) -> Dict[str, Any]:
+        return {"ids": self.ids, "rows": self.rows, "entries": self.entries, "table_rows": self.table_rows,
+                "miss_rows": self.layout.miss_rows, "bucket_size": self.layout.bucket_size,
+                "buckets_per_shard": self.layout.buckets_per_shard,
+                "rule": "h = (splitmix64(raw) & (2**63 - 1)) % (2**63 - 1) (mdaf_rec.managed_ids.hash_ids); row = "
+                        "rows[i] if ids[i] == h (ids: ascending int64), else "
+                        "miss_rows[(h // bucket_size) // buckets_per_shard]",
+                "layout": "ids, rows: entries x int64, little-endian"}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> "IdMapFile":
+        layout = ShardLayout([int(r) for r in doc["miss_rows"]], int(doc["bucket_size"]), int(doc["buckets_per_shard"]))
+        id_map = cls(str(doc["ids"]), str(doc["rows"]), int(doc["entries"]), int(doc["table_rows"]), layout)
+        if id_map.entries < 0 or layout.bucket_size < 1 or layout.buckets_per_shard < 1 or not layout.miss_rows \
+                or not all(0 <= r < id_map.table_rows for r in layout.miss_rows):
+            raise ValueError(f"id map {id_map.ids}: malformed shard layout {layout}")
+        return id_map
+
+
+ID_MAPS_DIR = "id_maps"
+
+
+def write_id_map(source: CheckpointTables, prefix: str, folder: Path, name: str, world_size: int,
+                 buckets: int) -> IdMapFile:
+    """Writes the frozen remapping of the checkpoint's MCH module ``prefix`` (its ``_mch_sorted_raw_ids`` and
+    ``_mch_remapped_ids_mapping``) as ``folder/id_maps/<name>.{ids,rows}.bin``; returns its entry.
+
+    The module was trained row-wise sharded over ``world_size`` processes: shard ``k`` owned rows
+    ``[k R / W, (k + 1) R / W)`` and the ``k``-th ``W``-th of the ``buckets`` blocks of the hashed range, so the
+    shards' sorted arrays one after the other, empty slots left out, are the ascending map (checked). Memory: one
+    block of ids (``BLOCK_BYTES``), as :func:`write_table`.
+    """
+    ids_fqn, rows_fqn = f"{prefix}._mch_sorted_raw_ids", f"{prefix}._mch_remapped_ids_mapping"
+    table_rows, _ = source._extent(ids_fqn)
+    layout = shard_layout(table_rows, buckets, world_segments(table_rows, world_size))
+    id_map = IdMapFile(f"{ID_MAPS_DIR}/{name}.ids.bin", f"{ID_MAPS_DIR}/{name}.rows.bin", 0, table_rows, layout)
+    (folder / ID_MAPS_DIR).mkdir(parents=True, exist_ok=True)
+    entries, last = 0, -1
+    with open(folder / id_map.ids, "wb") as ids_fh, open(folder / id_map.rows, "wb") as rows_fh:
+        for (row, _, ids), (rows_row, _, rows) in zip(source.stored_blocks(ids_fqn), source.stored_blocks(rows_fqn)):
+            if row != rows_row or ids.shape != rows.shape or ids.dtype != torch.int64 or rows.dtype != torch.int64:
+                raise CheckpointError(f"{source.path}: the remapping {prefix!r}: its ids and rows are stored apart")
+            owned = ids[:, 0] != INPUT_HASH_SIZE  # INPUT_HASH_SIZE: an empty slot
+            ids, rows = ids[owned, 0], rows[owned, 0]
+            if ids.numel() and (int(ids[0]) <= last or bool((ids[1:] <= ids[:-1]).any())):
+                raise CheckpointError(f"{source.path}: the remapping {prefix!r} is not sorted by shard (trained on "
+                                      f"{world_size} processes?)")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= table_rows):
+                raise CheckpointError(f"{source.path}: the remapping {prefix!r} points outside its {table_rows} rows")
+            ids_fh.write(ids.numpy().astype("<i8").tobytes())
+            rows_fh.write(rows.numpy().astype("<i8").tobytes())
+            entries += int(ids.numel())
+            last = int(ids[-1]) if ids.numel() else last
+    return IdMapFile(id_map.ids, id_map.rows, entries, table_rows, layout)
+
+
+class IdMap:
+    """A MODEL_DIR's frozen remapping of one managed table, memory-mapped (only the pages a binary search touches
+    are read): raw ids -> rows (:func:`~mdaf_rec.managed_ids.remap`, the code :class:`FrozenIdMap` runs)."""
+
+    def __init__(self, model_dir: Path, id_map: IdMapFile) -> None:
+        self.id_map = id_map
+        arrays = []
+        for file in (id_map.ids, id_map.rows):
+            path = model_dir / file
+            if path.stat().st_size != 8 * id_map.entries:
+                raise ValueError(f"id map {file}: has {path.stat().st_size} bytes, not {id_map.entries} int64 ids")
+            # copy-on-write: a writable view for torch (nothing writes to it; the file is never changed)
+            arrays.append(torch.from_numpy(np.memmap(path, dtype="<i8", mode="c", shape=(id_map.entries,)))
+                          if id_map.entries else torch.empty(0, dtype=torch.int64))
+        self.sorted_ids, self.rows = arrays
+        self.miss_rows = torch.tensor(id_map.layout.miss_rows, dtype=torch.int64)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[...]`` raw int64 ids -> ``[...]`` int64 rows."""
+        return remap(hash_ids(ids), self.sorted_ids, self.rows, self.miss_rows, self.id_map.layout)
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading: the lookup step
 # --------------------------------------------------------------------------------------------------
 
 
 class Lookup(NamedTuple):
     """How one row input of the serving program is made (``feature_spec.json``'s ``lookups`` entry):
-    ``rows[:, j] = table_j[index[:, j]]`` for each ``tables[j]``, giving ``[B, len(tables), ..., dim]``."""
+    ``rows[:, j] = table_j[index[:, j]][..., columns[j] : columns[j] + dim]`` for each ``tables[j]``, giving
+    ``[B, len(tables), ..., dim]`` (``columns`` empty: every table's rows are ``dim`` wide; a managed table's rows
+    are ``[static part | sequence part]``, and its index goes through the table's id map first)."""
 
     index: str
     tables: List[str]
     dim: int
+    columns: List[int] = []
 
 
 class ServingTables:
@@ -234,14 +362,25 @@ class ServingTables:
     Args:
         model_dir: the MODEL_DIR.
         tables: ``feature_spec.json``'s ``tables`` (table name -> its :meth:`TableFile.doc`).
-        listed: the files of MODEL_DIR's manifest (checked): a table file must be one of them.
+        listed: the files of MODEL_DIR's manifest (checked): a table or id map file must be one of them.
+        id_maps: ``feature_spec.json``'s ``id_maps`` (managed table name -> its :meth:`IdMapFile.doc`): the raw ids
+            looked up in such a table go through its :class:`IdMap` first.
     Raises:
-        ValueError: a table entry that is malformed, names a file the manifest does not list, or does not match
-            its file's size.
+        ValueError: a table or id map entry that is malformed, names a file the manifest does not list, or does
+            not match its file's size.
     """
 
-    def __init__(self, model_dir: Path, tables: Mapping[str, Mapping[str, Any]], listed: Collection[str]) -> None:
+    def __init__(self, model_dir: Path, tables: Mapping[str, Mapping[str, Any]], listed: Collection[str],
+                 id_maps: Mapping[str, Mapping[str, Any]] = {}) -> None:
         self.tables = {name: TableFile.from_doc(doc) for name, doc in tables.items()}
+        self.id_maps: Dict[str, IdMap] = {}
+        for name, doc in id_maps.items():
+            id_map = IdMapFile.from_doc(doc)
+            unlisted = [f for f in (id_map.ids, id_map.rows) if f not in listed]
+            if name not in self.tables or unlisted or id_map.table_rows != self.tables[name].rows:
+                raise ValueError(f"id map of {name!r}: " + (f"{unlisted[0]} is not a file of the manifest" if unlisted
+                                 else "is not the map of a table of the same rows"))
+            self.id_maps[name] = IdMap(model_dir, id_map)
         self._maps: Dict[str, np.memmap] = {}
         for name, table in self.tables.items():
             if table.file not in listed:
@@ -253,8 +392,11 @@ class ServingTables:
             self._maps[name] = np.memmap(path, dtype=np.uint8, mode="r", shape=(table.rows, table.row_bytes))
 
     def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """The rows of table ``name`` at ``index``: ``[...]`` int64 -> ``[..., dim]`` float32 (dequantized)."""
+        """The rows of table ``name`` at ``index``: ``[...]`` int64 -> ``[..., dim]`` float32 (dequantized); a
+        managed table's ``index`` holds raw ids, mapped to rows by its id map here."""
         table = self.tables[name]
+        if name in self.id_maps:
+            index = self.id_maps[name](index)
         raw = self._maps[name][index.reshape(-1).numpy()]  # [n, row_bytes]: a copy of the rows read
         if table.dtype == "int8":
             rows = torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat(torch.from_numpy(raw))
@@ -270,5 +412,7 @@ class ServingTables:
             if not lookup.tables:
                 out[name] = torch.zeros(index.shape[0], 0, *index.shape[2:], lookup.dim)
                 continue
-            out[name] = torch.stack([self.lookup(t, index[:, j]) for j, t in enumerate(lookup.tables)], dim=1)
+            columns = lookup.columns or [0] * len(lookup.tables)
+            out[name] = torch.stack([self.lookup(t, index[:, j])[..., c : c + lookup.dim]
+                                     for j, (t, c) in enumerate(zip(lookup.tables, columns))], dim=1)
         return out

@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.train_pipelines import TrainPipeline
@@ -57,7 +58,7 @@ from mdaf_rec.errors import UserError
 from mdaf_rec.features import USER_SPACE, FeatureSpec
 from mdaf_rec.interrupts import stoppable
 from mdaf_rec.logs import attach_log_file, setup_logging
-from mdaf_rec.managed_ids import check_managed_settings, managed_fingerprint
+from mdaf_rec.managed_ids import check_managed_settings, check_remapping_world_size, managed_fingerprint
 from mdaf_rec.metrics import format_metric
 from mdaf_rec.models.ctr import CTRTrainOutput
 from mdaf_rec.models.embeddings import ManagedIdArch
@@ -71,8 +72,8 @@ from mdaf_rec.sharding import (build_optimizer, check_plan_optimizer, plan_shard
 from mdaf_rec.streaming_metrics import make_accumulator, metrics_mode
 from mdaf_rec.train_state import TrainState
 from mdaf_rec.trainable import build_train_module
-from mdaf_rec.warm_start import (InitSource, load_model_state, load_optimizer_state, resolve_source,
-                                 source_vocabularies, table_key_rule)
+from mdaf_rec.warm_start import (InitSource, check_id_mapping, load_model_state, load_optimizer_state,
+                                 resolve_source, source_vocabularies, table_key_rule)
 
 logger = logging.getLogger(__name__)
 
@@ -417,6 +418,8 @@ def train(
         start = _claim_run(run, cfg, env, lock, resume=resume, overwrite=overwrite)
         dataset = _training_dataset(dataset, cfg, env)
         source = resolve_source(cfg.train.init_from) if cfg.train.init_from and start is Start.FRESH else None
+        if source is not None:  # the other mapping mode, other managed settings: refused here
+            check_id_mapping(source, cfg, env.world_size)
         vocabs = _run_vocabularies(dataset, cfg, env, run, start, source)
         if start is Start.RESUME:  # refuse another dataset's vocabularies before anything is built on them
             last = ckpt.checkpoint_path(run_dir, "last")
@@ -727,10 +730,24 @@ def _resume(session: Session) -> TrainState:
     # logit layers inside MDAF without Tri-BCE) have no Adam state in the checkpoint, and keep the
     # placeholder state init_state gave them, which no step ever reads. Under another world size the
     # optimizer state of tables whose sharding type changed (fused <-> data_parallel) restarts too.
+    # A managed-id remapping does not reshard through DCP: on another world size the model loads as a warm start
+    # does (the remapping and its tables moved to the new shards, warm_start.load_model_state) and the optimizer
+    # state of the managed tables restarts (its rows moved).
+    reshard = session.spec.managed and ckpt.read_state(path).get("world_size", 1) != session.env.world_size
+    fresh = _managed_optimizer_state(session, app_state["optim"]) if reshard else []
     try:
-        state = TrainState.from_json(ckpt.load_checkpoint(path, app_state, partial=("optim",)))
+        loaded = ckpt.load_checkpoint(path, {"optim": app_state["optim"]} if reshard else app_state, partial=("optim",))
+        state = TrainState.from_json(loaded)
     except (TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: not a training state ({e})") from None
+    if reshard:
+        load_model_state(InitSource(str(path), RunDir(session.run_dir), path), session.model,
+                         table_key_rule(session.spec))
+        for restarted, value in fresh:
+            restarted.copy_(value)
+        logger.warning("managed ids: the remapping of a %s-process checkpoint was resharded for %d processes (ids "
+                       "without room in their new shard lose their row); the managed tables' optimizer state restarts",
+                       state.world_size, session.env.world_size)
     if state.world_size != session.env.world_size:
         logger.warning(
             "resumed a %s-process checkpoint with %d processes: weights are resharded exactly; optimizer state of "
@@ -744,9 +761,23 @@ def _resume(session: Session) -> TrainState:
                 "on twice and others not at all (later epochs are whole; every_rank_reads_all resumes exactly)",
                 state.epochs_done + 1, state.epoch_batches, state.world_size, session.env.world_size,
             )
-    session.model.load_state_dict(app_state["model"])
+    if not reshard:
+        session.model.load_state_dict(app_state["model"])
     session.optimizer.load_state_dict(_with_param_groups(app_state["optim"], session.optimizer.state_dict()))
     return state
+
+
+def _managed_optimizer_state(session: Session, optim: Dict[str, Any]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's optimizer state tensors of the managed tables in ``optim`` (an optimizer ``state_dict()``),
+    each with a copy of its current (fresh) value."""
+    markers = [f".{s.table_name}.weight" for s in session.spec.managed_spaces]
+    out: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    for key, entries in optim.get("state", {}).items():
+        if any(m in key for m in markers):
+            for value in entries.values():
+                local = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+                out += [(tensor, tensor.clone()) for tensor in local]
+    return out
 
 
 def _init_optimizer_state(session: Session) -> None:
@@ -833,7 +864,9 @@ def eval_run(run_dir: Path, data: Optional[str], split: str, which: str = "best"
     session = open_session(cfg, run_dir, env, vocabs=vocabs, training=False)
     path = ckpt.checkpoint_path(run_dir, which)
     if vocabs is None:
-        check_managed_settings(ckpt.read_state(path).get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        state = ckpt.read_state(path)
+        check_managed_settings(state.get("vocab_fingerprint"), cfg.features, f"checkpoint {path}")
+        check_remapping_world_size(state.get("world_size"), env.world_size, f"checkpoint {path}")
     else:
         ckpt.check_vocabularies(path, vocabs)
     ckpt.load_model_weights(path, session.model)

@@ -17,6 +17,14 @@ model or features config. The optimizer state (``train.init_optimizer``, :func:`
 taken where the shapes allow by the same rule; entries that do not fit keep their fresh state (counted in a
 log line). The new run keeps its own seeds, learning-rate schedule and position (epoch 1, step 0).
 
+Under ``features.id_mapping: managed`` the remapping (the MCH modules' sorted ids, rows and eviction counters) is
+model state and comes along by the same rule, so right after loading every raw id maps to the row, and the row
+holds the embedding, it had in the source. A source trained on another world size has its remapping resharded on
+load (:func:`~mdaf_rec.managed_ids.reshard_remapping`: each id, its counters and its table row move to the shard
+that owns its hashed id now; a shard with more ids than rows keeps those its eviction policy values most).
+:func:`check_id_mapping` refuses first, in one line, what would map ids to other rows: a source trained with the
+other mapping mode or with other managed settings (the key named); and ``train.init_optimizer`` across world sizes.
+
 Each rank reads the source tensors whole (not only its own shards) into host memory, one entry at a time
 in DCP's load: the source model's size once per rank.
 """
@@ -32,9 +40,11 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import Config, ConfigError, load_config
 from mdaf_rec.data.vocab import VocabMismatchError, Vocabularies
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import FeatureSpec
+from mdaf_rec.managed_ids import MANAGED_FINGERPRINT_PREFIX, managed_fingerprint, reshard_remapping
 from mdaf_rec.manifest import MANIFEST_FILE
 from mdaf_rec.run_dir import CHECKPOINTS_DIR, RunDir
 
@@ -95,6 +105,50 @@ def source_vocabularies(source: InitSource) -> Vocabularies:
     return vocabs
 
 
+#: The settings of an id space a managed remapping depends on (``managed_ids.managed_fingerprint``'s).
+MANAGED_KEYS = ("column", "history_column", "rows", "eviction", "eviction_interval")
+
+
+def check_id_mapping(source: InitSource, config: Config, world_size: int) -> None:
+    """Refuses, naming the key, a source whose ids map to rows otherwise than this run's would: another
+    ``features.id_mapping``; under ``managed``, other managed settings of an id space (its run's ``config.yaml``),
+    or ``train.init_optimizer`` with another world size (the remapping and its table are resharded on load, the
+    optimizer state is not)."""
+    cfg = config.features
+    state = ckpt.read_state(source.checkpoint)
+    recorded = state.get("vocab_fingerprint") or ""
+    mode = "managed" if recorded.startswith(MANAGED_FINGERPRINT_PREFIX) else "vocab"
+    if mode != cfg.id_mapping:
+        raise WarmStartError(f"train.init_from {source.given!r}: trained with features.id_mapping: {mode}, this run "
+                             f"has {cfg.id_mapping}: its tables are indexed otherwise (start this run fresh, or keep "
+                             f"features.id_mapping: {mode})")
+    if mode == "vocab":
+        return
+    if recorded != managed_fingerprint(cfg):
+        try:
+            theirs = load_config(source.run.config).features
+        except ConfigError as e:
+            raise WarmStartError(f"train.init_from {source.given!r}: {e}") from None
+        for name in sorted(set(cfg.id_spaces) | set(theirs.id_spaces)):
+            mine, other = cfg.id_spaces.get(name), theirs.id_spaces.get(name)
+            if mine is None or other is None:
+                raise WarmStartError(f"train.init_from {source.given!r}: 'features.id_spaces.{name}' is in "
+                                     f"{'the source' if mine is None else 'this run'} only (see {source.run.config})")
+            for key in MANAGED_KEYS:
+                if getattr(mine, key) != getattr(other, key):
+                    raise WarmStartError(
+                        f"train.init_from {source.given!r}: 'features.id_spaces.{name}.{key}': {getattr(mine, key)!r} "
+                        f"here, {getattr(other, key)!r} in the source (see {source.run.config}): its remapping maps "
+                        "ids to other rows")
+        raise WarmStartError(f"train.init_from {source.given!r}: the checkpoint was trained with other managed id "
+                             f"settings than its run's config {source.run.config}")
+    trained_on = int(state.get("world_size") or 1)
+    if trained_on != world_size and config.train.init_optimizer:
+        raise WarmStartError(f"'train.init_optimizer': the source {source.given!r} was trained on {trained_on} "
+                             f"processes, this run has {world_size}: its managed-id remapping and tables are resharded "
+                             "on load, their optimizer state is not (warm-start without it, or on the same world size)")
+
+
 def table_key_rule(spec: FeatureSpec) -> Callable[[str], bool]:
     """Whether a state-dict (or optimizer-state) key belongs to one of ``spec``'s embedding tables, whose rows
     may grow: it contains ``.<table name>.weight``."""
@@ -133,10 +187,37 @@ def load_model_state(source: InitSource, model: torch.nn.Module, is_table: Calla
             grown[key] = [int(size[0]), int(value.shape[0])]
         targets[key] = torch.empty(size, dtype=dtype)
     ckpt.load_checkpoint(source.checkpoint, {"model": targets}, restore_rng=False)
+    _reshard_remappings(state, targets)
     for key, value in _tensor_leaves(state).items():
         _copy_rows(value, targets[key])
     model.load_state_dict(state)
     return grown
+
+
+SEGMENTS = "._output_segments_tensor"  # an MCH module's row boundaries of its shards, padded with -1
+
+
+def _reshard_remappings(state: Dict[str, Any], targets: Dict[str, torch.Tensor]) -> None:
+    """Rewrites, in ``targets`` (the source's tensors, whole), each managed remapping trained on another world size
+    than ``state``'s (the model's) into the model's layout, with its table's rows
+    (:func:`~mdaf_rec.managed_ids.reshard_remapping`); the model keeps its own shard boundaries."""
+    for key in [k for k in state if k.endswith(SEGMENTS)]:
+        mine = [int(x) for x in state[key] if x >= 0]  # a plain tensor on every rank (TorchRec does not shard it)
+        theirs = [int(x) for x in targets[key] if x >= 0]
+        if mine == theirs:
+            continue
+        prefix, table = key[: -len(SEGMENTS)], key[: -len(SEGMENTS)].rsplit(".", 1)[1]
+        names = [k[len(prefix) + 1:] for k in targets if k.startswith(f"{prefix}._mch_")]
+        weight = prefix.replace(f"._managed_collision_collection._managed_collision_modules.{table}",
+                                f"._embedding_module.embeddings.{table}.weight")
+        # buckets = rows: ManagedIdArch builds every remapping so (any world size dividing the rows shards it)
+        moved, source_rows, dropped = reshard_remapping({n: targets[f"{prefix}.{n}"] for n in names}, theirs, mine,
+                                                        buckets=mine[-1])
+        targets.update({f"{prefix}.{n}": value for n, value in moved.items()})
+        targets[weight] = targets[weight][source_rows]
+        targets[key] = state[key].clone()
+        logger.info("managed ids %s: remapping of %d shards resharded to %d (%d ids lost their row: no room in the "
+                    "shard that now owns them)", table, len(theirs) - 1, len(mine) - 1, dropped)
 
 
 def load_optimizer_state(source: InitSource, state: Dict[str, Any], is_table: Callable[[str], bool]) -> Tuple[int, int]:

@@ -50,7 +50,8 @@ TINY = [
 # dnn: the static branch with pooled histories (configs/dnn.yaml), served by StaticLookup's padded mean
 MODELS = {"mdaf_mamba": "configs/mdaf_mamba.yaml", "mdaf_bst": "configs/mdaf_bst.yaml", "dnn": "configs/dnn.yaml"}
 
-# Scores of the test split with each run's best checkpoint under DMP (1 process, gloo): RUN OUT [RUN OUT ...].
+# Scores of the test split with each run's best checkpoint under DMP (1 process, gloo; no vocabularies under
+# features.id_mapping: managed): RUN OUT [RUN OUT ...].
 REFERENCE = """
 import sys, torch
 from pathlib import Path
@@ -63,7 +64,9 @@ from mdaf_rec.train import open_session, predictions
 env = init_distributed()
 for run, out in zip(sys.argv[1::2], sys.argv[2::2]):
     run = RunDir(Path(run))
-    session = open_session(load_config(run.config), run.path, env, vocabs=Vocabularies.load(run.vocab), training=False)
+    cfg = load_config(run.config)
+    vocabs = Vocabularies.load(run.vocab) if cfg.features.id_mapping == "vocab" else None
+    session = open_session(cfg, run.path, env, vocabs=vocabs, training=False)
     ckpt.load_model_weights(ckpt.checkpoint_path(run.path, "best"), session.model)
     rows, scores = zip(*((batch.row_index, torch.sigmoid(out.logit)) for batch, out in predictions(session, "test")))
     torch.save({"row_index": torch.cat(rows), "scores": torch.cat(scores)}, out)
@@ -443,11 +446,25 @@ def table(entry):
         return w.reshape(*index.shape, dim)
     return rows
 tables = {name: table(entry) for name, entry in spec["tables"].items()}
+maps = {t: (np.fromfile(d / m["ids"], dtype="<i8"), np.fromfile(d / m["rows"], dtype="<i8"), m)
+        for t, m in spec.get("id_maps", {}).items()}  # managed ids: raw id -> row (docs/serving.md, "Managed ids")
+def managed_rows(table, raw):
+    ids, rows, m = maps[table]
+    x = raw.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h = (((x ^ (x >> np.uint64(31))) & np.uint64(2**63 - 1)) % np.uint64(2**63 - 1)).astype(np.int64)
+    pos = np.minimum(np.searchsorted(ids, h), len(ids) - 1)
+    miss = np.asarray(m["miss_rows"])[(h // m["bucket_size"]) // m["buckets_per_shard"]]
+    return np.where(ids[pos] == h, rows[pos], miss)
+def lookup_rows(t, index, column, dim):
+    return tables[t](managed_rows(t, index) if t in maps else index)[..., column:column + dim]
 ids = dict(zip(["static_ids", "dense", "target_ids", "history_ids"], torch.load(sys.argv[2])))
 inputs = dict(ids)
 for name, lookup in spec["lookups"].items():
     index = ids[lookup["index"]].numpy()
-    parts = [tables[t](index[:, j]) for j, t in enumerate(lookup["tables"])]
+    columns = lookup.get("columns") or [0] * len(lookup["tables"])
+    parts = [lookup_rows(t, index[:, j], columns[j], lookup["dim"]) for j, t in enumerate(lookup["tables"])]
     inputs[name] = torch.from_numpy(np.stack(parts, 1) if parts else
                                      np.zeros((index.shape[0], 0, *index.shape[2:], lookup["dim"]), np.float32))
 program = torch.export.load(str(d / spec["program"])).module()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,12 +35,18 @@ from mdaf_rec.config import BSTConfig, ConfigError, ModelConfig, check_managed_w
 from mdaf_rec.data.batch import build_batch
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.loader import BatchLoader
+from mdaf_rec.cli.export import main as export_main
+from mdaf_rec.cli.predict import main as predict_main
 from mdaf_rec.data.vocab import Vocabularies, stable_hash
+from mdaf_rec.export import remapping_keys
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.factory import build_model
+from mdaf_rec.predict import ExportedModel
+from mdaf_rec.tables import CheckpointTables, IdMap, write_id_map
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS
 from test_equivalence import step as dist_step
+from test_export import MAPPING_SERVER, REFERENCE, _one_line_error
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
@@ -48,10 +55,14 @@ from mdaf_rec.managed_ids import (
     ManagedEmbeddingCollectionSharder,
     ManagedSettingsError,
     check_managed_settings,
+    check_remapping_world_size,
     frozen_id_maps,
     hash_ids,
     managed_collision_module,
     managed_fingerprint,
+    remap,
+    reshard_remapping,
+    shard_layout,
 )
 
 ROWS = 8
@@ -88,6 +99,37 @@ def test_frozen_map_maps_as_the_trained_module(eviction: str) -> None:
     assert len(set(expected[expected != ROWS - 1].tolist())) == int((expected != ROWS - 1).sum())  # own rows
     exported = torch.export.export(frozen, (ids,)).module()
     assert exported(ids).tolist() == expected.tolist()
+
+
+def test_reshard_moves_ids_rows_and_counters_to_their_new_shards() -> None:
+    """A 1-shard LFU remapping (12 ids for 7 rows) laid out for 2 shards: each id with a row goes to the shard that
+    owns its hashed id, with its count, on a row whose embedding comes from its old row; a shard with more ids than
+    rows keeps the most counted; misses take the old miss row's embedding."""
+    mch = managed_collision_module(ROWS, "lfu", eviction_interval=1, device=CPU, buckets=ROWS)
+    raw = [10**15 + 7 * i for i in range(12)]
+    _train(mch, [raw[:5], raw[3:9], raw[6:12], raw[8:12], raw[:2], raw[:3]])
+    buffers = {name: getattr(mch, name).clone() for name in ("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping",
+                                                                "_mch_counts")}
+    old = FrozenIdMap(mch)
+    moved, source_rows, dropped = reshard_remapping(buffers, [0, ROWS], [0, 4, ROWS], buckets=ROWS)
+    layout = shard_layout(ROWS, ROWS, [0, 4, ROWS])
+    ids, rows = moved["_mch_sorted_raw_ids"], moved["_mch_remapped_ids_mapping"]
+    owned = ids != INPUT_HASH_SIZE
+    assert sorted(rows[:4].tolist()) == [0, 1, 2, 3] and sorted(rows[4:].tolist()) == [4, 5, 6, 7]
+    assert not owned[3] and not owned[7]  # each shard's last slot stays empty: its miss row
+    for j, (a, b) in enumerate([(0, 4), (4, 8)]):
+        mine = ids[a:b][owned[a:b]]
+        assert mine.tolist() == sorted(mine.tolist())
+        assert all((h // layout.bucket_size) // layout.buckets_per_shard == j for h in mine.tolist())
+    new = remap(hash_ids(torch.tensor(raw)), ids[owned], rows[owned], torch.tensor(layout.miss_rows), layout)
+    before = old(torch.tensor(raw))
+    kept = new != torch.tensor(layout.miss_rows)[(hash_ids(torch.tensor(raw)) // layout.bucket_size)
+                                                  // layout.buckets_per_shard]
+    assert source_rows[new[kept]].tolist() == before[kept].tolist()  # the old row's embedding
+    assert bool((before[~kept] == ROWS - 1).sum() + dropped == int((~kept).sum()))  # misses, or no room
+    assert source_rows[[3, 7]].tolist() == [ROWS - 1, ROWS - 1]  # both miss rows from the one old miss row
+    counts = dict(zip(buffers["_mch_sorted_raw_ids"].tolist(), buffers["_mch_counts"].tolist()))
+    assert all(counts[h] == c for h, c in zip(ids[owned].tolist(), moved["_mch_counts"][owned].tolist()))
 
 
 @pytest.fixture()
@@ -293,6 +335,8 @@ def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path)
         "managed_user": "row_wise", "managed_item": "row_wise", "managed_category": "row_wise"}
     one, one_maps = _unsharded(tmp_path / "one", "after", 1)
     two, two_maps = _unsharded(tmp_path / "two", "after", 2)
+    served = {name: _served_id_maps(tmp_path / name / "checkpoints" / "after", module, world, tmp_path / f"{name}_maps")
+              for name, module, world in (("one", one, 1), ("two", two, 2))}
     start, _ = _unsharded(tmp_path / "one", "step_0", 1)
     ones, twos, starts = one.state_dict(), two.state_dict(), start.state_dict()
     dense = [k for k in ones if "managed_ids" not in k]
@@ -314,6 +358,17 @@ def test_two_rank_managed_steps_equal_one_process(dataset: Path, tmp_path: Path)
         a, b = ones[weight][rows_one], twos[weight][rows_two]
         assert float(a.abs().max()) > 1e-6  # trained 1000x away from the 1e-9 start
         torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-3, msg=space)
+        # the export's id map files, written from each checkpoint's shards, map as the trained remapping
+        assert served["one"][table](raw).tolist() == rows_one.tolist()
+        assert served["two"][table](raw).tolist() == rows_two.tolist()
+
+
+def _served_id_maps(checkpoint: Path, module: nn.Module, world_size: int, folder: Path):
+    """Table -> :class:`IdMap` over the id map files the export writes from ``checkpoint`` (trained on
+    ``world_size`` processes) for the remappings of ``module`` (its unsharded training module)."""
+    source = CheckpointTables(checkpoint)
+    return {table: IdMap(folder, write_id_map(source, f"model.{prefix}", folder, table, world_size, buckets))
+            for table, (prefix, buckets) in remapping_keys(module).items()}
 
 
 # Fewer rows than ids (300 users, 800 items, 30 categories in the data): eviction at work in every epoch.
@@ -381,12 +436,253 @@ def test_checkpoint_records_the_managed_settings_instead_of_a_vocabulary() -> No
         check_managed_settings("0f" * 32, cfg.features, "checkpoint X")
 
 
-def test_export_of_a_managed_run_is_refused_in_one_line(evicting_run: Path, tmp_path: Path) -> None:
-    """The memory-mapped artifact has no frozen id map in front of its table files yet: ``mdaf-rec export`` of a
-    managed run says so in one line (exit 2) instead of writing an artifact that would look ids up as indices."""
-    out = tmp_path / "model"
-    proc = mdaf("export", "--run", str(evicting_run), "--out", str(out), "--no-compile", check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "features.id_mapping: managed" in lines[0], lines
-    assert not out.exists()
+@pytest.fixture(scope="module")
+def managed_model(evicting_run: Path, tmp_path_factory) -> Path:
+    """``mdaf-rec export`` of :func:`evicting_run` (fp32 tables, portable program only)."""
+    model_dir = tmp_path_factory.mktemp("managed_export") / "model"
+    assert export_main(["--run", str(evicting_run), "--out", str(model_dir), "--no-compile"]) == 0
+    return model_dir
+
+
+def test_managed_export_serves_raw_ids_as_the_trained_model(dataset: Path, evicting_run: Path, managed_model: Path,
+                                                            tmp_path: Path) -> None:
+    """``mdaf-rec export`` of a managed MDAF-BST run (tables of two row widths: user [static], item and category
+    [static | sequence]; fewer rows than ids) writes each space's frozen remapping beside the table files;
+    ``mdaf-rec predict`` on raw ids scores the test split as the trained model does under DMP (<= 1e-5), ids unseen
+    in training and ids evicted during training included (each to its miss row; nothing is inserted)."""
+    model_dir = managed_model
+    subprocess.run([sys.executable, "-c", REFERENCE, str(evicting_run), str(tmp_path / "ref.pt")], cwd=REPO,
+                   env=_env(), check=True, capture_output=True, timeout=300)
+    ref = torch.load(tmp_path / "ref.pt")
+    expected = ref["scores"].numpy()[np.argsort(ref["row_index"].numpy())]
+    assert predict_main(["--model", str(model_dir), "--data", str(dataset / "test.parquet"),
+                         "--out", str(tmp_path / "scores.parquet")]) == 0
+    scored = pq.read_table(tmp_path / "scores.parquet")
+    assert scored.column("row_index").to_pylist() == list(range(len(expected)))
+    assert float(np.abs(scored.column("probability").to_numpy() - expected).max()) <= 1e-5
+
+    served = ExportedModel(model_dir)
+    assert sorted(served.tables.id_maps) == ["managed_category", "managed_item", "managed_user"]
+    assert {t: served.tables.tables[t].dim for t in served.tables.id_maps} == {
+        "managed_user": 4, "managed_item": 20, "managed_category": 20}
+    assert not (model_dir / "vocab").exists()
+    test = pq.read_table(dataset / "test.parquet")
+    inputs = served.inputs(test, "test.parquet", 0)
+    raw = inputs["target_ids"][:, 0]
+    assert raw.tolist() == test.column("item_id").to_pylist()  # raw ids in, no vocabulary
+    _, maps = _unsharded_run(evicting_run)  # the trained module's remapping, frozen
+    for table, id_map in served.tables.id_maps.items():
+        probe = torch.cat([torch.arange(2000), torch.tensor([2**62 + 5, -3])])
+        assert id_map(probe).tolist() == maps[table](probe).tolist(), table
+    train_split = pq.read_table(dataset / "train.parquet")
+    trained_ids = set(train_split.column("item_id").to_pylist())
+    trained_ids |= set(pc.list_flatten(train_split.column("item_history")).to_pylist())
+    item = served.tables.id_maps["managed_item"]
+    miss = item(raw) == int(item.miss_rows[0])
+    seen = torch.tensor([int(i) in trained_ids for i in raw])
+    assert bool(miss[~seen].all()) and int((~seen).sum()) > 10  # unseen in training: the miss row
+    assert int((miss & seen).sum()) > 10 and int((~miss).sum()) > 100  # evicted ones too; the rest own rows
+    before = {f: (model_dir / f).read_bytes() for f in ("id_maps/managed_item.ids.bin", "tables/managed_item.bin")}
+    served.score(test, "test.parquet", 0)
+    assert all((model_dir / f).read_bytes() == data for f, data in before.items())  # serving never inserts
+
+
+def test_a_server_maps_raw_ids_without_mdaf_rec(managed_model: Path, dataset: Path, tmp_path: Path) -> None:
+    """docs/serving.md's id map rule is enough to serve raw ids: a numpy server (mdaf_rec, torchrec and fbgemm_gpu
+    blocked) scores as ``mdaf-rec predict``."""
+    model = ExportedModel(managed_model)
+    table = pq.read_table(dataset / "test.parquet")
+    probability, _ = model.score(table, "test.parquet", 0)
+    inputs = model.inputs(table, "test.parquet", 0)
+    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids")), tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-I", "-c", MAPPING_SERVER, str(managed_model), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(torch.load(tmp_path / "out.pt").numpy() - probability).max() <= 1e-6
+
+
+@pytest.mark.parametrize("tamper", ["modify", "remove"])
+def test_a_tampered_or_missing_id_map_is_one_line(managed_model: Path, dataset: Path, tmp_path: Path, capsys,
+                                                  tamper: str) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(managed_model, model_dir)
+    path = model_dir / "id_maps" / "managed_item.rows.bin"
+    if tamper == "modify":
+        data = bytearray(path.read_bytes())
+        data[:8] = (int.from_bytes(data[:8], "little") ^ 1).to_bytes(8, "little")  # one id to a neighbouring row
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    argv = ["--model", str(model_dir), "--data", str(dataset / "test.parquet"), "--out", str(tmp_path / "o.parquet")]
+    err = _one_line_error(predict_main, argv, capsys)
+    assert "id_maps/managed_item.rows.bin" in err and ("sha256 differs" if tamper == "modify" else "missing") in err
+
+
+# 1 process: SOURCE_RUN OUT. Scores the test split with the source run's best checkpoint, then with a training session
+# warm-started from it (same settings) before its first step; compares every remapping buffer. Writes OUT/result.json.
+WARM_CHECK = """
+import json, sys
+from pathlib import Path
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import load_config
+from mdaf_rec.distributed import init_distributed
+from mdaf_rec.train import open_session, predictions, warm_start_session
+from mdaf_rec.warm_start import check_id_mapping, resolve_source
+
+src, out = sys.argv[1:3]
+env = init_distributed()
+source = resolve_source(src)
+
+def scores(session):
+    rows, probs = zip(*((b.row_index, torch.sigmoid(o.logit)) for b, o in predictions(session, "test")))
+    return torch.cat(probs)[torch.argsort(torch.cat(rows))]
+
+def remapping(session):  # this rank's part of every remapping buffer
+    return {k: torch.cat([s.tensor for s in v.local_shards()]) if isinstance(v, ShardedTensor) else v
+            for k, v in session.model.state_dict().items() if "_managed_collision_modules" in k}
+
+ref = open_session(load_config(source.run.config), source.run.path, env, vocabs=None, training=False)
+ckpt.load_model_weights(source.checkpoint, ref.model)
+cfg = load_config(source.run.config, [f"train.init_from={src}"])
+check_id_mapping(source, cfg, env.world_size)
+warm = open_session(cfg, Path(out) / "warm", env, vocabs=None)
+fresh = scores(warm)
+record = warm_start_session(warm, source)
+mine, theirs = remapping(warm), remapping(ref)
+result = {"diff": float((scores(warm) - scores(ref)).abs().max()),
+          "fresh_diff": float((fresh - scores(ref)).abs().max()),
+          "buffers": sorted(k.rsplit(".", 1)[-1] for k in mine),
+          "same": all(torch.equal(mine[k], theirs[k]) for k in mine),
+          "keys_match": sorted(mine) == sorted(theirs), "record": record}
+(Path(out) / "result.json").write_text(json.dumps(result))
+"""
+
+
+def test_warm_start_carries_the_remapping(evicting_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """``--init-from`` a managed run with the same settings: right after loading, the warm-started model scores the
+    test split as the source (every raw id on its row, the row's embedding), its remapping buffers (sorted ids, rows,
+    LFU counts, iteration) are the source's; then training continues from there."""
+    script = tmp_path / "check.py"
+    script.write_text(WARM_CHECK)
+    proc = subprocess.run([sys.executable, str(script), str(evicting_run), str(tmp_path)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["diff"] <= 1e-7 and result["fresh_diff"] > 1e-3  # the source's scores, not a fresh model's
+    assert result["same"] and result["keys_match"]
+    assert {"_mch_sorted_raw_ids", "_mch_remapped_ids_mapping", "_mch_counts", "_current_iter_tensor"} <= set(
+        result["buffers"])
+    assert result["record"]["grown_tables"] == {} and result["record"]["step"] == 18
+    run = tmp_path / "next"
+    train(dataset, run, "--epochs", "1", *EVICTING_SETS, "--set", "train.max_steps_per_epoch=3",
+          "--init-from", str(evicting_run), config="configs/mdaf_bst.yaml")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["init_from"]["step"] == 18
+    assert np.isfinite(metrics["test"]["auc"])
+
+
+def test_warm_start_refuses_other_managed_settings_naming_the_key(evicting_run: Path) -> None:
+    from mdaf_rec.run_dir import RunDir
+    from mdaf_rec.warm_start import InitSource, WarmStartError, check_id_mapping
+
+    source = InitSource(str(evicting_run), RunDir(evicting_run), ckpt.checkpoint_path(evicting_run, "best"))
+    config = evicting_run / "config.yaml"
+    check_id_mapping(source, load_config(config), 1)
+    check_id_mapping(source, load_config(config), 2)  # resharded on load (test_warm_start_reshards_the_remapping)
+    for sets, message in (
+        (["features.id_spaces.item.rows=512"], r"'features.id_spaces.item.rows': 512 here, 256 in the source"),
+        (["features.id_spaces.category.eviction=lru"], r"'features.id_spaces.category.eviction': 'lru' here, 'lfu'"),
+        (["features.id_spaces.user.eviction_interval=7"], r"'features.id_spaces.user.eviction_interval': 7 here, 1"),
+        (["features.id_mapping=vocab", "features.id_spaces.user.rows=null", "features.id_spaces.item.rows=null",
+          "features.id_spaces.category.rows=null"], r"trained with features.id_mapping: managed, this run has vocab"),
+    ):
+        with pytest.raises(WarmStartError, match=message):
+            check_id_mapping(source, load_config(config, sets), 1)
+    with_optimizer = load_config(config, [f"train.init_from={evicting_run}", "train.init_optimizer=true"])
+    check_id_mapping(source, with_optimizer, 1)
+    with pytest.raises(WarmStartError, match=r"'train.init_optimizer': .* trained on 1 processes, this run has 2"):
+        check_id_mapping(source, with_optimizer, 2)
+
+
+def test_resume_on_another_world_size_reshards_the_remapping(dataset: Path, evicting_run: Path, tmp_path: Path) -> None:
+    """The 1-process managed run resumed on 2 processes (TorchRec's DCP refuses to reshard the remapping): the model
+    loads as a warm start does, remapping resharded, and the epoch goes on from the checkpoint's position."""
+    run = tmp_path / "run"
+    shutil.copytree(evicting_run, run)
+    proc = train(dataset, run, "--epochs", "2", *EVICTING_SETS, config="configs/mdaf_bst.yaml", nproc=2)
+    assert "remapping of 1 shards resharded to 2" in proc.stderr and "resuming" in proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["world_size"] == 2 and np.isfinite(metrics["test"]["auc"])
+
+
+def test_eval_stays_on_the_checkpoint_world_size() -> None:
+    """``mdaf-rec eval`` loads through DCP, which does not reshard a remapping (2 -> 1 silently loses ids): another
+    world size than the checkpoint's is refused in one line."""
+    check_remapping_world_size(2, 2, "checkpoint X")
+    check_remapping_world_size(None, 1, "checkpoint X")  # not recorded: 1 process
+    with pytest.raises(ManagedSettingsError, match=r"checkpoint X: its managed-id remapping was trained on 2 "
+                                                   r"processes and is not resharded for 1"):
+        check_remapping_world_size(2, 1, "checkpoint X")
+
+
+# Under torchrun: SOURCE_RUN OUT. A training session warm-started from the source on this world size, its model
+# state saved as checkpoint OUT/checkpoints/after (the layout it trains from).
+WARM_SAVE = """
+import sys
+from pathlib import Path
+from mdaf_rec import checkpoint as ckpt
+from mdaf_rec.config import load_config
+from mdaf_rec.distributed import init_distributed
+from mdaf_rec.train import open_session, warm_start_session
+from mdaf_rec.warm_start import check_id_mapping, resolve_source
+
+src, out = sys.argv[1:3]
+env = init_distributed()
+source = resolve_source(src)
+cfg = load_config(source.run.config, [f"train.init_from={src}"])
+check_id_mapping(source, cfg, env.world_size)
+session = open_session(cfg, Path(out), env, vocabs=None)
+warm_start_session(session, source)
+ckpt.save_checkpoint(Path(out), "after", {"model": session.model.state_dict()}, {"world_size": env.world_size},
+                     is_best=False)
+"""
+
+
+def test_warm_start_reshards_the_remapping(evicting_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """``--init-from`` the 1-process managed run on 2 processes: the remapping is resharded on load. Every id keeps
+    its embedding (on a row of the shard that now owns it), but the few for which that shard had no room (they
+    lose their row, as an evicted id); ids without a row keep the miss row's embedding; dense weights as trained."""
+    script = tmp_path / "warm.py"
+    script.write_text(WARM_SAVE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), str(evicting_run), str(tmp_path / "warm")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    source, source_maps = _unsharded_run(evicting_run)
+    cfg = load_config(evicting_run / "config.yaml")
+    warm = build_train_module(cfg, {}, table_device="cpu", dense_device="cpu", compute_device="cpu",
+                              with_sparse_optimizer=False).module
+    ckpt.load_model_weights(tmp_path / "warm" / "checkpoints" / "after", warm)
+    warm_maps = frozen_id_maps(warm, 2)
+    old, new = source.state_dict(), warm.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if "managed_ids" not in k)
+    train_split = pq.read_table(dataset / "train.parquet")
+    ids = {space: np.concatenate([train_split.column(f"{space}_id").to_numpy()] + (
+        [pc.list_flatten(train_split.column(f"{space}_history")).to_numpy()] if space != "user" else []))
+        for space in ("user", "item", "category")}  # every id the source trained on
+    for space, raw in ids.items():
+        raw = torch.from_numpy(np.unique(np.asarray(raw)))
+        table = f"managed_{space}"
+        weight = next(k for k in old if k.endswith(f"embeddings.{table}.weight"))
+        before, after = source_maps[table](raw), warm_maps[table](raw)
+        had, has = before != source_maps[table].miss_rows[0], ~torch.isin(after, warm_maps[table].miss_rows)
+        assert not bool((has & ~had).any())  # no id gains a row
+        # the ids of a shard beyond its rows - 1 lose theirs (a full table splits unevenly: a few)
+        layout = warm_maps[table].layout
+        shards = torch.bincount((hash_ids(raw[had]) // layout.bucket_size) // layout.buckets_per_shard, minlength=2)
+        capacity = int(warm_maps[table].miss_rows[0])  # a shard's rows but its miss row (shard 0: rows [0, R/2))
+        assert int(has.sum()) == int(shards.clamp(max=capacity).sum()) and int(has.sum()) > 0.3 * len(raw), space
+        assert torch.equal(new[weight][after[has]], old[weight][before[has]]), space
+        assert torch.equal(new[weight][after[~had]], old[weight][before[~had]]), space  # the miss row's embedding

@@ -258,3 +258,13 @@ def test_warm_start_refuses_another_model_shape_naming_the_key(source_run: Path,
             load_model_state(source, module, table_key_rule(spec))
     with pytest.raises(WarmStartError, match="not a run directory"):
         resolve_source(str(dataset))
+
+
+def test_warm_start_refuses_a_vocabulary_source_for_managed_ids(source_run: Path) -> None:
+    from mdaf_rec.warm_start import WarmStartError, check_id_mapping, resolve_source
+
+    managed = ["features.id_mapping=managed", "features.id_spaces.user.rows=300", "features.id_spaces.item.rows=800",
+               "features.id_spaces.category.rows=32"]
+    check_id_mapping(resolve_source(str(source_run)), load_config(source_run / "config.yaml"), 2)
+    with pytest.raises(WarmStartError, match=r"trained with features.id_mapping: vocab, this run has managed"):
+        check_id_mapping(resolve_source(str(source_run)), load_config(source_run / "config.yaml", managed), 1)
