@@ -171,3 +171,21 @@ def test_results_table_says_ahead_only_beyond_the_seed_spread() -> None:
     rows["mdaf_bst"] = runs(0.695, 0.700, 0.705)  # +0.010 over dnn is within dnn's std; -0.001 vs bst
     text = rr.table(rows, {}, None)
     assert "**mdaf_bst** ahead of: none; not ahead of: dnn (+0.0100), bst (-0.0010)." in text
+
+
+def test_results_table_of_finished_runs_names_what_did_not_run(tmp_path, monkeypatch) -> None:
+    rr = _run_results_module()
+    metrics = {"val": {"auc": 0.7, "logloss": 0.6, "gauc": 0.7}, "test": {"auc": 0.69, "logloss": 0.61, "gauc": 0.68},
+               "best_epoch": 2, "epochs_run": 2}
+    for folder, seed, speed in [("dnn", 1, 1234.4), ("dnn", 3, 24355.0), ("dnn+small", 2, 800.0)]:
+        (tmp_path / folder / f"seed_{seed}").mkdir(parents=True)
+        (tmp_path / folder / f"seed_{seed}" / "metrics.json").write_text(
+            json.dumps({**metrics, "samples_per_sec": speed}))
+    monkeypatch.setattr(sys, "argv", ["run_results.py", "--data", "nowhere", "--out", str(tmp_path), "--models", "dnn",
+                                      "dcnv3", "--seeds", "1", "2", "3", "--variant", "small: x=1", "--only-finished"])
+    rr.main()  # would train (and fail: no data) if it started any run
+    text = (tmp_path / "results.md").read_text()
+    assert ("| dnn | mdaf_rec | 0.7000 ± 0.0000 | 0.6900 ± 0.0000 | 0.6100 ± 0.0000 | 2/2, 2/2 | 1,234; 24,355 |"
+            in text)  # the seeds' samples/s, not their mean
+    assert "| dnn [small] | mdaf_rec | 0.7000 ± 0.0000 | 0.6900 ± 0.0000 | 0.6100 ± 0.0000 | 2/2 | 800 |" in text
+    assert "Not run: dnn seed 2; dnn [small] seeds 1 3; dcnv3 seeds 1 2 3; dcnv3 [small] seeds 1 2 3." in text

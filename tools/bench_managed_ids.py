@@ -8,14 +8,19 @@ over ``--ids`` distinct ids), with DMP (world size 1, gloo) and a fused row-wise
   search: 63-bit ids are too large for its direct table), then an ``EmbeddingCollection`` looks them up;
 * ``managed`` — the raw ids go into a ``ManagedCollisionEmbeddingCollection`` (LFU, :mod:`mdaf_rec.managed_ids`),
   which remaps them inside the model; an admission/eviction round (sorting the table's id, row and counter
-  arrays) every step (interval 1: resume is exact) and every 10 steps.
+  arrays) every ``--intervals`` steps (1: resume is exact from any checkpoint; 8, 64).
 
-A step is: id mapping, lookup, ``sum(emb²)`` backward (the fused optimizer updates the rows). This is the part of
-a training step the mapping changes; the dense model is the same in both. Prints a markdown table of samples/s and
-the mapping state's host bytes per id; ``--mode`` / ``--intervals`` run one way only (to read each one's peak RSS
-with ``/usr/bin/time -v``). ``--out FILE`` replaces the ``## Managed ids vs vocabulary`` section of that file.
+The history is read two ways (``--histories``): ``sequence`` — one row per history id, as the sequence models
+read it (both mappings look up through an ``EmbeddingCollection``); ``pooled`` — mean-pooled, as ``dnn`` /
+``dcnv3`` read it: ``vocab`` pools in an ``EmbeddingBagCollection`` (MEAN), ``managed`` looks the rows up
+through the MC-EC and pools them by hand (``models.embeddings._mean_rows``), which is what ``dnn`` does under
+each mapping. A step is: id mapping, lookup, ``sum(out²)`` backward (the fused optimizer updates the rows). This
+is the part of a training step the mapping changes; the dense model is the same in both. ``--ids`` takes several
+table sizes. Prints a markdown table of samples/s and the mapping state's host bytes per id; ``--mode`` /
+``--intervals`` run one way only (to read each one's peak RSS with ``/usr/bin/time -v``). ``--out FILE`` replaces
+the ``## Managed ids vs vocabulary`` section of that file.
 
-``python tools/bench_managed_ids.py --threads 1 --out docs/benchmarks.md``
+``python tools/bench_managed_ids.py --threads 1 --ids 40000 1000000 --out docs/benchmarks.md``
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from typing import Dict, List, Tuple
@@ -35,8 +42,8 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.modules.mc_modules import ManagedCollisionCollection
 from torchrec.optim import RowWiseAdagrad
@@ -45,6 +52,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mdaf_rec.data.vocab import SpaceSettings, Vocabulary
 from mdaf_rec.features import NUM_RESERVED_INDICES
 from mdaf_rec.managed_ids import ManagedEmbeddingCollectionSharder, managed_collision_module
+from mdaf_rec.models.embeddings import _mean_rows
 
 CPU = torch.device("cpu")
 DIM = 64
@@ -52,30 +60,40 @@ SECTION = "## Managed ids vs vocabulary (tools/bench_managed_ids.py)"
 
 
 class Lookup(nn.Module):
-    """``kjt -> sum(emb²)`` through an EC, or an MC-EC when ``managed``."""
+    """``kjt -> sum(out²)`` through an EC, or an MC-EC when ``managed``; with ``pooled`` the history's rows are
+    mean-pooled (``vocab``: by an EBC; ``managed``: by hand, as ``dnn`` under each mapping)."""
 
-    def __init__(self, rows: int, managed: bool, eviction_interval: int) -> None:
+    def __init__(self, rows: int, managed: bool, eviction_interval: int, pooled: bool, history: int) -> None:
         super().__init__()
+        self.managed, self.pooled, self.history = managed, pooled, history
+        meta = torch.device("meta")
+        self.ec: nn.Module
+        if pooled and not managed:
+            bags = [EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=rows,
+                                       feature_names=["item", "history"], pooling=PoolingType.MEAN)]
+            self.ec = EmbeddingBagCollection(tables=bags, device=meta)
+            return
         tables = [
             EmbeddingConfig(name="t", embedding_dim=DIM, num_embeddings=rows, feature_names=["item", "history"])
         ]
-        ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
-        self.managed = managed
-        self.ec: nn.Module = ec
+        self.ec = EmbeddingCollection(tables=tables, device=meta)
         if managed:
             mch = managed_collision_module(rows, "lfu", eviction_interval, CPU, "t")
             mcc = ManagedCollisionCollection({"t": mch}, tables)
-            self.ec = ManagedCollisionEmbeddingCollection(ec, mcc)
+            self.ec = ManagedCollisionEmbeddingCollection(self.ec, mcc)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         out = self.ec(kjt)
+        if self.pooled and not self.managed:  # KeyedTensor of [B, DIM] per key
+            return out["item"].square().sum() + out["history"].square().sum()
         jagged = out[0] if self.managed else out
-        return jagged["item"].values().square().sum() + jagged["history"].values().square().sum()
+        history = _mean_rows(jagged["history"], self.history) if self.pooled else jagged["history"].values()
+        return jagged["item"].values().square().sum() + history.square().sum()
 
 
-def sharded(rows: int, managed: bool, eviction_interval: int) -> DistributedModelParallel:
+def sharded(rows: int, managed: bool, eviction_interval: int, pooled: bool, history: int) -> DistributedModelParallel:
     torch.manual_seed(0)
-    model = Lookup(rows, managed, eviction_interval)
+    model = Lookup(rows, managed, eviction_interval, pooled, history)
     tables = [p for n, p in model.named_parameters() if "embeddings" in n]
     _apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": 0.05})
     sharders = [ManagedEmbeddingCollectionSharder()] if managed else get_default_sharders()
@@ -103,12 +121,13 @@ def kjt(targets: np.ndarray, histories: np.ndarray, history: int) -> KeyedJagged
 
 
 def run(
-    mode: str, ids: np.ndarray, data: List[Tuple[np.ndarray, np.ndarray]], history: int, eviction_interval: int = 1
+    mode: str, ids: np.ndarray, data: List[Tuple[np.ndarray, np.ndarray]], history: int, eviction_interval: int = 1,
+    pooled: bool = False,
 ) -> Dict[str, float]:
     """Trains one pass over ``data`` (after 2 warm-up steps); samples/s and mapping bytes per distinct id."""
     managed = mode == "managed"
     rows = len(ids) + (1 if managed else NUM_RESERVED_INDICES)  # managed: + the miss row; vocab: padding, OOV
-    dmp = sharded(rows, managed, eviction_interval)
+    dmp = sharded(rows, managed, eviction_interval, pooled, history)
     vocab = None if managed else Vocabulary(SpaceSettings("item", "item_id", "item_history", None), np.sort(ids))
 
     def step(targets: np.ndarray, histories: np.ndarray) -> None:
@@ -146,49 +165,57 @@ def write_section(path: str, text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--ids", type=int, default=1_000_000, help="distinct raw ids (= table rows)")
+    p.add_argument("--ids", type=int, nargs="+", default=[40_000, 1_000_000],
+                   help="distinct raw ids (= table rows), one table size after the other")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--history", type=int, default=20)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mode", choices=["both", "vocab", "managed"], default="both")
-    p.add_argument("--intervals", type=lambda v: [int(i) for i in v.split(",")], default=[1, 10],
+    p.add_argument("--intervals", type=lambda v: [int(i) for i in v.split(",")], default=[1, 8, 64],
                    help="managed: eviction intervals to run, comma-separated")
+    p.add_argument("--histories", nargs="+", choices=["sequence", "pooled"], default=["sequence", "pooled"],
+                   help="how the history is read: a row per id (sequence models) or mean-pooled (dnn)")
     p.add_argument("--out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    rng = np.random.default_rng(1)
-    ids = np.unique(rng.integers(1 << 40, (1 << 63) - 1, size=args.ids, dtype=np.int64))
-    data = batches(ids, args.batch_size, args.history, args.steps + 2)
-    results = {}
-    if args.mode in ("both", "vocab"):
-        results["vocab"] = run("vocab", ids, data, args.history)
-    if args.mode in ("both", "managed"):
-        for interval in args.intervals:
-            results[f"managed, eviction interval {interval}"] = run("managed", ids, data, args.history, interval)
+    results = []  # (table rows, history, mapping, result)
+    for count in args.ids:
+        rng = np.random.default_rng(1)
+        ids = np.unique(rng.integers(1 << 40, (1 << 63) - 1, size=count, dtype=np.int64))
+        data = batches(ids, args.batch_size, args.history, args.steps + 2)
+        for history in args.histories:
+            pooled = history == "pooled"
+            ways = ([("vocab", 1)] if args.mode in ("both", "vocab") else []) + (
+                [("managed", i) for i in args.intervals] if args.mode in ("both", "managed") else [])
+            for mode, interval in ways:
+                name = "vocab" if mode == "vocab" else f"managed, eviction interval {interval}"
+                results.append((len(ids), history, name, run(mode, ids, data, args.history, interval, pooled)))
+                print(f"{len(ids):,} {history} {name}: {results[-1][3]['samples_per_s']:,.0f} samples/s", flush=True)
+    command = shlex.join(["python", "tools/bench_managed_ids.py", *sys.argv[1:]])
     lines = [
         SECTION,
         "",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
-        f"{args.threads} thread(s); torch {torch.__version__}. One table of {len(ids):,} rows x {DIM}, "
-        f"{len(ids):,} distinct 63-bit raw ids (Zipf 1.1), batches of {args.batch_size} samples x "
+        f"{args.threads} thread(s); torch {torch.__version__}; {time.strftime('%Y-%m-%d')}. One table of N rows x "
+        f"{DIM} and N distinct 63-bit raw ids (Zipf 1.1), batches of {args.batch_size} samples x "
         f"(1 + {args.history}) ids, {args.steps} timed steps of id mapping + lookup + backward with fused "
-        "row-wise Adagrad (DMP, world size 1). Same run, same batches. `python tools/bench_managed_ids.py "
-        f"--threads {args.threads} --out docs/benchmarks.md`.",
+        f"row-wise Adagrad (DMP, world size 1). Same process, same batches. `{command}`.",
         "",
-        "| mapping | samples/s | mapping state, bytes per id |",
-        "|---|---|---|",
+        "| table rows N | history | mapping | samples/s | mapping state, bytes per id |",
+        "|---:|---|---|---:|---:|",
     ]
-    for mode, r in results.items():
-        lines.append(f"| {mode} | {r['samples_per_s']:,.0f} | {r['bytes_per_id']:.0f} |")
+    for rows, history, mode, r in results:
+        lines.append(f"| {rows:,} | {history} | {mode} | {r['samples_per_s']:,.0f} | {r['bytes_per_id']:.0f} |")
     lines += [
         "",
         "Only the id mapping and the table differ between the two; the dense model is the same and not run here. "
         "`vocab` holds the sorted raw ids on the host (8 bytes per id, a numpy array, no dict) and maps by binary "
         "search; `managed` holds, in the model, the sorted hashed ids, their rows and the LFU counters (8 bytes "
-        "each per row); an admission/eviction round, which sorts those table-sized arrays, runs every step at interval "
-        "1 and every 10th step at interval 10.",
+        "each per row); an admission/eviction round, which sorts those table-sized arrays, runs every "
+        "interval-th step. `pooled`: `vocab` pools in an EBC, `managed` looks every history id up through the "
+        "MC-EC (FBGEMM's non-pooled backward) and pools by hand, as `dnn` does under each mapping.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -10,12 +10,14 @@ Usage::
 Every run is ``mdaf-rec train --config configs/<model>.yaml --data DATA --out OUT/<row>/seed_<s>
 --set train.seed=<s>`` plus the common ``--set`` overrides (then the model's ``--model-set`` ones and the
 row's variant overrides), so the rows differ only in what the table says. A row is a model, or a model with a named variant (``--variant``:
-the recipe-ablation tables). Runs already finished (their ``metrics.json`` exists) are read, not retrained.
+the recipe-ablation tables). Runs already finished (their ``metrics.json`` exists) are read, not retrained;
+``--only-finished`` trains nothing and tables what has finished, naming the rows and seeds that have not (the
+table of a queue cut short).
 
 Written: ``OUT/results.json`` (every run's metrics and the aggregates) and ``OUT/results.md`` (``--table``
 names them otherwise, so several tables can share one OUT and its finished runs): per row the
 mean ± sample std (ddof 1) of validation / test AUC and test logloss over the seeds, the epochs run, the best
-epoch and the training speed; FuxiCTR peers from ``tools/peers`` (``--peers``, their ``summary.json``) as
+epoch and the training speed of each seed; FuxiCTR peers from ``tools/peers`` (``--peers``, their ``summary.json``) as
 extra rows; for each MDAF row, which rows it is *ahead* of: a mean test-AUC gap larger than the larger of the
 two rows' seed stds. On the synthetic data the Bayes-optimal ceiling and the share of the gap between the best
 single-branch row and the ceiling that each MDAF row closes.
@@ -64,8 +66,12 @@ def parse_variant(text: str) -> Tuple[str, List[str]]:
     return name.strip(), rest.split()
 
 
+def run_dir(row: Row, seed: int, args: argparse.Namespace) -> Path:
+    return args.out / row.folder / f"seed_{seed}"
+
+
 def train_one(row: Row, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
-    out = args.out / row.folder / f"seed_{seed}"
+    out = run_dir(row, seed, args)
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
     cmd = [sys.executable, "-m", "mdaf_rec.cli", "train", "--config", str(REPO / "configs" / f"{row.model}.yaml"),
@@ -103,7 +109,7 @@ def aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     agg = {k: mean_std(pick(k)) for k in ("val.auc", "test.auc", "test.logloss", "test.gauc")}
     agg["epochs_run"] = [r.get("epochs_run", "?") for r in runs]
     agg["best_epoch"] = [r["best_epoch"] for r in runs]
-    agg["samples_per_sec"] = statistics.fmean(r["samples_per_sec"] for r in runs)
+    agg["samples_per_sec"] = [r["samples_per_sec"] for r in runs]
     return agg
 
 
@@ -111,8 +117,11 @@ def _pm(ms: Tuple[float, float], digits: int = 4) -> str:
     return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
-def table(rows: Dict[str, Dict[str, Any]], peers: Dict[str, Dict[str, Any]], ceiling: Optional[Dict[str, Any]]) -> str:
-    lines = ["| model | library | val AUC | test AUC | test logloss | best / run epochs (per seed) | train samples/s |",
+def table(rows: Dict[str, Dict[str, Any]], peers: Dict[str, Dict[str, Any]], ceiling: Optional[Dict[str, Any]],
+          missing: Optional[Dict[str, List[int]]] = None) -> str:
+    """The markdown table; ``missing``: row name -> seeds not run (``--only-finished``), named below it."""
+    lines = ["| model | library | val AUC | test AUC | test logloss | best / run epochs (per seed) | "
+             "train samples/s (per seed) |",
              "|---|---|---:|---:|---:|---|---:|"]
 
     def epochs(a: Dict[str, Any]) -> str:
@@ -120,13 +129,16 @@ def table(rows: Dict[str, Dict[str, Any]], peers: Dict[str, Dict[str, Any]], cei
 
     for name, a in rows.items():
         lines.append(f"| {name} | mdaf_rec | {_pm(a['val.auc'])} | {_pm(a['test.auc'])} | {_pm(a['test.logloss'])} | "
-                     f"{epochs(a)} | {a['samples_per_sec']:,.0f} |")
+                     f"{epochs(a)} | {'; '.join(f'{v:,.0f}' for v in a['samples_per_sec'])} |")
     for name, a in peers.items():
         lines.append(f"| {name} | FuxiCTR | {_pm(a['val.auc'])} | {_pm(a['test.auc'])} | {_pm(a['test.logloss'])} | "
                      f"{epochs(a)} | |")
     if ceiling:
         lines.append(f"| *Bayes-optimal* | | {ceiling['val']['bayes_auc']:.4f} | {ceiling['test']['bayes_auc']:.4f} | "
                      f"{ceiling['test']['bayes_logloss']:.4f} | | |")
+    if missing:
+        lines += ["", "Not run: " + "; ".join(f"{n} seed{'s' if len(s) > 1 else ''} {' '.join(map(str, s))}"
+                                               for n, s in missing.items()) + "."]
     everyone = {**{n: a for n, a in rows.items()}, **{f"{n} (FuxiCTR)": a for n, a in peers.items()}}
     singles = {o: b for o, b in everyone.items() if not o.startswith(FUSED)}  # single-branch rows and peers
     notes = []
@@ -193,6 +205,8 @@ def main() -> None:
     parser.add_argument("--table", default="results",
                         help="write OUT/TABLE.md and OUT/TABLE.json (several tables can share OUT's finished runs)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one torch thread each)")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="train nothing: table the finished runs and name the rows and seeds that have not run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
 
@@ -209,6 +223,14 @@ def main() -> None:
             rows.append(Row(model, None, []))
         rows += [Row(model, name, o) for name, o in variants]
     jobs = [(row, seed) for row in rows for seed in args.seeds]
+    missing: Dict[str, List[int]] = {}
+    if args.only_finished:
+        for row, seed in jobs:
+            if not (run_dir(row, seed, args) / "metrics.json").exists():
+                missing.setdefault(row.name, []).append(seed)
+        jobs = [(row, seed) for row, seed in jobs if seed not in missing.get(row.name, [])]
+        if not jobs:
+            raise SystemExit(f"--only-finished: no finished run under {args.out}")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: train_one(job[0], job[1], args), jobs))
     per_row: Dict[str, List[Dict[str, Any]]] = {}
@@ -222,7 +244,7 @@ def main() -> None:
               f"{f'; epochs {args.epochs}' if args.epochs else ''}; {args.threads} thread(s) per run; {machine()}; "
               f"{time.strftime('%Y-%m-%d')}. Mean ± sample std over seeds; test metrics of the best-validation-AUC "
               f"epoch.\n\n`python tools/run_results.py {shlex.join(sys.argv[1:])}`\n")
-    text = header + "\n" + table(aggregates, read_peers(args.peers), ceiling)
+    text = header + "\n" + table(aggregates, read_peers(args.peers), ceiling, missing)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.table}.md").write_text(text + "\n")
     (args.out / f"{args.table}.json").write_text(json.dumps(
