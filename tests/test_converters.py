@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -435,6 +437,30 @@ def test_taobao_ad_behavior_log(tmp_path):
         convert("taobao-ad", raw, tmp_path / "bad", "--behavior-log", str(log))
     with pytest.raises(ConversionError, match="--behavior-log: only with the raw Alimama folder"):
         convert("taobao-ad", tmp_path, tmp_path / "fux", "--behavior-log", str(log))
+
+
+def test_taobao_ad_behavior_log_parsed_before_the_tables(tmp_path, monkeypatch):
+    """Peak memory is not Python's CSV parsing on top of DuckDB's tables: the behaviour log (the largest
+    CSV) is parsed while DuckDB holds only the small side tables, before the impressions table is made."""
+    held = {}
+    stage = Engine.stage
+
+    def recording_stage(self, name, blocks):
+        held[name] = sorted(r[0] for r in self.rows("SELECT table_name FROM duckdb_tables()"))
+        return stage(self, name, blocks)
+
+    monkeypatch.setattr(Engine, "stage", recording_stage)
+    raw = raw_path("gen:ad --rows 2000 --behavior-rows 8000 --users 100 --seed 5", Path("/nonexistent"), tmp_path)
+    convert("taobao-ad", raw, tmp_path / "out", "--behavior-log", str(raw / "behavior_log.csv"))
+    assert held["behaviors"] == ["ads", "profiles"]
+
+
+def test_data_command_does_not_import_torch():
+    """`mdaf-rec data` builds every converter's parser; none of them may import torch (~190 MB resident in
+    every conversion, on top of the engine's memory)."""
+    code = "import sys; from mdaf_rec.cli.data import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("fmt,spec", [
