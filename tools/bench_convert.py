@@ -3,7 +3,7 @@
 Generates raw files in the real formats with ``tools/gen_raw.py`` (kept in ``--work`` between runs), then
 runs ``mdaf-rec data <format>`` in a subprocess under ``/usr/bin/time -v`` (peak RSS of the whole process:
 Python, pyarrow's CSV blocks and DuckDB; CPU seconds = user + system of the process and its threads) for
-every (size, memory limit), with ``nice -n 10`` and DuckDB ``--threads``. On a machine shared with other jobs
+every (size, memory limit), with ``nice -n NICE`` (``--nice``, default 10) and DuckDB ``--threads``. On a machine shared with other jobs
 wall time depends on them, CPU time much less, so both are reported, with the load average at the start of
 each run. Fits time = a + b * rows by least squares (CPU and wall, per memory limit and thread count) and
 extrapolates to the real data's size (UserBehavior 100M rows; Taobao Ad 26M impressions + 723M behaviour-log
@@ -50,14 +50,14 @@ REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134}
 
 
 def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str],
-             engine: str = "duckdb") -> Dict[str, float]:
+             engine: str = "duckdb", niceness: int = 10) -> Dict[str, float]:
     """One conversion under ``/usr/bin/time -v``: wall and CPU seconds, peak RSS (GB; Spark: of the process
     tree, :func:`_tree_rss_kb`), output rows and the load average (1 min) at the start."""
     shutil.rmtree(out, ignore_errors=True)
     if engine == "spark":
         extra = [*extra, "--engine", "spark", "--spark-master", f"local[{threads}]",
                  "--spark-driver-memory", limit.lower().replace("gib", "g").replace("gb", "g")]
-    cmd = ["/usr/bin/time", "-v", "nice", "-n", "10", sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
+    cmd = ["/usr/bin/time", "-v", "nice", "-n", str(niceness), sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
            "--raw", str(raw), "--out", str(out), "--memory-limit", limit, "--threads", str(threads), *extra]
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -78,7 +78,15 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
     meta = json.loads((out / "meta.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     return {"seconds": wall, "cpu_seconds": cpu, "load": load, "rss_gb": max(rss_kb, tree_kb) / 1e6,
-            "rows_out": meta["rows"]}
+            "rows_out": meta["rows"], "nice": niceness, "commit": _commit(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _commit() -> str:
+    """The checked-out commit of this repository (``+`` when the tree has changes), for the results file."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def _tree_rss_kb(root: int) -> int:
@@ -128,6 +136,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads / Spark local[N] (default 2)")
     parser.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
                         help="spark: run Spark beside DuckDB at each (size, limit) and write the 'Spark vs DuckDB' section")
+    parser.add_argument("--nice", type=int, default=10, help="niceness of the conversions (default 10)")
     parser.add_argument("--work", type=Path, default=None, help="folder for raw files and outputs (kept)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("--report-only", action="store_true",
@@ -150,7 +159,7 @@ def main(argv: List[str] | None = None) -> int:
                 if any(r["rows"] == rows and r["limit"] == limit and r["threads"] == args.threads
                        and r.get("engine", "duckdb") == engine for r in results):
                     continue
-                r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra, engine)
+                r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra, engine, args.nice)
                 r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads, engine=engine)
                 results.append(r)
                 store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
