@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -564,6 +565,21 @@ def test_movielens_small_sample(tmp_path):
     assert_leak_free(t, t[USER_ID].to_numpy(), t[ITEM_ID].to_numpy(), t[TIMESTAMP].to_numpy())
     split, ts = t["split"].to_numpy(), t[TIMESTAMP].to_numpy()
     assert ts[split == 0].max() < ts[split == 1].min() and ts[split == 1].max() < ts[split == 2].min()
+
+
+def test_generated_movielens_files(tmp_path):
+    """tools/gen_raw.py movielens writes ml-latest's ratings.csv / movies.csv (titles with a comma quoted,
+    ``|``-joined genres) that the converter reads whole: one row per rating, every movie found, each row's
+    category the first genre of its movie."""
+    raw = raw_path("gen:movielens --rows 5000 --seed 6", Path("/nonexistent"), tmp_path)
+    meta = convert("movielens", raw, tmp_path / "out")
+    assert (meta["rows"], meta["dropped_total"], list(meta["filled"].values())) == (5000, 0, [0])
+    movies = pcsv.read_csv(raw / "movies.csv").to_pylist()
+    assert len(movies) == 100 and movies[9]["title"].startswith("Movie 10, The (")
+    category = {m["movieId"]: GENRE_IDS[m["genres"].split("|")[0]] for m in movies}
+    t = load(tmp_path / "out")
+    assert t[CATEGORY_ID].to_pylist() == [category[i] for i in t[ITEM_ID].to_pylist()]
+    assert len(set(t[CATEGORY_ID].to_pylist())) >= 15
 
 
 def test_behavior_sample(tmp_path):

@@ -3,16 +3,18 @@
 Generates raw files in the real formats with ``tools/gen_raw.py`` (kept in ``--work`` between runs), then
 runs ``mdaf-rec data <format>`` in a subprocess under ``/usr/bin/time -v`` (peak RSS of the whole process:
 Python, pyarrow's CSV blocks and DuckDB; CPU seconds = user + system of the process and its threads) for
-every (size, memory limit), with ``nice -n NICE`` (``--nice``, default 10) and DuckDB ``--threads``. On a machine shared with other jobs
-wall time depends on them, CPU time much less, so both are reported, with the load average at the start of
-each run. Fits time = a + b * rows by least squares (CPU and wall, per memory limit and thread count) and
+every (size, memory limit), with ``nice -n NICE`` (``--nice``, default 10) and DuckDB ``--threads``. On a
+machine shared with other jobs wall time depends on them, CPU time much less, so both are reported, with the
+load average at the start of each run. Fits time = a + b * rows by least squares (CPU and wall, per memory limit and thread count) and
 extrapolates to the real data's size (UserBehavior 100M rows; Taobao Ad 26M impressions + 723M behaviour-log
-rows). Writes the table into the "Converters" section of ``docs/benchmarks.md`` (other sections are left alone).
+rows; MovieLens ml-25m's 25M ratings). Writes the table into the "Converters" section of ``docs/benchmarks.md``
+(other sections are left alone).
 
 Usage::
 
     python tools/bench_convert.py behavior --sizes 1000000,4000000,16000000 --limits 1GB,2GB
     python tools/bench_convert.py ad --sizes 1000000,4000000 --log-ratio 4 --limits 1GB,2GB
+    python tools/bench_convert.py movielens --sizes 1000000,16000000 --limits 1GB
     python tools/bench_convert.py behavior --work DIR --report-only   # the results stored in DIR so far
     python tools/bench_convert.py behavior --sizes 1000000 --limits 2GB --engine spark   # Spark beside DuckDB
 
@@ -46,7 +48,10 @@ from benchdoc import machine, write_section  # noqa: E402
 SECTION = "## Converters out of core (tools/bench_convert.py)"
 DOC = REPO / "docs" / "benchmarks.md"
 # Real sizes to extrapolate to: raw rows read by the converter.
-REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134}
+REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134, "movielens": 25_000_095}
+# dataset -> the converter's format and the section of docs/benchmarks.md
+FORMATS = {"behavior": "taobao-behavior", "ad": "taobao-ad", "movielens": "movielens"}
+SECTIONS = {"behavior": "UserBehavior", "ad": "Taobao Ad", "movielens": "MovieLens"}
 
 
 def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str],
@@ -127,9 +132,9 @@ def generate(dataset: str, rows: int, log_ratio: float, work: Path) -> Path:
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=("behavior", "ad"))
+    parser.add_argument("dataset", choices=tuple(FORMATS))
     parser.add_argument("--sizes", default="1000000,4000000,16000000",
-                        help="UserBehavior rows, or raw_sample.csv impressions (comma-separated)")
+                        help="UserBehavior rows, raw_sample.csv impressions or ratings.csv ratings (comma-separated)")
     parser.add_argument("--limits", default="1GB,2GB", help="--memory-limit values (comma-separated)")
     parser.add_argument("--log-ratio", type=float, default=4.0,
                         help="ad: behavior_log.csv rows per impression (real data: 27; 0 = no log)")
@@ -146,7 +151,7 @@ def main(argv: List[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     limits = args.limits.split(",")
-    fmt = "taobao-behavior" if args.dataset == "behavior" else "taobao-ad"
+    fmt = FORMATS[args.dataset]
     store = work / f"results-{args.dataset}.json"
     # earlier runs' results in --work are kept (a run is not repeated): runs can be split and resumed
     results = json.loads(store.read_text()) if store.exists() else []
@@ -171,7 +176,7 @@ def main(argv: List[str] | None = None) -> int:
         section = f"{SECTION} - Spark vs DuckDB"
     else:
         body = report([r for r in results if r.get("engine", "duckdb") == "duckdb"], args, fmt)
-        section = SECTION + (" - Taobao Ad" if args.dataset == "ad" else " - UserBehavior")
+        section = f"{SECTION} - {SECTIONS[args.dataset]}"
     print(body)
     if not args.no_write:
         write_section(DOC, section, body)
