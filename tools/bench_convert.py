@@ -54,6 +54,14 @@ FORMATS = {"behavior": "taobao-behavior", "ad": "taobao-ad", "movielens": "movie
 SECTIONS = {"behavior": "UserBehavior", "ad": "Taobao Ad", "movielens": "MovieLens"}
 
 
+def _gigabytes(size: str) -> float:
+    """A DuckDB memory size (``1GB``, ``512MB``, ``2GiB``) in GB (10^9 bytes)."""
+    number, unit = re.match(r"^\s*([0-9.]+)\s*([A-Za-z]+)\s*$", size).groups()
+    scale = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
+             "tib": 2 ** 40}[unit.lower()]
+    return float(number) * scale / 1e9
+
+
 def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str],
              engine: str = "duckdb", niceness: int = 10) -> Dict[str, float]:
     """One conversion under ``/usr/bin/time -v``: wall and CPU seconds, peak RSS (GB; Spark: of the process
@@ -211,7 +219,8 @@ def report_engines(results: List[Dict], args: argparse.Namespace, fmt: str, size
 def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
     """The markdown table of ``results`` and the extrapolation per (memory limit, threads)."""
     lines = [
-        f"Machine: {machine()}. `nice -n 10`; **other jobs shared the 2 cores** "
+        f"Machine: {machine()}. `nice -n {'/'.join(sorted({str(r.get('nice', 10)) for r in results}))}`; "
+        "**other jobs shared the 2 cores** "
         "during these runs (load average at each run's start in the table), so wall times are pessimistic and "
         "noisy; CPU seconds (user + system, all threads) are the yardstick, and peak RSS is not affected. Raw "
         "files from `tools/gen_raw.py` (real formats, Zipf ids); CPU time and peak RSS of the whole converter "
@@ -231,7 +240,10 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
     lines.append("")
     real = REAL_ROWS[args.dataset]
     for key in dict.fromkeys((r["limit"], r["threads"]) for r in results):
-        mine = [r for r in results if (r["limit"], r["threads"]) == key]
+        mine = sorted((r for r in results if (r["limit"], r["threads"]) == key), key=lambda r: r["raw_rows"])
+        bound = _gigabytes(key[0]) + 1
+        peaks = " / ".join(f"{r['rss_gb']:.2f}" for r in mine)
+        over = [f"{r['raw_rows']:,}" for r in mine if r["rss_gb"] > bound]
         if len({r["raw_rows"] for r in mine}) < 2:
             continue
         x = np.array([r["raw_rows"] for r in mine], float)
@@ -245,7 +257,8 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
             f"raw rows ({fits['cpu_seconds'][1]:+.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
             f"({fits['seconds'][1]:+.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
             f"**{fits['cpu_seconds'][2]:.1f} CPU hours**, {fits['seconds'][2]:.1f} h wall at this load (extrapolations, "
-            f"not runs); peak RSS {min(r['rss_gb'] for r in mine):.2f}-{max(r['rss_gb'] for r in mine):.2f} GB."
+            f"not runs). Peak RSS by size: {peaks} GB; the bound limit + 1 GB = {bound:g} GB is "
+            + (f"**exceeded** at {', '.join(over)} raw rows." if over else "**met at every size**.")
         )
     return "\n".join(lines)
 
