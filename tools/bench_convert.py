@@ -72,7 +72,7 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
                  "--spark-driver-memory", limit.lower().replace("gib", "g").replace("gb", "g")]
     cmd = ["/usr/bin/time", "-v", "nice", "-n", str(niceness), sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
            "--raw", str(raw), "--out", str(out), "--memory-limit", limit, "--threads", str(threads), *extra]
-    load = os.getloadavg()[0]
+    load, commit, when = os.getloadavg()[0], _commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     start = time.perf_counter()
     path = "/usr/bin:/bin" + (f":{Path(os.environ['JAVA_HOME']) / 'bin'}" if "JAVA_HOME" in os.environ else "")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -91,7 +91,7 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
     meta = json.loads((out / "meta.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     return {"seconds": wall, "cpu_seconds": cpu, "load": load, "rss_gb": max(rss_kb, tree_kb) / 1e6,
-            "rows_out": meta["rows"], "nice": niceness, "commit": _commit(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "rows_out": meta["rows"], "nice": niceness, "commit": commit, "when": when}
 
 
 def _commit() -> str:
