@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -437,6 +440,30 @@ def test_taobao_ad_behavior_log(tmp_path):
         convert("taobao-ad", tmp_path, tmp_path / "fux", "--behavior-log", str(log))
 
 
+def test_taobao_ad_behavior_log_parsed_before_the_tables(tmp_path, monkeypatch):
+    """Peak memory is not Python's CSV parsing on top of DuckDB's tables: the behaviour log (the largest
+    CSV) is parsed while DuckDB holds only the small side tables, before the impressions table is made."""
+    held = {}
+    stage = Engine.stage
+
+    def recording_stage(self, name, blocks):
+        held[name] = sorted(r[0] for r in self.rows("SELECT table_name FROM duckdb_tables()"))
+        return stage(self, name, blocks)
+
+    monkeypatch.setattr(Engine, "stage", recording_stage)
+    raw = raw_path("gen:ad --rows 2000 --behavior-rows 8000 --users 100 --seed 5", Path("/nonexistent"), tmp_path)
+    convert("taobao-ad", raw, tmp_path / "out", "--behavior-log", str(raw / "behavior_log.csv"))
+    assert held["behaviors"] == ["ads", "profiles"]
+
+
+def test_data_command_does_not_import_torch():
+    """`mdaf-rec data` builds every converter's parser; none of them may import torch (~190 MB resident in
+    every conversion, on top of the engine's memory)."""
+    code = "import sys; from mdaf_rec.cli.data import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 @pytest.mark.parametrize("fmt,spec", [
     ("taobao-ad", "gen:ad --rows 3000 --behavior-rows 12000 --users 400 --seed 3"),
     ("taobao-behavior", "gen:behavior --rows 6000 --users 60 --seed 4"),
@@ -538,6 +565,21 @@ def test_movielens_small_sample(tmp_path):
     assert_leak_free(t, t[USER_ID].to_numpy(), t[ITEM_ID].to_numpy(), t[TIMESTAMP].to_numpy())
     split, ts = t["split"].to_numpy(), t[TIMESTAMP].to_numpy()
     assert ts[split == 0].max() < ts[split == 1].min() and ts[split == 1].max() < ts[split == 2].min()
+
+
+def test_generated_movielens_files(tmp_path):
+    """tools/gen_raw.py movielens writes ml-latest's ratings.csv / movies.csv (titles with a comma quoted,
+    ``|``-joined genres) that the converter reads whole: one row per rating, every movie found, each row's
+    category the first genre of its movie."""
+    raw = raw_path("gen:movielens --rows 5000 --seed 6", Path("/nonexistent"), tmp_path)
+    meta = convert("movielens", raw, tmp_path / "out")
+    assert (meta["rows"], meta["dropped_total"], list(meta["filled"].values())) == (5000, 0, [0])
+    movies = pcsv.read_csv(raw / "movies.csv").to_pylist()
+    assert len(movies) == 100 and movies[9]["title"].startswith("Movie 10, The (")
+    category = {m["movieId"]: GENRE_IDS[m["genres"].split("|")[0]] for m in movies}
+    t = load(tmp_path / "out")
+    assert t[CATEGORY_ID].to_pylist() == [category[i] for i in t[ITEM_ID].to_pylist()]
+    assert len(set(t[CATEGORY_ID].to_pylist())) >= 15
 
 
 def test_behavior_sample(tmp_path):

@@ -3,16 +3,18 @@
 Generates raw files in the real formats with ``tools/gen_raw.py`` (kept in ``--work`` between runs), then
 runs ``mdaf-rec data <format>`` in a subprocess under ``/usr/bin/time -v`` (peak RSS of the whole process:
 Python, pyarrow's CSV blocks and DuckDB; CPU seconds = user + system of the process and its threads) for
-every (size, memory limit), with ``nice -n 10`` and DuckDB ``--threads``. On a machine shared with other jobs
-wall time depends on them, CPU time much less, so both are reported, with the load average at the start of
-each run. Fits time = a + b * rows by least squares (CPU and wall, per memory limit and thread count) and
+every (size, memory limit), with ``nice -n NICE`` (``--nice``, default 10) and DuckDB ``--threads``. On a
+machine shared with other jobs wall time depends on them, CPU time much less, so both are reported, with the
+load average at the start of each run. Fits time = a + b * rows by least squares (CPU and wall, per memory limit and thread count) and
 extrapolates to the real data's size (UserBehavior 100M rows; Taobao Ad 26M impressions + 723M behaviour-log
-rows). Writes the table into the "Converters" section of ``docs/benchmarks.md`` (other sections are left alone).
+rows; MovieLens ml-25m's 25M ratings). Writes the table into the "Converters" section of ``docs/benchmarks.md``
+(other sections are left alone).
 
 Usage::
 
     python tools/bench_convert.py behavior --sizes 1000000,4000000,16000000 --limits 1GB,2GB
     python tools/bench_convert.py ad --sizes 1000000,4000000 --log-ratio 4 --limits 1GB,2GB
+    python tools/bench_convert.py movielens --sizes 1000000,16000000 --limits 1GB
     python tools/bench_convert.py behavior --work DIR --report-only   # the results stored in DIR so far
     python tools/bench_convert.py behavior --sizes 1000000 --limits 2GB --engine spark   # Spark beside DuckDB
 
@@ -46,20 +48,31 @@ from benchdoc import machine, write_section  # noqa: E402
 SECTION = "## Converters out of core (tools/bench_convert.py)"
 DOC = REPO / "docs" / "benchmarks.md"
 # Real sizes to extrapolate to: raw rows read by the converter.
-REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134}
+REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134, "movielens": 25_000_095}
+# dataset -> the converter's format and the section of docs/benchmarks.md
+FORMATS = {"behavior": "taobao-behavior", "ad": "taobao-ad", "movielens": "movielens"}
+SECTIONS = {"behavior": "UserBehavior", "ad": "Taobao Ad", "movielens": "MovieLens"}
+
+
+def _gigabytes(size: str) -> float:
+    """A DuckDB memory size (``1GB``, ``512MB``, ``2GiB``) in GB (10^9 bytes)."""
+    number, unit = re.match(r"^\s*([0-9.]+)\s*([A-Za-z]+)\s*$", size).groups()
+    scale = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
+             "tib": 2 ** 40}[unit.lower()]
+    return float(number) * scale / 1e9
 
 
 def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: List[str],
-             engine: str = "duckdb") -> Dict[str, float]:
+             engine: str = "duckdb", niceness: int = 10) -> Dict[str, float]:
     """One conversion under ``/usr/bin/time -v``: wall and CPU seconds, peak RSS (GB; Spark: of the process
     tree, :func:`_tree_rss_kb`), output rows and the load average (1 min) at the start."""
     shutil.rmtree(out, ignore_errors=True)
     if engine == "spark":
         extra = [*extra, "--engine", "spark", "--spark-master", f"local[{threads}]",
                  "--spark-driver-memory", limit.lower().replace("gib", "g").replace("gb", "g")]
-    cmd = ["/usr/bin/time", "-v", "nice", "-n", "10", sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
+    cmd = ["/usr/bin/time", "-v", "nice", "-n", str(niceness), sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
            "--raw", str(raw), "--out", str(out), "--memory-limit", limit, "--threads", str(threads), *extra]
-    load = os.getloadavg()[0]
+    load, commit, when = os.getloadavg()[0], _commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     start = time.perf_counter()
     path = "/usr/bin:/bin" + (f":{Path(os.environ['JAVA_HOME']) / 'bin'}" if "JAVA_HOME" in os.environ else "")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -78,7 +91,15 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
     meta = json.loads((out / "meta.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     return {"seconds": wall, "cpu_seconds": cpu, "load": load, "rss_gb": max(rss_kb, tree_kb) / 1e6,
-            "rows_out": meta["rows"]}
+            "rows_out": meta["rows"], "nice": niceness, "commit": commit, "when": when}
+
+
+def _commit() -> str:
+    """The checked-out commit of this repository (``+`` when the tree has changes), for the results file."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def _tree_rss_kb(root: int) -> int:
@@ -119,15 +140,16 @@ def generate(dataset: str, rows: int, log_ratio: float, work: Path) -> Path:
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=("behavior", "ad"))
+    parser.add_argument("dataset", choices=tuple(FORMATS))
     parser.add_argument("--sizes", default="1000000,4000000,16000000",
-                        help="UserBehavior rows, or raw_sample.csv impressions (comma-separated)")
+                        help="UserBehavior rows, raw_sample.csv impressions or ratings.csv ratings (comma-separated)")
     parser.add_argument("--limits", default="1GB,2GB", help="--memory-limit values (comma-separated)")
     parser.add_argument("--log-ratio", type=float, default=4.0,
                         help="ad: behavior_log.csv rows per impression (real data: 27; 0 = no log)")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads / Spark local[N] (default 2)")
     parser.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
                         help="spark: run Spark beside DuckDB at each (size, limit) and write the 'Spark vs DuckDB' section")
+    parser.add_argument("--nice", type=int, default=10, help="niceness of the conversions (default 10)")
     parser.add_argument("--work", type=Path, default=None, help="folder for raw files and outputs (kept)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("--report-only", action="store_true",
@@ -137,7 +159,7 @@ def main(argv: List[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     limits = args.limits.split(",")
-    fmt = "taobao-behavior" if args.dataset == "behavior" else "taobao-ad"
+    fmt = FORMATS[args.dataset]
     store = work / f"results-{args.dataset}.json"
     # earlier runs' results in --work are kept (a run is not repeated): runs can be split and resumed
     results = json.loads(store.read_text()) if store.exists() else []
@@ -150,7 +172,7 @@ def main(argv: List[str] | None = None) -> int:
                 if any(r["rows"] == rows and r["limit"] == limit and r["threads"] == args.threads
                        and r.get("engine", "duckdb") == engine for r in results):
                     continue
-                r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra, engine)
+                r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra, engine, args.nice)
                 r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads, engine=engine)
                 results.append(r)
                 store.write_text(json.dumps(results, indent=1))  # a partial run can still be reported
@@ -162,7 +184,7 @@ def main(argv: List[str] | None = None) -> int:
         section = f"{SECTION} - Spark vs DuckDB"
     else:
         body = report([r for r in results if r.get("engine", "duckdb") == "duckdb"], args, fmt)
-        section = SECTION + (" - Taobao Ad" if args.dataset == "ad" else " - UserBehavior")
+        section = f"{SECTION} - {SECTIONS[args.dataset]}"
     print(body)
     if not args.no_write:
         write_section(DOC, section, body)
@@ -197,7 +219,8 @@ def report_engines(results: List[Dict], args: argparse.Namespace, fmt: str, size
 def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
     """The markdown table of ``results`` and the extrapolation per (memory limit, threads)."""
     lines = [
-        f"Machine: {machine()}. `nice -n 10`; **other jobs shared the 2 cores** "
+        f"Machine: {machine()}. `nice -n {'/'.join(sorted({str(r.get('nice', 10)) for r in results}))}`; "
+        "**other jobs shared the 2 cores** "
         "during these runs (load average at each run's start in the table), so wall times are pessimistic and "
         "noisy; CPU seconds (user + system, all threads) are the yardstick, and peak RSS is not affected. Raw "
         "files from `tools/gen_raw.py` (real formats, Zipf ids); CPU time and peak RSS of the whole converter "
@@ -217,7 +240,10 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
     lines.append("")
     real = REAL_ROWS[args.dataset]
     for key in dict.fromkeys((r["limit"], r["threads"]) for r in results):
-        mine = [r for r in results if (r["limit"], r["threads"]) == key]
+        mine = sorted((r for r in results if (r["limit"], r["threads"]) == key), key=lambda r: r["raw_rows"])
+        bound = _gigabytes(key[0]) + 1
+        peaks = " / ".join(f"{r['rss_gb']:.2f}" for r in mine)
+        over = [f"{r['raw_rows']:,}" for r in mine if r["rss_gb"] > bound]
         if len({r["raw_rows"] for r in mine}) < 2:
             continue
         x = np.array([r["raw_rows"] for r in mine], float)
@@ -231,7 +257,8 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
             f"raw rows ({fits['cpu_seconds'][1]:+.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
             f"({fits['seconds'][1]:+.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
             f"**{fits['cpu_seconds'][2]:.1f} CPU hours**, {fits['seconds'][2]:.1f} h wall at this load (extrapolations, "
-            f"not runs); peak RSS {min(r['rss_gb'] for r in mine):.2f}-{max(r['rss_gb'] for r in mine):.2f} GB."
+            f"not runs). Peak RSS by size: {peaks} GB; the bound limit + 1 GB = {bound:g} GB is "
+            + (f"**exceeded** at {', '.join(over)} raw rows." if over else "**met at every size**.")
         )
     return "\n".join(lines)
 

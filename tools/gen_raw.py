@@ -1,6 +1,6 @@
-"""Generates raw files in the exact formats of the public Taobao logs, with Zipf-distributed ids.
+"""Generates raw files in the exact formats of the public Taobao logs and of MovieLens, with Zipf-distributed ids.
 
-Two data sets, written block by block (memory stays flat at any size):
+Three data sets, written block by block (memory stays flat at any size):
 
 * ``behavior``: ``UserBehavior.csv`` (Tianchi 649): header-less ``user_id,item_id,category_id,behavior,timestamp``,
   9 days from 2017-11-25 (Asia/Shanghai), behaviors pv / cart / fav / buy at the real mix (89.6 / 5.5 / 2.9 /
@@ -10,6 +10,11 @@ Two data sets, written block by block (memory stays flat at any size):
   price``, brand ``NULL`` for about 30 % of ads), ``user_profile.csv`` (the real header, trailing space
   included; blank ``pvalue_level`` / ``new_user_class_level`` codes) and, with ``--behavior-rows``,
   ``behavior_log.csv`` (``user,time_stamp,btag,cate,brand``, the 22 days up to the last impression day).
+* ``movielens``: ``ratings.csv`` (``userId,movieId,rating,timestamp``; ratings 0.5-5.0 in half stars at
+  ml-25m's mix, timestamps 1995-2019) and ``movies.csv`` (``movieId,title,genres``: titles with a year,
+  every tenth quoted with a comma as in ``"American President, The (1995)"``, 1-3 of the 20 genres
+  ``|``-joined, every 97th ``(no genres listed)``); at ml-25m's size (25M ratings of 163k users on 62k movies)
+  about 27 and 40 bytes per row (ml-25m: 27 and 49).
 
 Users, items, ads, categories and brands are drawn from bounded power laws (Zipf; a few items take many rows,
 as in the real logs) and scattered over the id space by a fixed permutation; an item's category and
@@ -20,6 +25,7 @@ Usage::
 
     python tools/gen_raw.py behavior --rows 1000000 --out /tmp/ub          # /tmp/ub/UserBehavior.csv
     python tools/gen_raw.py ad --rows 1000000 --behavior-rows 4000000 --out /tmp/ad
+    python tools/gen_raw.py movielens --rows 1000000 --out /tmp/ml   # /tmp/ml/ratings.csv, movies.csv
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ DAY = 86_400
 USER_EXPONENT = 0.5
 ITEM_EXPONENT = 0.9
 PIDS = ("430548_1007", "430539_1007")
+# ml-25m: share of each rating 0.5, 1.0, ..., 5.0
+RATINGS = ("0.5", "1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0", "4.5", "5.0")
+RATING_MIX = (0.016, 0.031, 0.016, 0.066, 0.050, 0.196, 0.126, 0.266, 0.085, 0.148)
+RATING_T0, RATING_T1 = 789_652_009, 1_574_327_703  # ml-25m's first and last timestamps (1995-01-09, 2019-11-21)
+GENRES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+          "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+          "(no genres listed)")
 
 
 def zipf_ids(rng: np.random.Generator, n: int, size: int, scatter: int, exponent: float) -> np.ndarray:
@@ -180,10 +193,41 @@ def behavior_log_blocks(rows: int, seed: int, users: int, categories: int, brand
         yield block
 
 
+def rating_blocks(rows: int, seed: int, users: int, movies: int) -> Iterator[Dict[str, pa.Array]]:
+    rng = np.random.default_rng(seed + 4)
+    user_scatter, movie_scatter = coprime(users, 104729), coprime(movies, 1299709)
+    for start in range(0, rows, BLOCK_ROWS):
+        n = min(BLOCK_ROWS, rows - start)
+        block = sorted_block({
+            "userId": zipf_ids(rng, users, n, user_scatter, USER_EXPONENT),
+            "movieId": zipf_ids(rng, movies, n, movie_scatter, ITEM_EXPONENT),
+            "rating": rng.choice(len(RATINGS), n, p=RATING_MIX),
+            "timestamp": rng.integers(RATING_T0, RATING_T1 + 1, n),
+        }, "userId", "timestamp")
+        block["rating"] = pa.DictionaryArray.from_arrays(block["rating"].astype(np.int32), RATINGS).cast(pa.string())
+        yield block
+
+
+def write_movies(path: Path, movies: int, seed: int) -> int:
+    """Writes ``movies.csv`` (small: one line per movie, built in Python; titles with a comma quoted, which
+    pyarrow's CSV writer cannot do for some values only); returns the rows written."""
+    rng = np.random.default_rng(seed + 5)
+    genres = np.array(GENRES[:-1])
+    with open(path, "w", encoding="utf8", newline="\n") as f:
+        f.write("movieId,title,genres\n")
+        for movie in range(1, movies + 1):
+            year = int(rng.integers(1902, 2020))
+            title = f'"Movie {movie}, The ({year})"' if movie % 10 == 0 else f"Movie {movie} ({year})"
+            names = GENRES[-1] if movie % 97 == 0 else "|".join(rng.choice(genres, int(rng.integers(1, 4))))
+            f.write(f"{movie},{title},{names}\n")
+    return movies
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=("behavior", "ad"))
-    parser.add_argument("--rows", type=int, required=True, help="UserBehavior rows, or raw_sample.csv impressions")
+    parser.add_argument("dataset", choices=("behavior", "ad", "movielens"))
+    parser.add_argument("--rows", type=int, required=True,
+                        help="UserBehavior rows, raw_sample.csv impressions, or ratings.csv ratings")
     parser.add_argument("--behavior-rows", type=int, default=0, help="ad: behavior_log.csv rows (0: no file)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--seed", type=int, default=0)
@@ -196,6 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         items = max(1000, args.rows // 24)
         n = write_csv(args.out / "UserBehavior.csv", behavior_blocks(args.rows, args.seed, users, items, 9439), None)
         print(f"{args.out / 'UserBehavior.csv'}: {n} rows")
+        return 0
+    if args.dataset == "movielens":
+        # ml-25m: 25,000,095 ratings, 162,541 users, 62,423 movies
+        users = args.users or max(100, args.rows // 154)
+        movies = max(100, args.rows // 400)
+        n = write_csv(args.out / "ratings.csv", rating_blocks(args.rows, args.seed, users, movies),
+                      "userId,movieId,rating,timestamp")
+        print(f"{args.out / 'ratings.csv'}: {n} rows")
+        n = write_movies(args.out / "movies.csv", movies, args.seed)
+        print(f"{args.out / 'movies.csv'}: {n} rows")
         return 0
     # real: 26.6M impressions, 1,141,729 users, 846,811 ads, 6,769 categories, 99,815 brands
     users = args.users or max(100, args.rows // 23)

@@ -51,7 +51,6 @@ import pyarrow.parquet as pq
 
 from mdaf_rec.data import schema
 from mdaf_rec.errors import UserError
-from mdaf_rec.metrics import auc_score, logloss_score
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +414,10 @@ def _split_by_time(table: pa.Table, p: SynthParams) -> Dict[str, pa.Array]:
 
 
 def _split_stats(table: pa.Table, parts: Dict[str, np.ndarray], mask: np.ndarray) -> Dict[str, Any]:
+    # imported here: mdaf_rec.metrics imports torch (~190 MB resident), which `mdaf-rec data` of the other
+    # formats (every converter module is imported to build the command line) must not carry into their conversions
+    from mdaf_rec.metrics import auc_score, logloss_score
+
     labels = table.column(schema.LABEL).to_numpy()[mask]
     times = table.column(schema.TIMESTAMP).to_numpy()[mask]
     return {

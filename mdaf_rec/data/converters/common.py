@@ -2,7 +2,7 @@
 the per-row parsing helpers.
 
 Every converter reads its raw files block-wise into numpy columns (:func:`read_csv` and
-:class:`Block`, one block of about 16 MB at a time) and stages them for the out-of-core engine
+:class:`Block`, one block of about 4 MB at a time) and stages them for the out-of-core engine
 (:mod:`.engine`), which joins, splits, builds the histories and negatives in SQL and writes the
 canonical Parquet splits plus ``meta.json``. The layout is documented in ``docs/data.md``.
 """
@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_HISTORY = 50
 # Reserved id written where a raw id is missing (blank, ``NULL``, an ad without features...).
 MISSING_ID = 0
-# 16 MB: a block and the columns parsed from it take ~10x its size while parsed (next to DuckDB's memory)
-CSV_BLOCK_BYTES = 16 << 20
+# 4 MB: a block and the columns parsed from it take ~10x its size while parsed, and pyarrow's streaming CSV
+# reader reads up to 32 blocks ahead on its I/O thread (its background queue), so the reader holds up to
+# ~32 x this (16 MB blocks: up to 0.5 GB of raw bytes, next to DuckDB's memory)
+CSV_BLOCK_BYTES = 4 << 20
 _SECONDS_PER_DAY = 86_400
 # Ids are at most 18 digits so that every accepted value fits int64 (Block.ids checks the same without a regex).
 ID_PATTERN = r"^[0-9]{1,18}$"

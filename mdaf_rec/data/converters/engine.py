@@ -1,7 +1,7 @@
 """The converters' out-of-core engine: DuckDB under a memory limit, spilling to a temp folder.
 
 A converter parses and checks its raw CSV files block by block in Python (:mod:`.common`: the bad-row
-policy, one 16 MB block in memory at a time) and *stages* the typed columns as Parquet files
+policy, one 4 MB block parsed at a time) and *stages* the typed columns as Parquet files
 (:meth:`Engine.stage`); everything that needs the whole data (joins, time splits, per-user histories,
 negative sampling, counts) then runs as SQL on a DuckDB database file in the temp folder, with
 DuckDB's ``memory_limit`` (``--memory-limit``), ``temp_directory`` (spills) and ``threads`` set, so peak

@@ -154,6 +154,10 @@ def _run_alimama(args: argparse.Namespace) -> Dict[str, Any]:
         ad_columns = ("cate_id", *AD_IDS, "price")
         _stage_table(engine, "ads", paths[1], "adgroup_id", ad_columns, _ad_columns, bad)
         _stage_table(engine, "profiles", paths[2], "userid", PROFILE_CODES, _profile_columns, bad)
+        # the behaviour log (the largest CSV) is parsed before the impressions table is made, so that Python's
+        # parsing memory and DuckDB's tables are not held at once (the peak was their sum)
+        if log is not None and not engine.stage("behaviors", _read_behavior_log(log, bad, args)):
+            raise ConversionError(f"{log}: no rows")
         ads = ", ".join(f"coalesce(a.{c}, {0.0 if c == 'price' else MISSING_ID}) AS "
                         f"{CATEGORY_ID if c == 'cate_id' else c}" for c in ad_columns)
         profiles = ", ".join(f"coalesce(u.{c}, {MISSING_ID}) AS {c}" for c in PROFILE_CODES)
@@ -173,8 +177,6 @@ def _run_alimama(args: argparse.Namespace) -> Dict[str, Any]:
         )]
         extra_histories: Dict[str, str] = {}
         if log is not None:
-            if not engine.stage("behaviors", _read_behavior_log(log, bad, args)):
-                raise ConversionError(f"{log}: no rows")
             for b, btag in enumerate(BTAGS):
                 columns = {name: column for name, (tag, column) in BEHAVIOR_HISTORIES.items() if tag == btag}
                 groups.append((f"(SELECT {SEQ}, {USER_ID}, {TIMESTAMP}, cate, brand FROM behaviors "
