@@ -126,6 +126,24 @@ def test_fusion_and_static_table_keys_are_validated() -> None:
         load_config("dnn", overrides=["optimizer.sparse=dense", "optimizer.static_sparse_lr=0.01"])
 
 
+def test_oov_dropout_key_is_validated() -> None:
+    cfg = load_config("mdaf_mamba", overrides=['train.oov_dropout={"item": 0.3, "user": 0.1}'])
+    assert cfg.train.oov_dropout == {"item": 0.3, "user": 0.1} and load_config("dnn").train.oov_dropout == {}
+    managed = ["features.id_mapping=managed", "features.id_spaces.user.rows=300", "features.id_spaces.item.rows=800",
+               "features.id_spaces.category.rows=32"]
+    for overrides, match in (
+        (["train.oov_dropout={item: 1.0}"], "train.oov_dropout.item.*\\[0, 1\\)"),
+        (["train.oov_dropout={hour: 0.1}"], "train.oov_dropout.hour.*not a static id field with a vocabulary"),
+        (["train.oov_dropout={shop: 0.1}"], "train.oov_dropout.shop.*not a static id field"),
+        (["features.id_spaces.item.hash_buckets=100", "train.oov_dropout={item: 0.1}"],
+         "train.oov_dropout.item.*hashed ids have no OOV row"),
+        (managed + ["train.oov_dropout={item: 0.1}"], "train.oov_dropout.item.*features.id_mapping=vocab"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config("mdaf_mamba", overrides=overrides)
+    assert load_config("dnn", overrides=["features.extra_sparse=[shop]", "train.oov_dropout={shop: 0.2}"])
+
+
 def test_static_tables_get_their_own_learning_rate(tmp_path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
@@ -202,14 +220,15 @@ def test_gate_profile_plot(tmp_path) -> None:
 
 
 def test_training_with_the_remedies_writes_the_gate_profile_and_reliability(dataset, tmp_path) -> None:
-    """One epoch of MDAF-Mamba with every remedy on: the final test scoring's reliability table and gate profile
+    """One epoch of MDAF-Mamba with every remedy on (and ``train.oov_dropout``): the final test scoring's reliability table and gate profile
     cover every test row, the plot is written, and ``mdaf-rec eval`` re-scores to the same profile."""
     from test_train import mdaf, train
 
     run = tmp_path / "run"
     train(dataset, run, "--epochs", "1", "--set", "model.fusion.aux_loss_weight=0.3",
           "--set", "model.fusion.branch_dropout=0.2", "--set", "model.fusion.gate_stop_gradient=true",
-          "--set", "model.fusion.gate_bias_init=-1", "--set", "optimizer.static_sparse_lr=0.01")
+          "--set", "model.fusion.gate_bias_init=-1", "--set", "optimizer.static_sparse_lr=0.01",
+          "--set", 'train.oov_dropout={"item":0.3}')
     metrics = json.loads((run / "metrics.json").read_text())
     count = metrics["test"]["count"]
     assert sum(r["rows"] for r in metrics["reliability"]) == count
