@@ -312,6 +312,12 @@ class TrainConfig:
             Its tables grow by the new training split's ids (``null``: a fresh initialisation).
         init_optimizer: with ``init_from``, also take that checkpoint's optimizer state where shapes allow
             (grown table rows start with a fresh state); off: the optimizer starts afresh.
+        oov_dropout: static field -> the fraction of training rows whose id in that field the static branch
+            sees as out-of-vocabulary (the OOV row, index 1), redrawn each epoch (a function of seed, epoch,
+            field and row: the same for any batch size, process or worker count, and on resume). Trains the OOV
+            row, which otherwise never sees a training row, so that unseen ids at test time get a learned
+            "unknown" embedding. The sequence branch's target and histories keep their ids; evaluation drops
+            nothing. Vocabulary fields only (``features.id_mapping: vocab``, not hashed, not time fields).
     """
 
     epochs: int = 15
@@ -330,6 +336,7 @@ class TrainConfig:
     precision: str = "fp32"
     init_from: Optional[str] = None
     init_optimizer: bool = False
+    oov_dropout: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -491,6 +498,15 @@ def validate(cfg: Config) -> Config:
              "must name a run directory, RUN:last or a checkpoint folder (or null)")
     _require(not t.init_optimizer or t.init_from is not None, "train.init_optimizer",
              "needs train.init_from (the checkpoint whose optimizer state to take)")
+    for name, rate in t.oov_dropout.items():
+        key = f"train.oov_dropout.{name}"
+        _require(0.0 <= rate < 1.0, key, "must be in [0, 1)")
+        space = f.id_spaces.get(name)
+        _require(space is not None and space.column not in TIME_FIELDS or name in f.extra_sparse, key,
+                 f"{name!r} is not a static id field with a vocabulary (id spaces other than time fields, "
+                 "or features.extra_sparse)")
+        _require(space is None or space.hash_buckets is None, key, "hashed ids have no OOV row")
+        _require(f.id_mapping == "vocab", key, "is for features.id_mapping=vocab (managed ids have no OOV row)")
     e = cfg.eval
     _require(e.metrics is None or e.metrics in METRIC_MODES, "eval.metrics",
              f"{e.metrics!r} is not one of {list(METRIC_MODES)} (or null: chosen by the split's size)")

@@ -120,6 +120,7 @@ class Session:
             pin_memory=self.env.device.type == "cuda",
             sharding=cfg.data.sharding,
             validated=True,  # by open_session
+            oov_dropout=cfg.train.oov_dropout if train else None,
         )
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -126,6 +129,24 @@ def test_fusion_and_static_table_keys_are_validated() -> None:
         load_config("dnn", overrides=["optimizer.sparse=dense", "optimizer.static_sparse_lr=0.01"])
 
 
+def test_oov_dropout_key_is_validated() -> None:
+    cfg = load_config("mdaf_mamba", overrides=['train.oov_dropout={"item": 0.3, "user": 0.1}'])
+    assert cfg.train.oov_dropout == {"item": 0.3, "user": 0.1} and load_config("dnn").train.oov_dropout == {}
+    managed = ["features.id_mapping=managed", "features.id_spaces.user.rows=300", "features.id_spaces.item.rows=800",
+               "features.id_spaces.category.rows=32"]
+    for overrides, match in (
+        (["train.oov_dropout={item: 1.0}"], "train.oov_dropout.item.*\\[0, 1\\)"),
+        (["train.oov_dropout={hour: 0.1}"], "train.oov_dropout.hour.*not a static id field with a vocabulary"),
+        (["train.oov_dropout={shop: 0.1}"], "train.oov_dropout.shop.*not a static id field"),
+        (["features.id_spaces.item.hash_buckets=100", "train.oov_dropout={item: 0.1}"],
+         "train.oov_dropout.item.*hashed ids have no OOV row"),
+        (managed + ["train.oov_dropout={item: 0.1}"], "train.oov_dropout.item.*features.id_mapping=vocab"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config("mdaf_mamba", overrides=overrides)
+    assert load_config("dnn", overrides=["features.extra_sparse=[shop]", "train.oov_dropout={shop: 0.2}"])
+
+
 def test_static_tables_get_their_own_learning_rate(tmp_path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
@@ -202,14 +223,15 @@ def test_gate_profile_plot(tmp_path) -> None:
 
 
 def test_training_with_the_remedies_writes_the_gate_profile_and_reliability(dataset, tmp_path) -> None:
-    """One epoch of MDAF-Mamba with every remedy on: the final test scoring's reliability table and gate profile
+    """One epoch of MDAF-Mamba with every remedy on (and ``train.oov_dropout``): the final test scoring's reliability table and gate profile
     cover every test row, the plot is written, and ``mdaf-rec eval`` re-scores to the same profile."""
     from test_train import mdaf, train
 
     run = tmp_path / "run"
     train(dataset, run, "--epochs", "1", "--set", "model.fusion.aux_loss_weight=0.3",
           "--set", "model.fusion.branch_dropout=0.2", "--set", "model.fusion.gate_stop_gradient=true",
-          "--set", "model.fusion.gate_bias_init=-1", "--set", "optimizer.static_sparse_lr=0.01")
+          "--set", "model.fusion.gate_bias_init=-1", "--set", "optimizer.static_sparse_lr=0.01",
+          "--set", 'train.oov_dropout={"item":0.3}')
     metrics = json.loads((run / "metrics.json").read_text())
     count = metrics["test"]["count"]
     assert sum(r["rows"] for r in metrics["reliability"]) == count
@@ -230,3 +252,32 @@ def test_user_activity_names_the_file_and_column_it_cannot_count(tmp_path) -> No
     pq.write_table(pa.table({"uid": [1, 2]}), tmp_path / "train.parquet")
     with pytest.raises(DatasetError, match="train.parquet.*'user_id'"):
         user_activity([tmp_path / "train.parquet"], [tmp_path / "train.parquet"], "user_id")
+
+
+def test_fusion_report_tabulates_each_seed_and_the_mean(tmp_path) -> None:
+    """``tools/fusion_report.py``: per seed the picked and the lowest validation logloss (from ``metrics.jsonl``), and
+    a mean ± sample std line over the finished seeds; a missing seed is named, not averaged."""
+    reliability = [{"bin": "0.0–0.1", "rows": 30, "mean_pred": 0.05, "observed": 0.2},
+                   {"bin": "0.5–0.6", "rows": 50, "mean_pred": 0.55, "observed": 0.55},
+                   {"bin": "0.9–1.0", "rows": 20, "mean_pred": 0.95, "observed": 0.8}]
+    for seed, (val_auc, test_auc, logloss) in {1: (0.80, 0.78, 0.5), 2: (0.84, 0.80, 0.9)}.items():
+        run = tmp_path / "mdaf_mamba+x" / f"seed_{seed}"
+        run.mkdir(parents=True)
+        epochs = [{"epoch": e, "val": {"auc": 0.7, "logloss": ll}} for e, ll in ((1, 0.6), (2, 0.52), (3, logloss))]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+        (run / "metrics.json").write_text(json.dumps({
+            "val": {"auc": val_auc, "logloss": logloss}, "best_epoch": 3, "epochs_run": 4, "reliability": reliability,
+            "test": {"auc": test_auc, "logloss": logloss, "calibration": 1.0}, "gate": {"mean": 0.4 + 0.1 * seed},
+            "gate_profile": {"history_length": [{"group": "16–31", "rows": 100, "mean": 0.5, "from_history": 0.25}]}}))
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(repo / "tools" / "fusion_report.py"), "--out", str(tmp_path), "--rows",
+                          "mdaf_mamba+x", "--seeds", "1", "2", "3"], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    # ECE = (30·0.15 + 0 + 20·0.15) / 100; half the rows predicted outside [0.1, 0.9]
+    assert "| mdaf_mamba+x | 1 | 0.8000 | 0.7800 | 0.5000 | 1.000 | 0.0750 | 50.0% (0.20 / 0.80) | 3/4 | " \
+           "0.500 / 0.500 (3) | 0.500 | 25.0% |" in lines
+    assert "| mdaf_mamba+x | 2 | 0.8400 | 0.8000 | 0.9000 | 1.000 | 0.0750 | 50.0% (0.20 / 0.80) | 3/4 | " \
+           "0.900 / 0.520 (2) | 0.600 | 25.0% |" in lines
+    assert "| mdaf_mamba+x | 3 | (not run) | | | | | | | | | |" in lines
+    assert ("| mdaf_mamba+x | mean ± std (2) | 0.8200 ± 0.0283 | 0.7900 ± 0.0141 | 0.7000 ± 0.2828 | 1.000 ± 0.000 | "
+            "0.0750 ± 0.0000 | 50.0% ± 0.0% | | | 0.550 ± 0.071 | 25.0% ± 0.0% |") in lines

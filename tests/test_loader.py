@@ -456,3 +456,38 @@ def test_a_cuda_session_loads_batches_into_pinned_memory(world, monkeypatch: pyt
         pinned.clear()
         batches = list(Session.loader(session, "val"))
         assert len(batches) == 1 and (pinned == batches) is expected, (device, workers)
+
+
+def _dropped_items(world, **kwargs) -> Dict[int, Tuple[int, int, int]]:
+    """Row number -> (static ``item`` id, sequence target ``item`` id, static ``category`` id) over one epoch."""
+    out = {}
+    for batch in _loader(world, shuffle=True, **kwargs):
+        static, sequence = _decode(batch.static_features), _decode(batch.sequence_features)
+        for row, (item,), (target,), (category,) in zip(batch.row_index.tolist(), static["item"], sequence["item"],
+                                                         static["category"]):
+            out[row] = (item, target, category)
+    return out
+
+
+def test_oov_dropout_sends_a_share_of_static_ids_to_the_oov_row(world) -> None:
+    """``train.oov_dropout``: about the rate's share of the rows get the OOV index in the static ``item`` field, the
+    sequence target and the other fields keep their ids, and which rows does not depend on the batch size, the
+    workers or the ranks; a new epoch or seed draws anew."""
+    plain = _dropped_items(world, seed=5)
+    dropped = _dropped_items(world, seed=5, oov_dropout={"item": 0.4})
+    assert dropped.keys() == plain.keys()
+    known = [r for r, (item, _, _) in plain.items() if item != 1]  # ids already OOV cannot tell
+    to_oov = {r for r in known if dropped[r][0] == 1}
+    assert 0.37 < len(to_oov) / len(known) < 0.43, len(to_oov) / len(known)
+    for r, (item, target, category) in plain.items():
+        assert dropped[r] == ((1 if r in to_oov else item), target, category)
+    assert any(dropped[r][1] != 1 for r in to_oov)  # the sequence target of a dropped row keeps its id
+    same = _dropped_items(world, seed=5, batch_size=1000, oov_dropout={"item": 0.4}, num_workers=2)
+    assert same == dropped
+    ranks = [_dropped_items(world, seed=5, world_size=2, rank=r, oov_dropout={"item": 0.4}) for r in (0, 1)]
+    assert {**ranks[0], **ranks[1]} == dropped
+    for other in (dict(seed=5, epoch=1), dict(seed=6)):
+        again = _dropped_items(world, oov_dropout={"item": 0.4}, **other)
+        overlap = len(to_oov & {r for r in known if again[r][0] == 1}) / len(known)
+        assert 0.12 < overlap < 0.20, overlap  # independent draws: 0.4 * 0.4
+    assert _dropped_items(world, seed=5, oov_dropout={"item": 0.0}) == plain

@@ -7,10 +7,12 @@ Usage::
 Reads ``OUT/<row>/seed_<s>/metrics.json`` (written by ``mdaf-rec train``: the final test scoring's
 ``reliability`` table and, for MDAF, ``gate`` and ``gate_profile``) and prints two markdown tables:
 
-1. per row and seed: test AUC, test logloss, calibration (mean prediction / observed CTR), ECE (the
-   rows-weighted mean |mean prediction − observed rate| over the reliability bins), the share of test rows
-   predicted outside [0.1, 0.9] and the observed rate there, best / run epochs, gate mean and the share of rows
-   served mostly from history (``g < 0.5``);
+1. per row and seed: validation and test AUC, test logloss, calibration (mean prediction / observed CTR), ECE
+   (the rows-weighted mean |mean prediction − observed rate| over the reliability bins), the share of test rows
+   predicted outside [0.1, 0.9] and the observed rate there, best / run epochs, the validation logloss of the
+   picked (best-AUC) epoch against the lowest of the run and its epoch (``metrics.jsonl``), gate mean and the
+   share of rows served mostly from history (``g < 0.5``); then, for a row with two or more finished seeds, the mean ± sample
+   std (ddof 1) of each number over them;
 2. per row: the gate mean and the share served from history for each history-length group and user-activity
    group, pooled over the seeds (rows-weighted).
 
@@ -23,16 +25,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 
 def read_run(folder: Path) -> Optional[Dict[str, Any]]:
-    """A run's ``metrics.json``, with ``reliability`` / ``gate_profile`` from ``test_rescored.json`` if it has none."""
+    """A run's ``metrics.json`` (``epochs``: its ``metrics.jsonl`` records), with ``reliability`` / ``gate_profile``
+    from ``test_rescored.json`` if it has none."""
     path = folder / "metrics.json"
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
+    epochs = folder / "metrics.jsonl"
+    if epochs.is_file():
+        metrics["epochs"] = [json.loads(line) for line in epochs.read_text().splitlines() if line.strip()]
     rescored = folder / "test_rescored.json"
     if "reliability" not in metrics and rescored.is_file():
         extra = json.loads(rescored.read_text())
@@ -56,32 +63,72 @@ def calibration_numbers(reliability: Sequence[Dict[str, Any]]) -> Dict[str, floa
 
 
 def seed_table(out: Path, rows: Sequence[str], seeds: Sequence[int]) -> str:
-    lines = ["| row | seed | test AUC | test logloss | calibration | ECE | rows p<0.1 or p>0.9 (observed rate there: low / high) "
-             "| best / run epochs | gate mean | served from history (g < 0.5) |",
-             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    lines = ["| row | seed | val AUC | test AUC | test logloss | calibration | ECE | rows p<0.1 or p>0.9 (observed rate "
+             "there: low / high) | best / run epochs | val logloss: picked / lowest (epoch) | gate mean | served from history "
+             "(g < 0.5) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|"]
     for row in rows:
+        numbers: List[Dict[str, Optional[float]]] = []
         for seed in seeds:
             m = read_run(out / row / f"seed_{seed}")
             if m is None:
-                lines.append(f"| {row} | {seed} | (not run) | | | | | | | |")
+                lines.append(f"| {row} | {seed} | (not run) | | | | | | | | | |")
                 continue
-            t = m["test"]
-            cal = calibration_numbers(m["reliability"]) if "reliability" in m else None
-            ece = f"{cal['ece']:.4f}" if cal else ""
-            extreme = (f"{cal['extreme_share']:.1%} ({cal['low_observed']:.2f} / {cal['high_observed']:.2f})"
-                       if cal else "")
-            gate = f"{m['gate']['mean']:.3f}" if "gate" in m else ""
-            lines.append(f"| {row} | {seed} | {t['auc']:.4f} | {t['logloss']:.4f} | {t['calibration']:.3f} | {ece} | "
-                         f"{extreme} | {m['best_epoch']}/{m['epochs_run']} | {gate} | {_served_from_history(m)} |")
+            n = seed_numbers(m)
+            numbers.append(n)
+            extreme = (f"{n['extreme_share']:.1%} ({n['low_observed']:.2f} / {n['high_observed']:.2f})"
+                       if n["extreme_share"] is not None else "")
+            lines.append(f"| {row} | {seed} | {n['val_auc']:.4f} | {n['test_auc']:.4f} | {n['test_logloss']:.4f} | "
+                         f"{n['calibration']:.3f} | {_num(n['ece'], '.4f')} | {extreme} | "
+                         f"{m['best_epoch']}/{m['epochs_run']} | {_val_logloss(m)} | {_num(n['gate_mean'], '.3f')} | "
+                         f"{_num(n['from_history'], '.1%')} |")
+        if len(numbers) > 1:
+            cells = {k: _mean_std([n[k] for n in numbers], fmt) for k, fmt in (
+                ("val_auc", ".4f"), ("test_auc", ".4f"), ("test_logloss", ".4f"), ("calibration", ".3f"),
+                ("ece", ".4f"), ("extreme_share", ".1%"), ("gate_mean", ".3f"), ("from_history", ".1%"))}
+            lines.append(f"| {row} | mean ± std ({len(numbers)}) | {cells['val_auc']} | {cells['test_auc']} | "
+                         f"{cells['test_logloss']} | {cells['calibration']} | {cells['ece']} | {cells['extreme_share']} "
+                         f"| | | {cells['gate_mean']} | {cells['from_history']} |")
     return "\n".join(lines)
 
 
-def _served_from_history(m: Dict[str, Any]) -> str:
+def seed_numbers(m: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    """One run's numbers of the seed table (``None`` where the run has no reliability table or gate)."""
+    cal = calibration_numbers(m["reliability"]) if "reliability" in m else {}
+    return {
+        "val_auc": m["val"]["auc"], "test_auc": m["test"]["auc"], "test_logloss": m["test"]["logloss"],
+        "calibration": m["test"]["calibration"], "ece": cal.get("ece"), "extreme_share": cal.get("extreme_share"),
+        "low_observed": cal.get("low_observed"), "high_observed": cal.get("high_observed"),
+        "gate_mean": m["gate"]["mean"] if "gate" in m else None, "from_history": _served_from_history(m),
+    }
+
+
+def _val_logloss(m: Dict[str, Any]) -> str:
+    """``picked / lowest (epoch)`` validation logloss over the run's epochs; empty without ``metrics.jsonl``."""
+    epochs = m.get("epochs")
+    if not epochs:
+        return ""
+    low = min(epochs, key=lambda e: e["val"]["logloss"])
+    return f"{m['val']['logloss']:.3f} / {low['val']['logloss']:.3f} ({low['epoch']})"
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _mean_std(values: Sequence[Optional[float]], fmt: str) -> str:
+    """``mean ± std`` (ddof 1) of ``values``; empty if any is missing."""
+    if any(v is None for v in values):
+        return ""
+    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def _served_from_history(m: Dict[str, Any]) -> Optional[float]:
     groups = m.get("gate_profile", {}).get("history_length")
     if not groups:
-        return ""
+        return None
     rows = sum(g["rows"] for g in groups)
-    return f"{sum(g['rows'] * g['from_history'] for g in groups) / rows:.1%}"
+    return sum(g["rows"] * g["from_history"] for g in groups) / rows
 
 
 def profile_table(out: Path, rows: Sequence[str], seeds: Sequence[int], axis: str) -> str:

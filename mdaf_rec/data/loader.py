@@ -40,13 +40,18 @@ Every block read is validated (:mod:`mdaf_rec.data.validate`) unless the split w
 columns are then only cast) and raw ids are mapped through the vocabularies (under ``features.id_mapping:
 managed`` they go into the KJTs as they are: the model remaps them); histories are truncated to
 the most recent ``max_history`` ids with vectorised offset arithmetic on the Arrow list offsets.
+
+``oov_dropout`` (``train.oov_dropout``, training loaders only) replaces a fraction of the rows' ids of named static
+fields by the OOV index in the static KJT (the sequence KJT keeps them); which rows is :func:`oov_dropout_mask`, a
+hash of ``(seed, epoch, field, row)``, so it does not depend on the batch size, the ranks, the workers or a resume.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +65,7 @@ from mdaf_rec.data.schema import LABEL, TIMESTAMP
 from mdaf_rec.data.validate import ColumnRules, cast_canonical, validate
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.errors import UserError
-from mdaf_rec.features import TIME_FIELDS, FeatureSpec
+from mdaf_rec.features import OOV_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.interrupts import raise_if_interrupted, workers_ignore_sigint
 from mdaf_rec.registry import DATA_SHARDING
 
@@ -335,17 +340,24 @@ class BatchConverter:
             return np.asarray(raw, dtype=np.int64)
         return self.vocabs.lookup(space, raw)
 
-    def __call__(self, rows: Rows) -> Batch:
+    def __call__(self, rows: Rows, to_oov: Optional[Mapping[str, np.ndarray]] = None) -> Batch:
+        """
+        Args:
+            rows: the rows of one batch.
+            to_oov: static field -> ``[B]`` bool: rows whose id of that field the static KJT gets as the OOV index
+                (the sequence KJT's target keeps its id).
+        """
         n = len(rows.row_index)
         static = self.static_indices(rows)
         spaces = self.spec.sequence_spaces
+        static_ids = {k: np.where(to_oov[k], OOV_INDEX, v) if to_oov and k in to_oov else v for k, v in static.items()}
         histories = [rows.histories[space.history_key] for space in spaces]  # (lengths, raw ids) per space
         dense = [rows.columns[c] for c in self.spec.dense_features]
         user = self.spec.user_column
         user_ids = torch.from_numpy(rows.columns[user]) if user is not None else torch.zeros(n, dtype=torch.int64)
         return build_batch(
             self.spec,
-            static_ids=[torch.from_numpy(static[k]) for k in self.spec.static_keys],
+            static_ids=[torch.from_numpy(static_ids[k]) for k in self.spec.static_keys],
             target_ids=[torch.from_numpy(static[space.name]) for space in spaces],
             history_ids=[torch.from_numpy(self.ids(space.name, raw)) for space, (_, raw) in zip(spaces, histories)],
             history_lengths=torch.from_numpy(histories[0][0]) if histories else torch.zeros(n, dtype=torch.int32),
@@ -366,6 +378,17 @@ class BatchConverter:
             else:
                 out[field.name] = self.ids(field.name, rows.columns[field.column])
         return out
+
+
+def oov_dropout_mask(row_index: np.ndarray, rate: float, seed: int, epoch: int, field: str) -> np.ndarray:
+    """``[B]`` bool: the rows (split row numbers ``row_index [B]``) whose id of static ``field`` is dropped to OOV in
+    ``epoch``: a SplitMix64 hash of ``(seed, epoch, field, row)`` mapped to ``[0, 1)``, below ``rate``."""
+    key = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + zlib.crc32(field.encode()) * 0x94D049BB133111EB)
+    x = row_index.astype(np.uint64) + np.uint64(key % 2**64)  # uint64 arithmetic wraps around
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53 < rate
 
 
 def local_time_fields(timestamp: np.ndarray, timezone: str) -> Dict[str, np.ndarray]:
@@ -398,6 +421,8 @@ class BatchLoader:
         sharding: which rows this rank reads, one of :data:`SHARDING_MODES` (``data.sharding``).
         validated: the split's files passed :func:`~mdaf_rec.data.validate.validate_once` for these
             columns: blocks are only cast to the canonical types, not checked again.
+        oov_dropout: static field -> fraction of rows whose id the static KJT gets as OOV (``train.oov_dropout``;
+            training loaders only), drawn by :func:`oov_dropout_mask`.
     """
 
     def __init__(
@@ -421,6 +446,7 @@ class BatchLoader:
         pin_memory: bool = False,
         sharding: str = OWN_SHARE,
         validated: bool = False,
+        oov_dropout: Optional[Mapping[str, float]] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -441,6 +467,7 @@ class BatchLoader:
         self.pin_memory = pin_memory
         self.sharding = sharding
         self.validated = validated
+        self.oov_dropout = {k: r for k, r in (oov_dropout or {}).items() if r > 0}
         self.set_epoch(epoch, start_batch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -491,7 +518,10 @@ class BatchLoader:
                 local = order[max(lo - start, 0) : max(min(hi - start, len(order)), 0)]
                 parts.append(columns.select(local, max_history))
             reader.evict_before(lo)
-            yield self.converter(Rows.concat(parts))
+            rows = Rows.concat(parts)
+            to_oov = {field: oov_dropout_mask(rows.row_index, rate, self.seed, self.epoch, field)
+                      for field, rate in self.oov_dropout.items()}
+            yield self.converter(rows, to_oov)
 
 
 class _WindowReader:
