@@ -477,9 +477,13 @@ torch.save(probability, sys.argv[3])
 @pytest.mark.parametrize("name", ["mdaf_bst_none", "dnn_int8"])
 def test_a_server_maps_the_tables_without_mdaf_rec(name: str, dataset: Path, exports, tmp_path: Path) -> None:
     """The documented table layout is enough to serve: a numpy memmap server's scores are predict's."""
-    model_dir = exports[name]
+    assert_numpy_server_scores_as_predict(exports[name], pq.read_table(dataset / "test.parquet").slice(0, 41), tmp_path)
+
+
+def assert_numpy_server_scores_as_predict(model_dir: Path, table: pa.Table, tmp_path: Path) -> None:
+    """:data:`MAPPING_SERVER` (numpy only: mdaf_rec, torchrec and fbgemm_gpu blocked) scores ``table``'s rows with
+    the artifact in ``model_dir`` as :class:`ExportedModel` does, to 1e-6."""
     model = ExportedModel(model_dir)
-    table = pq.read_table(dataset / "test.parquet").slice(0, 41)
     probability, _ = model.score(table, "test.parquet", 0)
     inputs = model.inputs(table, "test.parquet", 0)
     torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids")), tmp_path / "ids.pt")

@@ -46,7 +46,7 @@ from mdaf_rec.tables import CheckpointTables, IdMap, write_id_map
 from mdaf_rec.trainable import build_train_module
 from test_equivalence import SETTINGS
 from test_equivalence import step as dist_step
-from test_export import MAPPING_SERVER, REFERENCE, _one_line_error
+from test_export import REFERENCE, _one_line_error, assert_numpy_server_scores_as_predict
 from test_train import REPO, TINY, _env, _free_port, mdaf, train
 from mdaf_rec.managed_ids import (
     EVICTION_POLICIES,
@@ -490,15 +490,7 @@ def test_managed_export_serves_raw_ids_as_the_trained_model(dataset: Path, evict
 def test_a_server_maps_raw_ids_without_mdaf_rec(managed_model: Path, dataset: Path, tmp_path: Path) -> None:
     """docs/serving.md's id map rule is enough to serve raw ids: a numpy server (mdaf_rec, torchrec and fbgemm_gpu
     blocked) scores as ``mdaf-rec predict``."""
-    model = ExportedModel(managed_model)
-    table = pq.read_table(dataset / "test.parquet")
-    probability, _ = model.score(table, "test.parquet", 0)
-    inputs = model.inputs(table, "test.parquet", 0)
-    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids")), tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-I", "-c", MAPPING_SERVER, str(managed_model), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert np.abs(torch.load(tmp_path / "out.pt").numpy() - probability).max() <= 1e-6
+    assert_numpy_server_scores_as_predict(managed_model, pq.read_table(dataset / "test.parquet"), tmp_path)
 
 
 @pytest.mark.parametrize("tamper", ["modify", "remove"])
