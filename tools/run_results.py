@@ -162,8 +162,12 @@ def read_peers(path: Optional[Path]) -> Dict[str, Dict[str, Any]]:
     """FuxiCTR rows from ``tools/peers/run_fuxictr.py``'s ``summary.json`` (mean and std per model)."""
     if path is None:
         return {}
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SystemExit(f"--peers {path}: cannot read it ({e.strerror})")
     out = {}
-    for model, m in json.loads(path.read_text())["models"].items():
+    for model, m in json.loads(text)["models"].items():
         out[model] = {
             "val.auc": (m["val_auc"]["mean"], m["val_auc"]["std"] or 0.0),
             "test.auc": (m["test_auc"]["mean"], m["test_auc"]["std"] or 0.0),
@@ -209,6 +213,7 @@ def main() -> None:
                         help="train nothing: table the finished runs and name the rows and seeds that have not run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
+    peers = read_peers(args.peers)  # before any training: a wrong --peers path fails at once
 
     variants = [parse_variant(v) for v in args.variant]
     args.model_overrides = {}
@@ -244,7 +249,7 @@ def main() -> None:
               f"{f'; epochs {args.epochs}' if args.epochs else ''}; {args.threads} thread(s) per run; {machine()}; "
               f"{time.strftime('%Y-%m-%d')}. Mean ± sample std over seeds; test metrics of the best-validation-AUC "
               f"epoch.\n\n`python tools/run_results.py {shlex.join(sys.argv[1:])}`\n")
-    text = header + "\n" + table(aggregates, read_peers(args.peers), ceiling, missing)
+    text = header + "\n" + table(aggregates, peers, ceiling, missing)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.table}.md").write_text(text + "\n")
     (args.out / f"{args.table}.json").write_text(json.dumps(
