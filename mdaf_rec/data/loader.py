@@ -63,7 +63,7 @@ from mdaf_rec.data.batch import Batch, build_batch
 from mdaf_rec.data.dataset import Dataset, ParquetFile, open_parquet
 from mdaf_rec.data.schema import LABEL, TIMESTAMP
 from mdaf_rec.data.validate import ColumnRules, cast_canonical, validate
-from mdaf_rec.data.vocab import Vocabularies
+from mdaf_rec.data.vocab import Vocabularies, stable_hash
 from mdaf_rec.errors import UserError
 from mdaf_rec.features import OOV_INDEX, TIME_FIELDS, FeatureSpec
 from mdaf_rec.interrupts import raise_if_interrupted, workers_ignore_sigint
@@ -384,10 +384,8 @@ def oov_dropout_mask(row_index: np.ndarray, rate: float, seed: int, epoch: int, 
     """``[B]`` bool: the rows (split row numbers ``row_index [B]``) whose id of static ``field`` is dropped to OOV in
     ``epoch``: a SplitMix64 hash of ``(seed, epoch, field, row)`` mapped to ``[0, 1)``, below ``rate``."""
     key = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + zlib.crc32(field.encode()) * 0x94D049BB133111EB)
-    x = row_index.astype(np.uint64) + np.uint64(key % 2**64)  # uint64 arithmetic wraps around
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
+    # stable_hash adds splitmix64's increment itself; uint64 arithmetic wraps around
+    x = stable_hash(row_index.astype(np.uint64) + np.uint64((key - 0x9E3779B97F4A7C15) % 2**64))
     return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53 < rate
 
 
