@@ -34,6 +34,7 @@ from mdaf_rec.registry import (
     ID_MAPPINGS,
     METRIC_MODES,
     MODEL_NAMES,
+    MONITOR_METRICS,
     PRECISIONS,
     SPARSE_OPTIMIZERS,
     TIME_FIELDS,
@@ -291,8 +292,12 @@ class TrainConfig:
         epochs: maximum number of epochs.
         batch_size: GLOBAL batch size; each of the W ranks gets ``batch_size / W`` rows of every batch.
         eval_batch_size: global batch size of evaluation.
-        patience: early stopping: epochs without a better validation AUC before stopping.
-        lr_decay_on_plateau: after an epoch without a better validation AUC, multiply every learning rate
+        monitor: what "better on validation" means for the best checkpoint, early stopping and
+            ``lr_decay_on_plateau``: validation metric -> weight, score = sum of weight x metric, higher is
+            better. ``{auc: 1}`` (default): AUC; ``{logloss: -1}``: logloss (the calibrated epoch);
+            ``{auc: 1, logloss: -1}``: FuxiCTR's default. Metrics: ``auc``, ``gauc``, ``logloss``, ``ne``.
+        patience: early stopping: epochs without a better validation score (``monitor``) before stopping.
+        lr_decay_on_plateau: after an epoch without a better validation score, multiply every learning rate
             (dense and tables) by this factor (FuxiCTR: 0.1); ``null``: constant learning rates.
         seed: seeds the model initialisation and the data order.
         log_every: steps between progress log lines.
@@ -323,6 +328,7 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 2048
     eval_batch_size: int = 8192
+    monitor: Dict[str, float] = field(default_factory=lambda: {"auc": 1.0})
     patience: int = 5
     lr_decay_on_plateau: Optional[float] = None
     seed: int = 42
@@ -481,6 +487,11 @@ def validate(cfg: Config) -> Config:
     _require(t.epochs >= 1, "train.epochs", "must be >= 1")
     _require(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _require(bool(t.monitor), "train.monitor", "names no metric (e.g. {auc: 1} or {logloss: -1})")
+    for name, weight in t.monitor.items():
+        _require(name in MONITOR_METRICS, f"train.monitor.{name}", f"is not one of {list(MONITOR_METRICS)}")
+        _require(isinstance(weight, (int, float)) and weight != 0, f"train.monitor.{name}",
+                 "must be a non-zero number (positive: higher is better, negative: lower is better)")
     _require(t.patience >= 1, "train.patience", "must be >= 1")
     _require(t.lr_decay_on_plateau is None or 0 < t.lr_decay_on_plateau < 1, "train.lr_decay_on_plateau",
              "must be in (0, 1) (or null: off)")

@@ -49,6 +49,9 @@ CPU_SPARSE_OPTIMIZERS: Tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", D
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 """``train.precision``: float32, or bfloat16 autocast of the dense branches."""
 
+MONITOR_METRICS: Tuple[str, ...] = ("auc", "gauc", "logloss", "ne")
+"""``train.monitor``: the validation metrics a run can select its best checkpoint and stop early on."""
+
 METRIC_MODES: Tuple[str, ...] = ("exact", "streaming")
 """``eval.metrics``: every row gathered and ranked exactly, or per-rank histograms and sums with GAUC routed by
 user (:mod:`mdaf_rec.streaming_metrics`)."""

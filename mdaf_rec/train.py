@@ -478,16 +478,17 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
         val = evaluate(session, "val")
         board.scalars(state.step, {"epoch/train_loss": epoch_loss, "epoch/samples_per_sec": rate})
         board.evaluation(state.step, "val", val)
-        improved = val["auc"] > state.best_auc
+        score = monitor_score(val, cfg.train.monitor)
+        improved = score > state.best_score
         state.finish_epoch()
         if improved:
-            state.best_auc, state.best_epoch, state.bad_epochs = val["auc"], epoch + 1, 0
+            state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
         else:
             state.bad_epochs += 1
             if cfg.train.lr_decay_on_plateau is not None:
                 state.lr_scale *= cfg.train.lr_decay_on_plateau
         record = {"epoch": epoch + 1, "step": state.step, "train_loss": epoch_loss, "samples_per_sec": rate,
-                  "lr_scale": state.lr_scale, "val": _headline(val)}
+                  "lr_scale": state.lr_scale, "val": _headline(val), "monitor": score}
         if env.is_main:
             with open(run.metrics_log, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -497,7 +498,8 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
         )
         ckpt.save_checkpoint(session.run_dir, f"epoch_{epoch + 1}", _app_state(session), state.to_json(), is_best=improved)
         if state.bad_epochs >= cfg.train.patience:
-            logger.info("early stopping: no better validation AUC for %d epochs", cfg.train.patience)
+            logger.info("early stopping: no better validation score (%s) for %d epochs",
+                        describe_monitor(cfg.train.monitor), cfg.train.patience)
             break
 
     final = _final_metrics(session, state, board)
@@ -505,6 +507,25 @@ def _epochs(session: Session, state: TrainState, board: TensorBoardLog) -> Dict[
         run.metrics.write_text(json.dumps(final, indent=2))
         _plots(run, final)
     return final
+
+
+def monitor_score(val: Dict[str, Any], monitor: Dict[str, float]) -> float:
+    """The validation score ``train.monitor`` ranks epochs by (higher is better): sum of weight x metric."""
+    missing = [name for name in monitor if val.get(name) is None]
+    if missing:
+        raise TrainingError(f"train.monitor: validation has no {missing[0]} "
+                            f"({val.get('not_computable', {}).get(missing[0], 'not computed')})")
+    return float(sum(weight * val[name] for name, weight in monitor.items()))
+
+
+def describe_monitor(monitor: Dict[str, float]) -> str:
+    """``{auc: 1, logloss: -1}`` -> ``"auc - logloss"``."""
+    terms = []
+    for name, weight in monitor.items():
+        sign = "-" if weight < 0 else "+"
+        size = "" if abs(weight) == 1 else f"{abs(weight):g} x "
+        terms.append(f"{sign} {size}{name}")
+    return " ".join(terms).lstrip("+ ")
 
 
 def _claim_run(run: RunDir, cfg: Config, env: DistEnv, lock: RunLock, *, resume: bool, overwrite: bool) -> Start:

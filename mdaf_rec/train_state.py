@@ -20,11 +20,12 @@ class TrainState:
         epoch_loss_sum: this rank's sum of per-step losses over those batches (float64, exact).
         epoch_samples: global samples of those batches.
         epoch_seconds: training seconds spent in those batches.
-        best_auc: best validation AUC so far.
-        best_epoch: epoch of ``best_auc``.
-        bad_epochs: epochs since ``best_auc`` improved (early stopping).
+        best_score: best validation score so far (``train.monitor``; a checkpoint of an earlier version
+            holds it as ``best_auc``: its runs monitored AUC).
+        best_epoch: epoch of ``best_score``.
+        bad_epochs: epochs since ``best_score`` improved (early stopping).
         lr_scale: factor on every configured learning rate (dense and tables), lowered by
-            ``train.lr_decay_on_plateau`` after each epoch without a better validation AUC.
+            ``train.lr_decay_on_plateau`` after each epoch without a better validation score.
         train_seconds: training seconds of finished epochs (evaluation excluded).
         train_samples: global samples of finished epochs.
         vocab_fingerprint: fingerprint of the vocabularies the tables are indexed by.
@@ -39,7 +40,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_samples: int = 0
     epoch_seconds: float = 0.0
-    best_auc: float = -math.inf
+    best_score: float = -math.inf
     best_epoch: int = 0
     bad_epochs: int = 0
     lr_scale: float = 1.0
@@ -55,6 +56,8 @@ class TrainState:
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "TrainState":
         """Reads a ``state.json``; keys this version does not know are an error, missing ones take defaults."""
+        if "best_auc" in data:  # written before train.monitor: AUC was the score
+            data = {("best_score" if k == "best_auc" else k): v for k, v in data.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

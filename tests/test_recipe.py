@@ -4,6 +4,7 @@ learning-rate decay on plateau and the table initialisation range."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,14 @@ from typing import List
 import pytest
 import torch
 
-from mdaf_rec.config import FeaturesConfig, ModelConfig
+from mdaf_rec.config import ConfigError, FeaturesConfig, ModelConfig, load_config
 from mdaf_rec.data.dataset import Dataset
 from mdaf_rec.data.loader import BatchLoader
 from mdaf_rec.data.vocab import Vocabularies
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.models.baselines import DNNCTR
 from mdaf_rec.models.embeddings import InputIdError, StaticEmbeddingArch, check_static_features
+from mdaf_rec.train_state import TrainState
 from test_train import mdaf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,21 +132,40 @@ def test_table_weight_decay_and_learning_rate_reach_the_fused_tables(dataset: Pa
     assert slowed[key] == pytest.approx(sgd_plain[key] / 100, rel=0.15), (sgd_plain[key], slowed[key])
 
 
-def test_lr_decay_on_plateau_is_recorded_per_epoch(dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("monitor", [None, {"auc": 1.0, "logloss": -1.0}])
+def test_lr_decay_and_best_epoch_follow_the_monitored_score(dataset: Path, tmp_path: Path, monitor) -> None:
     run = tmp_path / "run"
+    chosen = ["--set", f"train.monitor={json.dumps(monitor)}"] if monitor else []
     mdaf("train", "--config", "configs/dnn.yaml", "--data", str(dataset), "--out", str(run), "--epochs", "5",
          "--set", "features.static_dim=4", "--set", "train.batch_size=256", "--set", "train.threads=1",
          "--set", "train.patience=5", "--set", "train.lr_decay_on_plateau=0.5", "--set", "optimizer.lr=0.01",
-         "--set", "optimizer.sparse_lr=0.3")
+         "--set", "optimizer.sparse_lr=0.3", *chosen)
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    best, bad = -1.0, 0
-    for e in epochs:  # the scale halves after every epoch without a better validation AUC
-        if e["val"]["auc"] > best:
-            best = e["val"]["auc"]
+    weights = monitor or {"auc": 1.0}
+    best, bad, best_epoch = -math.inf, 0, 0
+    for e in epochs:  # the scale halves after every epoch without a better validation score
+        score = sum(w * e["val"][name] for name, w in weights.items())
+        assert e["monitor"] == pytest.approx(score, abs=1e-12)
+        if score > best:
+            best, best_epoch = score, e["epoch"]
         else:
             bad += 1
         assert e["lr_scale"] == 0.5 ** bad, epochs
-    assert bad >= 1, "these learning rates overfit this tiny set within 5 epochs (val AUC falls from epoch 4 on)"
+    assert bad >= 1, "these learning rates overfit this tiny set within 5 epochs (val AUC and logloss worsen)"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == best_epoch  # the best checkpoint is the monitored epoch, and it is re-scored:
+    assert metrics["val"]["logloss"] == pytest.approx(epochs[best_epoch - 1]["val"]["logloss"], abs=1e-9)
+
+
+def test_monitor_key_is_validated_and_old_states_read_as_auc() -> None:
+    assert load_config("dnn").train.monitor == {"auc": 1.0}
+    assert load_config("dnn", overrides=["train.monitor={logloss: -1}"]).train.monitor == {"logloss": -1}
+    for value, match in (("{}", "train.monitor.*names no metric"), ("{recall: 1}", "train.monitor.recall.*not one of"),
+                         ("{auc: 0}", "train.monitor.auc.*non-zero number")):
+        with pytest.raises(ConfigError, match=match):
+            load_config("dnn", overrides=[f"train.monitor={value}"])
+    # a checkpoint written before train.monitor holds its best validation AUC as best_auc
+    assert TrainState.from_json({"epochs_done": 2, "best_auc": 0.71, "best_epoch": 2}).best_score == 0.71
 
 
 def _run_results_module():
