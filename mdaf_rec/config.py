@@ -121,6 +121,13 @@ class FeaturesConfig:
             user, time and extra fields only, as MDAF's research code.
         table_init_scale: static (pooled) table rows start uniform in ``[-s, s]``; ``null`` keeps TorchRec's
             ``±sqrt(1 / rows)``. FuxiCTR initialises embeddings from N(0, 1e-4²).
+        pooled_lists: extra ``list<int64>`` column -> id space (an id space other than a time field, or a
+            ``extra_sparse`` field): the static branch also sees the column as one more field, the mean of its ids'
+            rows in that space's static table (ids mapped by its vocabulary, unseen ones to the OOV row; an empty
+            list is a zero vector), as ``pooled_history`` sees the histories. Each list has its own length (not
+            aligned with the histories) and is truncated to its most recent ``max_history`` ids. E.g. the behaviour
+            log histories of ``mdaf-rec data taobao-ad --behavior-log``: ``{pv_cate_history: category}``.
+            ``vocab`` mapping only.
     """
 
     id_spaces: Dict[str, IdSpaceConfig] = field(default_factory=_default_id_spaces)
@@ -135,6 +142,7 @@ class FeaturesConfig:
     timezone: Optional[str] = None
     pooled_history: bool = False
     table_init_scale: Optional[float] = None
+    pooled_lists: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -426,6 +434,7 @@ def validate(cfg: Config) -> Config:
         _require(name not in f.id_spaces, "features.extra_sparse", f"{name!r} is already an id space")
     for key in ("item", "category"):
         _require(key in f.id_spaces, "features.id_spaces", f"the {key!r} id space is required")
+    _validate_pooled_lists(f)
     m = cfg.model
     _require(m.name in MODEL_NAMES, "model.name", f"{m.name!r} is not one of {list(MODEL_NAMES)}")
     _require(m.gate in GATE_MODES, "model.gate", f"{m.gate!r} is not one of {list(GATE_MODES)}")
@@ -538,6 +547,21 @@ def validate(cfg: Config) -> Config:
         _require(getattr(cfg.planning, key) is None or getattr(cfg.planning, key) > 0, f"planning.{key}",
                  "must be > 0 (or null: this machine's)")
     return cfg
+
+
+def _validate_pooled_lists(f: FeaturesConfig) -> None:
+    """``features.pooled_lists``: each column an extra list (not a column another key reads), each space one with
+    a static table and a vocabulary; ``vocab`` mapping only."""
+    _require(f.id_mapping != "managed" or not f.pooled_lists, "features.pooled_lists",
+             "is for features.id_mapping=vocab (the managed lookup does not read extra lists)")
+    spaces = [n for n, s in f.id_spaces.items() if s.column not in TIME_FIELDS] + list(f.extra_sparse)
+    read = {s.column for s in f.id_spaces.values()} | {s.history_column for s in f.id_spaces.values()}
+    for column, space in f.pooled_lists.items():
+        key = f"features.pooled_lists.{column}"
+        _require(column not in read | set(f.extra_sparse) | set(f.dense), key,
+                 "is a column other features keys read (histories of id spaces: features.pooled_history)")
+        _require(space in spaces, key,
+                 f"{space!r} is not an id space with a vocabulary (one of {spaces}; add it with features.extra_sparse)")
 
 
 def _validate_managed_space(cfg: Config, name: str, space: IdSpaceConfig) -> None:

@@ -257,6 +257,10 @@ def feature_spec_doc(
             {"name": "history_ids", "dtype": "int64", "shape": [batch, num_spaces, spec.max_history],
              "order": [s.history_key for s in spec.sequence_spaces],
              "layout": "most recent last, right-padded with padding_index; length = number of non-padding entries"},
+            {"name": "list_ids", "dtype": "int64", "shape": [batch, len(spec.pooled_lists), spec.max_history],
+             "order": spec.pooled_list_keys,
+             "layout": "each list on its own: most recent last, right-padded with padding_index; index by the "
+                       "vocabulary of its space (pooled_lists)"},
         ],
         "outputs": [
             {"name": "probability", "dtype": "float32", "shape": [batch]},
@@ -281,6 +285,8 @@ def feature_spec_doc(
         "sequence_dim": spec.sequence_dim,
         "max_history": spec.max_history,
         "pooled_history": spec.pooled_history,
+        "pooled_lists": [{"column": column, "space": space, "index": index.format(space)}
+                         for column, space in spec.pooled_lists],
         "history_truncation": f"only the most recent {spec.max_history} entries are kept (as in training)",
         "timezone": timezone,
         "time_fields": {c: _time_field_rule(c) for c in TIME_FIELDS},

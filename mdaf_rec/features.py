@@ -5,6 +5,8 @@ vocabularies give their sizes. From both, :class:`FeatureSpec` derives
 
 * the static (pooled) fields, one ``EmbeddingBagConfig`` table each (``static_dim``), read by the
   DCNv3 branch through an ``EmbeddingBagCollection``;
+* the mean-pooled lists of the static branch (``features.pooled_history``: the histories; ``features.pooled_lists``:
+  extra list columns), each read through its id space's static table;
 * the sequence tables, one ``EmbeddingConfig`` per id space that has a history (``sequence_dim``),
   shared by the target (key ``item``) and its history (key ``item_history``), read through an
   ``EmbeddingCollection``.
@@ -111,6 +113,8 @@ class FeatureSpec:
         max_history: maximum history length.
         pooled_history: the static branch also reads each history, mean-pooled through its id space's
             static table (``features.pooled_history``).
+        pooled_lists: ``(column, id space)`` per extra list column the static branch reads mean-pooled through
+            that space's static table (``features.pooled_lists``, config order); each has its own length.
         table_init_scale: static table rows start uniform in ``[-s, s]`` (``None``: TorchRec's default); under
             ``managed`` whole managed rows do.
         managed_spaces: the id spaces remapped in the model (``features.id_mapping: managed``; empty under
@@ -127,6 +131,7 @@ class FeatureSpec:
     pooled_history: bool = False
     table_init_scale: Optional[float] = None
     managed_spaces: Tuple[ManagedSpace, ...] = ()
+    pooled_lists: Tuple[Tuple[str, str], ...] = ()
 
     @staticmethod
     def build(cfg: FeaturesConfig, vocab_sizes: Mapping[str, int]) -> "FeatureSpec":
@@ -167,6 +172,7 @@ class FeatureSpec:
             pooled_history=cfg.pooled_history,
             table_init_scale=cfg.table_init_scale,
             managed_spaces=tuple(managed),
+            pooled_lists=tuple(cfg.pooled_lists.items()),
         )
 
     # -- keys ------------------------------------------------------------------------------------
@@ -186,17 +192,23 @@ class FeatureSpec:
 
     @property
     def pooled_history_fields(self) -> List[Tuple[str, StaticField]]:
-        """``(history key, the static field whose table mean-pools it)`` per id space with a history, in
-        ``Batch.static_features`` order (empty unless ``pooled_history``)."""
-        if not self.pooled_history:
-            return []
+        """``(key, the static field whose table mean-pools it)`` per mean-pooled list of the static branch, in
+        ``Batch.static_features`` order: each id space's history (with ``pooled_history``), then each
+        ``pooled_lists`` column (key = column)."""
         fields = {f.name: f for f in self.static_fields}
-        return [(s.history_key, fields[s.name]) for s in self.sequence_spaces]
+        histories = [(s.history_key, fields[s.name]) for s in self.sequence_spaces] if self.pooled_history else []
+        return histories + [(column, fields[space]) for column, space in self.pooled_lists]
 
     @property
     def pooled_history_keys(self) -> List[str]:
-        """Keys of the mean-pooled histories in ``Batch.static_features`` (empty unless ``pooled_history``)."""
+        """Keys of the mean-pooled lists in ``Batch.static_features``: the histories (``pooled_history``), then
+        :attr:`pooled_list_keys`."""
         return [key for key, _ in self.pooled_history_fields]
+
+    @property
+    def pooled_list_keys(self) -> List[str]:
+        """Keys (= columns) of the ``pooled_lists``, config order."""
+        return [column for column, _ in self.pooled_lists]
 
     @property
     def managed(self) -> bool:
@@ -253,17 +265,20 @@ class FeatureSpec:
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         """One pooled table per static field. With ``pooled_history`` the table of an id space with a history
-        also serves that history (features ``[item, item_history]``, mean pooling: the bag of the single
-        target id is its row, the history's bag the mean of its rows)."""
-        histories = {f.name: key for key, f in self.pooled_history_fields} if not self.managed else {}
+        also serves that history, and with ``pooled_lists`` the lists of that space (features
+        ``[item, item_history]``, mean pooling: the bag of the single target id is its row, a list's bag the mean of
+        its rows)."""
+        lists: Dict[str, List[str]] = {}
+        for key, f in self.pooled_history_fields if not self.managed else []:
+            lists.setdefault(f.name, []).append(key)
         managed = {s.name for s in self.managed_spaces}
         return [
             EmbeddingBagConfig(
                 name=f.table_name,
                 embedding_dim=self.static_dim,
                 num_embeddings=f.num_embeddings,
-                feature_names=[f.name, histories[f.name]] if f.name in histories else [f.name],
-                pooling=PoolingType.MEAN if f.name in histories else PoolingType.SUM,
+                feature_names=[f.name, *lists.get(f.name, [])],
+                pooling=PoolingType.MEAN if f.name in lists else PoolingType.SUM,
                 **self._init_range(),
             )
             for f in self.static_fields

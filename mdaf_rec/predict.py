@@ -36,7 +36,7 @@ from mdaf_rec.data.validate import ColumnRules, DataError, validate
 from mdaf_rec.data.vocab import VOCAB_DIR, Vocabularies
 from mdaf_rec.features import FeatureSpec
 from mdaf_rec.ops import scan_cpu
-from mdaf_rec.serving import INPUT_NAMES, serving_inputs, spec_from_json
+from mdaf_rec.serving import serving_inputs, spec_from_json
 from mdaf_rec.tables import Lookup, ServingTables
 
 logger = logging.getLogger(__name__)
@@ -87,13 +87,15 @@ class ExportedModel:
             source: file name for error messages.
             row_offset: row number of ``table``'s first row within ``source``.
         Returns:
-            ``static_ids``, ``dense``, ``target_ids``, ``history_ids`` and the rows looked up for them
-            (``static_rows``, ``pooled_rows``, ``target_rows``, ``history_rows``; see :mod:`mdaf_rec.serving`).
+            ``static_ids``, ``dense``, ``target_ids``, ``history_ids``, ``list_ids`` and the rows looked up for
+            them (``static_rows``, ``pooled_rows``, ``target_rows``, ``history_rows``, ``list_rows``; see
+            :mod:`mdaf_rec.serving`); the program takes those its ``feature_spec.json`` lists (an export written
+            before ``list_ids`` existed takes neither list input).
         """
         columns = [c for c in self.rules.columns if c != LABEL or c in table.column_names]
         checked = validate(table, self.rules, source, row_offset, columns).select(columns)
         n = checked.num_rows
-        rows = WindowColumns(checked, np.arange(n), self.rules.history_columns).select(np.arange(n), self.spec.max_history)
+        rows = WindowColumns(checked, np.arange(n), self.rules.all_lists).select(np.arange(n), self.spec.max_history)
         rows.columns.setdefault(LABEL, np.zeros(n, dtype=np.int8))
         ids = serving_inputs(self.converter(rows), self.spec)
         return {**ids, **self.tables.rows(self.lookups, ids)}
@@ -106,7 +108,7 @@ class ExportedModel:
         """
         inputs = self.inputs(table, source, row_offset)
         with torch.no_grad():
-            probability, gate = self.program(*(inputs[name] for name in INPUT_NAMES))
+            probability, gate = self.program(*(inputs[i["name"]] for i in self.doc["inputs"]))
         return probability.numpy(), gate.numpy()
 
 

@@ -9,12 +9,16 @@ server needs no TorchRec types::
     dense         [B, N]             float32 dense features (N may be 0)
     target_ids    [B, S]             int64   target index per sequence id space (item, category, ...)
     history_ids   [B, S, L]          int64   history per id space, most recent last, right-padded with 0
+    list_ids      [B, K, L]          int64   each features.pooled_lists column (its own length), most recent
+                                             last, right-padded with 0 (K = 0 without pooled lists)
     static_rows   [B, F, d]          float32 row of static_ids[:, f] in static field f's table
     pooled_rows   [B, P, L, d]       float32 rows of history_ids[:, p] in the static table of id space p
                                              (P = S with features.pooled_history, else 0)
     target_rows   [B, S', D]         float32 row of target_ids[:, s] in id space s's sequence table
     history_rows  [B, S', L, D]      float32 rows of history_ids[:, s] in id space s's sequence table
                                              (S' = S for models with a sequential branch, else 0)
+    list_rows     [B, K', L, d]      float32 rows of list_ids[:, k] in the static table of list k's id space
+                                             (K' = K for models with a static branch, else 0)
     → probability [B] float32, gate [B, G] float32
 
 (``d`` = ``static_dim``, ``D`` = ``sequence_dim``; a model without a static branch has ``F = 0`` rows in
@@ -55,8 +59,8 @@ from mdaf_rec.ops.selective_scan import keep_compiled_ops
 from mdaf_rec.output import ArchiveFile
 from mdaf_rec.tables import Lookup
 
-ID_INPUTS: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids")
-ROW_INPUTS: Tuple[str, ...] = ("static_rows", "pooled_rows", "target_rows", "history_rows")
+ID_INPUTS: Tuple[str, ...] = ("static_ids", "dense", "target_ids", "history_ids", "list_ids")
+ROW_INPUTS: Tuple[str, ...] = ("static_rows", "pooled_rows", "target_rows", "history_rows", "list_rows")
 INPUT_NAMES: Tuple[str, ...] = ID_INPUTS + ROW_INPUTS
 
 
@@ -82,11 +86,11 @@ class LookedUpRows:
 class StaticLookup(nn.Module):
     """Drop-in for the static ``EmbeddingBagCollection`` on :class:`ServingModule`'s static KJT.
 
-    The KJT holds one id per sample for each static field, then (``spec.pooled_history``) each history
-    padded to exactly ``max_history`` ids (key-major). A bag of one id is that id's row (``static_rows``), so
-    each static field is its looked-up row; a padded history is the mean of its non-padding rows
-    (``pooled_rows``; zeros when empty), what the collection's mean pooling gives for the unpadded history.
-    Only static shapes.
+    The KJT holds one id per sample for each static field, then (``spec.pooled_history``) each history and
+    (``spec.pooled_lists``) each list, padded to exactly ``max_history`` ids (key-major). A bag of one id is that
+    id's row (``static_rows``), so each static field is its looked-up row; a padded history or list is the mean of
+    its non-padding rows (``pooled_rows`` / ``list_rows``; zeros when empty), what the collection's mean pooling
+    gives for the unpadded one. Only static shapes.
 
     Args:
         spec: the feature spec (key order and key -> table).
@@ -96,7 +100,10 @@ class StaticLookup(nn.Module):
     def __init__(self, spec: FeatureSpec, rows: LookedUpRows) -> None:
         super().__init__()
         self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
-        self._history_keys: List[Tuple[str, str]] = [(key, f.table_name) for key, f in spec.pooled_history_fields]
+        lists = set(spec.pooled_list_keys)
+        pooled = [(key, f.table_name) for key, f in spec.pooled_history_fields]
+        self._history_keys: List[Tuple[str, str]] = [(k, t) for k, t in pooled if k not in lists]
+        self._list_keys: List[Tuple[str, str]] = [(k, t) for k, t in pooled if k in lists]
         self.max_history = spec.max_history
         self.dim = spec.static_dim
         self.padding = spec.padding_id
@@ -106,27 +113,30 @@ class StaticLookup(nn.Module):
     def lookups(self) -> Dict[str, Lookup]:
         """The row inputs this lookup reads and their tables."""
         return {"static_rows": Lookup("static_ids", [t for _, t in self._keys], self.dim),
-                "pooled_rows": Lookup("history_ids", [t for _, t in self._history_keys], self.dim)}
+                "pooled_rows": Lookup("history_ids", [t for _, t in self._history_keys], self.dim),
+                "list_rows": Lookup("list_ids", [t for _, t in self._list_keys], self.dim)}
 
     def forward(self, static_features: KeyedJaggedTensor) -> KeyedTensor:
         """
         Args:
-            static_features: one id per sample and static field, then the padded pooled histories.
+            static_features: one id per sample and static field, then the padded pooled histories and lists.
         Returns:
             ``KeyedTensor`` of ``[B, static_dim]`` per key (values ``[B, F * static_dim]``).
         """
         num_fields, num_histories = len(self._keys), len(self._history_keys)
         static_rows = self.rows["static_rows"]  # [B, F, d]
         pooled = [static_rows[:, k] for k in range(num_fields)]  # [B, d] each
-        if num_histories:
+        num_lists = num_histories + len(self._list_keys)
+        if num_lists:
             batch_size = static_rows.shape[0]
-            values = static_features.values()  # [F, B] one-id fields, then [P, B, L] padded histories
-            histories = values[num_fields * batch_size :].view(num_histories, batch_size, self.max_history)
-            for p in range(num_histories):
-                valid = (histories[p] != self.padding).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
-                rows = self.rows["pooled_rows"][:, p] * valid  # [B, L, d]
-                pooled.append(rows.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))  # [B, d]
-        keys = [key for key, _ in self._keys + self._history_keys]
+            values = static_features.values()  # [F, B] one-id fields, then [P + K, B, L] padded histories, lists
+            padded = values[num_fields * batch_size :].view(num_lists, batch_size, self.max_history)
+            rows_of = [self.rows["pooled_rows"][:, p] for p in range(num_histories)]  # [B, L, d] each
+            rows_of += [self.rows["list_rows"][:, k] for k in range(len(self._list_keys))]
+            for ids, rows in zip(padded, rows_of):
+                valid = (ids != self.padding).unsqueeze(-1).to(torch.float32)  # [B, L, 1]
+                pooled.append((rows * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0))  # [B, d]
+        keys = [key for key, _ in self._keys + self._history_keys + self._list_keys]
         return KeyedTensor(keys=keys, length_per_key=[self.dim] * len(keys), values=torch.cat(pooled, 1))
 
 
@@ -196,6 +206,7 @@ class ServingModule(nn.Module):
             "pooled_rows": Lookup("history_ids", [], spec.static_dim),
             "target_rows": Lookup("target_ids", [], spec.sequence_dim),
             "history_rows": Lookup("history_ids", [], spec.sequence_dim),
+            "list_rows": Lookup("list_ids", [], spec.static_dim),
         }
         for module in model.modules():
             if isinstance(module, StaticEmbeddingArch):
@@ -210,7 +221,8 @@ class ServingModule(nn.Module):
         self.model = model.eval()
         self.spec = spec
         self.static_keys: List[str] = spec.static_keys
-        self.pooled_history_keys: List[str] = spec.pooled_history_keys
+        self.pooled_history_keys: List[str] = [k for k in spec.pooled_history_keys if k not in spec.pooled_list_keys]
+        self.pooled_list_keys: List[str] = spec.pooled_list_keys
         self.sequence_keys: List[str] = spec.sequence_keys
         self.max_history = spec.max_history
         self.user_field: Optional[int] = spec.user_field
@@ -221,10 +233,12 @@ class ServingModule(nn.Module):
         dense: torch.Tensor,
         target_ids: torch.Tensor,
         history_ids: torch.Tensor,
+        list_ids: torch.Tensor,
         static_rows: torch.Tensor,
         pooled_rows: torch.Tensor,
         target_rows: torch.Tensor,
         history_rows: torch.Tensor,
+        list_rows: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -232,18 +246,20 @@ class ServingModule(nn.Module):
             dense: ``[B, N]`` float32 dense features.
             target_ids: ``[B, S]`` int64 target index per sequence id space.
             history_ids: ``[B, S, L]`` int64 histories, most recent last, right-padded with 0.
-            static_rows, pooled_rows, target_rows, history_rows: the rows looked up for them (module docstring).
+            list_ids: ``[B, K, L]`` int64 pooled lists, most recent last, right-padded with 0.
+            static_rows, pooled_rows, target_rows, history_rows, list_rows: the rows looked up for them (module
+                docstring).
         Returns:
             probability ``[B]`` float32 and gate ``[B, G]`` (zeros ``[B, 1]`` without a fusion gate).
         """
         batch_size = static_ids.shape[0]
         user = static_ids[:, self.user_field] if self.user_field is not None else static_ids.new_zeros(batch_size)
         for name, x in (("dense", dense), ("target_ids", target_ids), ("history_ids", history_ids),
-                        ("static_rows", static_rows), ("pooled_rows", pooled_rows), ("target_rows", target_rows),
-                        ("history_rows", history_rows)):
+                        ("list_ids", list_ids), ("static_rows", static_rows), ("pooled_rows", pooled_rows),
+                        ("target_rows", target_rows), ("history_rows", history_rows), ("list_rows", list_rows)):
             torch._check(x.shape[0] == batch_size, lambda: f"{name} has another batch size than static_ids")
         batch = Batch(
-            static_features=self._static_kjt(static_ids, history_ids),
+            static_features=self._static_kjt(static_ids, history_ids, list_ids),
             sequence_features=self._sequence_kjt(target_ids, history_ids),
             dense_features=dense,
             labels=dense.new_zeros(batch_size),  # labels, user_id, row_index: not read by score()
@@ -251,21 +267,24 @@ class ServingModule(nn.Module):
             row_index=user,
         )
         rows = {"static_rows": static_rows, "pooled_rows": pooled_rows, "target_rows": target_rows,
-                "history_rows": history_rows}
+                "history_rows": history_rows, "list_rows": list_rows}
         with self.rows.feeding(rows):
             out = self.model.score(batch)
         gate = out.gate if out.gate is not None else out.logit.new_zeros(batch_size, 1)
         return torch.sigmoid(out.logit), gate
 
-    def _static_kjt(self, static_ids: torch.Tensor, history_ids: torch.Tensor) -> KeyedJaggedTensor:
+    def _static_kjt(self, static_ids: torch.Tensor, history_ids: torch.Tensor, list_ids: torch.Tensor
+                    ) -> KeyedJaggedTensor:
         """``[B, F]`` -> KJT with one id per sample and key (key-major values), then, with pooled histories,
-        each id space's padded history ``[B, L]`` (``L`` ids per sample)."""
+        each id space's padded history ``[B, L]`` (``L`` ids per sample), then each pooled list ``[B, L]``."""
         batch_size, num_keys = static_ids.shape
-        num_histories = len(self.pooled_history_keys)
-        values = [static_ids.t().reshape(-1)] + [history_ids[:, p, :].reshape(-1) for p in range(num_histories)]
+        num_histories = len(self.pooled_history_keys) + len(self.pooled_list_keys)
+        values = ([static_ids.t().reshape(-1)] + [history_ids[:, p, :].reshape(-1)
+                                                  for p in range(len(self.pooled_history_keys))]
+                  + [list_ids[:, k, :].reshape(-1) for k in range(len(self.pooled_list_keys))])
         per_key = [batch_size] * num_keys + [batch_size * self.max_history] * num_histories
         return KeyedJaggedTensor(
-            keys=self.static_keys + self.pooled_history_keys,
+            keys=self.static_keys + self.pooled_history_keys + self.pooled_list_keys,
             values=torch.cat(values),
             lengths=torch.cat([
                 torch.ones(num_keys * batch_size, dtype=torch.int32),
@@ -327,11 +346,14 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
             to ``max_history``; indices, or raw ids under ``managed``).
         spec: its feature spec.
     Returns:
-        ``static_ids [B, F]``, ``dense [B, N]``, ``target_ids [B, S]``, ``history_ids [B, S, L]``.
+        ``static_ids [B, F]``, ``dense [B, N]``, ``target_ids [B, S]``, ``history_ids [B, S, L]``,
+        ``list_ids [B, K, L]``.
     """
     static = batch.static_features.to_dict()
     sequence = batch.sequence_features.to_dict()
     spaces = spec.sequence_spaces
+    padded = [static[k].to_padded_dense(desired_length=spec.max_history, padding_value=spec.padding_id)
+              for k in spec.pooled_list_keys]  # [B, L] each
     return {
         "static_ids": torch.stack([static[k].values() for k in spec.static_keys], dim=1).long(),
         "dense": batch.dense_features.float(),
@@ -341,6 +363,8 @@ def serving_inputs(batch: Batch, spec: FeatureSpec) -> Dict[str, torch.Tensor]:
              for s in spaces],
             dim=1,
         ).long(),
+        "list_ids": (torch.stack(padded, dim=1).long() if padded
+                     else torch.zeros(batch.batch_size, 0, spec.max_history, dtype=torch.int64)),
     }
 
 
@@ -351,11 +375,14 @@ def example_inputs(module: ServingModule, batch_size: int) -> Tuple[torch.Tensor
     num_spaces = len(spec.sequence_spaces)
     history = torch.full((batch_size, num_spaces, spec.max_history), spec.padding_id, dtype=torch.int64)
     history[:, :, : max(1, spec.max_history // 2)] = 1
+    lists = torch.full((batch_size, len(spec.pooled_lists), spec.max_history), spec.padding_id, dtype=torch.int64)
+    lists[:, :, : max(1, spec.max_history // 2)] = 1
     ids = {
         "static_ids": torch.ones(batch_size, len(spec.static_fields), dtype=torch.int64),
         "dense": torch.zeros(batch_size, len(spec.dense_features)),
         "target_ids": torch.ones(batch_size, num_spaces, dtype=torch.int64),
         "history_ids": history,
+        "list_ids": lists,
     }
     rows = {name: torch.zeros(batch_size, len(lookup.tables), *ids[lookup.index].shape[2:], lookup.dim)
             for name, lookup in module.lookups.items()}
@@ -417,5 +444,6 @@ def spec_from_json(doc: Dict[str, Any]) -> FeatureSpec:
         sequence_dim=doc["sequence_dim"],
         max_history=doc["max_history"],
         pooled_history=doc.get("pooled_history", False),
+        pooled_lists=tuple((entry["column"], entry["space"]) for entry in doc.get("pooled_lists", ())),
         managed_spaces=tuple(ManagedSpace(**s) for s in doc.get("managed_spaces", ())),
     )

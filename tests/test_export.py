@@ -459,7 +459,7 @@ def managed_rows(table, raw):
     return np.where(ids[pos] == h, rows[pos], miss)
 def lookup_rows(t, index, column, dim):
     return tables[t](managed_rows(t, index) if t in maps else index)[..., column:column + dim]
-ids = dict(zip(["static_ids", "dense", "target_ids", "history_ids"], torch.load(sys.argv[2])))
+ids = dict(zip(["static_ids", "dense", "target_ids", "history_ids", "list_ids"], torch.load(sys.argv[2])))
 inputs = dict(ids)
 for name, lookup in spec["lookups"].items():
     index = ids[lookup["index"]].numpy()
@@ -486,7 +486,7 @@ def assert_numpy_server_scores_as_predict(model_dir: Path, table: pa.Table, tmp_
     model = ExportedModel(model_dir)
     probability, _ = model.score(table, "test.parquet", 0)
     inputs = model.inputs(table, "test.parquet", 0)
-    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids")), tmp_path / "ids.pt")
+    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids", "list_ids")), tmp_path / "ids.pt")
     proc = subprocess.run([sys.executable, "-I", "-c", MAPPING_SERVER, str(model_dir), str(tmp_path / "ids.pt"),
                            str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

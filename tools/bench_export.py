@@ -65,7 +65,6 @@ program = torch.export.load(str(model_dir / "model.pt2")).module()
 lookup = None
 if "tables" in doc:
     from mdaf_rec.predict import ExportedModel
-    from mdaf_rec.serving import INPUT_NAMES
     model = ExportedModel(model_dir)
     lookup = lambda ids: model.tables.rows(model.lookups, ids)
 rng = np.random.default_rng(0)
@@ -76,7 +75,8 @@ def ids(batch):
     history = np.stack([rng.integers(2, s["table_rows"], (batch, L)) for s in doc["sequence_spaces"]], 1)
     history[:, :, L // 2:] = 0
     return {"static_ids": torch.from_numpy(static), "dense": torch.zeros(batch, len(doc["dense_features"])),
-            "target_ids": torch.from_numpy(target), "history_ids": torch.from_numpy(history)}
+            "target_ids": torch.from_numpy(target), "history_ids": torch.from_numpy(history),
+            "list_ids": torch.zeros(batch, len(doc.get("pooled_lists", [])), L, dtype=torch.int64)}
 out = {}
 with torch.no_grad():
     for batch in (1, 64, 512):
@@ -90,7 +90,7 @@ with torch.no_grad():
             else:
                 inputs.update(lookup(inputs))
                 t1 = time.perf_counter()
-                program(*(inputs[name] for name in INPUT_NAMES))
+                program(*(inputs[i["name"]] for i in doc["inputs"]))
             t2 = time.perf_counter()
             if n >= 3:
                 totals.append(t2 - t0); lookups.append(t1 - t0)

@@ -86,7 +86,8 @@ def random_inputs(spec: FeatureSpec, batch_size: int, seed: int) -> Tuple[Inputs
         row_index=torch.arange(batch_size),
         user_ids=torch.zeros(batch_size, dtype=torch.int64),
     )
-    return (static, dense, targets, history), batch
+    lists = torch.zeros(batch_size, len(spec.pooled_lists), n_hist, dtype=torch.int64)  # the benched models have none
+    return (static, dense, targets, history, lists), batch
 
 
 def program_inputs(ids: Inputs, module: ServingModule, tables: Dict[str, torch.Tensor]) -> Inputs:

@@ -44,7 +44,8 @@ class Batch(Pipelineable):
         static_features: pooled lookups for the static branch, one key per static field (``user``,
             ``item``, ``category``, ``hour``, ``dayofweek``, extras; one id per sample), then, with
             ``features.pooled_history`` or ``managed``, each history (key ``item_history``, 0..max_history
-            ids; with ``pooled_history`` mean-pooled in the id space's static table). Batch B.
+            ids; with ``pooled_history`` mean-pooled in the id space's static table), then each
+            ``features.pooled_lists`` column (key = column, 0..max_history ids, mean-pooled the same way). Batch B.
         sequence_features: unpooled lookups for the sequential branch: for each id space with a
             history, its target (key ``item``, length 1) and its history (key ``item_history``,
             length 0..max_history, most recent last). Target and history share one table.
@@ -121,6 +122,8 @@ def build_batch(
     labels: torch.Tensor,
     row_index: torch.Tensor,
     user_ids: torch.Tensor,
+    list_ids: Sequence[torch.Tensor] = (),
+    list_lengths: Sequence[torch.Tensor] = (),
 ) -> Batch:
     """A :class:`Batch` from vocabulary indices (raw ids for managed spaces): the one place the feature KJTs are
     laid out.
@@ -135,15 +138,19 @@ def build_batch(
         labels: ``[B]`` float32.
         row_index: ``[B]`` int64 row numbers.
         user_ids: ``[B]`` int64 raw user ids (``Batch.user_id``; zeros without a ``user`` space).
+        list_ids: per ``spec.pooled_lists`` column, its indices of all samples concatenated (most recent last).
+        list_lengths: per ``spec.pooled_lists`` column, ``[B]`` list length of each sample (each list its own).
     Returns:
-        The batch: static KJT (one id per field, then the histories ``spec.static_history_keys``),
+        The batch: static KJT (one id per field, then the histories and lists ``spec.static_history_keys``),
         sequence KJT (target, history per id space), ``user_id`` = ``user_ids``.
     """
     ones = torch.ones_like(history_lengths)
     static_values, static_lengths = list(static_ids), [ones] * len(static_ids)
-    if spec.static_history_keys:
+    if spec.pooled_history or spec.managed:
         static_values += list(history_ids)
         static_lengths += [history_lengths] * len(history_ids)
+    static_values += list(list_ids)
+    static_lengths += list(list_lengths)
     sequence_values: List[torch.Tensor] = []
     sequence_lengths: List[torch.Tensor] = []
     for target, history in zip(target_ids, history_ids):

@@ -290,7 +290,7 @@ class WindowColumns:
     Args:
         table: validated rows (see :func:`~mdaf_rec.data.validate.validate`).
         row_index: ``[N]`` their row numbers within the split.
-        history_columns: which columns are ``list<int64>`` histories.
+        history_columns: which columns are ``list<int64>`` (histories and own-length lists).
     """
 
     def __init__(self, table: pa.Table, row_index: np.ndarray, history_columns: Sequence[str]) -> None:
@@ -361,6 +361,9 @@ class BatchConverter:
             target_ids=[torch.from_numpy(static[space.name]) for space in spaces],
             history_ids=[torch.from_numpy(self.ids(space.name, raw)) for space, (_, raw) in zip(spaces, histories)],
             history_lengths=torch.from_numpy(histories[0][0]) if histories else torch.zeros(n, dtype=torch.int32),
+            list_ids=[torch.from_numpy(self.ids(space, rows.histories[column][1]))
+                      for column, space in self.spec.pooled_lists],
+            list_lengths=[torch.from_numpy(rows.histories[column][0]) for column, _ in self.spec.pooled_lists],
             dense_features=torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(n, 0),
             labels=torch.from_numpy(rows.columns[LABEL].astype(np.float32)),
             row_index=torch.from_numpy(rows.row_index.astype(np.int64)),
@@ -536,7 +539,7 @@ class _WindowReader:
             pieces = self.loader.plan.windows[w]
             table = pa.concat_tables([self._read(p) for p in pieces])
             row_index = np.concatenate([np.arange(p.block.split_row + p.lo, p.block.split_row + p.hi) for p in pieces])
-            columns = WindowColumns(table, row_index, self.loader.rules.history_columns)
+            columns = WindowColumns(table, row_index, self.loader.rules.all_lists)
             self.cache[w] = (columns, self.loader.plan.window_order(w))
         return self.cache[w]
 

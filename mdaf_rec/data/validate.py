@@ -48,20 +48,25 @@ class ColumnRules:
         history_columns: ``list<integer>`` columns: non-null lists of non-null ids >= 0, cast to
             ``list<int64>``, all of equal length within a row.
         dense_columns: numeric columns: non-null, finite, cast to float32.
+        list_columns: ``list<integer>`` columns of their own length (``features.pooled_lists``): checked and cast
+            as histories, without the equal-length rule.
     """
 
     id_columns: Tuple[str, ...]
     history_columns: Tuple[str, ...]
     dense_columns: Tuple[str, ...] = ()
+    list_columns: Tuple[str, ...] = ()
 
     @staticmethod
     def build(
-        extra_ids: Sequence[str] = (), extra_histories: Sequence[str] = (), dense: Sequence[str] = ()
+        extra_ids: Sequence[str] = (), extra_histories: Sequence[str] = (), dense: Sequence[str] = (),
+        lists: Sequence[str] = (),
     ) -> "ColumnRules":
-        """The canonical columns plus configured extra id / history / dense columns."""
+        """The canonical columns plus configured extra id / history / dense / own-length list columns."""
         ids = tuple(dict.fromkeys((USER_ID, ITEM_ID, CATEGORY_ID, *extra_ids)))
         histories = tuple(dict.fromkeys((ITEM_HISTORY, CATEGORY_HISTORY, *extra_histories)))
-        return ColumnRules(id_columns=ids, history_columns=histories, dense_columns=tuple(dense))
+        return ColumnRules(id_columns=ids, history_columns=histories, dense_columns=tuple(dense),
+                           list_columns=tuple(lists))
 
     @staticmethod
     def from_spec(spec: FeatureSpec) -> "ColumnRules":
@@ -70,12 +75,18 @@ class ColumnRules:
             extra_ids=[f.column for f in spec.static_fields if f.column not in TIME_FIELDS],
             extra_histories=[s.history_key for s in spec.sequence_spaces],
             dense=spec.dense_features,
+            lists=spec.pooled_list_keys,
         )
 
     @property
     def columns(self) -> Tuple[str, ...]:
         """Every column these rules check (and the loader reads)."""
-        return (*self.id_columns, TIMESTAMP, LABEL, *self.history_columns, *self.dense_columns)
+        return (*self.id_columns, TIMESTAMP, LABEL, *self.history_columns, *self.dense_columns, *self.list_columns)
+
+    @property
+    def all_lists(self) -> Tuple[str, ...]:
+        """Every ``list<int64>`` column: the histories, then the own-length lists (the loader truncates them)."""
+        return (*self.history_columns, *self.list_columns)
 
 
 def validate(
@@ -101,7 +112,7 @@ def validate(
     out: Dict[str, Column] = {}
     for name in wanted:
         column = data.column(name)
-        if name in rules.history_columns:
+        if name in rules.all_lists:
             out[name] = _check_history(column, name, where)
         elif name in rules.dense_columns:
             out[name] = _check_dense(column, name, where)
@@ -121,7 +132,7 @@ def cast_canonical(data: ArrowData, rules: ColumnRules) -> pa.Table:
     """``data`` with the columns of ``rules`` cast to the canonical types (as :func:`validate` returns them),
     unchecked: for data that passed :func:`validate` before (see :mod:`mdaf_rec.data.validated`)."""
     def canonical(name: str) -> pa.DataType:
-        if name in rules.history_columns:
+        if name in rules.all_lists:
             return pa.list_(pa.int64())
         if name in rules.dense_columns:
             return pa.float32()

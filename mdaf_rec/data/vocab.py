@@ -105,6 +105,7 @@ def column_rules(cfg: FeaturesConfig) -> ColumnRules:
         extra_ids=[s.column for s in spaces],
         extra_histories=[s.history_column for s in spaces if s.history_column],
         dense=cfg.dense,
+        lists=list(cfg.pooled_lists),
     )
 
 
