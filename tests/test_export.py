@@ -486,7 +486,8 @@ def assert_numpy_server_scores_as_predict(model_dir: Path, table: pa.Table, tmp_
     model = ExportedModel(model_dir)
     probability, _ = model.score(table, "test.parquet", 0)
     inputs = model.inputs(table, "test.parquet", 0)
-    torch.save(tuple(inputs[n] for n in ("static_ids", "dense", "target_ids", "history_ids", "list_ids")), tmp_path / "ids.pt")
+    ids = ("static_ids", "dense", "target_ids", "history_ids", "list_ids")
+    torch.save(tuple(inputs[n] for n in ids), tmp_path / "ids.pt")
     proc = subprocess.run([sys.executable, "-I", "-c", MAPPING_SERVER, str(model_dir), str(tmp_path / "ids.pt"),
                            str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

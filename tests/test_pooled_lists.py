@@ -57,7 +57,8 @@ def add_lists(src: Path, dst: Path, seed: int = 0) -> Path:
         cates[rng.random(len(cates)) < 0.1] = UNSEEN
         table = table.append_column("brand", pa.array(table.column("item_id").to_numpy() % 17, pa.int64()))
         table = table.append_column("pv_cate_history", _list_column(cate_lengths, cates))
-        table = table.append_column("fav_brand_history", _list_column(brand_lengths, rng.integers(0, 17, brand_lengths.sum())))
+        brands = rng.integers(0, 17, brand_lengths.sum())
+        table = table.append_column("fav_brand_history", _list_column(brand_lengths, brands))
         pq.write_table(table, dst / f"{split}.parquet", row_group_size=1000)
     shutil.copyfile(src / "meta.json", dst / "meta.json")
     return dst
@@ -219,7 +220,8 @@ def test_a_model_with_pooled_lists_exports_and_serves_with_parity(lists_data: Pa
         reference = ref["scores"].numpy()[np.argsort(ref["row_index"].numpy())]
         scored = _predict(model_dir, test, tmp_path / f"{name}.parquet").column("probability").to_numpy()
         assert np.abs(scored - reference).max() <= 1e-5
-        assert_numpy_server_scores_as_predict(model_dir, pq.read_table(test).slice(0, 41), tmp_path)
+        if name == "dnn":  # the numpy server reads the list rows as it reads every lookup (once is enough)
+            assert_numpy_server_scores_as_predict(model_dir, pq.read_table(test).slice(0, 41), tmp_path)
 
 
 def test_two_ranks_equal_one_with_pooled_lists(lists_data: Path, tmp_path: Path) -> None:
@@ -227,8 +229,8 @@ def test_two_ranks_equal_one_with_pooled_lists(lists_data: Path, tmp_path: Path)
     they read (category table-column-wise, brand column-wise over 2 ranks) and every other weight end the step
     equal."""
     sets = ["--set", "features.extra_sparse=[brand]", "--set", LISTS_SET]
-    static = lambda plan: {k: v for k, v in plan.items() if k.startswith("static_")}  # noqa: E731
-    one_plan, two_plan = {**static(ONE_RANK), "static_brand": "table_wise"}, {**static(TWO_RANKS), "static_brand": "column_wise"}
+    one_plan = {**{k: v for k, v in ONE_RANK.items() if k.startswith("static_")}, "static_brand": "table_wise"}
+    two_plan = {**{k: v for k, v in TWO_RANKS.items() if k.startswith("static_")}, "static_brand": "column_wise"}
     step(lists_data, tmp_path / "one", one_plan, *sets, config="configs/dcnv3.yaml")
     step(lists_data, tmp_path / "two", two_plan, "--init", str(tmp_path / "one" / "checkpoints" / "step_0"), *sets,
          nproc=2, config="configs/dcnv3.yaml")
