@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 import pyarrow as pa
@@ -186,42 +185,22 @@ def _train(data: Path, out: Path, config: str, *extra: str) -> None:
     mdaf("train", "--config", config, "--data", str(data), "--out", str(out), *extra, *sets)
 
 
-@pytest.fixture(scope="module")
-def runs(lists_data: Path, tmp_path_factory) -> Dict[str, Path]:
-    root = tmp_path_factory.mktemp("list_runs")
-    _train(lists_data, root / "dnn", "configs/dnn.yaml", "--epochs", "2")
-    _train(lists_data, root / "mdaf_bst", "configs/mdaf_bst.yaml", "--epochs", "1")
-    return {"dnn": root / "dnn", "mdaf_bst": root / "mdaf_bst"}
-
-
-def test_resume_with_pooled_lists_continues_exactly(lists_data: Path, runs, tmp_path: Path) -> None:
-    split = tmp_path / "split"
-    _train(lists_data, split, "configs/dnn.yaml", "--epochs", "1")
-    _train(lists_data, split, "configs/dnn.yaml", "--epochs", "2", "--resume")
-    a = json.loads((runs["dnn"] / "metrics.json").read_text())
-    b = json.loads((split / "metrics.json").read_text())
-    for key in ("auc", "logloss"):
-        assert b["test"][key] == pytest.approx(a["test"][key], abs=1e-5), key
-
-
-def test_a_model_with_pooled_lists_exports_and_serves_with_parity(lists_data: Path, runs, tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-c", REFERENCE, *[a for name, run in runs.items()
-                                                       for a in (str(run), str(tmp_path / f"{name}.pt"))]],
+def test_a_model_with_pooled_lists_exports_and_serves_with_parity(lists_data: Path, tmp_path: Path) -> None:
+    run, reference_file, model_dir = tmp_path / "dnn", tmp_path / "dnn.pt", tmp_path / "export"
+    _train(lists_data, run, "configs/dnn.yaml", "--epochs", "1")
+    subprocess.run([sys.executable, "-c", REFERENCE, str(run), str(reference_file)],
                    cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
     test = lists_data / "test.parquet"
-    for name, run in runs.items():
-        model_dir = tmp_path / f"export_{name}"
-        assert mdaf("export", "--run", str(run), "--out", str(model_dir), "--no-compile").returncode == 0
-        spec = json.loads((model_dir / "feature_spec.json").read_text())
-        assert [(e["column"], e["space"]) for e in spec["pooled_lists"]] == list(LISTS.items())
-        assert spec["lookups"]["list_rows"] == {"index": "list_ids", "tables": ["static_category", "static_brand"],
-                                                "dim": 4, "columns": []}
-        ref = torch.load(tmp_path / f"{name}.pt")
-        reference = ref["scores"].numpy()[np.argsort(ref["row_index"].numpy())]
-        scored = _predict(model_dir, test, tmp_path / f"{name}.parquet").column("probability").to_numpy()
-        assert np.abs(scored - reference).max() <= 1e-5
-        if name == "dnn":  # the numpy server reads the list rows as it reads every lookup (once is enough)
-            assert_numpy_server_scores_as_predict(model_dir, pq.read_table(test).slice(0, 41), tmp_path)
+    assert mdaf("export", "--run", str(run), "--out", str(model_dir), "--no-compile").returncode == 0
+    spec = json.loads((model_dir / "feature_spec.json").read_text())
+    assert [(e["column"], e["space"]) for e in spec["pooled_lists"]] == list(LISTS.items())
+    assert spec["lookups"]["list_rows"] == {"index": "list_ids", "tables": ["static_category", "static_brand"],
+                                            "dim": 4, "columns": []}
+    ref = torch.load(reference_file)
+    reference = ref["scores"].numpy()[np.argsort(ref["row_index"].numpy())]
+    scored = _predict(model_dir, test, tmp_path / "scored.parquet").column("probability").to_numpy()
+    assert np.abs(scored - reference).max() <= 1e-5
+    assert_numpy_server_scores_as_predict(model_dir, pq.read_table(test).slice(0, 41), tmp_path)
 
 
 def test_two_ranks_equal_one_with_pooled_lists(lists_data: Path, tmp_path: Path) -> None:
