@@ -463,7 +463,10 @@ class _HistoryEvents:
     """
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
-        self._batches = pq.ParquetFile(path).iter_batches(batch_size=EVENT_BATCH_ROWS, columns=list(columns))
+        # pre_buffer=False: with pyarrow's default, iter_batches keeps the bytes of every row group read so
+        # far until it ends, so memory grew with the events file (up to its whole size, once per split)
+        self._batches = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=EVENT_BATCH_ROWS,
+                                                                             columns=list(columns))
         self._columns = list(columns)
         self._first = 0  # position of the kept values' first entry
         self._values = [np.empty(0, np.int64) for _ in columns]

@@ -307,7 +307,8 @@ def concat_parquet(parts: Sequence[Path], path: Path, schema: pa.Schema, row_gro
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         groups = RowGroups(writer, row_group_size)
         for part in parts:
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=OUT_BATCH_ROWS):
+            # pre_buffer=False: pyarrow's default keeps every row group's bytes read until the part ends
+            for batch in pq.ParquetFile(part, pre_buffer=False).iter_batches(batch_size=OUT_BATCH_ROWS):
                 if batch.num_rows:
                     groups.add(pa.Table.from_batches([batch]).cast(schema))
         groups.flush()
