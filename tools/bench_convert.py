@@ -261,8 +261,9 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str, code: str) -
         peaks = " / ".join(f"{r['rss_gb']:.2f}" for r in mine)
         over = [f"{r['raw_rows']:,}" for r in mine if r["rss_gb"] > bound]
         x = np.array([r["raw_rows"] for r in mine], float)
-        text = (f"* code {code}, `--memory-limit {key[0]}`, `--threads {key[1]}` ({len(mine)} runs, "
-                f"{min(x) / 1e6:g}M-{max(x) / 1e6:g}M raw rows): ")
+        sizes = f"{min(x) / 1e6:g}M-{max(x) / 1e6:g}M" if len(set(x)) > 1 else f"{min(x) / 1e6:g}M"
+        text = (f"* code {code}, `--memory-limit {key[0]}`, `--threads {key[1]}` ({len(mine)} "
+                f"run{'s' if len(mine) > 1 else ''}, {sizes} raw rows): ")
         if len(set(x)) >= 2:
             fits = {}
             for kind in ("cpu_seconds", "seconds"):
@@ -277,7 +278,8 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str, code: str) -
         lines.append(
             text + f"Peak RSS by size: {peaks} GB" + (f" (step to step: {growth} GB)" if growth else "")
             + f"; the bound limit + 1 GB = {bound:g} GB is "
-            + (f"**exceeded** at {', '.join(over)} raw rows." if over else "**met at every size**.")
+            + (f"**exceeded** at {', '.join(over)} raw rows." if over
+               else "**met at every size**." if len(set(x)) > 1 else "**met**.")
         )
     return "\n".join(lines)
 
