@@ -484,6 +484,61 @@ def test_histories_streamed_in_small_batches(tmp_path, monkeypatch, fmt, spec):
         assert got.equals(want), split
 
 
+
+def arrow_bytes(table: pa.Table) -> int:
+    """Bytes of Arrow data of ``table``: fixed-width values, and per list column a 4-byte offset per row plus
+    its values (validity bitmaps not counted)."""
+    total = 0
+    for field, column in zip(table.schema, table.columns):
+        if pa.types.is_list(field.type):
+            total += 4 * table.num_rows + field.type.value_type.bit_width // 8 * len(column.combine_chunks().flatten())
+        else:
+            total += field.type.bit_width // 8 * table.num_rows
+    return total
+
+
+def test_row_groups_bounded_by_bytes(tmp_path, monkeypatch):
+    """A row group is held whole by the writer before pyarrow encodes it, so its Arrow bytes are bounded
+    (engine.ROW_GROUP_BYTES, lowered here so that long behaviour-log histories reach it): every row group
+    stays under the cap and is as long as the cap allows (its next row would not fit), and the rows are those
+    of the uncapped run, in the same order."""
+    raw = raw_path("gen:ad --rows 3000 --behavior-rows 24000 --users 60 --seed 3", Path("/nonexistent"), tmp_path)
+    extra = ["--behavior-log", str(raw / "behavior_log.csv"), "--max-history", "30"]
+    convert("taobao-ad", raw, tmp_path / "default", *extra)
+    cap = 200_000
+    monkeypatch.setattr(engine_module, "ROW_GROUP_BYTES", cap, raising=False)
+    monkeypatch.setattr(engine_module, "OUT_BATCH_ROWS", 300)  # groups end inside and at the edges of batches
+    meta = convert("taobao-ad", raw, tmp_path / "capped", *extra)
+    for split in SPLITS:
+        want, got = (pq.read_table(tmp_path / out / f"{split}.parquet") for out in ("default", "capped"))
+        assert got.equals(want), split
+    f = pq.ParquetFile(tmp_path / "capped" / "train.parquet")
+    groups = [f.read_row_group(g) for g in range(f.num_row_groups)]
+    assert meta["row_groups"]["train"] == len(groups) >= 8
+    assert sum(g.num_rows for g in groups) == meta["splits"]["train"]["rows"] < rows_per_group(0)
+    sizes = [arrow_bytes(g) for g in groups]
+    assert max(sizes) <= cap and min(sizes[:-1]) > cap / 2, sizes
+    for g, size in enumerate(sizes[:-1]):  # greedy: the next group's first row did not fit
+        assert size + arrow_bytes(groups[g + 1].slice(0, 1)) > cap, g
+
+
+def test_history_events_read_in_bounded_memory(tmp_path, monkeypatch):
+    """The split writer reads each history events file front to back once per split; what it holds must not
+    grow with the file (pyarrow's default pre-buffering kept every row group read until the end: memory up to
+    the whole file, 0.4 GB more at 80M Taobao Ad raw rows)."""
+    monkeypatch.setattr(engine_module, "EVENT_BATCH_ROWS", 1000)
+    rows, size = 400_000, 1000
+    values = pa.array(np.arange(rows, dtype=np.int64))
+    pq.write_table(pa.table({"a": values, "b": values}), tmp_path / "events.parquet", row_group_size=size,
+                   compression="none")  # 6.4 MB in 400 row groups, as write_events writes them
+    events = engine_module._HistoryEvents(tmp_path / "events.parquet", ["a", "b"])
+    base, peak = pa.total_allocated_bytes(), 0
+    for start in range(0, rows - 5, 997):
+        a, b = events.lists(np.array([start, start + 2]), np.array([start + 5, start + 4]))
+        assert a.to_pylist() == b.to_pylist() == [list(range(start, start + 5)), [start + 2, start + 3]]
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    assert peak < 200_000, peak  # a few row groups (16 kB each), not the 6.4 MB read
+
 def test_taobao_ad_cap_and_invariant(tmp_path):
     impressions = [f"1,{T0 + i},{600 + i},430548_1007,0,1" for i in range(60)]
     impressions += [f"1,{T0 + 59},{700},430548_1007,1,0", f"1,{T0 + 3 * DAY},{701},430548_1007,1,0"]

@@ -21,7 +21,8 @@ from mdaf_rec.cli import main as cli_main
 from mdaf_rec.cli.data import build_parser
 from mdaf_rec.data.converters import CONVERTERS
 from mdaf_rec.data.converters.common import local_days
-from mdaf_rec.data.converters.engine import add_histories
+from mdaf_rec.data.converters import engine as engine_module
+from mdaf_rec.data.converters.engine import add_histories, rows_per_group
 from mdaf_rec.data.converters.spark_engine import SparkEngine
 from converter_digests import raw_path
 from mdaf_rec.data.schema import CATEGORY_ID, ITEM_HISTORY, ITEM_ID, LABEL, SPLITS, TIMESTAMP, USER_ID
@@ -109,9 +110,11 @@ def test_same_rows_as_duckdb(spark, tmp_path, name, extra):
         assert groups[1] == groups[0] and files[1].schema_arrow == files[0].schema_arrow
 
 
-def test_taobao_ad_raw_with_behavior_log(spark, tmp_path):
+def test_taobao_ad_raw_with_behavior_log(spark, tmp_path, monkeypatch):
     """Raw Alimama files (generated: joins with the ad and profile tables, click histories) and
-    behavior_log.csv (four more history groups): identical row by row."""
+    behavior_log.csv (four more history groups): identical row by row, and the same row groups when their
+    bytes bound them (engine.ROW_GROUP_BYTES lowered so that it binds)."""
+    monkeypatch.setattr(engine_module, "ROW_GROUP_BYTES", 100_000)
     raw = raw_path("gen:ad --rows 4000 --behavior-rows 12000 --users 200 --seed 3", Path("/nonexistent"), tmp_path)
     duck, sp, a, b = convert_both("taobao-ad", raw, tmp_path, "--behavior-log", str(raw / "behavior_log.csv"),
                                   "--max-history", "4")
@@ -119,6 +122,9 @@ def test_taobao_ad_raw_with_behavior_log(spark, tmp_path):
     lengths = [pc.list_value_length(a[name]).to_numpy() for name in (ITEM_HISTORY, "pv_cate_history")]
     assert a.num_rows == 4000 and [(n.min(), n.max()) for n in lengths] == [(0, 4), (4, 4)]
     assert b.equals(a)
+    files = [pq.ParquetFile(tmp_path / engine / "train.parquet").metadata for engine in ("duckdb", "spark")]
+    groups = [[f.row_group(i).num_rows for i in range(f.num_row_groups)] for f in files]
+    assert groups[1] == groups[0] and len(groups[0]) >= 8 and max(groups[0]) < rows_per_group(0)
 
 
 def test_behavior_sample(spark, tmp_path):

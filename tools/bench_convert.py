@@ -51,6 +51,8 @@ DOC = REPO / "docs" / "benchmarks.md"
 REAL_ROWS = {"behavior": 100_150_807, "ad": 26_557_961 + 723_268_134, "movielens": 25_000_095}
 # dataset -> the converter's format and the section of docs/benchmarks.md
 FORMATS = {"behavior": "taobao-behavior", "ad": "taobao-ad", "movielens": "movielens"}
+# the converters' code: a stored run is reused only if it measured the code checked out now
+CODE = "mdaf_rec/data/converters"
 SECTIONS = {"behavior": "UserBehavior", "ad": "Taobao Ad", "movielens": "MovieLens"}
 
 
@@ -73,6 +75,7 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
     cmd = ["/usr/bin/time", "-v", "nice", "-n", str(niceness), sys.executable, "-m", "mdaf_rec.cli", "data", fmt,
            "--raw", str(raw), "--out", str(out), "--memory-limit", limit, "--threads", str(threads), *extra]
     load, commit, when = os.getloadavg()[0], _commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    code = _commit(CODE)
     start = time.perf_counter()
     path = "/usr/bin:/bin" + (f":{Path(os.environ['JAVA_HOME']) / 'bin'}" if "JAVA_HOME" in os.environ else "")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -91,15 +94,22 @@ def run_once(fmt: str, raw: Path, out: Path, limit: str, threads: int, extra: Li
     meta = json.loads((out / "meta.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     return {"seconds": wall, "cpu_seconds": cpu, "load": load, "rss_gb": max(rss_kb, tree_kb) / 1e6,
-            "rows_out": meta["rows"], "nice": niceness, "commit": commit, "when": when}
+            "rows_out": meta["rows"], "nice": niceness, "commit": commit, "code": code, "when": when}
 
 
-def _commit() -> str:
-    """The checked-out commit of this repository (``+`` when the tree has changes), for the results file."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+def _commit(path: str = ".") -> str:
+    """The checked-out commit of this repository (``path``: the last commit that changed it), ``+`` when the
+    tree (under ``path``) has changes, for the results file."""
+    head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", path],
+                          capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", path],
                            capture_output=True, text=True).stdout.strip()
     return head.stdout.strip() + ("+" if dirty else "")
+
+
+def _code(result: Dict) -> str:
+    """The converter code a stored run measured (runs stored before ``code`` was recorded: the checkout)."""
+    return result.get("code", result["commit"])
 
 
 def _tree_rss_kb(root: int) -> int:
@@ -161,8 +171,10 @@ def main(argv: List[str] | None = None) -> int:
     limits = args.limits.split(",")
     fmt = FORMATS[args.dataset]
     store = work / f"results-{args.dataset}.json"
-    # earlier runs' results in --work are kept (a run is not repeated): runs can be split and resumed
+    # earlier runs' results in --work are kept (a run of this converter code is not repeated): runs can be
+    # split and resumed, and runs of earlier code stay in the table, labelled
     results = json.loads(store.read_text()) if store.exists() else []
+    code = _commit(CODE)
     for rows in [] if args.report_only else sizes:
         raw = generate(args.dataset, rows, args.log_ratio, work)
         raw_rows = rows + (int(rows * args.log_ratio) if args.dataset == "ad" else 0)
@@ -170,7 +182,7 @@ def main(argv: List[str] | None = None) -> int:
         for limit in limits:
             for engine in ("duckdb", "spark") if args.engine == "spark" else ("duckdb",):
                 if any(r["rows"] == rows and r["limit"] == limit and r["threads"] == args.threads
-                       and r.get("engine", "duckdb") == engine for r in results):
+                       and r.get("engine", "duckdb") == engine and _code(r) == code for r in results):
                     continue
                 r = run_once(fmt, raw, work / f"out-{args.dataset}", limit, args.threads, extra, engine, args.nice)
                 r.update(rows=rows, raw_rows=raw_rows, limit=limit, threads=args.threads, engine=engine)
@@ -183,7 +195,7 @@ def main(argv: List[str] | None = None) -> int:
         body = report_engines(results, args, fmt, sizes, limits)
         section = f"{SECTION} - Spark vs DuckDB"
     else:
-        body = report([r for r in results if r.get("engine", "duckdb") == "duckdb"], args, fmt)
+        body = report([r for r in results if r.get("engine", "duckdb") == "duckdb"], args, fmt, code)
         section = f"{SECTION} - {SECTIONS[args.dataset]}"
     print(body)
     if not args.no_write:
@@ -216,8 +228,10 @@ def report_engines(results: List[Dict], args: argparse.Namespace, fmt: str, size
     return "\n".join(lines)
 
 
-def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
-    """The markdown table of ``results`` and the extrapolation per (memory limit, threads)."""
+def report(results: List[Dict], args: argparse.Namespace, fmt: str, code: str) -> str:
+    """The markdown table of ``results`` (each row with the converter code it measured: runs of code other
+    than ``code`` are labelled *before*) and, from the runs of ``code``, the fit, the extrapolation and the
+    memory bound per (memory limit, threads)."""
     lines = [
         f"Machine: {machine()}. `nice -n {'/'.join(sorted({str(r.get('nice', 10)) for r in results}))}`; "
         "**other jobs shared the 2 cores** "
@@ -229,36 +243,43 @@ def report(results: List[Dict], args: argparse.Namespace, fmt: str) -> str:
         f"`mdaf-rec data {fmt}`" + (f" with `--behavior-log` ({args.log_ratio:g} log rows per impression)"
                                      if args.dataset == "ad" and args.log_ratio else ""),
         "",
-        "| raw rows read | --memory-limit | --threads | CPU s | raw rows / CPU s | wall s | raw rows / wall s "
-        "| load at start | peak RSS GB | rows out |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| converter code | raw rows read | --memory-limit | --threads | CPU s | raw rows / CPU s | wall s "
+        "| raw rows / wall s | load at start | peak RSS GB | rows out |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: (r["limit"], r["threads"], r["raw_rows"])):
-        lines.append(f"| {r['raw_rows']:,} | {r['limit']} | {r['threads']} | {r['cpu_seconds']:.0f} "
+    for r in sorted(results, key=lambda r: (_code(r) != code, r["limit"], r["threads"], r["raw_rows"])):
+        label = _code(r) if _code(r) == code else f"before: {_code(r)}"
+        lines.append(f"| {label} | {r['raw_rows']:,} | {r['limit']} | {r['threads']} | {r['cpu_seconds']:.0f} "
                      f"| {r['raw_rows'] / r['cpu_seconds']:,.0f} | {r['seconds']:.0f} | {r['raw_rows'] / r['seconds']:,.0f} "
                      f"| {r['load']:.1f} | {r['rss_gb']:.2f} | {r['rows_out']:,} |")
     lines.append("")
     real = REAL_ROWS[args.dataset]
+    results = [r for r in results if _code(r) == code]
     for key in dict.fromkeys((r["limit"], r["threads"]) for r in results):
         mine = sorted((r for r in results if (r["limit"], r["threads"]) == key), key=lambda r: r["raw_rows"])
         bound = _gigabytes(key[0]) + 1
         peaks = " / ".join(f"{r['rss_gb']:.2f}" for r in mine)
         over = [f"{r['raw_rows']:,}" for r in mine if r["rss_gb"] > bound]
-        if len({r["raw_rows"] for r in mine}) < 2:
-            continue
         x = np.array([r["raw_rows"] for r in mine], float)
-        fits = {}
-        for kind in ("cpu_seconds", "seconds"):
-            slope, intercept = np.polyfit(x, np.array([r[kind] for r in mine], float), 1)
-            fits[kind] = (slope * 1e6, intercept, (intercept + slope * real) / 3600)
+        sizes = f"{min(x) / 1e6:g}M-{max(x) / 1e6:g}M" if len(set(x)) > 1 else f"{min(x) / 1e6:g}M"
+        text = (f"* code {code}, `--memory-limit {key[0]}`, `--threads {key[1]}` ({len(mine)} "
+                f"run{'s' if len(mine) > 1 else ''}, {sizes} raw rows): ")
+        if len(set(x)) >= 2:
+            fits = {}
+            for kind in ("cpu_seconds", "seconds"):
+                slope, intercept = np.polyfit(x, np.array([r[kind] for r in mine], float), 1)
+                fits[kind] = (slope * 1e6, intercept, (intercept + slope * real) / 3600)
+            text += (f"fitted **{fits['cpu_seconds'][0]:.1f} CPU s** per million raw rows "
+                     f"({fits['cpu_seconds'][1]:+.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
+                     f"({fits['seconds'][1]:+.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
+                     f"**{fits['cpu_seconds'][2]:.1f} CPU hours**, {fits['seconds'][2]:.1f} h wall at this load "
+                     f"(extrapolations, not runs). ")
+        growth = " / ".join(f"{b['rss_gb'] - a['rss_gb']:+.2f}" for a, b in zip(mine, mine[1:]))
         lines.append(
-            f"* `--memory-limit {key[0]}`, `--threads {key[1]}` ({len(mine)} runs, "
-            f"{min(x) / 1e6:g}M-{max(x) / 1e6:g}M raw rows): fitted **{fits['cpu_seconds'][0]:.1f} CPU s** per million "
-            f"raw rows ({fits['cpu_seconds'][1]:+.0f} s) and {fits['seconds'][0]:.1f} wall s per million "
-            f"({fits['seconds'][1]:+.0f} s); extrapolated to the real {real / 1e6:.0f}M raw rows: "
-            f"**{fits['cpu_seconds'][2]:.1f} CPU hours**, {fits['seconds'][2]:.1f} h wall at this load (extrapolations, "
-            f"not runs). Peak RSS by size: {peaks} GB; the bound limit + 1 GB = {bound:g} GB is "
-            + (f"**exceeded** at {', '.join(over)} raw rows." if over else "**met at every size**.")
+            text + f"Peak RSS by size: {peaks} GB" + (f" (step to step: {growth} GB)" if growth else "")
+            + f"; the bound limit + 1 GB = {bound:g} GB is "
+            + (f"**exceeded** at {', '.join(over)} raw rows." if over
+               else "**met at every size**." if len(set(x)) > 1 else "**met**.")
         )
     return "\n".join(lines)
 

@@ -14,7 +14,10 @@ as ``1/W``; the efficiency ``t(W=1) / (W * max_r t_r(W))`` is reported (goal >= 
 at the largest W (rank 0) shows the mode that reads everything. Each number is the best of ``--repeats``.
 Writes the "Loader sharding" section of ``docs/benchmarks.md``.
 
-Usage: ``python tools/bench_shards.py [--rows 4000000] [--row-group-size 16384] [--no-write]``
+``--data DIR`` measures an existing dataset instead (e.g. a converter's output, whose row groups are bounded by
+rows and bytes, ``mdaf_rec.data.converters.engine.RowGroups``) and writes its own section.
+
+Usage: ``python tools/bench_shards.py [--rows 4000000] [--row-group-size 16384] [--data DIR] [--no-write]``
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from benchdoc import machine, write_section  # noqa: E402
 from mdaf_rec.config import FeaturesConfig  # noqa: E402
 from mdaf_rec.data import synth  # noqa: E402
 from mdaf_rec.data.dataset import Dataset  # noqa: E402
-from mdaf_rec.data.loader import BatchLoader, _WindowReader  # noqa: E402  (the loader's own reading)
+from mdaf_rec.data.loader import BatchLoader, _WindowReader, split_row_groups  # noqa: E402  (the loader's own reading)
 from mdaf_rec.data.vocab import Vocabularies  # noqa: E402
 from mdaf_rec.features import FeatureSpec  # noqa: E402
 
@@ -89,20 +92,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="an existing dataset folder to measure (default: generate synth)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
-        synth.generate(tmp, rows=args.rows, seed=0, max_history=args.max_history,
-                       row_group_size=args.row_group_size, **TAOBAO)
-        dataset = Dataset.open(tmp)
+        if args.data is None:
+            synth.generate(tmp, rows=args.rows, seed=0, max_history=args.max_history,
+                           row_group_size=args.row_group_size, **TAOBAO)
+        dataset = Dataset.open(args.data or tmp)
         cfg = FeaturesConfig(max_history=args.max_history)
         start = time.perf_counter()
         vocabs = Vocabularies.build(dataset, cfg)
         vocab_s = time.perf_counter() - start
         spec = FeatureSpec.build(cfg, vocabs.sizes)
         train_rows = dataset.num_rows("train")
+        groups = [block.rows for block in split_row_groups(dataset, "train")]
         results: Dict[int, List[Dict[str, float]]] = {}
         for w in WORLD_SIZES:
             results[w] = [measure(dataset, spec, vocabs, args, r, w, "own_share", epoch=r == 0) for r in range(w)]
@@ -118,8 +125,11 @@ def main() -> None:
         f"reader threads included; best of {args.repeats}). Ranks are simulated one after the other in one "
         "process.",
         "",
-        f"Dataset: `synth` with {args.rows:,} rows ({train_rows:,} train) in row groups of "
-        f"{args.row_group_size:,} rows, Taobao-scale vocabularies, `max_history={args.max_history}`; shuffled, "
+        (f"Dataset: `synth` with {args.rows:,} rows ({train_rows:,} train) in row groups of "
+         f"{args.row_group_size:,} rows, Taobao-scale vocabularies" if args.data is None else
+         f"Dataset: `{args.data.name}` (`{dataset.meta.get('format')}` converter output) with {train_rows:,} train rows "
+         f"in {len(groups)} row groups of {min(groups):,}-{max(groups):,} rows"
+         ) + f", `max_history={args.max_history}`; shuffled, "
         f"global batch {args.batch_size} ({steps:,} steps per epoch on every rank), `data.sharding: own_share`, "
         f"files validated before (`validated=True`, as in training). Vocabularies from train (DuckDB "
         f"`GROUP BY`, {len(vocabs.spaces)} spaces): {vocab_s:.1f} s wall.",
@@ -148,11 +158,11 @@ def main() -> None:
         "than the read: every rank runs the same number of steps (collectives), and building a batch has a "
         "fixed cost (KJT construction, ~1 ms here) that does not shrink with the rows per rank.",
         "",
-        "Reproduce: `python tools/bench_shards.py`.",
+        "Reproduce: `python tools/bench_shards.py" + (f" --data DIR`, DIR: {args.data}." if args.data else "`."),
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_section(DOC, SECTION, "\n".join(lines))
+        write_section(DOC, SECTION if args.data is None else f"{SECTION} - a converter's output", "\n".join(lines))
 
 
 if __name__ == "__main__":

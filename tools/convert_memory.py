@@ -6,17 +6,21 @@ buffer-managed memory, which ``--memory-limit`` caps, and its spilled bytes), re
 the converter's database. Each sample is charged to the step running at that moment: the SQL statement the
 engine executes, the Arrow stream it writes from, or the CSV it stages. Prints one line per step with its
 peak RSS and DuckDB's peak memory and spill; RSS minus DuckDB's memory is what Python (pyarrow, numpy, the
-interpreter) and allocations outside DuckDB's buffer manager hold. A diagnosis tool (used for
-docs/benchmarks.md "Converters out of core"); ``tools/bench_convert.py`` measures the peaks to report.
+interpreter) and allocations outside DuckDB's buffer manager hold. ``--groups`` also prints a line per
+Parquet row group the split writer writes (its rows and Arrow bytes, and at that moment RSS, what pyarrow's
+memory pool holds, glibc's heap in use and free (``mallinfo2``: numpy's arrays live there) and DuckDB's
+memory). A diagnosis tool (used for docs/benchmarks.md "Converters out of core"); ``tools/bench_convert.py``
+measures the peaks to report.
 
 Usage::
 
-    python tools/convert_memory.py [--interval SECONDS] taobao-ad --raw DIR --behavior-log DIR/behavior_log.csv --out OUT \\
+    python tools/convert_memory.py [--interval SECONDS] [--groups] taobao-ad --raw DIR --behavior-log DIR/behavior_log.csv --out OUT \\
         --memory-limit 1GB --threads 2
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 import sys
 import threading
@@ -79,6 +83,30 @@ class Sampler:
             self._stop.wait(self.interval)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def trace_groups(sampler: Sampler) -> None:
+    """Prints a line per row group written (:class:`engine_module.RowGroups`): its rows and Arrow bytes, RSS,
+    pyarrow's pool, glibc's heap (in use, free) and DuckDB's memory, in GB, before the group is encoded."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    flush = engine_module.RowGroups.flush
+    print(f"{'rows':>7} {'MB':>6} {'RSS':>5} {'Arrow':>5} {'heap':>5} {'free':>5} {'DuckDB':>6}  (GB)")
+
+    def traced_flush(self: engine_module.RowGroups) -> None:
+        if self._rows:
+            heap = libc.mallinfo2()
+            duck = sampler.con.cursor().execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()[0]
+            print(f"{self._rows:7d} {self._bytes / 1e6:6.1f} {rss_gb():5.2f} {pa.total_allocated_bytes() / GB:5.2f} "
+                  f"{heap.uordblks / GB:5.2f} {heap.fordblks / GB:5.2f} {duck / GB:6.2f}", flush=True)
+        flush(self)
+
+    engine_module.RowGroups.flush = traced_flush
+
+
 def instrument(sampler: Sampler) -> None:
     """Makes the engine name its current step to ``sampler`` (wraps the Engine methods that do the work)."""
     execute, batches, write_staged = (engine_module.Engine._execute, engine_module.Engine.batches,
@@ -111,6 +139,9 @@ def main(argv: List[str]) -> int:
         interval, argv = float(argv[1]), argv[2:]
     sampler = Sampler(interval)
     instrument(sampler)
+    if argv[:1] == ["--groups"]:
+        trace_groups(sampler)
+        argv = argv[1:]
     start = time.perf_counter()
     with sampler:
         data_cli.main(argv)

@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mdaf_rec.data.converters.common import BadRows, ConversionError, iso_day, positive_int, take_ranges
@@ -43,6 +44,11 @@ _SIZE = re.compile(r"^\s*[0-9]+(\.[0-9]+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$
 ROWS_PER_GROUP = 1 << 17
 MIN_ROWS_PER_GROUP = 1 << 12
 TARGET_GROUPS = 64
+# ... and at most ROW_GROUP_BYTES of Arrow data (row_bytes: the values and offsets of the row's columns and
+# lists): the writer holds a row group whole before pyarrow encodes it, and the memory that takes (the lists,
+# their gather indices, pyarrow's encoding buffers) is several times the group's bytes, so long histories
+# make row groups shorter instead of the converter's memory larger (RowGroups).
+ROW_GROUP_BYTES = 32 << 20
 # Column with the row's position in the raw files (file order), added by Engine.stage; ties keep it.
 SEQ = "seq"
 # the options that only --engine spark reads
@@ -130,8 +136,63 @@ def open_engine(args: argparse.Namespace) -> "Engine":
 
 
 def rows_per_group(rows: int) -> int:
-    """Parquet row-group size for a split of ``rows`` rows (see :data:`TARGET_GROUPS`)."""
+    """Parquet row-group size for a split of ``rows`` rows (see :data:`TARGET_GROUPS`); :class:`RowGroups`
+    also bounds a group's bytes."""
     return int(min(ROWS_PER_GROUP, max(MIN_ROWS_PER_GROUP, -(-rows // TARGET_GROUPS))))
+
+
+def row_bytes(table: pa.Table) -> np.ndarray:
+    """``(rows,)`` int64: each row's bytes of Arrow data, the fixed-width values plus, per list column, its
+    offset and its values (validity bitmaps not counted)."""
+    sizes = np.zeros(table.num_rows, np.int64)
+    for field, column in zip(table.schema, table.columns):
+        if pa.types.is_list(field.type):
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+            sizes += 4 + lengths.astype(np.int64) * (field.type.value_type.bit_width // 8)
+        else:
+            sizes += field.type.bit_width // 8
+    return sizes
+
+
+class RowGroups:
+    """Writes a split's rows, arriving in order as tables, to ``writer`` in row groups of consecutive rows,
+    each as long as it can be with at most ``max_rows`` rows and :data:`ROW_GROUP_BYTES` bytes
+    (:func:`row_bytes`; a row larger than that is a group of its own). pyarrow writes one row group per call,
+    so a group is held until it is full; the bytes bound caps that memory whatever the histories' lengths.
+    Both engines write through this, so the same rows make the same row groups.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter, max_rows: int) -> None:
+        self.writer = writer
+        self.max_rows = max_rows
+        self.max_bytes = ROW_GROUP_BYTES
+        self._pending: List[pa.Table] = []
+        self._rows = 0
+        self._bytes = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Appends ``table``'s rows, writing each row group as soon as it is full."""
+        ends = np.cumsum(row_bytes(table))  # bytes of rows [0, i] of the table
+        start = 0
+        while start < table.num_rows:
+            before = int(ends[start - 1]) if start else 0
+            # rows from ``start`` on that still fit the open group's bytes and rows
+            fit = int(np.searchsorted(ends, before + self.max_bytes - self._bytes, side="right")) - start
+            take = min(max(fit, 0 if self._rows else 1), self.max_rows - self._rows, table.num_rows - start)
+            if take:
+                self._pending.append(table.slice(start, take))
+                self._rows += take
+                self._bytes += int(ends[start + take - 1]) - before
+                start += take
+            if self._rows == self.max_rows or start < table.num_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Writes the open row group, if any, and releases its memory."""
+        if self._rows:
+            self.writer.write_table(pa.concat_tables(self._pending), row_group_size=self._rows)
+            self._pending, self._rows, self._bytes = [], 0, 0
+            pa.default_memory_pool().release_unused()
 
 
 def temp_folder(args: argparse.Namespace) -> Path:
@@ -402,7 +463,10 @@ class _HistoryEvents:
     """
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
-        self._batches = pq.ParquetFile(path).iter_batches(batch_size=EVENT_BATCH_ROWS, columns=list(columns))
+        # pre_buffer=False: with pyarrow's default, iter_batches keeps the bytes of every row group read so
+        # far until it ends, so memory grew with the events file (up to its whole size, once per split)
+        self._batches = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=EVENT_BATCH_ROWS,
+                                                                             columns=list(columns))
         self._columns = list(columns)
         self._first = 0  # position of the kept values' first entry
         self._values = [np.empty(0, np.int64) for _ in columns]
@@ -568,29 +632,21 @@ def write_dataset(
 def _write_split(engine: Engine, path: Path, schema: pa.Schema, rows: str, histories: Optional[_Histories],
                  group_rows: int) -> None:
     """Streams ``SELECT ... {rows}`` (the ``FROM``, ``WHERE`` and ``ORDER BY`` clauses) into ``path`` with
-    ``schema``, in row groups of ``group_rows`` rows; the list columns of ``histories`` are built from their
-    events files batch by batch."""
+    ``schema``, in :class:`RowGroups` of at most ``group_rows`` rows; the list columns of ``histories`` are
+    built from their events files batch by batch."""
     built = {name: g for g, (_, names) in enumerate(histories.files if histories else []) for name in names}
     columns = [_sql_column(f, engine.LIST) for f in schema if f.name not in built]
     columns += [f"_h{e}{g}" for g in range(len(histories.files) if histories else 0) for e in "se"]
     events = [_HistoryEvents(file, names) for file, names in (histories.files if histories else [])]
-    pending: List[pa.Table] = []
-    waiting = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        groups = RowGroups(writer, group_rows)
         for batch in engine.batches(f"SELECT {', '.join(columns)} {rows}", OUT_BATCH_ROWS):
             arrays = {name: batch.column(name) for name in batch.schema.names}
             for g, reader in enumerate(events):
                 starts, ends = (batch.column(f"_h{e}{g}").to_numpy() for e in "se")
                 arrays.update(zip(histories.files[g][1], reader.lists(starts, ends)))
-            pending.append(pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema))
-            waiting += batch.num_rows
-            if waiting >= group_rows:
-                table = pa.concat_tables(pending)
-                full = waiting - waiting % group_rows
-                writer.write_table(table.slice(0, full), row_group_size=group_rows)
-                pending, waiting = [table.slice(full)], waiting - full
-        if waiting:
-            writer.write_table(pa.concat_tables(pending), row_group_size=group_rows)
+            groups.add(pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema))
+        groups.flush()
 
 
 def _sql_column(f: pa.Field, list_type: str) -> str:

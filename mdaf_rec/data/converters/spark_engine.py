@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
 from mdaf_rec.data.converters.common import ConversionError
-from mdaf_rec.data.converters.engine import SEQ, temp_folder, write_staged
+from mdaf_rec.data.converters.engine import OUT_BATCH_ROWS, SEQ, RowGroups, temp_folder, write_staged
 from mdaf_rec.data.schema import TIMESTAMP, USER_ID
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class SparkEngine:
 
     def write_parquet(self, query: str, path: Path, schema: pa.Schema, row_group_size: int) -> None:
         """Writes the rows of ``query`` in order into the Parquet file ``path`` (zstd), in row groups of
-        ``row_group_size`` rows, cast to ``schema``: Spark writes the sorted rows as part files (in order,
+        at most ``row_group_size`` rows and bounded bytes (``concat_parquet``), cast to ``schema``: Spark writes the sorted rows as part files (in order,
         by range partitioning) into the temp folder, then the driver streams them, a batch at a time, into
         the one file."""
         parts = self.folder / "parts" / path.stem
@@ -302,20 +302,13 @@ class SparkEngine:
 
 def concat_parquet(parts: Sequence[Path], path: Path, schema: pa.Schema, row_group_size: int) -> None:
     """Streams the rows of the Parquet files ``parts``, in order, into the file ``path`` (zstd) cast to
-    ``schema``, in row groups of exactly ``row_group_size`` rows (the last one: the rest)."""
-    pending: List[pa.RecordBatch] = []
-    buffered = 0
+    ``schema``, in row groups of at most ``row_group_size`` rows and bounded bytes (``RowGroups``, as the
+    DuckDB engine writes them)."""
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        groups = RowGroups(writer, row_group_size)
         for part in parts:
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=row_group_size):
-                if not batch.num_rows:
-                    continue
-                pending += pa.Table.from_batches([batch]).cast(schema).to_batches()
-                buffered += batch.num_rows
-                while buffered >= row_group_size:
-                    group = pa.Table.from_batches(pending, schema)
-                    writer.write_table(group.slice(0, row_group_size), row_group_size=row_group_size)
-                    rest = group.slice(row_group_size)
-                    pending, buffered = rest.to_batches(), rest.num_rows
-        if buffered:
-            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=row_group_size)
+            # pre_buffer=False: pyarrow's default keeps every row group's bytes read until the part ends
+            for batch in pq.ParquetFile(part, pre_buffer=False).iter_batches(batch_size=OUT_BATCH_ROWS):
+                if batch.num_rows:
+                    groups.add(pa.Table.from_batches([batch]).cast(schema))
+        groups.flush()
