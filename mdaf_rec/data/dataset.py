@@ -171,7 +171,9 @@ class ParquetFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         with _naming_file(path):
-            self._file = pq.ParquetFile(path)
+            # pre_buffer=False: with pyarrow's default, iter_batches keeps the bytes of every row group read until
+            # the file is done, so a full pass (vocabulary, validation, labels) held the whole file
+            self._file = pq.ParquetFile(path, pre_buffer=False)
 
     @property
     def metadata(self) -> pq.FileMetaData:
