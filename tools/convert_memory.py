@@ -68,14 +68,13 @@ class Sampler:
         while not self._stop.is_set():
             step, rss = self.step, rss_gb()
             memory = spill = 0.0
-            if cursor is None and self.con is not None:
-                cursor = self.con.cursor()
-            if cursor is not None:
+            if self.con is not None:
                 try:
+                    cursor = cursor or self.con.cursor()
                     memory, spill = (v / GB for v in cursor.execute(
                         "SELECT sum(memory_usage_bytes), sum(temporary_storage_bytes) FROM duckdb_memory()"
                     ).fetchone())
-                except Exception:  # the database is closing
+                except Exception:  # the database is closing or closed
                     cursor = None
             peak = self.peaks.setdefault(step, [0.0, 0.0, 0.0])
             for i, value in enumerate((rss, memory, spill)):
