@@ -193,11 +193,23 @@ class FeatureSpec:
     @property
     def pooled_history_fields(self) -> List[Tuple[str, StaticField]]:
         """``(key, the static field whose table mean-pools it)`` per mean-pooled list of the static branch, in
-        ``Batch.static_features`` order: each id space's history (with ``pooled_history``), then each
-        ``pooled_lists`` column (key = column)."""
+        ``Batch.static_features`` order: :attr:`pooled_histories`, then :attr:`pooled_list_fields`."""
+        return self.pooled_histories + self.pooled_list_fields
+
+    @property
+    def pooled_histories(self) -> List[Tuple[str, StaticField]]:
+        """``(history key, its id space's static field)`` per id space with a history (empty unless
+        ``pooled_history``)."""
+        if not self.pooled_history:
+            return []
         fields = {f.name: f for f in self.static_fields}
-        histories = [(s.history_key, fields[s.name]) for s in self.sequence_spaces] if self.pooled_history else []
-        return histories + [(column, fields[space]) for column, space in self.pooled_lists]
+        return [(s.history_key, fields[s.name]) for s in self.sequence_spaces]
+
+    @property
+    def pooled_list_fields(self) -> List[Tuple[str, StaticField]]:
+        """``(column, its id space's static field)`` per ``pooled_lists`` column, config order."""
+        fields = {f.name: f for f in self.static_fields}
+        return [(column, fields[space]) for column, space in self.pooled_lists]
 
     @property
     def pooled_history_keys(self) -> List[str]:

@@ -100,10 +100,8 @@ class StaticLookup(nn.Module):
     def __init__(self, spec: FeatureSpec, rows: LookedUpRows) -> None:
         super().__init__()
         self._keys: List[Tuple[str, str]] = [(f.name, f.table_name) for f in spec.static_fields]
-        lists = set(spec.pooled_list_keys)
-        pooled = [(key, f.table_name) for key, f in spec.pooled_history_fields]
-        self._history_keys: List[Tuple[str, str]] = [(k, t) for k, t in pooled if k not in lists]
-        self._list_keys: List[Tuple[str, str]] = [(k, t) for k, t in pooled if k in lists]
+        self._history_keys: List[Tuple[str, str]] = [(k, f.table_name) for k, f in spec.pooled_histories]
+        self._list_keys: List[Tuple[str, str]] = [(k, f.table_name) for k, f in spec.pooled_list_fields]
         self.max_history = spec.max_history
         self.dim = spec.static_dim
         self.padding = spec.padding_id
@@ -126,11 +124,11 @@ class StaticLookup(nn.Module):
         num_fields, num_histories = len(self._keys), len(self._history_keys)
         static_rows = self.rows["static_rows"]  # [B, F, d]
         pooled = [static_rows[:, k] for k in range(num_fields)]  # [B, d] each
-        num_lists = num_histories + len(self._list_keys)
-        if num_lists:
+        num_padded = num_histories + len(self._list_keys)  # histories, then lists
+        if num_padded:
             batch_size = static_rows.shape[0]
             values = static_features.values()  # [F, B] one-id fields, then [P + K, B, L] padded histories, lists
-            padded = values[num_fields * batch_size :].view(num_lists, batch_size, self.max_history)
+            padded = values[num_fields * batch_size :].view(num_padded, batch_size, self.max_history)
             rows_of = [self.rows["pooled_rows"][:, p] for p in range(num_histories)]  # [B, L, d] each
             rows_of += [self.rows["list_rows"][:, k] for k in range(len(self._list_keys))]
             for ids, rows in zip(padded, rows_of):
@@ -221,7 +219,7 @@ class ServingModule(nn.Module):
         self.model = model.eval()
         self.spec = spec
         self.static_keys: List[str] = spec.static_keys
-        self.pooled_history_keys: List[str] = [k for k in spec.pooled_history_keys if k not in spec.pooled_list_keys]
+        self.pooled_history_keys: List[str] = [key for key, _ in spec.pooled_histories]
         self.pooled_list_keys: List[str] = spec.pooled_list_keys
         self.sequence_keys: List[str] = spec.sequence_keys
         self.max_history = spec.max_history
@@ -278,17 +276,17 @@ class ServingModule(nn.Module):
         """``[B, F]`` -> KJT with one id per sample and key (key-major values), then, with pooled histories,
         each id space's padded history ``[B, L]`` (``L`` ids per sample), then each pooled list ``[B, L]``."""
         batch_size, num_keys = static_ids.shape
-        num_histories = len(self.pooled_history_keys) + len(self.pooled_list_keys)
+        num_padded = len(self.pooled_history_keys) + len(self.pooled_list_keys)  # histories, then lists
         values = ([static_ids.t().reshape(-1)] + [history_ids[:, p, :].reshape(-1)
                                                   for p in range(len(self.pooled_history_keys))]
                   + [list_ids[:, k, :].reshape(-1) for k in range(len(self.pooled_list_keys))])
-        per_key = [batch_size] * num_keys + [batch_size * self.max_history] * num_histories
+        per_key = [batch_size] * num_keys + [batch_size * self.max_history] * num_padded
         return KeyedJaggedTensor(
             keys=self.static_keys + self.pooled_history_keys + self.pooled_list_keys,
             values=torch.cat(values),
             lengths=torch.cat([
                 torch.ones(num_keys * batch_size, dtype=torch.int32),
-                torch.full((num_histories * batch_size,), self.max_history, dtype=torch.int32),
+                torch.full((num_padded * batch_size,), self.max_history, dtype=torch.int32),
             ]),
             stride=batch_size,
             length_per_key=per_key,
