@@ -251,7 +251,7 @@ class Engine:
         try:
             # a database file, not ":memory:": tables larger than the limit then live in the file's blocks, which
             # DuckDB evicts and re-reads, instead of in-memory blocks it must spill (UserBehavior, 32M raw rows,
-            # 2GB: peak RSS 2.38 GB against 2.66 GB; docs/benchmarks.md)
+            # 2GB: peak RSS 2.43 GB against 2.66 GB; docs/benchmarks.md)
             self.con = duckdb.connect(str(self.folder / "engine.duckdb"), config=config)
         except duckdb.Error as e:
             shutil.rmtree(self.folder, ignore_errors=True)
